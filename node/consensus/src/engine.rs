@@ -1,0 +1,1301 @@
+//! The PBFT replica state machine (sans-IO).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use dwcp_protocol::{NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
+
+use crate::{
+    certificate::CommitProof,
+    committee::Committee,
+    messages::{
+        CommitCertificate, ConsensusMsg, Digest, MAX_BATCH, MAX_CERTS_PER_REPLY, MAX_PREPARED,
+        NewView, PrePrepare, PreparedProof, Request, Slot, ViewChange, open, open_header,
+    },
+};
+
+/// Engine parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `K`: a checkpoint every this many sequence numbers (manual: 100).
+    pub checkpoint_interval: u64,
+    /// `L`: sequence numbers accepted above the low watermark (`H = h + L`), a multiple of `K`.
+    pub log_window: u64,
+    /// View-change timeout in milliseconds (manual: 10 s); doubles per failed view change.
+    pub view_change_timeout_ms: u64,
+    /// Most requests the primary puts in one batch.
+    pub max_batch: usize,
+    /// Most batches the primary keeps in flight (proposed, not executed); requests that arrive
+    /// while the window is full wait and go out together in the next batch.
+    pub max_inflight: u64,
+    /// How often a stalled replica retransmits its votes and asks peers to catch it up.
+    pub resend_interval_ms: u64,
+    /// Most client requests waiting to be ordered.
+    pub max_pending: usize,
+    /// Commit certificates kept to serve catch-up.
+    pub retained_certificates: usize,
+    /// Largest difference between a batch's time and the local clock a backup accepts.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: 100,
+            log_window: 200,
+            view_change_timeout_ms: 10_000,
+            max_batch: 256,
+            max_inflight: 4,
+            resend_interval_ms: 1_000,
+            max_pending: 10_000,
+            retained_certificates: 400,
+            max_clock_skew_ms: 60_000,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A parameter is zero or out of range.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl Config {
+    /// Checks the parameters.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.checkpoint_interval == 0 {
+            return Err(ConfigError::Invalid("checkpoint_interval must be positive"));
+        }
+        if self.log_window < self.checkpoint_interval
+            || self.log_window % self.checkpoint_interval != 0
+            || self.log_window > MAX_PREPARED as u64
+        {
+            return Err(ConfigError::Invalid(
+                "log_window must be a multiple of checkpoint_interval, at most 1024",
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > MAX_BATCH {
+            return Err(ConfigError::Invalid("max_batch must be 1..=512"));
+        }
+        if self.max_inflight == 0 || self.view_change_timeout_ms == 0 || self.resend_interval_ms == 0
+        {
+            return Err(ConfigError::Invalid("max_inflight and timeouts must be positive"));
+        }
+        if self.max_pending == 0 {
+            return Err(ConfigError::Invalid("max_pending must be positive"));
+        }
+        Ok(self)
+    }
+}
+
+/// What goes into the engine.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A client request (from any node).
+    Request(Verified<Request>),
+    /// A consensus message from a peer.
+    Message(Verified<ConsensusMsg>),
+}
+
+/// A committed batch, in sequence order, with its certificate.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The sequence number.
+    pub seq: u64,
+    /// The view it committed in.
+    pub view: u64,
+    /// The batch digest.
+    pub digest: Digest,
+    /// The time the primary assigned to the batch (the same on every replica).
+    pub time: Timestamp,
+    /// The requests to apply, without repeats of already executed `(client, nonce)` pairs.
+    pub requests: Vec<Verified<Request>>,
+    /// 2f+1 signed commits, checkable by anyone with [`CommitCertificate::verify`].
+    pub certificate: CommitCertificate,
+    /// Digest of the replicated log after this batch (what checkpoints sign).
+    pub state: Digest,
+}
+
+/// Misbehaviour seen by the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offence {
+    /// Two signed votes of one kind for one `(view, seq)` with different digests; anyone can
+    /// check it with [`crate::check_equivocation`].
+    Equivocation {
+        /// The vote seen first.
+        first: SignedEnvelope,
+        /// The conflicting vote.
+        second: SignedEnvelope,
+    },
+    /// A signed vote contradicting a committed certificate
+    /// ([`crate::check_contradiction`]).
+    ContradictsCertificate {
+        /// The vote.
+        vote: SignedEnvelope,
+        /// What committed.
+        proof: Box<CommitProof>,
+    },
+    /// A signed message that breaks the protocol in a way only the receiver can see (a
+    /// proposal with a bad request, an invalid view-change proof). Not evidence for others.
+    Invalid(&'static str),
+}
+
+/// What the engine asks its driver to do.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Send to every other committee member.
+    Broadcast(SignedEnvelope),
+    /// Send to one node.
+    Send {
+        /// Destination.
+        to: NodeId,
+        /// The message.
+        envelope: SignedEnvelope,
+    },
+    /// Apply a committed batch (and persist it with its certificate).
+    Deliver(Box<Decision>),
+    /// A peer misbehaved.
+    ReportPeer {
+        /// The peer.
+        peer: NodeId,
+        /// What it did.
+        offence: Offence,
+    },
+    /// This replica left its view and is changing to `view` (metric
+    /// `dwcp_pbft_view_changes_total`).
+    ViewChangeStarted {
+        /// The view being moved to.
+        view: u64,
+    },
+    /// A new view is installed.
+    NewViewInstalled {
+        /// The view.
+        view: u64,
+        /// Its primary.
+        primary: NodeId,
+    },
+    /// A checkpoint became stable; the log below it was truncated.
+    StableCheckpoint {
+        /// Sequence number.
+        seq: u64,
+        /// State digest.
+        state: Digest,
+    },
+}
+
+/// Per-sequence-number log entry.
+#[derive(Debug, Default)]
+struct Entry {
+    /// Accepted pre-prepare headers by view: (envelope, header).
+    headers: BTreeMap<u64, (SignedEnvelope, PrePrepare)>,
+    /// Batches (requests verified) by digest.
+    batches: BTreeMap<Digest, Vec<Verified<Request>>>,
+    /// Prepares by (view, digest) and signer.
+    prepares: BTreeMap<(u64, Digest), BTreeMap<NodeId, SignedEnvelope>>,
+    /// Commits by (view, digest) and signer.
+    commits: BTreeMap<(u64, Digest), BTreeMap<NodeId, SignedEnvelope>>,
+    /// First vote of each kind per (kind, view, signer), to catch equivocation.
+    first_vote: BTreeMap<(u8, u64, NodeId), (Digest, SignedEnvelope)>,
+    /// Offenders already reported for this entry.
+    reported: BTreeSet<(NodeId, u8, u64)>,
+    /// Highest-view prepared certificate.
+    prepared: Option<(u64, PreparedProof)>,
+    /// Own prepare and commit by view (for retransmission).
+    my_prepare: Option<(u64, SignedEnvelope)>,
+    my_commit: Option<(u64, SignedEnvelope)>,
+    /// Committed-local: the certificate and its verified requests.
+    committed: Option<(CommitCertificate, Vec<Verified<Request>>)>,
+}
+
+/// A validated view-change message.
+#[derive(Debug, Clone)]
+struct ValidVc {
+    envelope: SignedEnvelope,
+    stable_seq: u64,
+    stable_state: Digest,
+    stable_proof: Vec<SignedEnvelope>,
+    /// seq -> (view of the pre-prepare, header, verified batch)
+    prepared: BTreeMap<u64, (u64, PrePrepare, Vec<Verified<Request>>)>,
+}
+
+/// The new view's `O`, computed from `V`.
+#[derive(Debug)]
+struct Reproposals {
+    min_s: u64,
+    min_state: Digest,
+    min_proof: Vec<SignedEnvelope>,
+    /// seq -> (digest, time, batch); empty batch is the null request.
+    slots: BTreeMap<u64, (Digest, Option<Timestamp>, Vec<Verified<Request>>)>,
+}
+
+/// Requests one client had executed: every nonce up to `floor`, and those in `above`.
+#[derive(Debug, Default)]
+struct ClientWindow {
+    floor: u64,
+    above: BTreeSet<u64>,
+}
+
+const MAX_CLIENT_WINDOW: usize = 1024;
+const MAX_FUTURE_VIEWS: u64 = 4;
+const KIND_HEADER: u8 = 0;
+const KIND_PREPARE: u8 = 1;
+const KIND_COMMIT: u8 = 2;
+const KIND_CONTRADICTION: u8 = 9;
+
+/// A PBFT replica (or an observer, when its key is not in the committee).
+#[derive(Debug)]
+pub struct Engine {
+    cfg: Config,
+    key: NodeKey,
+    me: NodeId,
+    committee: Committee,
+    view: u64,
+    active: bool,
+    next_seq: u64,
+    low: u64,
+    stable_state: Digest,
+    stable_proof: Vec<SignedEnvelope>,
+    known_stable: u64,
+    last_exec: u64,
+    state: Digest,
+    exec_states: BTreeMap<u64, Digest>,
+    log: BTreeMap<u64, Entry>,
+    checkpoints: BTreeMap<u64, BTreeMap<NodeId, (Digest, SignedEnvelope)>>,
+    my_checkpoint: Option<SignedEnvelope>,
+    certs: BTreeMap<u64, CommitCertificate>,
+    pending: BTreeMap<(NodeId, u64), Verified<Request>>,
+    pending_order: VecDeque<(NodeId, u64)>,
+    proposed: BTreeSet<(NodeId, u64)>,
+    executed: BTreeMap<NodeId, ClientWindow>,
+    /// Latest valid view change per signer.
+    vcs: BTreeMap<NodeId, (u64, ValidVc)>,
+    my_vc: Option<SignedEnvelope>,
+    new_view_sent: Option<(u64, SignedEnvelope)>,
+    vc_attempts: u32,
+    progress_deadline: Option<Timestamp>,
+    vc_deadline: Option<Timestamp>,
+    next_tick: Option<Timestamp>,
+    progressed_since_tick: bool,
+    restart_progress_timer: bool,
+    fetch_rr: usize,
+    out: VecDeque<Command>,
+}
+
+impl Engine {
+    /// A replica with `key` for `committee`, starting at view 0 and sequence number 0.
+    pub fn new(cfg: Config, key: NodeKey, committee: Committee) -> Result<Self, ConfigError> {
+        let cfg = cfg.validate()?;
+        let me = key.node_id();
+        Ok(Self {
+            cfg,
+            key,
+            me,
+            committee,
+            view: 0,
+            active: true,
+            next_seq: 1,
+            low: 0,
+            stable_state: Digest::default(),
+            stable_proof: Vec::new(),
+            known_stable: 0,
+            last_exec: 0,
+            state: Digest::default(),
+            exec_states: BTreeMap::new(),
+            log: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            my_checkpoint: None,
+            certs: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            pending_order: VecDeque::new(),
+            proposed: BTreeSet::new(),
+            executed: BTreeMap::new(),
+            vcs: BTreeMap::new(),
+            my_vc: None,
+            new_view_sent: None,
+            vc_attempts: 0,
+            progress_deadline: None,
+            vc_deadline: None,
+            next_tick: None,
+            progressed_since_tick: false,
+            restart_progress_timer: false,
+            fetch_rr: 0,
+            out: VecDeque::new(),
+        })
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// The current view.
+    pub fn view(&self) -> u64 {
+        self.view
+    }
+
+    /// Whether the current view is installed (false during a view change).
+    pub fn is_view_active(&self) -> bool {
+        self.active
+    }
+
+    /// The last executed sequence number.
+    pub fn last_executed(&self) -> u64 {
+        self.last_exec
+    }
+
+    /// The last stable checkpoint (the low watermark `h`).
+    pub fn low_watermark(&self) -> u64 {
+        self.low
+    }
+
+    /// The committee.
+    pub fn committee(&self) -> &Committee {
+        &self.committee
+    }
+
+    /// The primary of the current view.
+    pub fn primary(&self) -> NodeId {
+        self.committee.primary(self.view)
+    }
+
+    /// Requests waiting to be ordered.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn is_member(&self) -> bool {
+        self.committee.contains(&self.me)
+    }
+
+    fn is_primary(&self) -> bool {
+        self.primary() == self.me
+    }
+
+    /// Feeds one input.
+    pub fn handle(&mut self, now: Timestamp, input: Input) {
+        if self.next_tick.is_none() {
+            self.next_tick = Some(Timestamp(now.0 + self.cfg.resend_interval_ms));
+        }
+        match input {
+            Input::Request(r) => self.on_request(now, r),
+            Input::Message(m) => self.on_message(now, m),
+        }
+        self.finish(now);
+    }
+
+    /// Work that needs the caller's clock after any input: restart the request timer after
+    /// progress, and let the primary propose what is waiting.
+    fn finish(&mut self, now: Timestamp) {
+        if std::mem::take(&mut self.restart_progress_timer) {
+            self.progress_deadline = if self.pending.is_empty() || !self.active || !self.is_member()
+            {
+                None
+            } else {
+                Some(Timestamp(now.0 + self.vc_timeout()))
+            };
+        }
+        self.try_propose(now);
+    }
+
+    /// The next command, if any.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.out.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        [self.progress_deadline, self.vc_deadline, self.next_tick].into_iter().flatten().min()
+    }
+
+    /// Fires every timer that is due at `now`.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if self.next_tick.is_none() {
+            self.next_tick = Some(Timestamp(now.0 + self.cfg.resend_interval_ms));
+        }
+        if self.progress_deadline.is_some_and(|d| d <= now) {
+            self.progress_deadline = None;
+            if self.active && self.is_member() {
+                // Section 4.4: the backup's timer expired while a request was waiting.
+                self.start_view_change(now, self.view + 1);
+            }
+        }
+        if self.vc_deadline.is_some_and(|d| d <= now) {
+            self.vc_deadline = None;
+            if !self.active && self.is_member() {
+                self.vc_attempts = self.vc_attempts.saturating_add(1);
+                // Section 4.4: no new-view in time after 2f+1 view changes; try v+1.
+                self.start_view_change(now, self.view + 1);
+            }
+        }
+        if self.next_tick.is_some_and(|d| d <= now) {
+            self.next_tick = Some(Timestamp(now.0 + self.cfg.resend_interval_ms));
+            self.tick(now);
+        }
+        self.finish(now);
+    }
+
+    // ----- requests -----------------------------------------------------------------------
+
+    fn is_executed(&self, client: &NodeId, nonce: u64) -> bool {
+        self.executed.get(client).is_some_and(|w| nonce <= w.floor || w.above.contains(&nonce))
+    }
+
+    fn mark_executed(&mut self, client: NodeId, nonce: u64) {
+        let w = self.executed.entry(client).or_default();
+        if nonce > w.floor {
+            w.above.insert(nonce);
+        }
+        while w.above.len() > MAX_CLIENT_WINDOW {
+            if let Some(first) = w.above.pop_first() {
+                w.floor = first;
+            }
+        }
+    }
+
+    fn on_request(&mut self, now: Timestamp, r: Verified<Request>) {
+        let key = (r.signer(), r.nonce);
+        if self.is_executed(&key.0, key.1) || self.pending.contains_key(&key) {
+            return;
+        }
+        if self.pending.len() >= self.cfg.max_pending {
+            return;
+        }
+        let is_new_to_primary = !self.is_primary() && self.active && self.is_member();
+        if is_new_to_primary {
+            // Section 4.1: a backup relays the request to the primary.
+            self.out.push_back(Command::Send { to: self.primary(), envelope: r.envelope().clone() });
+        }
+        self.pending.insert(key, r);
+        self.pending_order.push_back(key);
+        if self.progress_deadline.is_none() && self.active && self.is_member() {
+            self.progress_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
+        }
+        self.try_propose(now);
+    }
+
+    fn vc_timeout(&self) -> u64 {
+        self.cfg.view_change_timeout_ms.saturating_mul(1u64 << self.vc_attempts.min(6))
+    }
+
+    // ----- normal case (section 4.2) ------------------------------------------------------
+
+    fn sign(&self, msg: ConsensusMsg) -> Option<SignedEnvelope> {
+        // Our own messages are within bounds by construction; an error here means a bug, and
+        // the message is dropped rather than the process stopped.
+        Verified::sign(&self.key, msg).ok().map(|v| v.envelope().clone())
+    }
+
+    fn in_window(&self, seq: u64) -> bool {
+        seq > self.low && seq <= self.low.max(self.known_stable) + self.cfg.log_window
+    }
+
+    fn try_propose(&mut self, now: Timestamp) {
+        if !self.active || !self.is_primary() {
+            return;
+        }
+        while self.next_seq.saturating_sub(self.last_exec + 1) < self.cfg.max_inflight
+            && self.next_seq <= self.low + self.cfg.log_window
+        {
+            let mut batch = Vec::new();
+            let mut keys = Vec::new();
+            let mut i = 0;
+            while i < self.pending_order.len() && batch.len() < self.cfg.max_batch {
+                let k = self.pending_order[i];
+                i += 1;
+                if self.proposed.contains(&k) {
+                    continue;
+                }
+                if let Some(r) = self.pending.get(&k) {
+                    batch.push(r.clone());
+                    keys.push(k);
+                }
+            }
+            if batch.is_empty() {
+                return;
+            }
+            self.proposed.extend(keys);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let slot = Slot { view: self.view, seq, digest: Digest::of_batch(&envelopes(&batch)) };
+            self.propose(slot, now, batch);
+        }
+    }
+
+    /// Signs and broadcasts a pre-prepare for `slot`, recording it as accepted.
+    fn propose(&mut self, slot: Slot, time: Timestamp, batch: Vec<Verified<Request>>) {
+        let Some(header) = self.sign(ConsensusMsg::PrePrepare(PrePrepare { slot, time })) else {
+            return;
+        };
+        let entry = self.log.entry(slot.seq).or_default();
+        entry.headers.insert(slot.view, (header.clone(), PrePrepare { slot, time }));
+        entry.first_vote.insert((KIND_HEADER, slot.view, self.me), (slot.digest, header.clone()));
+        entry.batches.insert(slot.digest, batch.clone());
+        if let Some(p) = self.sign(ConsensusMsg::Proposal { header, batch: envelopes(&batch) }) {
+            self.out.push_back(Command::Broadcast(p));
+        }
+        self.check_slot(slot.seq, slot.view, slot.digest);
+    }
+
+    fn on_message(&mut self, now: Timestamp, m: Verified<ConsensusMsg>) {
+        let from = m.signer();
+        if from == self.me {
+            return;
+        }
+        let member = self.committee.contains(&from);
+        let env = m.envelope().clone();
+        match m.into_message() {
+            ConsensusMsg::Fetch { from_seq } => self.on_fetch(from, from_seq),
+            ConsensusMsg::Decided(certs) => self.on_decided(certs),
+            _ if !member => {}
+            ConsensusMsg::PrePrepare(_) => {
+                self.report(from, Offence::Invalid("bare pre-prepare header"));
+            }
+            ConsensusMsg::Proposal { header, batch } => self.on_proposal(now, from, header, batch),
+            ConsensusMsg::Prepare { slot, header } => self.on_prepare(from, slot, header, env),
+            ConsensusMsg::Commit(slot) => self.on_commit(from, slot, env),
+            ConsensusMsg::Checkpoint { seq, state } => self.on_checkpoint(from, seq, state, env),
+            ConsensusMsg::ViewChange(vc) => self.on_view_change(now, from, vc, env),
+            ConsensusMsg::NewView(nv) => self.on_new_view(now, from, nv),
+        }
+    }
+
+    fn report(&mut self, peer: NodeId, offence: Offence) {
+        self.out.push_back(Command::ReportPeer { peer, offence });
+    }
+
+    /// Records a vote's digest for (kind, view, signer); reports equivocation once.
+    /// Returns false if the vote conflicts with an earlier one (and must be dropped).
+    fn note_vote(&mut self, seq: u64, kind: u8, view: u64, signer: NodeId, digest: Digest, env: &SignedEnvelope) -> bool {
+        let entry = self.log.entry(seq).or_default();
+        match entry.first_vote.get(&(kind, view, signer)) {
+            None => {
+                entry.first_vote.insert((kind, view, signer), (digest, env.clone()));
+                true
+            }
+            Some((d, _)) if *d == digest => true,
+            Some((_, first)) => {
+                let first = first.clone();
+                if entry.reported.insert((signer, kind, view)) {
+                    self.report(signer, Offence::Equivocation { first, second: env.clone() });
+                }
+                false
+            }
+        }
+    }
+
+    /// Checks a primary's header; records it; returns its content if acceptable for `seq`.
+    fn accept_header(&mut self, now: Timestamp, header: &SignedEnvelope, check_time: bool) -> Option<PrePrepare> {
+        let (signer, pp) = open_header(header)?;
+        let slot = pp.slot;
+        if signer != self.committee.primary(slot.view) || !self.in_window(slot.seq) {
+            return None;
+        }
+        if check_time && pp.time.0.abs_diff(now.0) > self.cfg.max_clock_skew_ms {
+            self.report(signer, Offence::Invalid("batch time too far from the local clock"));
+            return None;
+        }
+        if !self.note_vote(slot.seq, KIND_HEADER, slot.view, signer, slot.digest, header) {
+            return None;
+        }
+        Some(pp)
+    }
+
+    fn on_proposal(&mut self, now: Timestamp, from: NodeId, header: SignedEnvelope, batch: Vec<SignedEnvelope>) {
+        if !self.active {
+            return;
+        }
+        let Some(pp) = self.accept_header(now, &header, true) else { return };
+        let slot = pp.slot;
+        if slot.view != self.view || from != self.committee.primary(slot.view) {
+            return;
+        }
+        if self.log.get(&slot.seq).is_some_and(|e| e.headers.contains_key(&slot.view)) {
+            // Already accepted (a retransmission).
+            self.resend_prepare(slot.seq);
+            return;
+        }
+        if Digest::of_batch(&batch) != slot.digest {
+            self.report(from, Offence::Invalid("batch does not match the pre-prepare digest"));
+            return;
+        }
+        let Some(batch) = verify_batch(&batch) else {
+            self.report(from, Offence::Invalid("proposal carries an invalid request"));
+            return;
+        };
+        self.accept_pre_prepare(header, pp, batch);
+    }
+
+    /// Section 4.2: a backup accepts the pre-prepare and multicasts a prepare.
+    fn accept_pre_prepare(&mut self, header: SignedEnvelope, pp: PrePrepare, batch: Vec<Verified<Request>>) {
+        let slot = pp.slot;
+        for r in &batch {
+            self.proposed.insert((r.signer(), r.nonce));
+        }
+        let entry = self.log.entry(slot.seq).or_default();
+        entry.headers.insert(slot.view, (header.clone(), pp));
+        entry.batches.insert(slot.digest, batch);
+        if self.committee.primary(slot.view) != self.me && self.is_member() {
+            if let Some(p) = self.sign(ConsensusMsg::Prepare { slot, header }) {
+                self.out.push_back(Command::Broadcast(p.clone()));
+                let entry = self.log.entry(slot.seq).or_default();
+                entry.my_prepare = Some((slot.view, p.clone()));
+                entry.prepares.entry((slot.view, slot.digest)).or_default().insert(self.me, p);
+            }
+        }
+        self.check_slot(slot.seq, slot.view, slot.digest);
+    }
+
+    fn resend_prepare(&mut self, seq: u64) {
+        if let Some((_, p)) = self.log.get(&seq).and_then(|e| e.my_prepare.clone()) {
+            self.out.push_back(Command::Broadcast(p));
+        }
+    }
+
+    fn on_prepare(&mut self, from: NodeId, slot: Slot, header: SignedEnvelope, env: SignedEnvelope) {
+        if !self.in_window(slot.seq) || slot.view > self.view + MAX_FUTURE_VIEWS {
+            return;
+        }
+        if from == self.committee.primary(slot.view) {
+            return;
+        }
+        // The quoted header: if it differs from the one we accepted for this slot, check it;
+        // two different headers from one primary are evidence of equivocation.
+        let same = self
+            .log
+            .get(&slot.seq)
+            .and_then(|e| e.headers.get(&slot.view))
+            .is_some_and(|(h, _)| *h == header);
+        if !same {
+            match open_header(&header) {
+                Some((p, pp)) if p == self.committee.primary(slot.view) && pp.slot == slot => {
+                    self.note_vote(slot.seq, KIND_HEADER, slot.view, p, slot.digest, &header);
+                }
+                _ => {
+                    self.report(from, Offence::Invalid("prepare quotes an invalid header"));
+                    return;
+                }
+            }
+        }
+        if !self.note_vote(slot.seq, KIND_PREPARE, slot.view, from, slot.digest, &env) {
+            return;
+        }
+        self.contradiction_check(slot.seq, from, slot, &env);
+        let entry = self.log.entry(slot.seq).or_default();
+        entry.prepares.entry((slot.view, slot.digest)).or_default().insert(from, env);
+        self.check_slot(slot.seq, slot.view, slot.digest);
+    }
+
+    fn on_commit(&mut self, from: NodeId, slot: Slot, env: SignedEnvelope) {
+        if !self.in_window(slot.seq) || slot.view > self.view + MAX_FUTURE_VIEWS {
+            return;
+        }
+        if !self.note_vote(slot.seq, KIND_COMMIT, slot.view, from, slot.digest, &env) {
+            return;
+        }
+        self.contradiction_check(slot.seq, from, slot, &env);
+        let entry = self.log.entry(slot.seq).or_default();
+        entry.commits.entry((slot.view, slot.digest)).or_default().insert(from, env);
+        self.check_slot(slot.seq, slot.view, slot.digest);
+    }
+
+    /// A vote against an already committed slot is evidence.
+    fn contradiction_check(&mut self, seq: u64, from: NodeId, slot: Slot, env: &SignedEnvelope) {
+        let Some(entry) = self.log.get_mut(&seq) else { return };
+        let Some((cert, _)) = &entry.committed else { return };
+        let Some((_, pp)) = open_header(&cert.pre_prepare) else { return };
+        if slot.view >= pp.slot.view
+            && slot.digest != pp.slot.digest
+            && entry.reported.insert((from, KIND_CONTRADICTION, slot.view))
+        {
+            let proof = Box::new(cert.proof());
+            self.report(from, Offence::ContradictsCertificate { vote: env.clone(), proof });
+        }
+    }
+
+    /// Evaluates `prepared` and `committed-local` for `(view, seq, digest)`.
+    fn check_slot(&mut self, seq: u64, view: u64, digest: Digest) {
+        let quorum = self.committee.quorum();
+        let member = self.is_member();
+        let me = self.me;
+        let Some(entry) = self.log.get_mut(&seq) else { return };
+        let Some((header, pp)) = entry.headers.get(&view).cloned() else { return };
+        if pp.slot.digest != digest {
+            return;
+        }
+        let Some(batch) = entry.batches.get(&digest).cloned() else { return };
+        let prepares: Vec<SignedEnvelope> = entry
+            .prepares
+            .get(&(view, digest))
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        // prepared(m, v, n, i): the pre-prepare and 2f prepares from distinct backups.
+        if prepares.len() + 1 >= quorum {
+            if entry.prepared.as_ref().is_none_or(|(v, _)| *v < view) {
+                entry.prepared = Some((
+                    view,
+                    PreparedProof {
+                        pre_prepare: header.clone(),
+                        batch: envelopes(&batch),
+                        prepares: prepares.into_iter().take(quorum - 1).collect(),
+                    },
+                ));
+            }
+            let sent = entry.my_commit.as_ref().is_some_and(|(v, _)| *v >= view);
+            if member && !sent && view == self.view && self.active {
+                if let Some(c) = self.sign(ConsensusMsg::Commit(pp.slot)) {
+                    let entry = self.log.entry(seq).or_default();
+                    entry.my_commit = Some((view, c.clone()));
+                    entry.first_vote.insert((KIND_COMMIT, view, me), (digest, c.clone()));
+                    entry.commits.entry((view, digest)).or_default().insert(me, c.clone());
+                    self.out.push_back(Command::Broadcast(c));
+                }
+            }
+        }
+        let Some(entry) = self.log.get_mut(&seq) else { return };
+        if entry.committed.is_some() {
+            return;
+        }
+        let commits: Vec<SignedEnvelope> = entry
+            .commits
+            .get(&(view, digest))
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        // committed-local: 2f+1 matching commits (a commit certificate).
+        if commits.len() >= quorum {
+            let cert = CommitCertificate {
+                pre_prepare: header,
+                batch: envelopes(&batch),
+                commits: commits.into_iter().take(quorum).collect(),
+            };
+            entry.committed = Some((cert, batch));
+            self.after_commit(seq);
+            self.execute_ready();
+        }
+    }
+
+    /// After a slot commits, votes already received against it are evidence.
+    fn after_commit(&mut self, seq: u64) {
+        let Some(entry) = self.log.get_mut(&seq) else { return };
+        let Some((cert, _)) = &entry.committed else { return };
+        let Some((_, pp)) = open_header(&cert.pre_prepare) else { return };
+        let proof = cert.proof();
+        let mut against = Vec::new();
+        for ((kind, view, signer), (d, env)) in &entry.first_vote {
+            if *kind != KIND_HEADER && *view >= pp.slot.view && *d != pp.slot.digest {
+                against.push((*signer, *view, env.clone()));
+            }
+        }
+        against.retain(|(signer, view, _)| entry.reported.insert((*signer, KIND_CONTRADICTION, *view)));
+        for (signer, _, vote) in against {
+            let proof = Box::new(proof.clone());
+            self.report(signer, Offence::ContradictsCertificate { vote, proof });
+        }
+    }
+
+    /// Executes committed batches in sequence order (section 4.2, last paragraph).
+    fn execute_ready(&mut self) {
+        loop {
+            let seq = self.last_exec + 1;
+            let Some((cert, batch)) = self.log.get(&seq).and_then(|e| e.committed.clone()) else {
+                break;
+            };
+            let Some((_, pp)) = open_header(&cert.pre_prepare) else { break };
+            self.state = Digest::of("dwcp/v3/pbft-state", &[&self.state.0, &seq.to_be_bytes(), &pp.slot.digest.0]);
+            self.last_exec = seq;
+            self.progressed_since_tick = true;
+            let mut requests = Vec::new();
+            for v in batch {
+                let key = (v.signer(), v.nonce);
+                self.pending.remove(&key);
+                self.proposed.remove(&key);
+                if self.is_executed(&key.0, key.1) {
+                    continue;
+                }
+                self.mark_executed(key.0, key.1);
+                requests.push(v);
+            }
+            self.certs.insert(seq, cert.clone());
+            while self.certs.len() > self.cfg.retained_certificates {
+                self.certs.pop_first();
+            }
+            self.out.push_back(Command::Deliver(Box::new(Decision {
+                seq,
+                view: pp.slot.view,
+                digest: pp.slot.digest,
+                time: pp.time,
+                requests,
+                certificate: cert,
+                state: self.state,
+            })));
+            if seq % self.cfg.checkpoint_interval == 0 {
+                self.exec_states.insert(seq, self.state);
+                self.send_checkpoint(seq);
+            }
+        }
+        let keep: BTreeSet<(NodeId, u64)> = self.pending.keys().copied().collect();
+        self.pending_order.retain(|k| keep.contains(k));
+        // The request timer restarts (with the caller's `now`) once this input is done.
+        self.restart_progress_timer = true;
+        if self.next_seq <= self.last_exec {
+            self.next_seq = self.last_exec + 1;
+        }
+    }
+
+    // ----- checkpoints (section 4.3) ------------------------------------------------------
+
+    fn send_checkpoint(&mut self, seq: u64) {
+        if !self.is_member() {
+            return;
+        }
+        let state = self.state;
+        if let Some(c) = self.sign(ConsensusMsg::Checkpoint { seq, state }) {
+            self.checkpoints.entry(seq).or_default().insert(self.me, (state, c.clone()));
+            self.my_checkpoint = Some(c.clone());
+            self.out.push_back(Command::Broadcast(c));
+        }
+        self.check_stable(seq);
+    }
+
+    fn on_checkpoint(&mut self, from: NodeId, seq: u64, state: Digest, env: SignedEnvelope) {
+        if seq <= self.low || seq % self.cfg.checkpoint_interval != 0 || seq > self.low + 4 * self.cfg.log_window {
+            return;
+        }
+        self.checkpoints.entry(seq).or_default().entry(from).or_insert((state, env));
+        self.check_stable(seq);
+    }
+
+    fn check_stable(&mut self, seq: u64) {
+        let quorum = self.committee.quorum();
+        let Some(votes) = self.checkpoints.get(&seq) else { return };
+        let mut by_state: BTreeMap<Digest, Vec<SignedEnvelope>> = BTreeMap::new();
+        for (d, e) in votes.values() {
+            by_state.entry(*d).or_default().push(e.clone());
+        }
+        let Some((state, proof)) = by_state.into_iter().find(|(_, v)| v.len() >= quorum) else { return };
+        self.known_stable = self.known_stable.max(seq);
+        if self.last_exec < seq {
+            // Others are ahead: ask one of them for the decisions we miss.
+            self.send_fetch();
+            return;
+        }
+        if self.exec_states.get(&seq) != Some(&state) {
+            return;
+        }
+        self.make_stable(seq, state, proof);
+    }
+
+    fn make_stable(&mut self, seq: u64, state: Digest, proof: Vec<SignedEnvelope>) {
+        if seq <= self.low {
+            return;
+        }
+        self.low = seq;
+        self.stable_state = state;
+        self.stable_proof = proof;
+        self.known_stable = self.known_stable.max(seq);
+        // Discard everything at or below the stable checkpoint.
+        self.log = self.log.split_off(&(seq + 1));
+        self.checkpoints = self.checkpoints.split_off(&(seq + 1));
+        self.exec_states = self.exec_states.split_off(&seq);
+        self.out.push_back(Command::StableCheckpoint { seq, state });
+    }
+
+    // ----- catch-up -----------------------------------------------------------------------
+
+    fn send_fetch(&mut self) {
+        let peers: Vec<NodeId> = self.committee.members().iter().copied().filter(|m| *m != self.me).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let to = peers[self.fetch_rr % peers.len()];
+        self.fetch_rr += 1;
+        if let Some(f) = self.sign(ConsensusMsg::Fetch { from_seq: self.last_exec + 1 }) {
+            self.out.push_back(Command::Send { to, envelope: f });
+        }
+    }
+
+    fn on_fetch(&mut self, from: NodeId, from_seq: u64) {
+        let mut certs = Vec::new();
+        let mut bytes = 0usize;
+        for (_, c) in self.certs.range(from_seq..) {
+            let size = c.batch.iter().chain(&c.commits).map(|e| e.encode().len()).sum::<usize>() + 256;
+            if certs.len() >= MAX_CERTS_PER_REPLY || bytes + size > 192 * 1024 {
+                break;
+            }
+            bytes += size;
+            certs.push(c.clone());
+        }
+        if certs.is_empty() {
+            return;
+        }
+        if let Some(d) = self.sign(ConsensusMsg::Decided(certs)) {
+            self.out.push_back(Command::Send { to: from, envelope: d });
+        }
+    }
+
+    fn on_decided(&mut self, certs: Vec<CommitCertificate>) {
+        for cert in certs {
+            let Some(seq) = cert.seq_unverified() else { continue };
+            if seq <= self.last_exec
+                || seq > self.last_exec + 4 * self.cfg.log_window
+                || self.log.get(&seq).is_some_and(|e| e.committed.is_some())
+            {
+                continue;
+            }
+            let Ok(cb) = cert.verify(&self.committee) else { continue };
+            let entry = self.log.entry(seq).or_default();
+            entry.committed = Some((cert, cb.requests));
+        }
+        self.execute_ready();
+        let ready: Vec<u64> =
+            self.checkpoints.keys().copied().filter(|s| *s <= self.last_exec && *s > self.low).collect();
+        for seq in ready {
+            self.check_stable(seq);
+        }
+    }
+
+    // ----- timers -------------------------------------------------------------------------
+
+    fn tick(&mut self, now: Timestamp) {
+        let progressed = std::mem::replace(&mut self.progressed_since_tick, false);
+        let outstanding = !self.is_member()
+            || !self.pending.is_empty()
+            || self.log.range(self.last_exec + 1..).next().is_some()
+            || self.known_stable > self.last_exec;
+        if progressed || !outstanding {
+            self.try_propose(now);
+            return;
+        }
+        // Stalled with work outstanding: retransmit (messages may have been lost) and ask a
+        // peer for decisions we may have missed.
+        if self.is_member() {
+            if self.active {
+                let view = self.view;
+                let primary = self.is_primary();
+                let mut resend = Vec::new();
+                for (_, e) in self.log.range(self.last_exec + 1..) {
+                    if e.committed.is_some() {
+                        continue;
+                    }
+                    if primary {
+                        if let Some((h, pp)) = e.headers.get(&view) {
+                            if let Some(b) = e.batches.get(&pp.slot.digest) {
+                                resend.push(ConsensusMsg::Proposal {
+                                    header: h.clone(),
+                                    batch: envelopes(b),
+                                });
+                            }
+                        }
+                    }
+                    if let Some((v, p)) = &e.my_prepare {
+                        if *v == view {
+                            self.out.push_back(Command::Broadcast(p.clone()));
+                        }
+                    }
+                    if let Some((v, c)) = &e.my_commit {
+                        if *v == view {
+                            self.out.push_back(Command::Broadcast(c.clone()));
+                        }
+                    }
+                }
+                for m in resend {
+                    if let Some(p) = self.sign(m) {
+                        self.out.push_back(Command::Broadcast(p));
+                    }
+                }
+            } else if let Some(vc) = self.my_vc.clone() {
+                self.out.push_back(Command::Broadcast(vc));
+            }
+            if let Some(c) = self.my_checkpoint.clone() {
+                self.out.push_back(Command::Broadcast(c));
+            }
+        }
+        self.send_fetch();
+        self.try_propose(now);
+    }
+
+    // ----- view changes (section 4.4) -----------------------------------------------------
+
+    fn start_view_change(&mut self, now: Timestamp, view: u64) {
+        if view <= self.view {
+            return;
+        }
+        self.view = view;
+        self.active = false;
+        self.progress_deadline = None;
+        self.vc_deadline = None;
+        self.proposed.clear();
+        let prepared: Vec<PreparedProof> = self
+            .log
+            .range(self.low + 1..)
+            .filter_map(|(_, e)| e.prepared.as_ref().map(|(_, p)| p.clone()))
+            .collect();
+        let vc = ViewChange {
+            new_view: view,
+            stable_seq: self.low,
+            stable_proof: self.stable_proof.clone(),
+            prepared,
+        };
+        self.out.push_back(Command::ViewChangeStarted { view });
+        let Some(env) = self.sign(ConsensusMsg::ViewChange(vc.clone())) else { return };
+        self.my_vc = Some(env.clone());
+        self.out.push_back(Command::Broadcast(env.clone()));
+        if let Some(valid) = self.validate_vc(&vc, env) {
+            self.vcs.insert(self.me, (view, valid));
+        }
+        self.after_vc(now);
+    }
+
+    fn validate_vc(&self, vc: &ViewChange, envelope: SignedEnvelope) -> Option<ValidVc> {
+        let quorum = self.committee.quorum();
+        let k = self.cfg.checkpoint_interval;
+        if vc.stable_seq % k != 0 {
+            return None;
+        }
+        let mut stable_state = Digest::default();
+        if vc.stable_seq > 0 {
+            let mut signers = BTreeSet::new();
+            let mut state = None;
+            for c in &vc.stable_proof {
+                let v = open(c)?;
+                match v.message() {
+                    ConsensusMsg::Checkpoint { seq, state: s } if *seq == vc.stable_seq => {
+                        if *state.get_or_insert(*s) != *s || !self.committee.contains(&v.signer()) {
+                            return None;
+                        }
+                        signers.insert(v.signer());
+                    }
+                    _ => return None,
+                }
+            }
+            if signers.len() < quorum {
+                return None;
+            }
+            stable_state = state?;
+        } else if !vc.stable_proof.is_empty() {
+            return None;
+        }
+        let mut prepared = BTreeMap::new();
+        for p in &vc.prepared {
+            let (primary, pp) = open_header(&p.pre_prepare)?;
+            let slot = pp.slot;
+            if primary != self.committee.primary(slot.view)
+                || slot.view >= vc.new_view
+                || slot.seq <= vc.stable_seq
+                || slot.seq > vc.stable_seq + self.cfg.log_window
+                || Digest::of_batch(&p.batch) != slot.digest
+            {
+                return None;
+            }
+            let mut signers = BTreeSet::new();
+            for pr in &p.prepares {
+                let v = open(pr)?;
+                match v.message() {
+                    ConsensusMsg::Prepare { slot: s, .. } if *s == slot => {}
+                    _ => return None,
+                }
+                if v.signer() == primary || !self.committee.contains(&v.signer()) {
+                    return None;
+                }
+                signers.insert(v.signer());
+            }
+            if signers.len() + 1 < quorum {
+                return None;
+            }
+            let batch = verify_batch(&p.batch)?;
+            if prepared.insert(slot.seq, (slot.view, pp, batch)).is_some() {
+                return None;
+            }
+        }
+        Some(ValidVc { envelope, stable_seq: vc.stable_seq, stable_state, stable_proof: vc.stable_proof.clone(), prepared })
+    }
+
+    fn on_view_change(&mut self, now: Timestamp, from: NodeId, vc: ViewChange, env: SignedEnvelope) {
+        let v = vc.new_view;
+        if v < self.view || (v == self.view && self.active) {
+            // A late view change for the view we lead: resend our new-view to its sender.
+            if let Some((nv_view, nv)) = &self.new_view_sent {
+                if *nv_view == self.view && v == self.view {
+                    self.out.push_back(Command::Send { to: from, envelope: nv.clone() });
+                }
+            }
+            return;
+        }
+        if self.vcs.get(&from).is_some_and(|(old, _)| *old >= v) {
+            return;
+        }
+        let Some(valid) = self.validate_vc(&vc, env) else {
+            self.report(from, Offence::Invalid("view change with an invalid proof"));
+            return;
+        };
+        self.vcs.insert(from, (v, valid));
+        self.after_vc(now);
+    }
+
+    fn after_vc(&mut self, now: Timestamp) {
+        if !self.is_member() {
+            return;
+        }
+        let f = self.committee.f();
+        // Section 4.5.2: f+1 view changes for higher views make us join the smallest of them.
+        let mut higher: Vec<u64> = self
+            .vcs
+            .iter()
+            .filter(|(n, _)| **n != self.me)
+            .map(|(_, (v, _))| *v)
+            .filter(|v| *v > self.view)
+            .collect();
+        higher.sort_unstable();
+        if higher.len() > f {
+            let target = higher[0];
+            if target > self.view {
+                self.start_view_change(now, target);
+                return;
+            }
+        }
+        if self.active {
+            return;
+        }
+        let view = self.view;
+        let votes: Vec<ValidVc> = self.vcs.values().filter(|(v, _)| *v == view).map(|(_, vc)| vc.clone()).collect();
+        if votes.len() >= self.committee.quorum() && self.vc_deadline.is_none() {
+            self.vc_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
+        }
+        if votes.len() >= self.committee.quorum() && self.committee.primary(view) == self.me && self.new_view_sent.as_ref().is_none_or(|(v, _)| *v < view) {
+            self.send_new_view(now, view, votes);
+        }
+    }
+
+    fn compute_o(&self, votes: &[ValidVc]) -> Reproposals {
+        let best = votes.iter().max_by_key(|v| v.stable_seq);
+        let (min_s, min_state, min_proof) = best
+            .map(|v| (v.stable_seq, v.stable_state, v.stable_proof.clone()))
+            .unwrap_or_default();
+        let max_s = votes.iter().flat_map(|v| v.prepared.keys().copied()).max().unwrap_or(min_s).max(min_s);
+        let mut slots = BTreeMap::new();
+        for n in min_s + 1..=max_s {
+            // The pre-prepare with the highest view among the prepared certificates for n.
+            let chosen = votes
+                .iter()
+                .filter_map(|v| v.prepared.get(&n))
+                .max_by_key(|(view, pp, _)| (*view, pp.slot.digest));
+            match chosen {
+                Some((_, pp, batch)) => slots.insert(n, (pp.slot.digest, Some(pp.time), batch.clone())),
+                None => slots.insert(n, (Digest::of_batch(&[]), None, Vec::new())),
+            };
+        }
+        Reproposals { min_s, min_state, min_proof, slots }
+    }
+
+    fn send_new_view(&mut self, now: Timestamp, view: u64, votes: Vec<ValidVc>) {
+        let o = self.compute_o(&votes);
+        let mut proposals = Vec::new();
+        for (seq, (digest, time, batch)) in &o.slots {
+            let pp = PrePrepare { slot: Slot { view, seq: *seq, digest: *digest }, time: time.unwrap_or(now) };
+            let Some(h) = self.sign(ConsensusMsg::PrePrepare(pp)) else { return };
+            proposals.push((h, batch.clone()));
+        }
+        let nv = NewView {
+            view,
+            view_changes: votes.iter().map(|v| v.envelope.clone()).collect(),
+            proposals: proposals.iter().map(|(h, b)| (h.clone(), envelopes(b))).collect(),
+        };
+        let Some(env) = self.sign(ConsensusMsg::NewView(nv)) else { return };
+        self.new_view_sent = Some((view, env.clone()));
+        self.out.push_back(Command::Broadcast(env));
+        self.install_new_view(now, view, o, proposals);
+    }
+
+    fn on_new_view(&mut self, now: Timestamp, from: NodeId, nv: NewView) {
+        if nv.view < self.view || (nv.view == self.view && self.active) || from != self.committee.primary(nv.view) {
+            return;
+        }
+        let mut votes = Vec::new();
+        let mut signers = BTreeSet::new();
+        for e in &nv.view_changes {
+            let Some(v) = open(e) else { return self.report(from, Offence::Invalid("new view with a bad view change")) };
+            let signer = v.signer();
+            let ConsensusMsg::ViewChange(vc) = v.message() else { return self.report(from, Offence::Invalid("new view with a non view change")) };
+            if vc.new_view != nv.view || !self.committee.contains(&signer) || !signers.insert(signer) {
+                return self.report(from, Offence::Invalid("new view with a foreign view change"));
+            }
+            let Some(valid) = self.validate_vc(vc, e.clone()) else { return self.report(from, Offence::Invalid("new view with an invalid view change")) };
+            votes.push(valid);
+        }
+        if votes.len() < self.committee.quorum() {
+            return self.report(from, Offence::Invalid("new view without a quorum"));
+        }
+        // Recompute O and compare (section 4.4).
+        let o = self.compute_o(&votes);
+        if o.slots.len() != nv.proposals.len() {
+            return self.report(from, Offence::Invalid("new view with a wrong O"));
+        }
+        let mut proposals = Vec::with_capacity(o.slots.len());
+        for ((seq, (digest, time, verified)), (h, batch)) in o.slots.iter().zip(&nv.proposals) {
+            let Some((signer, pp)) = open_header(h) else { return self.report(from, Offence::Invalid("new view with a bad pre-prepare")) };
+            let ok = signer == from
+                && pp.slot == Slot { view: nv.view, seq: *seq, digest: *digest }
+                && time.is_none_or(|t| t == pp.time)
+                && Digest::of_batch(batch) == *digest;
+            if !ok {
+                return self.report(from, Offence::Invalid("new view with a wrong O"));
+            }
+            proposals.push((h.clone(), verified.clone()));
+        }
+        self.install_new_view(now, nv.view, o, proposals);
+    }
+
+    fn install_new_view(
+        &mut self,
+        now: Timestamp,
+        view: u64,
+        o: Reproposals,
+        proposals: Vec<(SignedEnvelope, Vec<Verified<Request>>)>,
+    ) {
+        self.view = view;
+        self.active = true;
+        self.vc_deadline = None;
+        self.vc_attempts = 0;
+        self.my_vc = None;
+        self.proposed.clear();
+        self.vcs.retain(|_, (v, _)| *v > view);
+        if o.min_s > self.low {
+            if self.last_exec >= o.min_s && self.exec_states.get(&o.min_s) == Some(&o.min_state) {
+                self.make_stable(o.min_s, o.min_state, o.min_proof);
+            } else {
+                self.known_stable = self.known_stable.max(o.min_s);
+                self.send_fetch();
+            }
+        }
+        let max_s = o.slots.keys().copied().max().unwrap_or(o.min_s);
+        for (h, batch) in proposals {
+            let Some((_, pp)) = open_header(&h) else { continue };
+            let slot = pp.slot;
+            if !self.in_window(slot.seq) {
+                continue;
+            }
+            let entry = self.log.entry(slot.seq).or_default();
+            entry.first_vote.insert((KIND_HEADER, view, self.committee.primary(view)), (slot.digest, h.clone()));
+            self.accept_pre_prepare(h, pp, batch);
+        }
+        self.next_seq = (max_s + 1).max(self.last_exec + 1);
+        self.out.push_back(Command::NewViewInstalled { view, primary: self.committee.primary(view) });
+        if !self.pending.is_empty() {
+            self.progress_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
+        }
+        self.try_propose(now);
+    }
+}
+
+/// Verifies every request of a batch; `None` if one does not verify.
+fn verify_batch(batch: &[SignedEnvelope]) -> Option<Vec<Verified<Request>>> {
+    if batch.len() > MAX_BATCH {
+        return None;
+    }
+    batch.iter().map(|r| r.clone().verify::<Request>().ok()).collect()
+}
+
+fn envelopes(batch: &[Verified<Request>]) -> Vec<SignedEnvelope> {
+    batch.iter().map(|r| r.envelope().clone()).collect()
+}

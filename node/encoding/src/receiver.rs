@@ -1,0 +1,439 @@
+//! The receiving side: decodes frames strictly, answers offers from its page store and
+//! rebuilds pages or the stream bit-exactly.
+
+use std::collections::BTreeMap;
+
+use zstd::zstd_safe::DParameter;
+
+use crate::error::DecodeError;
+use crate::message::{Batch, Dict, End, Limits, Message, Missing, Offer, Shape, Start};
+use crate::page::{PAGE_SIZE, PageHash};
+use crate::stats::ReceiveStats;
+use crate::store::PageStore;
+use crate::wire::Reader;
+
+/// What the receiver produced from a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    /// Send this frame (a `Missing` set) back to the sender.
+    Reply(Vec<u8>),
+    /// Decoded pages: `data` holds `page_numbers.len()` pages of 4096 bytes, in order.
+    Pages {
+        /// Guest page numbers.
+        page_numbers: Vec<u64>,
+        /// Their content.
+        data: Vec<u8>,
+    },
+    /// The next bytes of the rebuilt stream.
+    Stream(Vec<u8>),
+    /// The end frame arrived and every total matched.
+    Finished,
+}
+
+#[derive(Debug)]
+struct PendingOffer {
+    hashes: Vec<PageHash>,
+    held: Vec<Option<Vec<u8>>>,
+}
+
+/// The receiving state machine for one transfer. Owns the optional page store while the
+/// transfer runs; take it back with [`Receiver::into_store`].
+pub struct Receiver {
+    limits: Limits,
+    store: Option<Box<dyn PageStore + Send>>,
+    shape: Option<Shape>,
+    dicts: BTreeMap<u64, Vec<u8>>,
+    plain: zstd::bulk::Decompressor<'static>,
+    with_dict: Option<(u64, zstd::bulk::Decompressor<'static>)>,
+    arena: Vec<u8>,
+    offers: BTreeMap<u64, PendingOffer>,
+    next_batch: u64,
+    ended: bool,
+    stats: ReceiveStats,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("shape", &self.shape)
+            .field("next_batch", &self.next_batch)
+            .field("has_store", &self.store.is_some())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn decompressor(limits: &Limits, dict: Option<&[u8]>) -> Result<zstd::bulk::Decompressor<'static>, DecodeError> {
+    let err = |e: std::io::Error| DecodeError::Decompress {
+        batch: 0,
+        detail: e.to_string(),
+    };
+    let mut d = match dict {
+        Some(d) => zstd::bulk::Decompressor::with_dictionary(d),
+        None => zstd::bulk::Decompressor::new(),
+    }
+    .map_err(err)?;
+    d.set_parameter(DParameter::WindowLogMax(limits.max_window_log))
+        .map_err(err)?;
+    Ok(d)
+}
+
+fn malformed(what: &'static str, detail: impl Into<String>) -> DecodeError {
+    DecodeError::Malformed {
+        what,
+        detail: detail.into(),
+    }
+}
+
+impl Receiver {
+    /// A receiver without a page store: every offered page is reported missing.
+    pub fn new(limits: Limits) -> Result<Self, DecodeError> {
+        Ok(Self {
+            plain: decompressor(&limits, None)?,
+            limits,
+            store: None,
+            shape: None,
+            dicts: BTreeMap::new(),
+            with_dict: None,
+            arena: Vec::new(),
+            offers: BTreeMap::new(),
+            next_batch: 0,
+            ended: false,
+            stats: ReceiveStats::default(),
+        })
+    }
+
+    /// A receiver that answers offers from `store` and adds every new page to it.
+    pub fn with_store(limits: Limits, store: Box<dyn PageStore + Send>) -> Result<Self, DecodeError> {
+        let mut r = Self::new(limits)?;
+        r.store = Some(store);
+        Ok(r)
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &ReceiveStats {
+        &self.stats
+    }
+
+    /// True after a valid end frame.
+    pub fn is_finished(&self) -> bool {
+        self.ended
+    }
+
+    /// Gives the page store back (for the next transfer).
+    pub fn into_store(self) -> Option<Box<dyn PageStore + Send>> {
+        self.store
+    }
+
+    /// Handles exactly one frame. On error the frame is dropped and the transfer should
+    /// be aborted (the sender misbehaved or the data was corrupted); the receiver does
+    /// not panic on any input.
+    pub fn handle_frame(&mut self, frame: &[u8]) -> Result<Vec<ReceiverEvent>, DecodeError> {
+        if self.ended {
+            return Err(DecodeError::Unexpected {
+                what: "frame",
+                detail: "transfer already ended",
+            });
+        }
+        let msg = Message::decode(frame, &self.limits)?;
+        self.stats.frame_bytes += frame.len() as u64;
+        if self.shape.is_none() && !matches!(msg, Message::Start(_)) {
+            return Err(DecodeError::Unexpected {
+                what: "frame",
+                detail: "the first frame must be a start frame",
+            });
+        }
+        match msg {
+            Message::Start(Start { shape, .. }) => {
+                if self.shape.is_some() {
+                    return Err(DecodeError::Unexpected {
+                        what: "start",
+                        detail: "transfer already started",
+                    });
+                }
+                self.shape = Some(shape);
+                Ok(Vec::new())
+            }
+            Message::Dict(d) => self.on_dict(d).map(|()| Vec::new()),
+            Message::Offer(o) => self.on_offer(o),
+            Message::Missing(_) => Err(DecodeError::Unexpected {
+                what: "missing set",
+                detail: "only senders receive missing sets",
+            }),
+            Message::Batch(b) => self.on_batch(b),
+            Message::End(e) => self.on_end(e),
+        }
+    }
+
+    fn on_dict(&mut self, d: Dict) -> Result<(), DecodeError> {
+        if PageHash::of(&d.bytes).short_id().max(1) != d.id {
+            return Err(malformed("dictionary", "id is not the hash of its content"));
+        }
+        if !self.dicts.contains_key(&d.id) && self.dicts.len() >= self.limits.max_dicts {
+            return Err(DecodeError::TooLarge {
+                what: "dictionaries",
+                len: self.dicts.len() as u64 + 1,
+                limit: self.limits.max_dicts as u64,
+            });
+        }
+        self.dicts.insert(d.id, d.bytes);
+        Ok(())
+    }
+
+    fn on_offer(&mut self, o: Offer) -> Result<Vec<ReceiverEvent>, DecodeError> {
+        if o.batch < self.next_batch || self.offers.contains_key(&o.batch) {
+            return Err(DecodeError::Unexpected {
+                what: "offer",
+                detail: "batch already offered or decoded",
+            });
+        }
+        if self.offers.len() >= self.limits.max_pending_offers {
+            return Err(DecodeError::TooLarge {
+                what: "pending offers",
+                len: self.offers.len() as u64 + 1,
+                limit: self.limits.max_pending_offers as u64,
+            });
+        }
+        let mut held = Vec::with_capacity(o.hashes.len());
+        let mut missing = Vec::with_capacity(o.hashes.len());
+        for h in &o.hashes {
+            // Pin held pages now, so eviction before the batch arrives cannot break it.
+            let page = match &mut self.store {
+                Some(s) => s.get(h)?,
+                None => None,
+            };
+            missing.push(page.is_none());
+            held.push(page);
+        }
+        let reply = Message::Missing(Missing {
+            batch: o.batch,
+            missing,
+        })
+        .encode()?;
+        self.offers.insert(o.batch, PendingOffer { hashes: o.hashes, held });
+        Ok(vec![ReceiverEvent::Reply(reply)])
+    }
+
+    fn on_batch(&mut self, b: Batch) -> Result<Vec<ReceiverEvent>, DecodeError> {
+        if b.seq != self.next_batch {
+            return Err(DecodeError::UnexpectedBatch {
+                expected: self.next_batch,
+                got: b.seq,
+            });
+        }
+        if Some(b.shape) != self.shape {
+            return Err(malformed("batch", "shape differs from the start frame"));
+        }
+        let raw_len = b.raw_len();
+        if raw_len > self.limits.max_batch_body() {
+            return Err(DecodeError::TooLarge {
+                what: "batch body",
+                len: raw_len as u64,
+                limit: self.limits.max_batch_body() as u64,
+            });
+        }
+        let new_bytes = b.new_pages as u64 * PAGE_SIZE as u64;
+        if self.arena.len() as u64 + new_bytes > self.limits.max_transfer_unique_bytes {
+            return Err(DecodeError::TooLarge {
+                what: "unique bytes in transfer",
+                len: self.arena.len() as u64 + new_bytes,
+                limit: self.limits.max_transfer_unique_bytes,
+            });
+        }
+        let raw = if b.compressed {
+            self.decompress(&b, raw_len)?
+        } else {
+            b.body
+        };
+        let offer = self.offers.remove(&b.seq);
+        let ev = self.rebuild(b.seq, b.shape, b.items as usize, b.new_pages as usize, b.control_len as usize, b.literal_len as usize, &raw, offer)?;
+        self.next_batch += 1;
+        self.stats.batches += 1;
+        Ok(vec![ev])
+    }
+
+    fn decompress(&mut self, b: &Batch, raw_len: usize) -> Result<Vec<u8>, DecodeError> {
+        let err = |e: std::io::Error| DecodeError::Decompress {
+            batch: b.seq,
+            detail: e.to_string(),
+        };
+        let d = if b.dict_id == 0 {
+            &mut self.plain
+        } else {
+            let Some(bytes) = self.dicts.get(&b.dict_id) else {
+                return Err(DecodeError::UnknownDictionary {
+                    batch: b.seq,
+                    id: b.dict_id,
+                });
+            };
+            if self.with_dict.as_ref().map(|(id, _)| *id) != Some(b.dict_id) {
+                self.with_dict = Some((b.dict_id, decompressor(&self.limits, Some(bytes))?));
+            }
+            match &mut self.with_dict {
+                Some((_, d)) => d,
+                None => &mut self.plain,
+            }
+        };
+        let mut out = Vec::with_capacity(raw_len);
+        let n = d.decompress_to_buffer(&b.body, &mut out).map_err(err)?;
+        if n != raw_len {
+            return Err(DecodeError::Decompress {
+                batch: b.seq,
+                detail: format!("body is {n} bytes, header says {raw_len}"),
+            });
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rebuild(
+        &mut self,
+        seq: u64,
+        shape: Shape,
+        items: usize,
+        new_pages: usize,
+        control_len: usize,
+        literal_len: usize,
+        raw: &[u8],
+        offer: Option<PendingOffer>,
+    ) -> Result<ReceiverEvent, DecodeError> {
+        let (control, rest) = raw.split_at(control_len);
+        let (literal, pages) = rest.split_at(literal_len);
+        let mut r = Reader::new(control);
+        let mut out = Vec::with_capacity(items * PAGE_SIZE + literal_len);
+        let mut page_numbers = Vec::new();
+        let mut prev: Option<u64> = None;
+        let mut lit_pos = 0usize;
+        let mut new_i = 0usize;
+        let mut cand = 0usize;
+        for _ in 0..items {
+            let pos = r.varint("control position")?;
+            match shape {
+                Shape::Pages => {
+                    let expected = prev.map_or(0, |p| p.wrapping_add(1));
+                    let delta = ((pos >> 1) as i64) ^ -((pos & 1) as i64);
+                    let no = expected.wrapping_add(delta as u64);
+                    page_numbers.push(no);
+                    prev = Some(no);
+                }
+                Shape::Stream => {
+                    let gap = usize::try_from(pos).unwrap_or(usize::MAX);
+                    if gap > literal.len() - lit_pos {
+                        return Err(malformed("control", "literal gap past the literal section"));
+                    }
+                    out.extend_from_slice(&literal[lit_pos..lit_pos + gap]);
+                    lit_pos += gap;
+                }
+            }
+            let op = r.varint("control op")?;
+            let operand = op >> 2;
+            match op & 3 {
+                0 => {
+                    if operand != 0 {
+                        return Err(malformed("control", "zero page with an operand"));
+                    }
+                    out.resize(out.len() + PAGE_SIZE, 0);
+                }
+                1 => {
+                    if operand != 0 {
+                        return Err(malformed("control", "new page with an operand"));
+                    }
+                    if new_i >= new_pages {
+                        return Err(malformed("control", "more new pages than the header says"));
+                    }
+                    let page = &pages[new_i * PAGE_SIZE..(new_i + 1) * PAGE_SIZE];
+                    new_i += 1;
+                    let offered = offer.as_ref().map(|o| o.hashes.get(cand));
+                    if offer.is_some() && offered.flatten().is_none() {
+                        return Err(malformed("control", "more candidates than offered"));
+                    }
+                    if let Some(store) = &mut self.store {
+                        let h = PageHash::of(page);
+                        if let Some(Some(want)) = offered
+                            && *want != h
+                        {
+                            return Err(DecodeError::HashMismatch { batch: seq });
+                        }
+                        store.insert(h, page)?;
+                        self.stats.stored_pages += 1;
+                    }
+                    cand += 1;
+                    self.arena.extend_from_slice(page);
+                    out.extend_from_slice(page);
+                }
+                2 => {
+                    let known = (self.arena.len() / PAGE_SIZE) as u64;
+                    if operand >= known {
+                        return Err(DecodeError::UnknownPageRef {
+                            batch: seq,
+                            index: operand,
+                            known,
+                        });
+                    }
+                    let at = operand as usize * PAGE_SIZE;
+                    out.extend_from_slice(&self.arena[at..at + PAGE_SIZE]);
+                }
+                _ => {
+                    let held = offer.as_ref().and_then(|o| o.held.get(cand)).and_then(|p| p.as_ref());
+                    let Some(page) = held.filter(|_| operand == cand as u64) else {
+                        return Err(DecodeError::NotHeld {
+                            batch: seq,
+                            index: operand,
+                        });
+                    };
+                    cand += 1;
+                    self.stats.held_pages += 1;
+                    self.arena.extend_from_slice(page);
+                    out.extend_from_slice(page);
+                }
+            }
+        }
+        r.expect_end("control section")?;
+        if new_i != new_pages {
+            return Err(malformed("batch", format!("{new_pages} new pages in the header, {new_i} used")));
+        }
+        if let Some(o) = &offer
+            && cand != o.hashes.len()
+        {
+            return Err(malformed("batch", format!("{} pages offered, {cand} sent", o.hashes.len())));
+        }
+        self.stats.pages += items as u64;
+        match shape {
+            Shape::Pages => {
+                self.stats.bytes_out += out.len() as u64;
+                Ok(ReceiverEvent::Pages {
+                    page_numbers,
+                    data: out,
+                })
+            }
+            Shape::Stream => {
+                out.extend_from_slice(&literal[lit_pos..]);
+                self.stats.bytes_out += out.len() as u64;
+                Ok(ReceiverEvent::Stream(out))
+            }
+        }
+    }
+
+    fn on_end(&mut self, e: End) -> Result<Vec<ReceiverEvent>, DecodeError> {
+        if e.batches != self.next_batch {
+            return Err(malformed("end", format!("{} batches announced, {} received", e.batches, self.next_batch)));
+        }
+        if e.pages != self.stats.pages || e.bytes_in != self.stats.bytes_out {
+            return Err(malformed(
+                "end",
+                format!(
+                    "totals differ: {} pages / {} bytes announced, {} / {} rebuilt",
+                    e.pages, e.bytes_in, self.stats.pages, self.stats.bytes_out
+                ),
+            ));
+        }
+        if !self.offers.is_empty() {
+            return Err(malformed("end", "offers without a batch"));
+        }
+        if let Some(s) = &mut self.store {
+            s.flush()?;
+        }
+        self.ended = true;
+        Ok(vec![ReceiverEvent::Finished])
+    }
+}

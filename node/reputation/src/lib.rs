@@ -1,0 +1,514 @@
+//! ACP: peer reputation from committed evidence (sans-IO).
+//!
+//! Scores follow the operations manual (section 2.2.6): every node starts at 1.0, a correct
+//! vote adds 0.01, an incorrect action subtracts 0.10, scores decay by 0.01 per day and a node
+//! below 0.3 is quarantined (excluded from committees and placement, disconnected by the peer
+//! manager).
+//!
+//! # Only committed evidence counts
+//!
+//! The engine changes a score only from input that went through consensus, in commit order,
+//! with the batch time the primary fixed, so every honest node computes the same scores:
+//!
+//! * [`Engine::on_certificate`]: the voters of a commit certificate each cast a correct vote
+//!   (+0.01).
+//! * [`Engine::on_evidence`]: a piece of [`Evidence`] that was itself committed as a request
+//!   (see [`Evidence::encode`]), checked here again by anyone:
+//!   - equivocation: two signed votes of one kind for one `(view, seq)` with different digests;
+//!   - a signed vote contradicting a committed certificate;
+//!   - a signed capacity claim (a [`NodeAnnouncement`]'s donated uplink) contradicted by signed
+//!     measurements from f+1 distinct committee members (so f liars cannot frame anyone).
+//!
+//!   Each offence counts once, however many nodes submit it (keyed by offender, kind and slot).
+//!
+//! Scores are kept as integers in units of 1e-4, so there is no floating-point drift and
+//! equal inputs give bit-equal scores on every node (tested below).
+//!
+//! # Decisions
+//!
+//! * "Decay 0.01 per day" is read as decay *toward the starting score*: offences fade and a
+//!   quarantined node whose score climbs back to the threshold is released. Decaying toward
+//!   zero would quarantine every idle volunteer after 70 days.
+//! * Scores are capped at the starting score 1.0.
+//! * Garbage, bad signatures and other offences only the receiver can see are not evidence; the
+//!   peer manager handles those locally.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use dwcp_consensus::{CommitProof, Committee, Digest, check_contradiction, check_equivocation};
+use dwcp_protocol::{
+    Message, MessageKind, NodeAnnouncement, NodeId, SignedEnvelope, Timestamp, ValidationError,
+};
+use serde::{Deserialize, Serialize};
+
+/// Score units per 1.0.
+pub const UNIT: i64 = 10_000;
+/// Largest encoded evidence accepted.
+pub const MAX_EVIDENCE_LEN: usize = 60 * 1024;
+const DAY_MS: u64 = 86_400_000;
+
+/// Reputation parameters, in units of 1e-4.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Starting (and highest) score: 1.0.
+    pub initial: i64,
+    /// Added per correct vote: 0.01.
+    pub reward: i64,
+    /// Subtracted per proven incorrect action: 0.10.
+    pub penalty: i64,
+    /// Decay toward the starting score per day: 0.01.
+    pub decay_per_day: i64,
+    /// Quarantine below this: 0.3.
+    pub quarantine_below: i64,
+    /// A capacity claim is contradicted when the median measurement is below this fraction
+    /// (in percent) of the claim.
+    pub claim_tolerance_pct: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            initial: UNIT,
+            reward: UNIT / 100,
+            penalty: UNIT / 10,
+            decay_per_day: UNIT / 100,
+            quarantine_below: 3 * UNIT / 10,
+            claim_tolerance_pct: 50,
+        }
+    }
+}
+
+/// A signed measurement of the bandwidth a transfer to `subject` achieved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BandwidthMeasurement {
+    /// The node measured.
+    pub subject: NodeId,
+    /// What transfers achieved, in Mbit/s.
+    pub measured_mbps: u32,
+    /// When.
+    pub at: Timestamp,
+}
+
+impl Message for BandwidthMeasurement {
+    const KIND: MessageKind = MessageKind::Transfer;
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+/// Evidence of misbehaviour, committed through consensus as a request's operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Evidence {
+    /// Two conflicting signed votes for one slot.
+    Equivocation {
+        /// First vote.
+        first: SignedEnvelope,
+        /// Conflicting vote.
+        second: SignedEnvelope,
+    },
+    /// A signed vote against a committed certificate.
+    ContradictsCertificate {
+        /// The vote.
+        vote: SignedEnvelope,
+        /// Proof of what committed.
+        proof: CommitProof,
+    },
+    /// A signed capacity claim contradicted by measurements.
+    ClaimContradicted {
+        /// The offender's signed [`NodeAnnouncement`].
+        claim: SignedEnvelope,
+        /// Signed [`BandwidthMeasurement`]s of the offender by committee members.
+        measurements: Vec<SignedEnvelope>,
+    },
+}
+
+/// Why evidence was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EvidenceError {
+    /// Larger than [`MAX_EVIDENCE_LEN`].
+    #[error("evidence of {0} bytes is too large")]
+    TooLarge(usize),
+    /// Not decodable.
+    #[error("malformed evidence: {0}")]
+    Malformed(String),
+    /// The consensus messages do not prove an offence.
+    #[error("not an offence: {0}")]
+    Consensus(#[from] dwcp_consensus::CertificateError),
+    /// A claim or measurement does not verify or does not contradict.
+    #[error("claim not contradicted: {0}")]
+    Claim(&'static str),
+}
+
+/// The first byte of an operation that carries evidence (other operations use other tags).
+pub const EVIDENCE_OP_TAG: u8 = 0xE1;
+
+impl Evidence {
+    /// Encodes as a consensus operation: [`EVIDENCE_OP_TAG`] then CBOR.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![EVIDENCE_OP_TAG];
+        // Writing into a Vec cannot fail for these types.
+        if ciborium::into_writer(self, &mut out).is_err() {
+            out.truncate(1);
+        }
+        out
+    }
+
+    /// Decodes an operation produced by [`Evidence::encode`], with a size limit.
+    pub fn decode(op: &[u8]) -> Result<Self, EvidenceError> {
+        if op.len() > MAX_EVIDENCE_LEN {
+            return Err(EvidenceError::TooLarge(op.len()));
+        }
+        let Some((&EVIDENCE_OP_TAG, mut body)) = op.split_first() else {
+            return Err(EvidenceError::Malformed("not an evidence operation".into()));
+        };
+        let ev: Self =
+            ciborium::from_reader(&mut body).map_err(|e| EvidenceError::Malformed(e.to_string()))?;
+        if !body.is_empty() {
+            return Err(EvidenceError::Malformed("trailing bytes".into()));
+        }
+        Ok(ev)
+    }
+
+    /// Checks the evidence; returns the offender and a key that identifies the offence, so it
+    /// counts once.
+    pub fn verify(&self, committee: &Committee, cfg: &Config) -> Result<(NodeId, Digest), EvidenceError> {
+        match self {
+            Self::Equivocation { first, second } => {
+                let (who, kind, view, seq) = check_equivocation(first, second)?;
+                let key = Digest::of(
+                    "dwcp/v3/offence/equivocation",
+                    &[who.as_bytes(), &[kind as u8], &view.to_be_bytes(), &seq.to_be_bytes()],
+                );
+                Ok((who, key))
+            }
+            Self::ContradictsCertificate { vote, proof } => {
+                let who = check_contradiction(vote, proof, committee)?;
+                let cast = dwcp_consensus::read_vote(vote)
+                    .ok_or(EvidenceError::Claim("vote does not verify"))?;
+                let key = Digest::of(
+                    "dwcp/v3/offence/contradiction",
+                    &[who.as_bytes(), &cast.slot.view.to_be_bytes(), &cast.slot.seq.to_be_bytes()],
+                );
+                Ok((who, key))
+            }
+            Self::ClaimContradicted { claim, measurements } => {
+                let claim = claim
+                    .clone()
+                    .verify::<NodeAnnouncement>()
+                    .map_err(|_| EvidenceError::Claim("claim does not verify"))?;
+                let who = claim.signer();
+                let claimed = u64::from(claim.donated.uplink_mbps);
+                let mut by = BTreeMap::new();
+                for m in measurements {
+                    let m = m
+                        .clone()
+                        .verify::<BandwidthMeasurement>()
+                        .map_err(|_| EvidenceError::Claim("measurement does not verify"))?;
+                    if m.subject != who || m.signer() == who || !committee.contains(&m.signer()) {
+                        return Err(EvidenceError::Claim("measurement of another node or by a non-member"));
+                    }
+                    by.insert(m.signer(), u64::from(m.measured_mbps));
+                }
+                if by.len() <= committee.f() {
+                    return Err(EvidenceError::Claim("fewer than f+1 distinct measurers"));
+                }
+                let mut vals: Vec<u64> = by.into_values().collect();
+                vals.sort_unstable();
+                let median = vals[vals.len() / 2];
+                if median * 100 >= claimed * cfg.claim_tolerance_pct {
+                    return Err(EvidenceError::Claim("measurements agree with the claim"));
+                }
+                let key = Digest::of(
+                    "dwcp/v3/offence/claim",
+                    &[who.as_bytes(), &claim.seq.to_be_bytes()],
+                );
+                Ok((who, key))
+            }
+        }
+    }
+}
+
+/// What the engine reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A node fell below the threshold (`dwcp_reputation_quarantined_nodes` goes up).
+    Quarantined {
+        /// The node.
+        node: NodeId,
+        /// Its score, units of 1e-4.
+        score: i64,
+    },
+    /// A quarantined node recovered to the threshold.
+    Released {
+        /// The node.
+        node: NodeId,
+    },
+    /// An offence was applied.
+    Penalised {
+        /// The node.
+        node: NodeId,
+        /// Its new score, units of 1e-4.
+        score: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Score {
+    value: i64,
+    at: Timestamp,
+}
+
+/// The reputation state machine.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: Config,
+    scores: BTreeMap<NodeId, Score>,
+    seen: BTreeSet<Digest>,
+    quarantined: BTreeSet<NodeId>,
+    out: VecDeque<Output>,
+}
+
+impl Engine {
+    /// A fresh engine.
+    pub fn new(cfg: Config) -> Self {
+        Self { cfg, scores: BTreeMap::new(), seen: BTreeSet::new(), quarantined: BTreeSet::new(), out: VecDeque::new() }
+    }
+
+    fn decayed(&self, s: Score, now: Timestamp) -> i64 {
+        let days = i64::try_from(now.saturating_since(s.at) / DAY_MS).unwrap_or(i64::MAX);
+        let recover = days.saturating_mul(self.cfg.decay_per_day);
+        if s.value < self.cfg.initial {
+            (s.value.saturating_add(recover)).min(self.cfg.initial)
+        } else {
+            s.value
+        }
+    }
+
+    fn touch(&mut self, node: NodeId, now: Timestamp) -> i64 {
+        let s = self.scores.get(&node).copied().unwrap_or(Score { value: self.cfg.initial, at: now });
+        // Decay is applied in whole days; keep the remainder by advancing `at` by whole days.
+        let days = now.saturating_since(s.at) / DAY_MS;
+        let v = self.decayed(s, now);
+        self.scores.insert(node, Score { value: v, at: Timestamp(s.at.0 + days * DAY_MS) });
+        v
+    }
+
+    fn set(&mut self, node: NodeId, value: i64) {
+        if let Some(s) = self.scores.get_mut(&node) {
+            s.value = value.clamp(0, self.cfg.initial);
+        }
+        let v = self.scores.get(&node).map_or(value, |s| s.value);
+        let below = v < self.cfg.quarantine_below;
+        if below && self.quarantined.insert(node) {
+            self.out.push_back(Output::Quarantined { node, score: v });
+        } else if !below && self.quarantined.remove(&node) {
+            self.out.push_back(Output::Released { node });
+        }
+    }
+
+    /// A committed certificate at batch time `time`: each voter cast a correct vote.
+    pub fn on_certificate(&mut self, time: Timestamp, voters: &[NodeId]) {
+        for v in voters {
+            let s = self.touch(*v, time);
+            self.set(*v, s + self.cfg.reward);
+        }
+    }
+
+    /// Committed evidence at batch time `time`. Returns the offender if it was applied; an
+    /// offence already counted, or evidence that does not verify, changes nothing.
+    pub fn on_evidence(&mut self, time: Timestamp, committee: &Committee, ev: &Evidence) -> Result<Option<NodeId>, EvidenceError> {
+        let (who, key) = ev.verify(committee, &self.cfg)?;
+        if !self.seen.insert(key) {
+            return Ok(None);
+        }
+        let s = self.touch(who, time);
+        self.set(who, s - self.cfg.penalty);
+        let score = self.scores.get(&who).map_or(0, |s| s.value);
+        self.out.push_back(Output::Penalised { node: who, score });
+        Ok(Some(who))
+    }
+
+    /// Lets time pass (batch time of a committed decision): decay may release nodes.
+    pub fn on_time(&mut self, time: Timestamp) {
+        let nodes: Vec<NodeId> = self.quarantined.iter().copied().collect();
+        for n in nodes {
+            let v = self.touch(n, time);
+            self.set(n, v);
+        }
+    }
+
+    /// A node's score in units of 1e-4 (1.0 for a node never seen).
+    pub fn score_units(&self, node: &NodeId) -> i64 {
+        self.scores.get(node).map_or(self.cfg.initial, |s| s.value)
+    }
+
+    /// A node's score as a number in [0, 1] (`dwcp_reputation_score`).
+    pub fn score(&self, node: &NodeId) -> f64 {
+        self.score_units(node) as f64 / UNIT as f64
+    }
+
+    /// Whether a node is quarantined.
+    pub fn is_quarantined(&self, node: &NodeId) -> bool {
+        self.quarantined.contains(node)
+    }
+
+    /// Quarantined nodes (`dwcp_reputation_quarantined_nodes` is its length).
+    pub fn quarantined(&self) -> &BTreeSet<NodeId> {
+        &self.quarantined
+    }
+
+    /// All known scores, for `reputation list`.
+    pub fn scores(&self) -> impl Iterator<Item = (NodeId, i64)> + '_ {
+        self.scores.iter().map(|(n, s)| (*n, s.value))
+    }
+
+    /// The next output.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dwcp_consensus::{ConsensusMsg, Slot};
+    use dwcp_protocol::{DonatedShare, NodeKey, Resources, Verified};
+
+    fn key(i: u8) -> NodeKey {
+        NodeKey::from_secret_bytes([i; 32])
+    }
+
+    fn committee() -> Committee {
+        Committee::new(0, (1..=4).map(|i| key(i).node_id()).collect()).unwrap()
+    }
+
+    fn vote(i: u8, seq: u64, d: u8) -> SignedEnvelope {
+        let slot = Slot { view: 0, seq, digest: Digest([d; 32]) };
+        Verified::sign(&key(i), ConsensusMsg::Commit(slot)).unwrap().envelope().clone()
+    }
+
+    fn equivocation(i: u8, seq: u64) -> Evidence {
+        Evidence::Equivocation { first: vote(i, seq, 1), second: vote(i, seq, 2) }
+    }
+
+    #[test]
+    fn manual_rules_penalty_reward_quarantine_and_decay() {
+        let mut e = Engine::new(Config::default());
+        let bad = key(2).node_id();
+        let t0 = Timestamp(0);
+        // -0.10 per distinct offence: 1.0 -> 0.3 after 7 offences (not below), quarantined at
+        // the 8th (0.2).
+        for seq in 1..=7 {
+            assert_eq!(e.on_evidence(t0, &committee(), &equivocation(2, seq)).unwrap(), Some(bad));
+        }
+        assert_eq!(e.score_units(&bad), 3_000);
+        assert!(!e.is_quarantined(&bad));
+        e.on_evidence(t0, &committee(), &equivocation(2, 8)).unwrap();
+        assert_eq!(e.score_units(&bad), 2_000);
+        assert!(e.is_quarantined(&bad));
+        // The same offence again (submitted by another node) counts once.
+        assert_eq!(e.on_evidence(t0, &committee(), &equivocation(2, 8)).unwrap(), None);
+        assert_eq!(e.score_units(&bad), 2_000);
+        // +0.01 per correct vote.
+        e.on_certificate(t0, &[bad]);
+        assert_eq!(e.score_units(&bad), 2_100);
+        // Decay toward 1.0 at 0.01 per day: 9 days later 0.30, released.
+        e.on_time(Timestamp(9 * DAY_MS));
+        assert_eq!(e.score_units(&bad), 3_000);
+        assert!(!e.is_quarantined(&bad));
+        let outs: Vec<Output> = std::iter::from_fn(|| e.poll_output()).collect();
+        assert!(outs.contains(&Output::Quarantined { node: bad, score: 2_000 }));
+        assert!(outs.contains(&Output::Released { node: bad }));
+        // Honest nodes stay capped at 1.0.
+        let good = key(1).node_id();
+        e.on_certificate(t0, &[good]);
+        assert_eq!(e.score(&good), 1.0);
+    }
+
+    #[test]
+    fn evidence_that_does_not_prove_anything_is_refused() {
+        let mut e = Engine::new(Config::default());
+        let same = Evidence::Equivocation { first: vote(2, 1, 1), second: vote(2, 1, 1) };
+        assert!(e.on_evidence(Timestamp(0), &committee(), &same).is_err());
+        let two_signers = Evidence::Equivocation { first: vote(2, 1, 1), second: vote(3, 1, 2) };
+        assert!(e.on_evidence(Timestamp(0), &committee(), &two_signers).is_err());
+        assert_eq!(e.score_units(&key(2).node_id()), UNIT);
+        assert!(Evidence::decode(&[0u8; 3]).is_err());
+        assert!(matches!(Evidence::decode(&vec![EVIDENCE_OP_TAG; MAX_EVIDENCE_LEN + 1]), Err(EvidenceError::TooLarge(_))));
+        let ev = equivocation(2, 1);
+        assert_eq!(Evidence::decode(&ev.encode()).unwrap(), ev);
+    }
+
+    fn claim(i: u8, mbps: u32) -> SignedEnvelope {
+        let a = NodeAnnouncement {
+            cluster_id: "c".into(),
+            seq: 1,
+            issued_at: Timestamp(0),
+            region: "eu".into(),
+            version: "3.0.0".into(),
+            resources: Resources { vcpus: 4, memory_mib: 4096, disk_gib: 10, gpus: vec![] },
+            donated: DonatedShare { vcpus: 2, memory_mib: 2048, disk_gib: 5, uplink_mbps: mbps },
+            listen_addrs: vec![],
+        };
+        Verified::sign(&key(i), a).unwrap().envelope().clone()
+    }
+
+    fn measure(by: u8, of: u8, mbps: u32) -> SignedEnvelope {
+        let m = BandwidthMeasurement { subject: key(of).node_id(), measured_mbps: mbps, at: Timestamp(0) };
+        Verified::sign(&key(by), m).unwrap().envelope().clone()
+    }
+
+    #[test]
+    fn capacity_lie_needs_f_plus_one_measurers() {
+        let mut e = Engine::new(Config::default());
+        let liar = key(4).node_id();
+        let one = Evidence::ClaimContradicted { claim: claim(4, 1000), measurements: vec![measure(1, 4, 10)] };
+        assert!(e.on_evidence(Timestamp(0), &committee(), &one).is_err(), "f = 1 liar cannot frame");
+        let honest = Evidence::ClaimContradicted {
+            claim: claim(4, 1000),
+            measurements: vec![measure(1, 4, 900), measure(2, 4, 950)],
+        };
+        assert!(e.on_evidence(Timestamp(0), &committee(), &honest).is_err());
+        let lie = Evidence::ClaimContradicted {
+            claim: claim(4, 1000),
+            measurements: vec![measure(1, 4, 10), measure(2, 4, 12)],
+        };
+        assert_eq!(e.on_evidence(Timestamp(0), &committee(), &lie).unwrap(), Some(liar));
+        assert_eq!(e.score_units(&liar), 9_000);
+    }
+
+    #[test]
+    fn equal_inputs_give_equal_scores_on_every_node() {
+        // Three "nodes" apply the same committed sequence; a fourth applies it with the
+        // evidence submitted twice (by two reporters). All end bit-equal.
+        let events: Vec<(u64, Option<Evidence>, Vec<NodeId>)> = (0..200u64)
+            .map(|i| {
+                let ev = (i % 7 == 3).then(|| equivocation(2 + (i % 3) as u8, i));
+                let voters = (1..=4).filter(|v| (i + u64::from(*v)) % 4 != 0).map(|v| key(v).node_id()).collect();
+                (i * 3_600_000, ev, voters)
+            })
+            .collect();
+        let run = |dup: bool| {
+            let mut e = Engine::new(Config::default());
+            for (t, ev, voters) in &events {
+                e.on_certificate(Timestamp(*t), voters);
+                if let Some(ev) = ev {
+                    e.on_evidence(Timestamp(*t), &committee(), ev).unwrap();
+                    if dup {
+                        e.on_evidence(Timestamp(*t), &committee(), ev).unwrap();
+                    }
+                }
+                e.on_time(Timestamp(*t));
+            }
+            (e.scores().collect::<Vec<_>>(), e.quarantined().clone())
+        };
+        let a = run(false);
+        assert_eq!(a, run(false));
+        assert_eq!(a, run(true));
+        assert!(a.0.iter().any(|(_, s)| *s < UNIT), "some penalties applied");
+    }
+}

@@ -1,0 +1,405 @@
+//! `node.yaml`: the node's configuration, in the layout of the operations manual (section 3.2)
+//! without its controller parts.
+//!
+//! Every field has a default, unknown keys are rejected with the key's name and position, and
+//! [`NodeConfig::validate`] checks what serde cannot (addresses parse, shares fit the host).
+//!
+//! ```yaml
+//! cluster:
+//!   id: dwcp-local                 # nodes of other clusters are ignored
+//!   bootstrap:                     # bootstrap peers, each ending in /p2p/<peer id>
+//!     - /ip4/127.0.0.1/tcp/7000/p2p/12D3KooW...
+//! node:
+//!   region: local
+//!   data_dir: /var/lib/dwcp        # identity, sled database, VM images
+//!   resources: { cpu: 8, memory_mib: 16384, disk_gib: 200, gpu: { enabled: false } }
+//!   donated:   { cpu_percent: 50, memory_percent: 50, disk_percent: 50, uplink_mbps: 0 }
+//! network:
+//!   listen: [/ip4/0.0.0.0/tcp/7070, /ip4/0.0.0.0/udp/7070/quic-v1]
+//!   target_peers: 8
+//!   heartbeat_interval: 2s
+//!   unreachable_after: 10s
+//! api:
+//!   rest: { bind: 127.0.0.1:8080 }
+//! monitoring:
+//!   prometheus: { enabled: true, bind: 127.0.0.1:8084 }
+//!   log: { level: info, format: text }
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Cluster membership.
+    pub cluster: ClusterSection,
+    /// This node.
+    pub node: NodeSection,
+    /// libp2p networking.
+    pub network: NetworkSection,
+    /// Local HTTP API.
+    pub api: ApiSection,
+    /// Metrics and logs.
+    pub monitoring: MonitoringSection,
+}
+
+/// `cluster:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Cluster id; nodes only talk to nodes of the same cluster.
+    pub id: String,
+    /// Bootstrap peers' multiaddrs, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<String>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self { id: "dwcp-local".into(), bootstrap: Vec::new() }
+    }
+}
+
+/// `node:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Region, e.g. `eu-west-1`.
+    pub region: String,
+    /// Where identity, database and images live. Empty means the platform default.
+    pub data_dir: PathBuf,
+    /// The host's resources (`auto` values are detected at start).
+    pub resources: ResourcesSection,
+    /// The share of them lent to the cluster.
+    pub donated: DonatedSection,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            region: "local".into(),
+            data_dir: PathBuf::new(),
+            resources: ResourcesSection::default(),
+            donated: DonatedSection::default(),
+        }
+    }
+}
+
+/// `node.resources:` (zero means detect).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesSection {
+    /// vCPUs; 0 = number of logical CPUs.
+    pub cpu: u32,
+    /// Memory in MiB; 0 = physical memory.
+    pub memory_mib: u64,
+    /// Disk in GiB; 0 = free space of the data dir's filesystem.
+    pub disk_gib: u64,
+    /// GPUs.
+    pub gpu: GpuSection,
+}
+
+/// `node.resources.gpu:`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuSection {
+    /// Whether GPUs are offered.
+    pub enabled: bool,
+    /// Model, e.g. `nvidia-a100`.
+    #[serde(rename = "type")]
+    pub model: String,
+    /// How many.
+    pub count: u32,
+}
+
+/// `node.donated:` the share lent, in percent of the resources.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DonatedSection {
+    /// Percent of vCPUs.
+    pub cpu_percent: u8,
+    /// Percent of memory.
+    pub memory_percent: u8,
+    /// Percent of disk.
+    pub disk_percent: u8,
+    /// Upload cap in Mbit/s, 0 for none.
+    pub uplink_mbps: u32,
+}
+
+impl Default for DonatedSection {
+    fn default() -> Self {
+        Self { cpu_percent: 50, memory_percent: 50, disk_percent: 50, uplink_mbps: 0 }
+    }
+}
+
+/// `network:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Listen multiaddrs.
+    pub listen: Vec<String>,
+    /// Connections to keep.
+    pub target_peers: usize,
+    /// Hard cap on connections.
+    pub max_connections: u32,
+    /// How often to publish a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A peer silent for this long is `unreachable`.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_after: Duration,
+    /// How often to re-publish the announcement.
+    #[serde(with = "humantime_serde")]
+    pub announce_interval: Duration,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/tcp/7070".into(), "/ip4/0.0.0.0/udp/7070/quic-v1".into()],
+            target_peers: 8,
+            max_connections: 128,
+            heartbeat_interval: Duration::from_secs(2),
+            unreachable_after: Duration::from_secs(10),
+            announce_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `api:`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// REST API.
+    pub rest: RestSection,
+}
+
+/// `api.rest:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestSection {
+    /// Bind address; keep it on loopback (the API has no authentication).
+    pub bind: SocketAddr,
+}
+
+impl Default for RestSection {
+    fn default() -> Self {
+        Self { bind: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+/// `monitoring:`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitoringSection {
+    /// Prometheus endpoint.
+    pub prometheus: PrometheusSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// `monitoring.prometheus:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusSection {
+    /// Serve `/metrics`.
+    pub enabled: bool,
+    /// Bind address.
+    pub bind: SocketAddr,
+}
+
+impl Default for PrometheusSection {
+    fn default() -> Self {
+        Self { enabled: true, bind: SocketAddr::from(([127, 0, 0, 1], 8084)) }
+    }
+}
+
+/// `monitoring.log:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `tracing` filter, e.g. `info` or `dwcp=debug,libp2p=info`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            cluster: ClusterSection::default(),
+            node: NodeSection::default(),
+            network: NetworkSection::default(),
+            api: ApiSection::default(),
+            monitoring: MonitoringSection::default(),
+        }
+    }
+}
+
+/// Where files go by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// The config file.
+    pub config: PathBuf,
+    /// The data directory.
+    pub data_dir: PathBuf,
+}
+
+impl Paths {
+    /// `/etc/dwcp/node.yaml` and `/var/lib/dwcp` for the system service.
+    pub fn system() -> Self {
+        Self { config: "/etc/dwcp/node.yaml".into(), data_dir: "/var/lib/dwcp".into() }
+    }
+
+    /// The desktop user's platform directories (XDG on Linux).
+    pub fn user() -> anyhow::Result<Self> {
+        let dirs = directories::ProjectDirs::from("org", "dwcp", "dwcp")
+            .context("no home directory to put the configuration in")?;
+        Ok(Self {
+            config: dirs.config_dir().join("node.yaml"),
+            data_dir: dirs.data_dir().to_path_buf(),
+        })
+    }
+
+    /// System paths when running as root, the user's otherwise.
+    pub fn default_for_user() -> anyhow::Result<Self> {
+        if nix::unistd::geteuid().is_root() { Ok(Self::system()) } else { Self::user() }
+    }
+}
+
+impl NodeConfig {
+    /// Parses YAML text; errors name the offending key and its line.
+    pub fn from_yaml(text: &str) -> anyhow::Result<Self> {
+        let cfg: Self = serde_yaml_ng::from_str(text)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let cfg =
+            Self::from_yaml(&text).with_context(|| format!("in config {}", path.display()))?;
+        cfg.validate().with_context(|| format!("in config {}", path.display()))
+    }
+
+    /// The YAML text of this config.
+    pub fn to_yaml(&self) -> anyhow::Result<String> {
+        Ok(serde_yaml_ng::to_string(self)?)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(self) -> anyhow::Result<Self> {
+        if self.cluster.id.is_empty() || self.cluster.id.len() > 64 {
+            bail!("cluster.id must be 1 to 64 characters");
+        }
+        if !self.cluster.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            bail!("cluster.id may only hold letters, digits, '-' and '_'");
+        }
+        for a in &self.cluster.bootstrap {
+            let m: libp2p::Multiaddr =
+                a.parse().with_context(|| format!("cluster.bootstrap: `{a}` is not a multiaddr"))?;
+            if !matches!(m.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                bail!("cluster.bootstrap: `{a}` must end with /p2p/<peer id>");
+            }
+        }
+        for a in &self.network.listen {
+            a.parse::<libp2p::Multiaddr>()
+                .with_context(|| format!("network.listen: `{a}` is not a multiaddr"))?;
+        }
+        let d = &self.node.donated;
+        for (name, v) in [("cpu", d.cpu_percent), ("memory", d.memory_percent), ("disk", d.disk_percent)]
+        {
+            if v > 100 {
+                bail!("node.donated.{name}_percent must be at most 100, got {v}");
+            }
+        }
+        if self.node.region.is_empty() || self.node.region.len() > 64 {
+            bail!("node.region must be 1 to 64 characters");
+        }
+        if self.network.heartbeat_interval.is_zero() {
+            bail!("network.heartbeat_interval must be positive");
+        }
+        if self.network.unreachable_after <= self.network.heartbeat_interval {
+            bail!(
+                "network.unreachable_after ({:?}) must be longer than network.heartbeat_interval ({:?})",
+                self.network.unreachable_after,
+                self.network.heartbeat_interval
+            );
+        }
+        if self.network.target_peers == 0 {
+            bail!("network.target_peers must be at least 1");
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = NodeConfig::from_yaml("{}").unwrap().validate().unwrap();
+        assert_eq!(c, NodeConfig::default());
+    }
+
+    #[test]
+    fn round_trips_through_yaml() {
+        let mut c = NodeConfig::default();
+        c.cluster.id = "prod-1".into();
+        c.network.unreachable_after = Duration::from_secs(7);
+        let back = NodeConfig::from_yaml(&c.to_yaml().unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = NodeConfig::from_yaml("node:\n  regoin: x\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `regoin`"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let c = NodeConfig::from_yaml("cluster:\n  bootstrap: [/ip4/1.2.3.4/tcp/1]\n").unwrap();
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(err.contains("must end with /p2p/"), "{err}");
+        let c = NodeConfig::from_yaml("node:\n  donated:\n    cpu_percent: 150\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("cpu_percent"));
+        let c = NodeConfig::from_yaml(
+            "network:\n  heartbeat_interval: 5s\n  unreachable_after: 2s\n",
+        )
+        .unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("unreachable_after"));
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let c = NodeConfig::from_yaml("network:\n  heartbeat_interval: 500ms\n").unwrap();
+        assert_eq!(c.network.heartbeat_interval, Duration::from_millis(500));
+    }
+}

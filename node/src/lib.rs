@@ -1,0 +1,22 @@
+//! The DWCP node: the daemon behind `dwcp-node`, and the pieces `dwcp-cli` shares with it.
+//!
+//! - [`config`]: `node.yaml` (manual section 3.2 layout), validation, platform paths.
+//! - [`identity`]: the node key file (0600, reused across restarts).
+//! - [`membership`]: the pure membership table (`ready` / `unreachable`).
+//! - [`daemon`]: the async shell that runs the network, the table, the API and metrics.
+//! - [`gossip`]: validation of gossip messages (shared with bootstrap peers).
+//! - [`api`]: the local HTTP API and the Prometheus endpoint.
+//! - [`metrics`]: one Prometheus registry per node.
+//! - [`store`]: sled persistence.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod gossip;
+pub mod host;
+pub mod identity;
+pub mod membership;
+pub mod metrics;
+pub mod store;

@@ -1,0 +1,177 @@
+//! The node's Prometheus metrics: one [`Registry`] per node (no global statics), fed by the
+//! daemon from events. Names follow the operations manual (section 4.2) where it names them,
+//! and `dwcp_<subsystem>_<what>_<unit>` otherwise. Every metric is documented in
+//! `docs/metrics.md`.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// All metrics of one node.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` serves.
+    pub registry: Registry,
+    /// `dwcp_cluster_workers_ready`: nodes whose heartbeats are fresh, this one included.
+    pub workers_ready: IntGauge,
+    /// `dwcp_cluster_nodes_known`: nodes in the membership table, this one included.
+    pub nodes_known: IntGauge,
+    /// `dwcp_cluster_nodes_unreachable`: known nodes that went silent.
+    pub nodes_unreachable: IntGauge,
+    /// `dwcp_net_peers_connected`: peers with an open libp2p connection.
+    pub peers_connected: IntGauge,
+    /// `dwcp_net_routing_table_size`: Kademlia routing table entries.
+    pub routing_table_size: IntGauge,
+    /// `dwcp_gossip_mesh_peers{topic}`: gossipsub mesh size per topic.
+    pub mesh_peers: IntGaugeVec,
+    /// `dwcp_gossip_messages_received_total{topic}`: gossip messages accepted.
+    pub gossip_received: IntCounterVec,
+    /// `dwcp_gossip_messages_rejected_total{topic,reason}`: gossip messages dropped as invalid.
+    pub gossip_rejected: IntCounterVec,
+    /// `dwcp_gossip_messages_ignored_total{topic,reason}`: valid but unwanted (stale, other
+    /// cluster, unknown topic).
+    pub gossip_ignored: IntCounterVec,
+    /// `dwcp_gossip_messages_published_total{topic}`: messages this node published.
+    pub gossip_published: IntCounterVec,
+    /// `dwcp_gossip_publish_errors_total`: publishes that failed (e.g. no peers yet).
+    pub gossip_publish_errors: IntCounter,
+    /// `dwcp_net_events_dropped_total`: network events dropped because the node's queue was
+    /// full.
+    pub events_dropped: IntGauge,
+    /// `dwcp_node_uptime_seconds`.
+    pub uptime_seconds: IntGauge,
+    /// `dwcp_build_info{version}`: always 1.
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let g = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let m = IntGauge::new(name, help)?;
+            registry.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let gv = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let cv =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let m = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(m.clone()))?;
+                Ok(m)
+            };
+        let workers_ready =
+            g("dwcp_cluster_workers_ready", "Nodes whose heartbeats are fresh, this one included")?;
+        let nodes_known = g("dwcp_cluster_nodes_known", "Nodes in the membership table")?;
+        let nodes_unreachable =
+            g("dwcp_cluster_nodes_unreachable", "Known nodes whose heartbeats stopped")?;
+        let peers_connected = g("dwcp_net_peers_connected", "Peers with an open connection")?;
+        let routing_table_size = g("dwcp_net_routing_table_size", "Kademlia routing table entries")?;
+        let mesh_peers = gv("dwcp_gossip_mesh_peers", "Gossipsub mesh peers per topic", &["topic"])?;
+        let gossip_received =
+            cv("dwcp_gossip_messages_received_total", "Gossip messages accepted", &["topic"])?;
+        let gossip_rejected = cv(
+            "dwcp_gossip_messages_rejected_total",
+            "Gossip messages rejected as invalid (sender penalised)",
+            &["topic", "reason"],
+        )?;
+        let gossip_ignored = cv(
+            "dwcp_gossip_messages_ignored_total",
+            "Gossip messages dropped without penalty",
+            &["topic", "reason"],
+        )?;
+        let gossip_published =
+            cv("dwcp_gossip_messages_published_total", "Gossip messages published", &["topic"])?;
+        let gossip_publish_errors = IntCounter::new(
+            "dwcp_gossip_publish_errors_total",
+            "Gossip publishes that failed (for example before any peer joined the topic)",
+        )?;
+        registry.register(Box::new(gossip_publish_errors.clone()))?;
+        let events_dropped = g(
+            "dwcp_net_events_dropped_total",
+            "Network events dropped because the node's bounded queue was full",
+        )?;
+        let uptime_seconds = g("dwcp_node_uptime_seconds", "Seconds since the node started")?;
+        let build_info = gv("dwcp_build_info", "Build information (always 1)", &["version"])?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Ok(Self {
+            registry,
+            workers_ready,
+            nodes_known,
+            nodes_unreachable,
+            peers_connected,
+            routing_table_size,
+            mesh_peers,
+            gossip_received,
+            gossip_rejected,
+            gossip_ignored,
+            gossip_published,
+            gossip_publish_errors,
+            events_dropped,
+            uptime_seconds,
+            build_info,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding metrics failed: {e}\n"))
+    }
+
+    /// Every sample as `name{labels}` -> value, for the JSON API.
+    pub fn flatten(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = std::collections::BTreeMap::new();
+        for fam in self.registry.gather() {
+            for m in fam.get_metric() {
+                let labels: Vec<String> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| format!("{}=\"{}\"", l.name(), l.value()))
+                    .collect();
+                let key = if labels.is_empty() {
+                    fam.name().to_owned()
+                } else {
+                    format!("{}{{{}}}", fam.name(), labels.join(","))
+                };
+                let v = match fam.get_field_type() {
+                    prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
+                    prometheus::proto::MetricType::GAUGE => m.get_gauge().get_value(),
+                    _ => continue,
+                };
+                out.insert(key, v);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_manual_names() {
+        let m = Metrics::new().unwrap();
+        m.workers_ready.set(3);
+        m.gossip_rejected.with_label_values(&["t", "bad_signature"]).inc();
+        let text = m.render();
+        assert!(text.contains("# TYPE dwcp_cluster_workers_ready gauge"));
+        assert!(text.contains("dwcp_cluster_workers_ready 3"));
+        assert!(text.contains(
+            "dwcp_gossip_messages_rejected_total{reason=\"bad_signature\",topic=\"t\"} 1"
+        ));
+        assert_eq!(m.flatten()["dwcp_cluster_workers_ready"], 3.0);
+    }
+
+    #[test]
+    fn registries_are_per_node() {
+        let a = Metrics::new().unwrap();
+        let b = Metrics::new().unwrap();
+        a.workers_ready.set(5);
+        assert_eq!(b.workers_ready.get(), 0);
+    }
+}

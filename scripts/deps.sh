@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages DWCP needs to build and test. Idempotent; quiet when
+# everything is present. Usage: scripts/deps.sh [build|test|demo]
+set -euo pipefail
+want=(pkg-config libvirt-dev)                     # build: the libvirt backend links libvirt
+case "${1:-test}" in
+  test) want+=(qemu-system-x86 busybox-static cpio iperf3 zstd lz4 iproute2 iputils-ping) ;;
+  demo) want+=(qemu-system-x86 busybox-static cpio) ;;
+  build) ;;
+esac
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

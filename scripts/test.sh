@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole check, as CI runs it (.ci/run calls this): style, lints, the dependency rule of the
+# sans-IO cores, then every test. Needs root for apt-get (or sudo) and for the network-namespace
+# tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
+
+step "system packages"
+scripts/deps.sh test
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "dependency rule: sans-IO cores pull in no runtime, network or hypervisor crate"
+for c in dwcp-protocol dwcp-encoding dwcp-placement dwcp-prediction dwcp-consensus dwcp-reputation dwcp-statesync dwcp-sim; do
+  if cargo tree -p "$c" -e normal --prefix none --locked 2>/dev/null | grep -E '^(tokio|libp2p|virt|mio) ' >/dev/null; then
+    echo "error: $c depends on an I/O crate:" >&2
+    cargo tree -p "$c" -e normal -i tokio --locked >&2 || true
+    exit 1
+  fi
+done
+
+step "guest image for the VM tests"
+if [ -x scripts/build-guest.sh ]; then scripts/build-guest.sh; fi
+
+step "build binaries (the process-level tests run them)"
+cargo build --workspace --bins --locked
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast

@@ -1,0 +1,17 @@
+//! Safety invariants, checked after every event of a run. One file each.
+
+pub mod agreement;
+pub mod quarantine;
+pub mod validity;
+pub mod view_monotonic;
+
+/// A broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Which invariant.
+    pub invariant: &'static str,
+    /// What happened.
+    pub detail: String,
+    /// Virtual time, ms.
+    pub at_ms: u64,
+}

@@ -1,0 +1,819 @@
+//! Deterministic discrete-event simulator running the node's sans-IO cores.
+//!
+//! One run ([`run`]) builds `n` nodes, each with the real [`dwcp_consensus::Engine`] and
+//! [`dwcp_reputation::Engine`], on a virtual millisecond clock, and drives them with events
+//! from one ordered queue. Every random choice (keys, committee order, which nodes are
+//! Byzantine, latencies, jitter, loss, partitions, crashes, request contents) comes from one
+//! ChaCha RNG seeded by the run's seed, so a seed reproduces a run exactly; the run's trace
+//! hash (every event and every decision fed into SHA-256) proves it ([`self_check`]).
+//!
+//! Messages cross the simulated network as the bytes of real [`SignedEnvelope`]s and are
+//! decoded and signature-checked on arrival with `decode_verified`, exactly as a node does;
+//! a forged or corrupted message is dropped there and never reaches an engine. (Checks of the
+//! same bytes are cached per message id: every receiver would compute the same result.)
+//!
+//! # Phases
+//!
+//! 1. Fault phase: network chaos derived from the seed (loss, jitter, partitions, crashes and
+//!    restarts with state kept) while the Byzantine nodes follow their [`Strategy`].
+//! 2. Liveness phase: the network heals; Byzantine nodes keep misbehaving. Clients stop a
+//!    drain period before the end; the run is live when every honest client's requests have
+//!    committed and every honest node executed the same prefix.
+//!
+//! Safety invariants (`invariants/`, one file each) are checked after every event: agreement,
+//! validity, view monotonicity, and quarantine of provable offenders (equivocation and
+//! contradicting votes within `K` views; no honest node ever quarantined).
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod invariants;
+mod fake_wire;
+mod link;
+mod strategy;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    rc::Rc,
+};
+
+use dwcp_consensus::{
+    Command, Committee, ConsensusMsg, Digest, Engine, Input, Offence, Request,
+    committee::{self, Candidate, Eligibility},
+};
+use dwcp_protocol::{MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
+use dwcp_reputation::{self as reputation, Evidence};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest as _, Sha256};
+
+pub use link::LinkModel;
+pub use strategy::Strategy;
+
+use invariants::{
+    Violation, agreement::Agreement, quarantine::Quarantine, validity::Validity,
+    view_monotonic::ViewMonotonic,
+};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Committee size `n`.
+    pub nodes: usize,
+    /// How many of them are Byzantine (at most `f` for the guarantees to hold).
+    pub byzantine: usize,
+    /// What the Byzantine nodes do.
+    pub strategy: Strategy,
+    /// The seed.
+    pub seed: u64,
+    /// Network chaos in the fault phase (loss, partitions, crashes).
+    pub network_faults: bool,
+    /// Length of the fault phase, virtual ms.
+    pub fault_phase_ms: u64,
+    /// Length of the liveness phase, virtual ms.
+    pub liveness_phase_ms: u64,
+    /// Clients stop this long before the end so everything can drain.
+    pub drain_ms: u64,
+    /// Link latencies.
+    pub link: LinkModel,
+    /// Engine parameters.
+    pub consensus: dwcp_consensus::Config,
+    /// Outstanding requests per honest client (closed loop).
+    pub client_window: usize,
+    /// A client resends a request not committed after this long.
+    pub client_retry_ms: u64,
+    /// Views within which an offender must be quarantined.
+    pub quarantine_k_views: u64,
+}
+
+impl Scenario {
+    /// A chaos scenario: regional latencies, network faults, 60 s of faults then 10 minutes
+    /// to recover.
+    pub fn chaos(nodes: usize, byzantine: usize, strategy: Strategy, seed: u64) -> Self {
+        Self {
+            nodes,
+            byzantine,
+            strategy,
+            seed,
+            network_faults: true,
+            fault_phase_ms: 60_000,
+            liveness_phase_ms: 600_000,
+            drain_ms: 300_000,
+            link: LinkModel::Regions,
+            consensus: dwcp_consensus::Config::default(),
+            client_window: 1,
+            client_retry_ms: 5_000,
+            quarantine_k_views: 4,
+        }
+    }
+
+    /// A measurement scenario: uniform one-way latency, no faults, no Byzantine nodes.
+    pub fn measure(nodes: usize, one_way_ms: u64, seed: u64, duration_ms: u64, client_window: usize) -> Self {
+        Self {
+            nodes,
+            byzantine: 0,
+            strategy: Strategy::Silence,
+            seed,
+            network_faults: false,
+            fault_phase_ms: 0,
+            liveness_phase_ms: duration_ms,
+            drain_ms: duration_ms / 5,
+            link: LinkModel::Uniform { one_way_ms },
+            consensus: dwcp_consensus::Config::default(),
+            client_window,
+            client_retry_ms: 5_000,
+            quarantine_k_views: 4,
+        }
+    }
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Seed.
+    pub seed: u64,
+    /// `n`.
+    pub nodes: usize,
+    /// Byzantine nodes.
+    pub byzantine: usize,
+    /// Strategy name.
+    pub strategy: &'static str,
+    /// Safety violations (empty when safe).
+    pub violations: Vec<String>,
+    /// Whether liveness was restored after faults stopped.
+    pub live: bool,
+    /// Why not, if not.
+    pub liveness_detail: String,
+    /// Highest sequence number committed by an honest node.
+    pub committed_seqs: u64,
+    /// Honest client requests committed.
+    pub requests_committed: u64,
+    /// Client latency (submit to commit at the client), ms, one sample per request.
+    pub client_latency_ms: Vec<u64>,
+    /// Consensus latency (primary's proposal to commit at each honest replica), ms.
+    pub consensus_latency_ms: Vec<u64>,
+    /// Virtual time simulated, ms.
+    pub virtual_ms: u64,
+    /// Messages delivered.
+    pub messages: u64,
+    /// Messages rejected at decoding (forged or corrupted).
+    pub rejected_messages: u64,
+    /// Highest view reached.
+    pub max_view: u64,
+    /// Byzantine nodes that committed a provable offence.
+    pub offenders: usize,
+    /// Byzantine nodes quarantined by every honest node.
+    pub quarantined_byzantine: usize,
+    /// SHA-256 over the whole trace.
+    pub trace_hash: String,
+}
+
+impl Report {
+    /// Whether the run is safe and live.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty() && self.live
+    }
+}
+
+type Bytes = Rc<(u64, Vec<u8>)>;
+
+#[derive(Debug, Clone)]
+enum Event {
+    Deliver { from: usize, to: usize, msg: Bytes },
+    Timer { node: usize },
+    Submit { node: usize },
+    Retry { node: usize, nonce: u64 },
+    Claim { node: usize },
+    Crash { node: usize },
+    Restart { node: usize },
+    Partition { group: Vec<usize> },
+    Heal,
+    FaultsEnd,
+}
+
+#[derive(Debug, Clone)]
+enum Decoded {
+    Consensus(Verified<ConsensusMsg>),
+    Request(Verified<Request>),
+}
+
+struct Node {
+    key: NodeKey,
+    engine: Engine,
+    rep: reputation::Engine,
+    byz: bool,
+    crashed: bool,
+    timer_at: Option<u64>,
+    next_nonce: u64,
+    /// nonce -> (submit time, envelope)
+    outstanding: BTreeMap<u64, (u64, SignedEnvelope)>,
+    evidence_sent: BTreeSet<Vec<u8>>,
+    evidence_nonce: u64,
+    region: usize,
+    stash: Vec<Bytes>,
+}
+
+/// The simulator state for one run.
+struct Sim {
+    s: Scenario,
+    rng: ChaCha8Rng,
+    now: u64,
+    queue: BTreeMap<(u64, u64), Event>,
+    order: u64,
+    next_msg_id: u64,
+    nodes: Vec<Node>,
+    ids: BTreeMap<NodeId, usize>,
+    keys: BTreeMap<NodeId, NodeKey>,
+    committee: Committee,
+    cache: BTreeMap<u64, Option<Decoded>>,
+    loss: f64,
+    partition: Option<BTreeSet<usize>>,
+    faults_over: bool,
+    clients_stop_at: u64,
+    end_at: u64,
+    trace: Sha256,
+    agreement: Agreement,
+    validity: Validity,
+    views: ViewMonotonic,
+    quarantine: Quarantine,
+    violations: Vec<Violation>,
+    proposal_time: BTreeMap<u64, u64>,
+    client_latency: Vec<u64>,
+    consensus_latency: Vec<u64>,
+    requests_committed: u64,
+    messages: u64,
+    rejected: u64,
+    byz_nonce: u64,
+    fault_end_submitted: BTreeSet<(usize, u64)>,
+}
+
+/// Runs one scenario to completion.
+pub fn run(s: &Scenario) -> Report {
+    let mut sim = Sim::new(s.clone());
+    sim.run();
+    sim.report()
+}
+
+/// Runs `s` twice and compares the trace hashes.
+pub fn self_check(s: &Scenario) -> Result<String, (String, String)> {
+    let a = run(s).trace_hash;
+    let b = run(s).trace_hash;
+    if a == b { Ok(a) } else { Err((a, b)) }
+}
+
+fn derive_key(seed: u64, i: usize) -> NodeKey {
+    let mut h = Sha256::new();
+    h.update(b"dwcp-sim/key");
+    h.update(seed.to_be_bytes());
+    h.update((i as u64).to_be_bytes());
+    NodeKey::from_secret_bytes(h.finalize().into())
+}
+
+impl Sim {
+    fn new(s: Scenario) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+        let n = s.nodes.max(1);
+        let keys: Vec<NodeKey> = (0..n).map(|i| derive_key(s.seed, i)).collect();
+        let candidates: Vec<Candidate> = keys
+            .iter()
+            .map(|k| Candidate { node: k.node_id(), ready: true, quarantined: false, reputation: 1.0, uptime_s: 3_600 })
+            .collect();
+        let seed_digest = committee::epoch_seed(&Digest::of("dwcp-sim/genesis", &[&s.seed.to_be_bytes()]), 0);
+        let committee = committee::select(0, &candidates, &seed_digest, n, &Eligibility::default())
+            .or_else(|_| Committee::new(0, keys.iter().map(NodeKey::node_id).collect()));
+        let committee = match committee {
+            Ok(c) => c,
+            Err(_) => unreachable_committee(),
+        };
+        let mut byz_idx: BTreeSet<usize> = BTreeSet::new();
+        while byz_idx.len() < s.byzantine.min(n) {
+            byz_idx.insert(rng.random_range(0..n));
+        }
+        let mut cfg = s.consensus.clone();
+        if cfg.clone().validate().is_err() {
+            cfg = dwcp_consensus::Config::default();
+        }
+        let nodes: Vec<Node> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Node {
+                key: k.clone(),
+                engine: match Engine::new(cfg.clone(), k.clone(), committee.clone()) {
+                    Ok(e) => e,
+                    Err(_) => unreachable_engine(),
+                },
+                rep: reputation::Engine::new(reputation::Config::default()),
+                byz: byz_idx.contains(&i),
+                crashed: false,
+                timer_at: None,
+                next_nonce: 1,
+                outstanding: BTreeMap::new(),
+                evidence_sent: BTreeSet::new(),
+                evidence_nonce: 1 << 62,
+                region: rng.random_range(0..link::REGIONS),
+                stash: Vec::new(),
+            })
+            .collect();
+        let keys_by_id = keys.iter().map(|k| (k.node_id(), k.clone())).collect();
+        let ids = nodes.iter().enumerate().map(|(i, nd)| (nd.key.node_id(), i)).collect();
+        let honest: Vec<bool> = nodes.iter().map(|nd| !nd.byz).collect();
+        let end_at = s.fault_phase_ms + s.liveness_phase_ms;
+        let clients_stop_at = end_at.saturating_sub(s.drain_ms);
+        let k = s.quarantine_k_views;
+        let mut sim = Self {
+            rng,
+            now: 0,
+            queue: BTreeMap::new(),
+            order: 0,
+            next_msg_id: 0,
+            views: ViewMonotonic::new(n),
+            quarantine: Quarantine::new(honest, k),
+            nodes,
+            ids,
+            keys: keys_by_id,
+            committee,
+            cache: BTreeMap::new(),
+            loss: 0.0,
+            partition: None,
+            faults_over: s.fault_phase_ms == 0,
+            clients_stop_at,
+            end_at,
+            trace: Sha256::new(),
+            agreement: Agreement::default(),
+            validity: Validity::default(),
+            violations: Vec::new(),
+            proposal_time: BTreeMap::new(),
+            client_latency: Vec::new(),
+            consensus_latency: Vec::new(),
+            requests_committed: 0,
+            messages: 0,
+            rejected: 0,
+            byz_nonce: 1 << 61,
+            fault_end_submitted: BTreeSet::new(),
+            s,
+        };
+        sim.schedule_start();
+        sim
+    }
+
+    fn push(&mut self, at: u64, ev: Event) {
+        self.order += 1;
+        self.queue.insert((at, self.order), ev);
+    }
+
+    fn schedule_start(&mut self) {
+        let n = self.nodes.len();
+        for i in 0..n {
+            self.push(0, Event::Timer { node: i });
+            if !self.nodes[i].byz {
+                for _ in 0..self.s.client_window {
+                    let at = self.rng.random_range(0..100);
+                    self.push(at, Event::Submit { node: i });
+                }
+            } else if self.s.strategy == Strategy::LieCapacity {
+                self.push(1_000, Event::Claim { node: i });
+            }
+        }
+        if self.s.fault_phase_ms > 0 {
+            self.push(self.s.fault_phase_ms, Event::FaultsEnd);
+        }
+        if self.s.network_faults && self.s.fault_phase_ms > 0 {
+            self.loss = self.rng.random_range(0.0..0.03);
+            let fp = self.s.fault_phase_ms;
+            for _ in 0..self.rng.random_range(0..3u32) {
+                let at = self.rng.random_range(0..fp);
+                let size = self.rng.random_range(1..=(n / 2).max(1));
+                let mut group = BTreeSet::new();
+                while group.len() < size {
+                    group.insert(self.rng.random_range(0..n));
+                }
+                let dur = self.rng.random_range(2_000..20_000);
+                self.push(at, Event::Partition { group: group.into_iter().collect() });
+                self.push((at + dur).min(fp), Event::Heal);
+            }
+            for _ in 0..self.rng.random_range(0..3u32) {
+                let node = self.rng.random_range(0..n);
+                if self.nodes[node].byz {
+                    continue;
+                }
+                let at = self.rng.random_range(0..fp);
+                let dur = self.rng.random_range(1_000..20_000);
+                self.push(at, Event::Crash { node });
+                self.push((at + dur).min(fp), Event::Restart { node });
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        while let Some(((at, _), ev)) = self.queue.pop_first() {
+            if at > self.end_at {
+                break;
+            }
+            self.now = at;
+            self.trace_event(&ev);
+            self.step(ev);
+        }
+        self.now = self.end_at;
+    }
+
+    fn trace_event(&mut self, ev: &Event) {
+        self.trace.update(self.now.to_be_bytes());
+        match ev {
+            Event::Deliver { from, to, msg } => {
+                self.trace.update([0]);
+                self.trace.update((*from as u64).to_be_bytes());
+                self.trace.update((*to as u64).to_be_bytes());
+                self.trace.update(Sha256::digest(&msg.1));
+            }
+            Event::Timer { node } | Event::Submit { node } | Event::Claim { node } | Event::Crash { node } | Event::Restart { node } => {
+                self.trace.update([1]);
+                self.trace.update((*node as u64).to_be_bytes());
+            }
+            Event::Retry { node, nonce } => {
+                self.trace.update([2]);
+                self.trace.update((*node as u64).to_be_bytes());
+                self.trace.update(nonce.to_be_bytes());
+            }
+            Event::Partition { group } => {
+                self.trace.update([3]);
+                for g in group {
+                    self.trace.update((*g as u64).to_be_bytes());
+                }
+            }
+            Event::Heal | Event::FaultsEnd => self.trace.update([4]),
+        }
+    }
+
+    fn violation(&mut self, v: Violation) {
+        if self.violations.len() < 16 {
+            self.violations.push(v);
+        }
+    }
+
+    fn step(&mut self, ev: Event) {
+        match ev {
+            Event::Deliver { from, to, msg } => self.deliver(from, to, msg),
+            Event::Timer { node } => {
+                let nd = &mut self.nodes[node];
+                if nd.crashed || nd.timer_at.is_some_and(|t| t != self.now) {
+                    return;
+                }
+                nd.timer_at = None;
+                nd.engine.handle_timeout(Timestamp(self.now));
+                if nd.byz && self.s.strategy == Strategy::VoteAgainst {
+                    self.byz_spurious_view_change(node);
+                }
+                self.drain(node);
+            }
+            Event::Submit { node } => self.submit(node),
+            Event::Retry { node, nonce } => {
+                let Some((_, env)) = self.nodes[node].outstanding.get(&nonce).cloned() else { return };
+                if !self.nodes[node].crashed {
+                    self.broadcast_raw(node, &env, 0);
+                }
+                let at = self.now + self.s.client_retry_ms;
+                self.push(at, Event::Retry { node, nonce });
+            }
+            Event::Claim { node } => self.byz_claim(node),
+            Event::Crash { node } => self.nodes[node].crashed = true,
+            Event::Restart { node } => {
+                self.nodes[node].crashed = false;
+                self.nodes[node].timer_at = None;
+                self.push(self.now, Event::Timer { node });
+            }
+            Event::Partition { group } => self.partition = Some(group.into_iter().collect()),
+            Event::Heal => self.partition = None,
+            Event::FaultsEnd => {
+                self.faults_over = true;
+                self.loss = 0.0;
+                self.partition = None;
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].crashed {
+                        self.nodes[i].crashed = false;
+                        self.nodes[i].timer_at = None;
+                        self.push(self.now, Event::Timer { node: i });
+                    }
+                    if !self.nodes[i].byz {
+                        let outstanding: Vec<u64> = self.nodes[i].outstanding.keys().copied().collect();
+                        for nonce in outstanding {
+                            self.fault_end_submitted.insert((i, nonce));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn encode(&mut self, env: &SignedEnvelope) -> Bytes {
+        self.next_msg_id += 1;
+        Rc::new((self.next_msg_id, env.encode()))
+    }
+
+    fn send_bytes(&mut self, from: usize, to: usize, msg: Bytes, extra_delay: u64) {
+        if from == to || self.nodes[from].crashed {
+            return;
+        }
+        if let Some(p) = &self.partition {
+            if p.contains(&from) != p.contains(&to) {
+                return;
+            }
+        }
+        if self.loss > 0.0 && self.rng.random_bool(self.loss) {
+            return;
+        }
+        let delay = self.s.link.delay(&mut self.rng, self.nodes[from].region, self.nodes[to].region);
+        let at = self.now + delay + extra_delay;
+        self.push(at, Event::Deliver { from, to, msg });
+    }
+
+    fn broadcast_raw(&mut self, from: usize, env: &SignedEnvelope, extra_delay: u64) {
+        let msg = self.encode(env);
+        for to in 0..self.nodes.len() {
+            self.send_bytes(from, to, msg.clone(), extra_delay);
+        }
+    }
+
+    fn decode(&mut self, msg: &Bytes) -> Option<Decoded> {
+        if let Some(d) = self.cache.get(&msg.0) {
+            return d.clone();
+        }
+        // The kind is the envelope's first field: `{"k": code, ...}`.
+        let d = match kind_of(&msg.1) {
+            Some(k) if k == MessageKind::Consensus.code() => {
+                fake_wire::fake_decode_verified::<ConsensusMsg>(&msg.1, &self.keys).map(Decoded::Consensus)
+            }
+            Some(k) if k == MessageKind::ConsensusRequest.code() => {
+                fake_wire::fake_decode_verified::<Request>(&msg.1, &self.keys).map(Decoded::Request)
+            }
+            _ => None,
+        };
+        if self.cache.len() > 200_000 {
+            let keep = self.cache.split_off(&(self.next_msg_id.saturating_sub(50_000)));
+            self.cache = keep;
+        }
+        self.cache.insert(msg.0, d.clone());
+        d
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, msg: Bytes) {
+        if self.nodes[to].crashed {
+            return;
+        }
+        self.messages += 1;
+        let Some(decoded) = self.decode(&msg) else {
+            // Forged or corrupted: dropped before any core sees it; the peer manager of a real
+            // node would penalise the transport peer `from` locally.
+            self.rejected += 1;
+            let _ = from;
+            return;
+        };
+        if self.nodes[to].byz && self.s.strategy == Strategy::Replay && self.nodes[to].stash.len() < 256 {
+            self.nodes[to].stash.push(msg.clone());
+        }
+        let input = match decoded {
+            Decoded::Consensus(m) => Input::Message(m),
+            Decoded::Request(r) => Input::Request(r),
+        };
+        self.nodes[to].engine.handle(Timestamp(self.now), input);
+        self.drain(to);
+    }
+
+    fn submit(&mut self, node: usize) {
+        if self.now >= self.clients_stop_at || self.nodes[node].crashed && !self.faults_over {
+            if self.now < self.clients_stop_at {
+                let at = self.now + 1_000;
+                self.push(at, Event::Submit { node });
+            }
+            return;
+        }
+        let nonce = self.nodes[node].next_nonce;
+        self.nodes[node].next_nonce += 1;
+        let op: Vec<u8> = (0..16).map(|_| self.rng.random::<u8>()).collect();
+        let Ok(req) = Verified::sign(&self.nodes[node].key, Request { nonce, op }) else { return };
+        self.validity.submitted(req.signer(), nonce);
+        let env = req.envelope().clone();
+        self.nodes[node].outstanding.insert(nonce, (self.now, env.clone()));
+        if self.faults_over {
+            self.fault_end_submitted.insert((node, nonce));
+        }
+        self.nodes[node].engine.handle(Timestamp(self.now), Input::Request(req));
+        self.broadcast_raw(node, &env, 0);
+        self.drain(node);
+        let at = self.now + self.s.client_retry_ms;
+        self.push(at, Event::Retry { node, nonce });
+    }
+
+    fn submit_op(&mut self, node: usize, op: Vec<u8>) {
+        let nonce = self.nodes[node].evidence_nonce;
+        self.nodes[node].evidence_nonce += 1;
+        let Ok(req) = Verified::sign(&self.nodes[node].key, Request { nonce, op }) else { return };
+        self.validity.submitted(req.signer(), nonce);
+        let env = req.envelope().clone();
+        self.nodes[node].engine.handle(Timestamp(self.now), Input::Request(req));
+        self.broadcast_raw(node, &env, 0);
+    }
+
+    fn drain(&mut self, i: usize) {
+        let mut guard = 0;
+        while let Some(c) = self.nodes[i].engine.poll_command() {
+            guard += 1;
+            if guard > 1_000_000 {
+                break;
+            }
+            match c {
+                Command::Broadcast(env) => {
+                    self.note_proposal(i, &env);
+                    if self.nodes[i].byz {
+                        self.byz_send(i, env, None);
+                    } else {
+                        self.broadcast_raw(i, &env, 0);
+                    }
+                }
+                Command::Send { to, envelope } => {
+                    let Some(&j) = self.ids.get(&to) else { continue };
+                    if self.nodes[i].byz {
+                        self.byz_send(i, envelope, Some(j));
+                    } else {
+                        let msg = self.encode(&envelope);
+                        self.send_bytes(i, j, msg, 0);
+                    }
+                }
+                Command::Deliver(d) => {
+                    if !self.nodes[i].byz {
+                        self.on_decision(i, &d);
+                    }
+                }
+                Command::ReportPeer { peer, offence } => {
+                    if !self.nodes[i].byz {
+                        self.on_report(i, peer, offence);
+                    }
+                }
+                Command::ViewChangeStarted { .. } | Command::NewViewInstalled { .. } | Command::StableCheckpoint { .. } => {}
+            }
+        }
+        let view = self.nodes[i].engine.view();
+        if let Err(v) = self.views.check(self.now, i, view) {
+            self.violation(v);
+        }
+        let t = self.nodes[i].engine.poll_timeout().map(|t| t.0.max(self.now));
+        if t.is_some() && t != self.nodes[i].timer_at {
+            self.nodes[i].timer_at = t;
+            if let Some(t) = t {
+                self.push(t, Event::Timer { node: i });
+            }
+        }
+    }
+
+    fn note_proposal(&mut self, i: usize, env: &SignedEnvelope) {
+        if self.nodes[i].byz {
+            return;
+        }
+        let Ok(v) = env.clone().verify::<ConsensusMsg>() else { return };
+        if let ConsensusMsg::Proposal { header, .. } = v.message() {
+            if let Some(pp) = header.clone().verify::<ConsensusMsg>().ok().and_then(|h| match h.message() {
+                ConsensusMsg::PrePrepare(pp) => Some(*pp),
+                _ => None,
+            }) {
+                self.proposal_time.entry(pp.slot.seq).or_insert(self.now);
+            }
+        }
+    }
+
+    fn on_decision(&mut self, i: usize, d: &dwcp_consensus::Decision) {
+        self.trace.update(b"decision");
+        self.trace.update((i as u64).to_be_bytes());
+        self.trace.update(d.seq.to_be_bytes());
+        self.trace.update(d.digest.0);
+        let first = self.agreement.highest() < d.seq;
+        if let Err(v) = self.agreement.check(self.now, i, d.seq, d.digest) {
+            self.violation(v);
+        }
+        if let Err(v) = self.validity.check(self.now, i, d, &self.committee, first) {
+            self.violation(v);
+        }
+        if let Some(t0) = self.proposal_time.get(&d.seq) {
+            self.consensus_latency.push(self.now - t0);
+        }
+        let voters: Vec<NodeId> = d.certificate.commits.iter().map(SignedEnvelope::claimed_signer).collect();
+        let committee = self.committee.clone();
+        let rep = &mut self.nodes[i].rep;
+        rep.on_certificate(d.time, &voters);
+        for r in &d.requests {
+            if r.op.first() == Some(&reputation::EVIDENCE_OP_TAG) {
+                if let Ok(ev) = Evidence::decode(&r.op) {
+                    let _ = rep.on_evidence(d.time, &committee, &ev);
+                }
+            }
+        }
+        rep.on_time(d.time);
+        let view = self.nodes[i].engine.view();
+        while let Some(out) = self.nodes[i].rep.poll_output() {
+            if let reputation::Output::Quarantined { node, .. } = out {
+                if let Some(&j) = self.ids.get(&node) {
+                    if let Err(v) = self.quarantine.quarantined(self.now, i, j, view) {
+                        self.violation(v);
+                    }
+                }
+            }
+        }
+        let me = self.nodes[i].key.node_id();
+        for r in &d.requests {
+            if r.signer() == me {
+                if let Some((t0, _)) = self.nodes[i].outstanding.remove(&r.nonce) {
+                    self.client_latency.push(self.now - t0);
+                    self.requests_committed += 1;
+                    self.fault_end_submitted.remove(&(i, r.nonce));
+                    self.push(self.now, Event::Submit { node: i });
+                }
+            }
+        }
+    }
+
+    fn on_report(&mut self, i: usize, _peer: NodeId, offence: Offence) {
+        let ev = match offence {
+            Offence::Equivocation { first, second } => Evidence::Equivocation { first, second },
+            Offence::ContradictsCertificate { vote, proof } => Evidence::ContradictsCertificate { vote, proof: *proof },
+            Offence::Invalid(_) => return,
+        };
+        let op = ev.encode();
+        if self.nodes[i].evidence_sent.insert(op.clone()) {
+            self.submit_op(i, op);
+        }
+    }
+
+    fn report(mut self) -> Report {
+        let mut live = true;
+        let mut detail = String::new();
+        let honest: Vec<usize> = (0..self.nodes.len()).filter(|i| !self.nodes[*i].byz).collect();
+        if let Some((node, nonce)) = self.fault_end_submitted.iter().next() {
+            live = false;
+            detail = format!("request {nonce} of honest client {node} never committed after faults stopped");
+        }
+        let execs: BTreeSet<u64> = honest.iter().map(|i| self.nodes[*i].engine.last_executed()).collect();
+        if live && execs.len() > 1 {
+            live = false;
+            detail = format!("honest nodes stopped at different sequence numbers: {execs:?}");
+        }
+        if live {
+            if let Err(v) = self.quarantine.check_end(self.now) {
+                self.violation(v);
+            }
+        }
+        let quarantined_byzantine = (0..self.nodes.len())
+            .filter(|b| self.nodes[*b].byz)
+            .filter(|b| {
+                let id = self.nodes[*b].key.node_id();
+                honest.iter().all(|h| self.nodes[*h].rep.is_quarantined(&id))
+            })
+            .count();
+        let hash = self.trace.clone().finalize();
+        Report {
+            seed: self.s.seed,
+            nodes: self.s.nodes,
+            byzantine: self.s.byzantine,
+            strategy: self.s.strategy.name(),
+            violations: self.violations.iter().map(|v| format!("{} at {} ms: {}", v.invariant, v.at_ms, v.detail)).collect(),
+            live,
+            liveness_detail: detail,
+            committed_seqs: self.agreement.highest(),
+            requests_committed: self.requests_committed,
+            client_latency_ms: self.client_latency,
+            consensus_latency_ms: self.consensus_latency,
+            virtual_ms: self.now,
+            messages: self.messages,
+            rejected_messages: self.rejected,
+            max_view: self.views.max(),
+            offenders: self.quarantine.offenders(),
+            quarantined_byzantine,
+            trace_hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+}
+
+/// The kind code of an encoded envelope (CBOR map whose first entry is `"k": code`).
+fn kind_of(bytes: &[u8]) -> Option<u16> {
+    // map header, text "k" (0x61 0x6b), then an unsigned integer < 24 (one byte).
+    match bytes {
+        [0xa4, 0x61, b'k', code, ..] if *code < 24 => Some(u16::from(*code)),
+        _ => None,
+    }
+}
+
+#[cold]
+fn unreachable_committee() -> Committee {
+    // A committee of n >= 1 distinct derived keys always forms; keep a total function anyway.
+    match Committee::new(0, vec![derive_key(0, 0).node_id()]) {
+        Ok(c) => c,
+        Err(_) => std::process::abort(),
+    }
+}
+
+#[cold]
+fn unreachable_engine() -> Engine {
+    match Engine::new(dwcp_consensus::Config::default(), derive_key(0, 0), unreachable_committee()) {
+        Ok(e) => e,
+        Err(_) => std::process::abort(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,303 @@
+//! Byzantine strategies. A Byzantine node runs the honest engine (so it knows the protocol
+//! state) and the simulator rewrites what it sends, signing with the node's real key: the
+//! attacks are what a node holding its own key can do.
+
+use std::str::FromStr;
+
+use dwcp_consensus::{ConsensusMsg, Digest, PrePrepare, Request, Slot, ViewChange};
+use dwcp_protocol::{
+    DonatedShare, NodeAnnouncement, NodeId, Resources, SignedEnvelope, Timestamp, Verified,
+};
+use dwcp_reputation::{BandwidthMeasurement, Evidence};
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+
+use crate::{Event, Sim};
+
+/// What a Byzantine node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Strategy {
+    /// As primary, sends one batch to half the replicas and another to the rest.
+    Equivocate,
+    /// Votes (prepare and commit) for a digest nobody proposed.
+    ConflictingDigest,
+    /// Never votes for anything and keeps asking for view changes.
+    VoteAgainst,
+    /// Sends nothing.
+    Silence,
+    /// Delays everything it sends by 2 to 12 s.
+    Delay,
+    /// Replays old messages of others to random replicas.
+    Replay,
+    /// Sends messages with forged signatures (claiming to be honest nodes) or corrupted bytes.
+    Forge,
+    /// Claims 100x the uplink it has (measured by honest nodes).
+    LieCapacity,
+}
+
+impl Strategy {
+    /// Every strategy.
+    pub const ALL: [Strategy; 8] = [
+        Self::Equivocate,
+        Self::ConflictingDigest,
+        Self::VoteAgainst,
+        Self::Silence,
+        Self::Delay,
+        Self::Replay,
+        Self::Forge,
+        Self::LieCapacity,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Equivocate => "equivocate",
+            Self::ConflictingDigest => "conflicting-digest",
+            Self::VoteAgainst => "vote-against",
+            Self::Silence => "silence",
+            Self::Delay => "delay",
+            Self::Replay => "replay",
+            Self::Forge => "forge",
+            Self::LieCapacity => "lie-capacity",
+        }
+    }
+
+    /// Whether its offences are provable, so its nodes must end up quarantined.
+    pub fn provable(self) -> bool {
+        matches!(self, Self::Equivocate | Self::ConflictingDigest | Self::LieCapacity)
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|x| x.name()).collect();
+            format!("unknown strategy `{s}`; one of {}", names.join(", "))
+        })
+    }
+}
+
+/// The wire layout of an envelope, to build forged ones (see `dwcp_protocol::envelope`).
+#[derive(Serialize, Deserialize)]
+struct RawEnvelope {
+    k: u16,
+    s: NodeId,
+    #[serde(with = "raw_bytes")]
+    p: Vec<u8>,
+    #[serde(with = "raw_bytes")]
+    g: Vec<u8>,
+}
+
+mod raw_bytes {
+    use serde::{Deserializer, Serializer, de};
+    use std::fmt;
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+const TRUE_UPLINK_MBPS: u32 = 100;
+
+impl Sim {
+    fn sign_as(&self, i: usize, m: ConsensusMsg) -> Option<SignedEnvelope> {
+        Verified::sign(&self.nodes[i].key, m).ok().map(|v| v.envelope().clone())
+    }
+
+    fn targets(&self, i: usize, to: Option<usize>) -> Vec<usize> {
+        match to {
+            Some(j) => vec![j],
+            None => (0..self.nodes.len()).filter(|j| *j != i).collect(),
+        }
+    }
+
+    /// Sends `env` from Byzantine node `i` (to `to`, or to everyone) the way its strategy says.
+    pub(crate) fn byz_send(&mut self, i: usize, env: SignedEnvelope, to: Option<usize>) {
+        let targets = self.targets(i, to);
+        let msg = env.clone().verify::<ConsensusMsg>().ok().map(Verified::into_message);
+        match self.s.strategy {
+            crate::Strategy::Silence => {}
+            crate::Strategy::Delay => {
+                let extra = self.rng.random_range(2_000..12_000);
+                let bytes = self.encode(&env);
+                for j in targets {
+                    self.send_bytes(i, j, bytes.clone(), extra);
+                }
+            }
+            crate::Strategy::Forge => {
+                for j in targets {
+                    let forged = self.forge(i, &env);
+                    self.next_msg_id += 1;
+                    let id = self.next_msg_id;
+                    self.send_bytes(i, j, std::rc::Rc::new((id, forged)), 0);
+                }
+            }
+            crate::Strategy::VoteAgainst => {
+                if matches!(msg, Some(ConsensusMsg::Prepare { .. } | ConsensusMsg::Commit(_))) {
+                    return;
+                }
+                let bytes = self.encode(&env);
+                for j in targets {
+                    self.send_bytes(i, j, bytes.clone(), 0);
+                }
+            }
+            crate::Strategy::ConflictingDigest => {
+                let out = match msg {
+                    Some(ConsensusMsg::Prepare { slot, header }) => {
+                        let slot = Slot { digest: Digest(self.rng.random()), ..slot };
+                        self.sign_as(i, ConsensusMsg::Prepare { slot, header })
+                    }
+                    Some(ConsensusMsg::Commit(slot)) => {
+                        self.quarantine.offence(i, slot.view);
+                        let slot = Slot { digest: Digest(self.rng.random()), ..slot };
+                        self.sign_as(i, ConsensusMsg::Commit(slot))
+                    }
+                    _ => Some(env),
+                };
+                if let Some(out) = out {
+                    let bytes = self.encode(&out);
+                    for j in targets {
+                        self.send_bytes(i, j, bytes.clone(), 0);
+                    }
+                }
+            }
+            crate::Strategy::Equivocate => {
+                if let Some(ConsensusMsg::Proposal { header, batch }) = &msg {
+                    if let Some(alt) = self.equivocal_proposal(i, header, batch) {
+                        let a = self.encode(&env);
+                        let b = self.encode(&alt);
+                        let half = targets.len() / 2;
+                        for (k, j) in targets.into_iter().enumerate() {
+                            self.send_bytes(i, j, if k < half { b.clone() } else { a.clone() }, 0);
+                        }
+                        return;
+                    }
+                }
+                let bytes = self.encode(&env);
+                for j in targets {
+                    self.send_bytes(i, j, bytes.clone(), 0);
+                }
+            }
+            crate::Strategy::Replay => {
+                let bytes = self.encode(&env);
+                for j in targets {
+                    self.send_bytes(i, j, bytes.clone(), 0);
+                }
+                let stash_len = self.nodes[i].stash.len();
+                if stash_len > 0 && self.rng.random_bool(0.5) {
+                    let old = self.nodes[i].stash[self.rng.random_range(0..stash_len)].clone();
+                    let j = self.rng.random_range(0..self.nodes.len());
+                    self.send_bytes(i, j, old, 0);
+                }
+            }
+            crate::Strategy::LieCapacity => {
+                let bytes = self.encode(&env);
+                for j in targets {
+                    self.send_bytes(i, j, bytes.clone(), 0);
+                }
+            }
+        }
+    }
+
+    /// A second proposal for the same `(v, n)` with another batch, signed by node `i`.
+    fn equivocal_proposal(&mut self, i: usize, header: &SignedEnvelope, batch: &[SignedEnvelope]) -> Option<SignedEnvelope> {
+        let h = header.clone().verify::<ConsensusMsg>().ok()?;
+        let ConsensusMsg::PrePrepare(pp) = h.message() else { return None };
+        let mut alt: Vec<SignedEnvelope> = batch.to_vec();
+        if alt.len() > 1 {
+            alt.pop();
+        } else {
+            self.byz_nonce += 1;
+            let r = Verified::sign(&self.nodes[i].key, Request { nonce: self.byz_nonce, op: vec![0xBA; 8] }).ok()?;
+            self.validity.submitted(r.signer(), self.byz_nonce);
+            alt.push(r.envelope().clone());
+        }
+        let slot = Slot { digest: Digest::of_batch(&alt), ..pp.slot };
+        let h2 = self.sign_as(i, ConsensusMsg::PrePrepare(PrePrepare { slot, time: pp.time }))?;
+        self.quarantine.offence(i, slot.view);
+        self.sign_as(i, ConsensusMsg::Proposal { header: h2, batch: alt })
+    }
+
+    /// A forged copy of `env`: either claims an honest signer or has a corrupted signature.
+    fn forge(&mut self, i: usize, env: &SignedEnvelope) -> Vec<u8> {
+        let bytes = env.encode();
+        let Ok(mut raw) = ciborium::from_reader::<RawEnvelope, _>(bytes.as_slice()) else { return bytes };
+        if self.rng.random_bool(0.5) {
+            let honest: Vec<usize> = (0..self.nodes.len()).filter(|j| !self.nodes[*j].byz && *j != i).collect();
+            if let Some(&h) = honest.get(self.rng.random_range(0..honest.len().max(1))) {
+                raw.s = self.nodes[h].key.node_id();
+            }
+        } else if let Some(b) = raw.g.first_mut() {
+            *b ^= 0x01;
+        }
+        let mut out = Vec::new();
+        if ciborium::into_writer(&raw, &mut out).is_err() {
+            return bytes;
+        }
+        out
+    }
+
+    /// Vote-against: ask for a view change to the next view at every tick.
+    pub(crate) fn byz_spurious_view_change(&mut self, i: usize) {
+        let vc = ViewChange { new_view: self.nodes[i].engine.view() + 1, stable_seq: 0, stable_proof: vec![], prepared: vec![] };
+        if let Some(env) = self.sign_as(i, ConsensusMsg::ViewChange(vc)) {
+            self.broadcast_raw(i, &env, 0);
+        }
+    }
+
+    /// Lie-capacity: a signed announcement claiming 100x the true uplink, every 5 s. Honest
+    /// nodes measure the true uplink; each submits evidence with f+1 honest measurements
+    /// (which in a real node arrive by gossip; here they are handed over directly).
+    pub(crate) fn byz_claim(&mut self, i: usize) {
+        if self.now + 5_000 < self.clients_stop_at {
+            self.push(self.now + 5_000, Event::Claim { node: i });
+        }
+        let claim = NodeAnnouncement {
+            cluster_id: "sim".into(),
+            seq: self.now,
+            issued_at: Timestamp(self.now),
+            region: "sim".into(),
+            version: "3.0.0".into(),
+            resources: Resources { vcpus: 8, memory_mib: 16_384, disk_gib: 100, gpus: vec![] },
+            donated: DonatedShare { vcpus: 4, memory_mib: 8_192, disk_gib: 50, uplink_mbps: TRUE_UPLINK_MBPS * 100 },
+            listen_addrs: vec![],
+        };
+        self.quarantine.offence(i, self.nodes[i].engine.view());
+        let Ok(claim) = Verified::sign(&self.nodes[i].key, claim) else { return };
+        let subject = self.nodes[i].key.node_id();
+        let f = self.committee.f();
+        let honest: Vec<usize> = (0..self.nodes.len()).filter(|j| !self.nodes[*j].byz).collect();
+        let measurements: Vec<SignedEnvelope> = honest
+            .iter()
+            .take(f + 1)
+            .filter_map(|j| {
+                let m = BandwidthMeasurement { subject, measured_mbps: TRUE_UPLINK_MBPS, at: Timestamp(self.now) };
+                Verified::sign(&self.nodes[*j].key, m).ok().map(|v| v.envelope().clone())
+            })
+            .collect();
+        let ev = Evidence::ClaimContradicted { claim: claim.envelope().clone(), measurements };
+        let op = ev.encode();
+        for j in honest {
+            if !self.nodes[j].crashed && self.nodes[j].evidence_sent.insert(op.clone()) {
+                self.submit_op(j, op.clone());
+                self.drain(j);
+            }
+        }
+    }
+}

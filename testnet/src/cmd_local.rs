@@ -1,0 +1,109 @@
+//! `dwcp-testnet up | status | down`.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+use dwcp_testnet::local;
+
+/// `up`: start a bootstrap peer and N nodes on 127.0.0.1.
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Directory for data dirs, logs and testnet.json.
+    #[arg(long, default_value = "./dwcp-testnet")]
+    dir: PathBuf,
+    /// Where dwcp-node and dwcp-bootstrap are (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Cluster id.
+    #[arg(long, default_value = "dwcp-testnet")]
+    cluster_id: String,
+    /// Node heartbeat interval.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Silence after which a peer is unreachable.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    unreachable_after: Duration,
+    /// How long to wait for every node to see every other as ready.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// `status` and `down`.
+#[derive(Debug, Args)]
+pub(crate) struct DirArgs {
+    /// The testnet directory.
+    #[arg(long, default_value = "./dwcp-testnet")]
+    dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
+    let mut o = local::UpOptions::new(a.nodes, &a.dir)?;
+    if let Some(b) = a.bin_dir {
+        o.bin_dir = b;
+    }
+    o.cluster_id = a.cluster_id;
+    o.heartbeat_interval = a.heartbeat_interval;
+    o.unreachable_after = a.unreachable_after;
+    o.timeout = a.timeout;
+    let started = std::time::Instant::now();
+    let t = runtime()?.block_on(local::up(&o))?;
+    println!(
+        "testnet up: {} nodes, every node lists all {} as ready after {:.1}s",
+        t.nodes.len(),
+        t.nodes.len(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("bootstrap  {}  pid {}", t.bootstrap.addrs.first().map(String::as_str).unwrap_or("?"), t.bootstrap.pid);
+    for (i, n) in t.nodes.iter().enumerate() {
+        println!("node {i:<3}  {}  api {}  metrics {}/metrics  pid {}", &n.id[..8], n.api, n.metrics, n.pid);
+    }
+    println!("state: {}", a.dir.join(local::TESTNET_FILE).display());
+    println!("try:   dwcp-cli --api {} node list", t.nodes[0].api);
+    println!("stop:  dwcp-testnet down --dir {}", a.dir.display());
+    Ok(())
+}
+
+pub(crate) fn status(a: DirArgs) -> anyhow::Result<()> {
+    let (t, rows) = runtime()?.block_on(local::status(&a.dir))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "testnet": t, "nodes": rows }))?);
+        return Ok(());
+    }
+    println!("cluster {}  bootstrap pid {} ({})", t.cluster_id, t.bootstrap.pid,
+        if local::is_ours(t.bootstrap.pid) { "running" } else { "stopped" });
+    println!("{:<5} {:<10} {:<8} {:<24} {:>6} {:>6} {:>6}", "NODE", "ID", "PROCESS", "API", "KNOWN", "READY", "PEERS");
+    for r in rows {
+        let (k, rd, p) = r
+            .status
+            .as_ref()
+            .map(|s| (s.nodes_known.to_string(), s.nodes_ready.to_string(), s.peers_connected.to_string()))
+            .unwrap_or_else(|| ("-".into(), "-".into(), "-".into()));
+        println!(
+            "{:<5} {:<10} {:<8} {:<24} {:>6} {:>6} {:>6}",
+            r.index,
+            &r.id[..8.min(r.id.len())],
+            if r.running { "running" } else { "stopped" },
+            r.api,
+            k,
+            rd,
+            p
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn down(a: DirArgs) -> anyhow::Result<()> {
+    let n = runtime()?.block_on(local::down(&a.dir))?;
+    println!("stopped {n} processes; data and logs stay in {}", a.dir.display());
+    Ok(())
+}

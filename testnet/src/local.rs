@@ -1,0 +1,396 @@
+//! Multi-process testnet on loopback.
+
+use std::{
+    fs,
+    net::TcpListener,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow, bail};
+use dwcp_protocol::api::{ClusterStatus, NodeInfo, PeerStatus};
+use serde::{Deserialize, Serialize};
+
+/// The file `up` writes and `status`/`down` read.
+pub const TESTNET_FILE: &str = "testnet.json";
+
+/// The bootstrap peer of a testnet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootstrapEntry {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Full multiaddrs (with `/p2p/`).
+    pub addrs: Vec<String>,
+    /// Prometheus URL.
+    pub metrics: String,
+    /// Process id.
+    pub pid: u32,
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+/// One node of a testnet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    /// Node id (hex).
+    pub id: String,
+    /// API URL, e.g. `http://127.0.0.1:18080`.
+    pub api: String,
+    /// Prometheus URL.
+    pub metrics: String,
+    /// Process id.
+    pub pid: u32,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Config file.
+    pub config: PathBuf,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+/// `testnet.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Testnet {
+    /// Cluster id.
+    pub cluster_id: String,
+    /// The bootstrap peer.
+    pub bootstrap: BootstrapEntry,
+    /// The nodes.
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// Options of [`up`].
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Directory for data dirs, logs and `testnet.json`.
+    pub dir: PathBuf,
+    /// Where `dwcp-node` and `dwcp-bootstrap` are.
+    pub bin_dir: PathBuf,
+    /// Cluster id.
+    pub cluster_id: String,
+    /// Heartbeat interval of the nodes.
+    pub heartbeat_interval: Duration,
+    /// Silence after which peers are unreachable.
+    pub unreachable_after: Duration,
+    /// How long to wait for the mesh to form.
+    pub timeout: Duration,
+}
+
+impl UpOptions {
+    /// Defaults for `n` nodes in `dir`, binaries next to the running executable.
+    pub fn new(nodes: usize, dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        Ok(Self {
+            nodes,
+            dir: dir.into(),
+            bin_dir: default_bin_dir()?,
+            cluster_id: "dwcp-testnet".into(),
+            heartbeat_interval: Duration::from_secs(1),
+            unreachable_after: Duration::from_secs(5),
+            timeout: Duration::from_secs(120),
+        })
+    }
+}
+
+/// The directory of the running executable (or its parent when it is a cargo test binary in
+/// `deps/`), where cargo puts the workspace's binaries.
+pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+fn bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found; build the binaries first (cargo build --bins) or pass --bin-dir",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A free TCP port on 127.0.0.1 (released before use: a small race, fine on a test machine).
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
+    let f = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let f2 = f.try_clone()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        // Own process group: a Ctrl-C in the terminal that ran `up` does not reach the nodes.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    Ok(child.id())
+}
+
+fn http() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder().timeout(Duration::from_secs(3)).build().context("HTTP client")
+}
+
+/// Starts a bootstrap peer and `opts.nodes` nodes, waits for the mesh, writes `testnet.json`.
+pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
+    if opts.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if opts.dir.join(TESTNET_FILE).exists() {
+        bail!(
+            "{} already holds a testnet; run `dwcp-testnet down --dir {}` first",
+            opts.dir.display(),
+            opts.dir.display()
+        );
+    }
+    fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+    let node_bin = bin(&opts.bin_dir, "dwcp-node")?;
+    let boot_bin = bin(&opts.bin_dir, "dwcp-bootstrap")?;
+
+    // Bootstrap peer.
+    let bdir = opts.dir.join("bootstrap");
+    fs::create_dir_all(&bdir)?;
+    let bport = free_port()?;
+    let bmetrics = free_port()?;
+    let bpid = spawn_logged(
+        Command::new(&boot_bin)
+            .arg("--data-dir")
+            .arg(&bdir)
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{bport}")])
+            .args(["--listen", &format!("/ip4/127.0.0.1/udp/{bport}/quic-v1")])
+            .args(["--cluster-id", &opts.cluster_id])
+            .args(["--metrics-bind", &format!("127.0.0.1:{bmetrics}")]),
+        &opts.dir.join("bootstrap.log"),
+    )?;
+    let bfile = bdir.join("bootstrap.json");
+    let started = Instant::now();
+    let bdoc: serde_json::Value = loop {
+        if let Ok(text) = fs::read_to_string(&bfile) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if v["addrs"].as_array().is_some_and(|a| a.len() >= 2) {
+                    break v;
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the bootstrap peer did not start; see {}", opts.dir.join("bootstrap.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let baddrs: Vec<String> = bdoc["addrs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let bootstrap = BootstrapEntry {
+        peer_id: bdoc["peer_id"].as_str().unwrap_or_default().to_owned(),
+        addrs: baddrs.clone(),
+        metrics: format!("http://127.0.0.1:{bmetrics}"),
+        pid: bpid,
+        data_dir: bdir,
+    };
+    let tcp_boot = baddrs
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .cloned()
+        .ok_or_else(|| anyhow!("the bootstrap peer reported no TCP address"))?;
+
+    let mut nodes = Vec::new();
+    let mut testnet =
+        Testnet { cluster_id: opts.cluster_id.clone(), bootstrap, nodes: Vec::new() };
+    for i in 0..opts.nodes {
+        let ndir = opts.dir.join(format!("node-{i:03}"));
+        let config = ndir.join("node.yaml");
+        let (p2p, api, metrics) = (free_port()?, free_port()?, free_port()?);
+        let out = Command::new(&node_bin)
+            .arg("init")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&ndir)
+            .args(["--cluster-id", &opts.cluster_id])
+            .args(["--region", &format!("local-{}", i % 3)])
+            .args(["--bootstrap", &tcp_boot])
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{p2p}")])
+            .args(["--listen", &format!("/ip4/127.0.0.1/udp/{p2p}/quic-v1")])
+            .args(["--api-bind", &format!("127.0.0.1:{api}")])
+            .args(["--metrics-bind", &format!("127.0.0.1:{metrics}")])
+            .args(["--heartbeat-interval", &humantime::format_duration(opts.heartbeat_interval).to_string()])
+            .args(["--unreachable-after", &humantime::format_duration(opts.unreachable_after).to_string()])
+            .output()
+            .context("running dwcp-node init")?;
+        if !out.status.success() {
+            bail!("dwcp-node init failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let id = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("node id:").map(|s| s.trim().to_owned()))
+            .ok_or_else(|| anyhow!("dwcp-node init printed no node id"))?;
+        let log = opts.dir.join(format!("node-{i:03}.log"));
+        let pid = start_node(&node_bin, &config, &log)?;
+        nodes.push(NodeEntry {
+            id,
+            api: format!("http://127.0.0.1:{api}"),
+            metrics: format!("http://127.0.0.1:{metrics}"),
+            pid,
+            data_dir: ndir,
+            config,
+            log,
+        });
+    }
+    testnet.nodes = nodes;
+    write(&opts.dir, &testnet)?;
+    wait_ready(&testnet, opts.nodes, opts.timeout).await?;
+    Ok(testnet)
+}
+
+fn start_node(node_bin: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
+    spawn_logged(Command::new(node_bin).arg("run").arg("--config").arg(config), log)
+}
+
+/// Writes `testnet.json` atomically.
+pub fn write(dir: &Path, t: &Testnet) -> anyhow::Result<()> {
+    let tmp = dir.join("testnet.json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(t)?)?;
+    fs::rename(&tmp, dir.join(TESTNET_FILE))?;
+    Ok(())
+}
+
+/// Reads `testnet.json`.
+pub fn read(dir: &Path) -> anyhow::Result<Testnet> {
+    let p = dir.join(TESTNET_FILE);
+    let text = fs::read_to_string(&p)
+        .with_context(|| format!("no testnet in {} (missing {})", dir.display(), p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// The node list a node's API returns, or `None` if it does not answer.
+pub async fn node_list(api: &str) -> Option<Vec<NodeInfo>> {
+    let c = http().ok()?;
+    let r = c.get(format!("{api}/v1/nodes")).send().await.ok()?;
+    r.json().await.ok()
+}
+
+/// Waits until every node in `t` lists `expect` nodes as ready.
+pub async fn wait_ready(t: &Testnet, expect: usize, timeout: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let mut worst = usize::MAX;
+        for n in &t.nodes {
+            let ready = node_list(&n.api)
+                .await
+                .map(|l| l.iter().filter(|r| r.status == PeerStatus::Ready).count())
+                .unwrap_or(0);
+            worst = worst.min(ready);
+        }
+        if worst >= expect {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "after {:?} the slowest node lists {worst} of {expect} nodes as ready; logs are in the testnet dir",
+                timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether `pid` is alive and is one of ours (its command line names a DWCP binary), so a
+/// recycled pid is never signalled.
+pub fn is_ours(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("dwcp-"))
+        .unwrap_or(false)
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    if let Ok(p) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+    }
+}
+
+/// Kills node `i` with SIGKILL (for failure tests).
+pub fn kill_node(t: &Testnet, i: usize) -> anyhow::Result<()> {
+    let n = t.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;
+    if is_ours(n.pid) {
+        signal(n.pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    Ok(())
+}
+
+/// Restarts node `i` with its data dir (same identity); updates and rewrites `testnet.json`.
+pub fn restart_node(dir: &Path, t: &mut Testnet, i: usize, bin_dir: &Path) -> anyhow::Result<()> {
+    let node_bin = bin(bin_dir, "dwcp-node")?;
+    let n = t.nodes.get_mut(i).ok_or_else(|| anyhow!("no node {i}"))?;
+    n.pid = start_node(&node_bin, &n.config, &n.log.with_extension("restarted.log"))?;
+    write(dir, t)
+}
+
+/// Stops every process of the testnet: SIGTERM, then SIGKILL after 5 s. Removes
+/// `testnet.json`; data dirs and logs stay for inspection.
+pub async fn down(dir: &Path) -> anyhow::Result<usize> {
+    let t = read(dir)?;
+    let pids: Vec<u32> =
+        t.nodes.iter().map(|n| n.pid).chain(std::iter::once(t.bootstrap.pid)).collect();
+    let mut stopped = 0;
+    for &p in &pids {
+        if is_ours(p) {
+            signal(p, nix::sys::signal::Signal::SIGTERM);
+            stopped += 1;
+        }
+    }
+    let start = Instant::now();
+    while pids.iter().any(|&p| is_ours(p)) && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for &p in &pids {
+        if is_ours(p) {
+            signal(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    fs::remove_file(dir.join(TESTNET_FILE))?;
+    Ok(stopped)
+}
+
+/// One row of `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusRow {
+    /// Node index.
+    pub index: usize,
+    /// Node id.
+    pub id: String,
+    /// Process alive.
+    pub running: bool,
+    /// API URL.
+    pub api: String,
+    /// What the node reports, if it answers.
+    pub status: Option<ClusterStatus>,
+}
+
+/// Asks every node of the testnet for its status.
+pub async fn status(dir: &Path) -> anyhow::Result<(Testnet, Vec<StatusRow>)> {
+    let t = read(dir)?;
+    let c = http()?;
+    let mut rows = Vec::new();
+    for (i, n) in t.nodes.iter().enumerate() {
+        let st = match c.get(format!("{}/v1/cluster/status", n.api)).send().await {
+            Ok(r) => r.json::<ClusterStatus>().await.ok(),
+            Err(_) => None,
+        };
+        rows.push(StatusRow { index: i, id: n.id.clone(), running: is_ours(n.pid), api: n.api.clone(), status: st });
+    }
+    Ok((t, rows))
+}

@@ -1,0 +1,44 @@
+//! `dwcp-testnet`: run DWCP on one machine.
+
+mod bench;
+mod cmd_local;
+#[cfg(feature = "sim")]
+mod sim;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "dwcp-testnet", version, about = "Local DWCP testnet, benchmarks and simulator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a bootstrap peer and N nodes on 127.0.0.1 and wait until they form a mesh.
+    Up(cmd_local::UpArgs),
+    /// Show the testnet's processes and what each node reports.
+    Status(cmd_local::DirArgs),
+    /// Stop every process of the testnet (by pid).
+    Down(cmd_local::DirArgs),
+    /// Benchmarks: our engine side by side with its anchors, in one run.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// The deterministic simulator: the node's cores on a virtual clock, under attack.
+    #[cfg(feature = "sim")]
+    #[command(subcommand)]
+    Sim(sim::SimCmd),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Up(a) => cmd_local::up(a),
+        Cmd::Status(a) => cmd_local::status(a),
+        Cmd::Down(a) => cmd_local::down(a),
+        Cmd::Bench(b) => b.run(),
+        #[cfg(feature = "sim")]
+        Cmd::Sim(s) => s.run(),
+    }
+}

@@ -1,0 +1,232 @@
+//! `dwcp-testnet sim consensus`: the deterministic simulator's front end (crate dwcp-sim).
+//!
+//! Sweep mode runs seeds under network chaos and Byzantine strategies and reports safety
+//! violations and liveness, printing a `--reproduce <seed>` command for every failing seed.
+//! `--measure` runs fault-free with a uniform one-way latency and reports commit latency
+//! p50/p99 and throughput.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use dwcp_sim::{Report, Scenario, Strategy};
+
+/// Simulator commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SimCmd {
+    /// PBFT + reputation under chaos and Byzantine strategies.
+    Consensus(ConsensusArgs),
+}
+
+impl SimCmd {
+    pub(crate) fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Consensus(a) => consensus(a),
+        }
+    }
+}
+
+/// Arguments of `sim consensus`.
+#[derive(Debug, Args)]
+pub(crate) struct ConsensusArgs {
+    /// Committee size n.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Byzantine nodes (default: f = (n-1)/3).
+    #[arg(long)]
+    byzantine: Option<usize>,
+    /// Strategy of the Byzantine nodes, or `all` to rotate through them by seed.
+    #[arg(long, default_value = "all")]
+    strategy: String,
+    /// Number of seeds.
+    #[arg(long, default_value_t = 10)]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 1)]
+    first_seed: u64,
+    /// Run exactly this seed (as printed by a failing run).
+    #[arg(long)]
+    reproduce: Option<u64>,
+    /// Also run the first seed twice and compare trace hashes.
+    #[arg(long)]
+    self_check: bool,
+    /// Fault phase, virtual seconds.
+    #[arg(long, default_value_t = 60)]
+    fault_s: u64,
+    /// Liveness phase after faults stop, virtual seconds.
+    #[arg(long, default_value_t = 600)]
+    liveness_s: u64,
+    /// Measure latency and throughput: no faults, no Byzantine nodes, uniform links.
+    #[arg(long)]
+    measure: bool,
+    /// One-way link latency for `--measure`, ms.
+    #[arg(long, default_value_t = 50)]
+    one_way_ms: u64,
+    /// Simulated duration for `--measure`, virtual seconds.
+    #[arg(long, default_value_t = 60)]
+    duration_s: u64,
+    /// Outstanding requests per client for `--measure` (load).
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    /// Largest batch for `--measure`.
+    #[arg(long, default_value_t = 256)]
+    max_batch: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn pct(v: &[u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let idx = ((s.len() - 1) as f64 * p).round() as usize;
+    s[idx.min(s.len() - 1)]
+}
+
+fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
+    if a.nodes == 0 || a.nodes > 256 {
+        bail!("--nodes must be 1..=256");
+    }
+    let f = (a.nodes - 1) / 3;
+    if a.measure {
+        return measure(&a);
+    }
+    let byzantine = a.byzantine.unwrap_or(f);
+    if byzantine > f {
+        eprintln!("warning: {byzantine} Byzantine nodes exceed f = {f}; PBFT's guarantees do not hold");
+    }
+    let fixed: Option<Strategy> = match a.strategy.as_str() {
+        "all" => None,
+        s => Some(s.parse::<Strategy>().map_err(anyhow::Error::msg).context("--strategy")?),
+    };
+    let seeds: Vec<u64> = match a.reproduce {
+        Some(s) => vec![s],
+        None => (a.first_seed..a.first_seed + a.seeds).collect(),
+    };
+    let scenario = |seed: u64| {
+        let strategy = fixed.unwrap_or(Strategy::ALL[(seed % Strategy::ALL.len() as u64) as usize]);
+        let mut s = Scenario::chaos(a.nodes, byzantine, strategy, seed);
+        s.fault_phase_ms = a.fault_s * 1_000;
+        s.liveness_phase_ms = a.liveness_s * 1_000;
+        s.drain_ms = (a.liveness_s * 1_000 / 2).min(300_000);
+        s
+    };
+    let started = Instant::now();
+    let mut reports: Vec<Report> = Vec::new();
+    let mut failures = Vec::new();
+    for seed in &seeds {
+        let r = dwcp_sim::run(&scenario(*seed));
+        if !r.passed() {
+            failures.push(format!(
+                "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --reproduce {seed}",
+                r.strategy, r.violations, r.live, r.liveness_detail, a.nodes, r.strategy
+            ));
+        }
+        reports.push(r);
+    }
+    let determinism = if a.self_check {
+        Some(dwcp_sim::self_check(&scenario(seeds[0])).is_ok())
+    } else {
+        None
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let safety: usize = reports.iter().map(|r| r.violations.len()).sum();
+    let unsafe_seeds = reports.iter().filter(|r| !r.violations.is_empty()).count();
+    let not_live = reports.iter().filter(|r| !r.live).count();
+    let lat: Vec<u64> = reports.iter().flat_map(|r| r.consensus_latency_ms.iter().copied()).collect();
+    let quarantined: usize = reports.iter().map(|r| r.quarantined_byzantine).sum();
+    let offenders: usize = reports.iter().map(|r| r.offenders).sum();
+    let summary = serde_json::json!({
+        "nodes": a.nodes,
+        "byzantine": byzantine,
+        "strategy": a.strategy,
+        "seeds": seeds.len(),
+        "safety_violations": safety,
+        "unsafe_seeds": unsafe_seeds,
+        "liveness_failures": not_live,
+        "offenders": offenders,
+        "offenders_quarantined": quarantined,
+        "consensus_latency_ms_p50": pct(&lat, 0.5),
+        "consensus_latency_ms_p99": pct(&lat, 0.99),
+        "messages": reports.iter().map(|r| r.messages).sum::<u64>(),
+        "rejected_forged_messages": reports.iter().map(|r| r.rejected_messages).sum::<u64>(),
+        "max_view": reports.iter().map(|r| r.max_view).max().unwrap_or(0),
+        "determinism_self_check": determinism,
+        "wall_seconds": wall,
+        "failures": failures,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("sim consensus: n={} byzantine={} strategy={} seeds={}", a.nodes, byzantine, a.strategy, seeds.len());
+        println!("  safety violations   {safety} (in {unsafe_seeds} seeds)");
+        println!("  liveness failures   {not_live}");
+        println!("  offenders quarantined {quarantined}/{offenders}");
+        println!("  consensus latency   p50 {} ms, p99 {} ms (proposal -> commit, chaos links)", pct(&lat, 0.5), pct(&lat, 0.99));
+        println!("  forged msgs dropped {}", summary["rejected_forged_messages"]);
+        if let Some(d) = determinism {
+            println!("  determinism         {}", if d { "same trace hash twice" } else { "TRACE HASHES DIFFER" });
+        }
+        println!("  wall time           {wall:.1} s");
+        for f in &failures {
+            println!("FAIL {f}");
+        }
+    }
+    if !failures.is_empty() || determinism == Some(false) {
+        bail!("{} failing seeds", failures.len());
+    }
+    Ok(())
+}
+
+fn measure(a: &ConsensusArgs) -> anyhow::Result<()> {
+    let seed = a.reproduce.unwrap_or(a.first_seed);
+    let mut s = Scenario::measure(a.nodes, a.one_way_ms, seed, a.duration_s * 1_000, a.window);
+    s.consensus.max_batch = a.max_batch;
+    let active_ms = (s.liveness_phase_ms - s.drain_ms) as f64;
+    let started = Instant::now();
+    let r = dwcp_sim::run(&s);
+    let wall = started.elapsed().as_secs_f64();
+    let tput = r.requests_committed as f64 / (active_ms / 1_000.0);
+    let out = serde_json::json!({
+        "nodes": a.nodes,
+        "one_way_ms": a.one_way_ms,
+        "window": a.window,
+        "max_batch": a.max_batch,
+        "requests_committed": r.requests_committed,
+        "batches_committed": r.committed_seqs,
+        "throughput_req_per_s": tput,
+        "consensus_latency_ms_p50": pct(&r.consensus_latency_ms, 0.5),
+        "consensus_latency_ms_p99": pct(&r.consensus_latency_ms, 0.99),
+        "client_latency_ms_p50": pct(&r.client_latency_ms, 0.5),
+        "client_latency_ms_p99": pct(&r.client_latency_ms, 0.99),
+        "messages": r.messages,
+        "wall_seconds": wall,
+        "wall_us_per_message": wall * 1e6 / r.messages.max(1) as f64,
+        "passed": r.passed(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "n={:<3} one-way={}ms window={} batch<={}: consensus p50 {} ms p99 {} ms | client p50 {} ms p99 {} ms | {:.0} req/s, {} batches | {:.1} us/msg wall",
+            a.nodes,
+            a.one_way_ms,
+            a.window,
+            a.max_batch,
+            out["consensus_latency_ms_p50"],
+            out["consensus_latency_ms_p99"],
+            out["client_latency_ms_p50"],
+            out["client_latency_ms_p99"],
+            tput,
+            r.committed_seqs,
+            out["wall_us_per_message"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if !r.passed() {
+        bail!("measurement run failed: {:?} {}", r.violations, r.liveness_detail);
+    }
+    Ok(())
+}
