@@ -60,24 +60,35 @@ impl Metrics {
     fn new() -> anyhow::Result<Self> {
         let registry = Registry::new();
         let peers = IntGauge::new("dwcp_bootstrap_peers_connected", "Peers connected")?;
-        let routing =
-            IntGauge::new("dwcp_bootstrap_routing_table_size", "Kademlia routing table entries")?;
+        let routing = IntGauge::new(
+            "dwcp_bootstrap_routing_table_size",
+            "Kademlia routing table entries",
+        )?;
         let gossip = IntCounterVec::new(
-            Opts::new("dwcp_bootstrap_gossip_messages_total", "Gossip messages by verdict"),
+            Opts::new(
+                "dwcp_bootstrap_gossip_messages_total",
+                "Gossip messages by verdict",
+            ),
             &["verdict", "reason"],
         )?;
         registry.register(Box::new(peers.clone()))?;
         registry.register(Box::new(routing.clone()))?;
         registry.register(Box::new(gossip.clone()))?;
-        Ok(Self { registry, peers, routing, gossip })
+        Ok(Self {
+            registry,
+            peers,
+            routing,
+            gossip,
+        })
     }
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -92,13 +103,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", cli.data_dir.display()))?;
     let key = identity::load_or_create(&cli.data_dir.join(identity::IDENTITY_FILE))?;
     let peer_id = key.node_id().to_peer_id()?;
-    let topics: Vec<(String, Topics)> =
-        cli.cluster_ids.iter().map(|c| (c.clone(), Topics::for_cluster(c))).collect();
+    let topics: Vec<(String, Topics)> = cli
+        .cluster_ids
+        .iter()
+        .map(|c| (c.clone(), Topics::for_cluster(c)))
+        .collect();
 
     let mut net = dwcp_net::NetConfig::new(key.to_libp2p(), Role::Bootstrap);
-    net.listen = cli.listen.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
-    net.bootstrap = cli.peer.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
-    net.topics = topics.iter().flat_map(|(_, t)| [t.announce.clone(), t.heartbeat.clone()]).collect();
+    net.listen = cli
+        .listen
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    net.bootstrap = cli
+        .peer
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    net.topics = topics
+        .iter()
+        .flat_map(|(_, t)| [t.announce.clone(), t.heartbeat.clone()])
+        .collect();
     net.max_connections = cli.max_connections;
     net.agent_version = format!("dwcp-bootstrap/{}", env!("CARGO_PKG_VERSION"));
     let (client, mut events, event_loop) = dwcp_net::new(net)?;
@@ -180,7 +205,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

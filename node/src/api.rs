@@ -26,8 +26,17 @@ use dwcp_protocol::{
 
 use crate::daemon::Shared;
 
+/// An error answer: a status code and one line of text.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
 fn err(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(ApiError { error: msg.into() })).into_response()
+    Failure(code, msg.into()).into_response()
 }
 
 /// The API router.
@@ -50,7 +59,10 @@ pub fn metrics_router(shared: Arc<Shared>) -> Router {
             get(|State(s): State<Arc<Shared>>| async move {
                 s.refresh_gauges();
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     s.metrics.render(),
                 )
             }),
@@ -71,37 +83,48 @@ async fn nodes(State(s): State<Arc<Shared>>) -> Json<Vec<NodeInfo>> {
 }
 
 /// Resolves a node given as hex id, peer id or unique hex prefix (at least 4 characters).
-fn resolve(s: &Shared, text: &str) -> Result<NodeInfo, Response> {
+fn resolve(s: &Shared, text: &str) -> Result<NodeInfo, Failure> {
     let rows = s.node_rows();
     if let Ok(id) = text.parse::<NodeId>() {
         return rows
             .into_iter()
             .find(|r| r.id == id)
-            .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("unknown node {text}")));
+            .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("unknown node {text}")));
     }
     if text.len() >= 4 && text.chars().all(|c| c.is_ascii_hexdigit()) {
         let lower = text.to_ascii_lowercase();
-        let mut hits: Vec<NodeInfo> =
-            rows.into_iter().filter(|r| r.id.to_string().starts_with(&lower)).collect();
+        let mut hits: Vec<NodeInfo> = rows
+            .into_iter()
+            .filter(|r| r.id.to_string().starts_with(&lower))
+            .collect();
         return match hits.len() {
             1 => Ok(hits.remove(0)),
-            0 => Err(err(StatusCode::NOT_FOUND, format!("unknown node {text}"))),
-            n => Err(err(StatusCode::BAD_REQUEST, format!("{n} nodes match prefix {text}"))),
+            0 => Err(Failure(
+                StatusCode::NOT_FOUND,
+                format!("unknown node {text}"),
+            )),
+            n => Err(Failure(
+                StatusCode::BAD_REQUEST,
+                format!("{n} nodes match prefix {text}"),
+            )),
         };
     }
-    Err(err(StatusCode::BAD_REQUEST, format!("`{text}` is not a node id, peer id or hex prefix")))
+    Err(Failure(
+        StatusCode::BAD_REQUEST,
+        format!("`{text}` is not a node id, peer id or hex prefix"),
+    ))
 }
 
 async fn node(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     match resolve(&s, &id) {
         Ok(r) => Json(r).into_response(),
-        Err(e) => e,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn node_metrics(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     match resolve(&s, &id) {
         Ok(r) => Json::<NodeMetrics>(s.node_metrics(&r)).into_response(),
-        Err(e) => e,
+        Err(e) => e.into_response(),
     }
 }

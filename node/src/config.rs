@@ -36,7 +36,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Cluster membership.
@@ -63,7 +63,10 @@ pub struct ClusterSection {
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self { id: "dwcp-local".into(), bootstrap: Vec::new() }
+        Self {
+            id: "dwcp-local".into(),
+            bootstrap: Vec::new(),
+        }
     }
 }
 
@@ -135,7 +138,12 @@ pub struct DonatedSection {
 
 impl Default for DonatedSection {
     fn default() -> Self {
-        Self { cpu_percent: 50, memory_percent: 50, disk_percent: 50, uplink_mbps: 0 }
+        Self {
+            cpu_percent: 50,
+            memory_percent: 50,
+            disk_percent: 50,
+            uplink_mbps: 0,
+        }
     }
 }
 
@@ -163,7 +171,10 @@ pub struct NetworkSection {
 impl Default for NetworkSection {
     fn default() -> Self {
         Self {
-            listen: vec!["/ip4/0.0.0.0/tcp/7070".into(), "/ip4/0.0.0.0/udp/7070/quic-v1".into()],
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/7070".into(),
+                "/ip4/0.0.0.0/udp/7070/quic-v1".into(),
+            ],
             target_peers: 8,
             max_connections: 128,
             heartbeat_interval: Duration::from_secs(2),
@@ -191,7 +202,9 @@ pub struct RestSection {
 
 impl Default for RestSection {
     fn default() -> Self {
-        Self { bind: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
     }
 }
 
@@ -217,7 +230,10 @@ pub struct PrometheusSection {
 
 impl Default for PrometheusSection {
     fn default() -> Self {
-        Self { enabled: true, bind: SocketAddr::from(([127, 0, 0, 1], 8084)) }
+        Self {
+            enabled: true,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8084)),
+        }
     }
 }
 
@@ -233,7 +249,10 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
     }
 }
 
@@ -245,18 +264,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        Self {
-            cluster: ClusterSection::default(),
-            node: NodeSection::default(),
-            network: NetworkSection::default(),
-            api: ApiSection::default(),
-            monitoring: MonitoringSection::default(),
-        }
-    }
 }
 
 /// Where files go by default.
@@ -271,7 +278,10 @@ pub struct Paths {
 impl Paths {
     /// `/etc/dwcp/node.yaml` and `/var/lib/dwcp` for the system service.
     pub fn system() -> Self {
-        Self { config: "/etc/dwcp/node.yaml".into(), data_dir: "/var/lib/dwcp".into() }
+        Self {
+            config: "/etc/dwcp/node.yaml".into(),
+            data_dir: "/var/lib/dwcp".into(),
+        }
     }
 
     /// The desktop user's platform directories (XDG on Linux).
@@ -286,7 +296,11 @@ impl Paths {
 
     /// System paths when running as root, the user's otherwise.
     pub fn default_for_user() -> anyhow::Result<Self> {
-        if nix::unistd::geteuid().is_root() { Ok(Self::system()) } else { Self::user() }
+        if nix::unistd::geteuid().is_root() {
+            Ok(Self::system())
+        } else {
+            Self::user()
+        }
     }
 }
 
@@ -303,7 +317,8 @@ impl NodeConfig {
             .with_context(|| format!("reading config {}", path.display()))?;
         let cfg =
             Self::from_yaml(&text).with_context(|| format!("in config {}", path.display()))?;
-        cfg.validate().with_context(|| format!("in config {}", path.display()))
+        cfg.validate()
+            .with_context(|| format!("in config {}", path.display()))
     }
 
     /// The YAML text of this config.
@@ -316,12 +331,18 @@ impl NodeConfig {
         if self.cluster.id.is_empty() || self.cluster.id.len() > 64 {
             bail!("cluster.id must be 1 to 64 characters");
         }
-        if !self.cluster.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !self
+            .cluster
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             bail!("cluster.id may only hold letters, digits, '-' and '_'");
         }
         for a in &self.cluster.bootstrap {
-            let m: libp2p::Multiaddr =
-                a.parse().with_context(|| format!("cluster.bootstrap: `{a}` is not a multiaddr"))?;
+            let m: libp2p::Multiaddr = a
+                .parse()
+                .with_context(|| format!("cluster.bootstrap: `{a}` is not a multiaddr"))?;
             if !matches!(m.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
                 bail!("cluster.bootstrap: `{a}` must end with /p2p/<peer id>");
             }
@@ -331,8 +352,11 @@ impl NodeConfig {
                 .with_context(|| format!("network.listen: `{a}` is not a multiaddr"))?;
         }
         let d = &self.node.donated;
-        for (name, v) in [("cpu", d.cpu_percent), ("memory", d.memory_percent), ("disk", d.disk_percent)]
-        {
+        for (name, v) in [
+            ("cpu", d.cpu_percent),
+            ("memory", d.memory_percent),
+            ("disk", d.disk_percent),
+        ] {
             if v > 100 {
                 bail!("node.donated.{name}_percent must be at most 100, got {v}");
             }
@@ -378,7 +402,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = NodeConfig::from_yaml("node:\n  regoin: x\n").unwrap_err().to_string();
+        let err = NodeConfig::from_yaml("node:\n  regoin: x\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `regoin`"), "{err}");
         assert!(err.contains("line 2"), "{err}");
     }
@@ -389,12 +415,21 @@ mod tests {
         let err = format!("{:#}", c.validate().unwrap_err());
         assert!(err.contains("must end with /p2p/"), "{err}");
         let c = NodeConfig::from_yaml("node:\n  donated:\n    cpu_percent: 150\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("cpu_percent"));
-        let c = NodeConfig::from_yaml(
-            "network:\n  heartbeat_interval: 5s\n  unreachable_after: 2s\n",
-        )
-        .unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("unreachable_after"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cpu_percent")
+        );
+        let c =
+            NodeConfig::from_yaml("network:\n  heartbeat_interval: 5s\n  unreachable_after: 2s\n")
+                .unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("unreachable_after")
+        );
     }
 
     #[test]

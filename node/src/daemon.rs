@@ -77,7 +77,11 @@ impl Shared {
         let a = g.me.message();
         let mut rows = vec![NodeInfo {
             id: self.id,
-            peer_id: self.id.to_peer_id().map(|p| p.to_string()).unwrap_or_default(),
+            peer_id: self
+                .id
+                .to_peer_id()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
             status: PeerStatus::Ready,
             is_self: true,
             region: a.region.clone(),
@@ -89,7 +93,12 @@ impl Shared {
             last_seen_ms_ago: 0,
             last_heartbeat_seq: 0,
         }];
-        rows.extend(g.membership.rows(now).into_iter().filter(|r| r.id != self.id));
+        rows.extend(
+            g.membership
+                .rows(now)
+                .into_iter()
+                .filter(|r| r.id != self.id),
+        );
         rows
     }
 
@@ -101,13 +110,22 @@ impl Shared {
         self.metrics.nodes_known.set(known as i64 + 1);
         self.metrics.workers_ready.set(ready as i64 + 1);
         self.metrics.nodes_unreachable.set((known - ready) as i64);
-        self.metrics.peers_connected.set(g.net.connected_peers.len() as i64);
-        self.metrics.routing_table_size.set(g.net.routing_table_size as i64);
+        self.metrics
+            .peers_connected
+            .set(g.net.connected_peers.len() as i64);
+        self.metrics
+            .routing_table_size
+            .set(g.net.routing_table_size as i64);
         self.metrics.events_dropped.set(g.net.events_dropped as i64);
         for (t, n) in &g.net.mesh_peers {
-            self.metrics.mesh_peers.with_label_values(&[t.as_str()]).set(*n as i64);
+            self.metrics
+                .mesh_peers
+                .with_label_values(&[t.as_str()])
+                .set(*n as i64);
         }
-        self.metrics.uptime_seconds.set(self.started.elapsed().as_secs() as i64);
+        self.metrics
+            .uptime_seconds
+            .set(self.started.elapsed().as_secs() as i64);
     }
 
     /// `GET /v1/cluster/status`.
@@ -164,32 +182,53 @@ impl Shared {
                 ),
             },
         ];
-        ClusterHealth { healthy: checks.iter().all(|c| c.ok), checks }
+        ClusterHealth {
+            healthy: checks.iter().all(|c| c.ok),
+            checks,
+        }
     }
 
     /// `GET /v1/nodes/{id}/metrics`.
     pub fn node_metrics(&self, row: &NodeInfo) -> NodeMetrics {
         if row.is_self {
             self.refresh_gauges();
-            return NodeMetrics { id: row.id, metrics: self.metrics.flatten() };
+            return NodeMetrics {
+                id: row.id,
+                metrics: self.metrics.flatten(),
+            };
         }
         let g = self.lock();
         let mut m = std::collections::BTreeMap::new();
         m.insert("last_seen_ms_ago".into(), row.last_seen_ms_ago as f64);
-        m.insert("ready".into(), f64::from(u8::from(row.status == PeerStatus::Ready)));
+        m.insert(
+            "ready".into(),
+            f64::from(u8::from(row.status == PeerStatus::Ready)),
+        );
         if let Some(hb) = g.membership.heartbeat(&row.id) {
             m.insert("uptime_seconds".into(), hb.uptime_s as f64);
-            m.insert("cpu_load_permille".into(), f64::from(hb.health.cpu_load_permille));
+            m.insert(
+                "cpu_load_permille".into(),
+                f64::from(hb.health.cpu_load_permille),
+            );
             m.insert("memory_used_mib".into(), hb.health.memory_used_mib as f64);
             m.insert("vms_running".into(), f64::from(hb.health.vms_running));
-            m.insert("peers_connected".into(), f64::from(hb.health.peers_connected));
+            m.insert(
+                "peers_connected".into(),
+                f64::from(hb.health.peers_connected),
+            );
         }
-        NodeMetrics { id: row.id, metrics: m }
+        NodeMetrics {
+            id: row.id,
+            metrics: m,
+        }
     }
 }
 
 fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A sequence number that keeps growing across restarts: the wall clock in ms, or one more than
@@ -231,10 +270,21 @@ fn resources_of(cfg: &NodeConfig, data_dir: &std::path::Path) -> (Resources, Don
     let r = &cfg.node.resources;
     let resources = Resources {
         vcpus: if r.cpu == 0 { host::cpus() } else { r.cpu },
-        memory_mib: if r.memory_mib == 0 { host::memory_mib() } else { r.memory_mib },
-        disk_gib: if r.disk_gib == 0 { host::disk_free_gib(data_dir) } else { r.disk_gib },
+        memory_mib: if r.memory_mib == 0 {
+            host::memory_mib()
+        } else {
+            r.memory_mib
+        },
+        disk_gib: if r.disk_gib == 0 {
+            host::disk_free_gib(data_dir)
+        } else {
+            r.disk_gib
+        },
         gpus: if r.gpu.enabled && r.gpu.count > 0 {
-            vec![Gpu { model: r.gpu.model.clone(), count: r.gpu.count }]
+            vec![Gpu {
+                model: r.gpu.model.clone(),
+                count: r.gpu.count,
+            }]
         } else {
             vec![]
         },
@@ -274,7 +324,11 @@ impl Daemon {
     async fn publish(&self, topic: &str, bytes: Vec<u8>) -> bool {
         match self.client.publish(topic, bytes).await {
             Ok(()) => {
-                self.shared.metrics.gossip_published.with_label_values(&[topic]).inc();
+                self.shared
+                    .metrics
+                    .gossip_published
+                    .with_label_values(&[topic])
+                    .inc();
                 true
             }
             Err(e) => {
@@ -327,10 +381,12 @@ impl Daemon {
         let now = self.shared.now();
         let verdict: Result<(), (Validation, &'static str)> =
             match classify(&m, &self.topics, &self.config.cluster.id) {
-                Classified::Heartbeat(v) => match self.shared.lock().membership.on_heartbeat(now, v) {
-                    Update::Applied => Ok(()),
-                    Update::Stale => Err((Validation::Ignore, "stale")),
-                },
+                Classified::Heartbeat(v) => {
+                    match self.shared.lock().membership.on_heartbeat(now, v) {
+                        Update::Applied => Ok(()),
+                        Update::Stale => Err((Validation::Ignore, "stale")),
+                    }
+                }
                 Classified::Announcement(v) => {
                     let saved = v.clone();
                     let update = self.shared.lock().membership.on_announcement(now, v);
@@ -350,16 +406,25 @@ impl Daemon {
         let metrics = &self.shared.metrics;
         let v = match verdict {
             Ok(()) => {
-                metrics.gossip_received.with_label_values(&[m.topic.as_str()]).inc();
+                metrics
+                    .gossip_received
+                    .with_label_values(&[m.topic.as_str()])
+                    .inc();
                 Validation::Accept
             }
             Err((Validation::Reject, reason)) => {
-                metrics.gossip_rejected.with_label_values(&[m.topic.as_str(), reason]).inc();
+                metrics
+                    .gossip_rejected
+                    .with_label_values(&[m.topic.as_str(), reason])
+                    .inc();
                 warn!(topic = %m.topic, from = %m.propagation_source, %reason, "rejected gossip message");
                 Validation::Reject
             }
             Err((v, reason)) => {
-                metrics.gossip_ignored.with_label_values(&[m.topic.as_str(), reason]).inc();
+                metrics
+                    .gossip_ignored
+                    .with_label_values(&[m.topic.as_str(), reason])
+                    .inc();
                 v
             }
         };
@@ -383,7 +448,10 @@ impl Daemon {
                     self.announce_due = true;
                 }
             }
-            Event::PeerIncompatible { peer, protocol_version } => {
+            Event::PeerIncompatible {
+                peer,
+                protocol_version,
+            } => {
                 info!(%peer, %protocol_version, "peer runs an incompatible version");
             }
             _ => {}
@@ -394,7 +462,11 @@ impl Daemon {
 
 /// Runs the node until `shutdown` resolves.
 pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let NodeSetup { mut config, key, data_dir } = setup;
+    let NodeSetup {
+        mut config,
+        key,
+        data_dir,
+    } = setup;
     config.node.data_dir = data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -405,8 +477,18 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
 
     let topics = Topics::for_cluster(&config.cluster.id);
     let mut net = dwcp_net::NetConfig::new(key.to_libp2p(), dwcp_net::Role::Node);
-    net.listen = config.network.listen.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
-    net.bootstrap = config.cluster.bootstrap.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+    net.listen = config
+        .network
+        .listen
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    net.bootstrap = config
+        .cluster
+        .bootstrap
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     net.topics = vec![topics.announce.clone(), topics.heartbeat.clone()];
     net.target_peers = config.network.target_peers;
     net.max_connections = config.network.max_connections;
@@ -418,9 +500,14 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
     let mut membership = Membership::new(config.network.unreachable_after.as_millis() as u64);
     let (restored, dropped) = store.load_announcements();
     if dropped > 0 {
-        warn!(dropped, "dropped stored announcements that no longer verify");
+        warn!(
+            dropped,
+            "dropped stored announcements that no longer verify"
+        );
     }
-    for a in restored.into_iter().filter(|a| a.signer() != id && a.cluster_id == config.cluster.id)
+    for a in restored
+        .into_iter()
+        .filter(|a| a.signer() != id && a.cluster_id == config.cluster.id)
     {
         membership.restore(a);
     }

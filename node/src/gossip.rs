@@ -31,34 +31,44 @@ fn reject_reason(e: &DecodeError) -> &'static str {
     }
 }
 
+/// Why a message was dropped: `Err(true, reason)` is invalid, `Err(false, reason)` unwanted.
+type Dropped = (bool, &'static str);
+
 fn check<T: Message>(
     m: &GossipMessage,
     cluster_id: &str,
     cluster_of: impl Fn(&T) -> &str,
-) -> Result<Verified<T>, Classified> {
-    let v = SignedEnvelope::decode_verified::<T>(&m.data)
-        .map_err(|e| Classified::Invalid(reject_reason(&e)))?;
+) -> Result<Verified<T>, Dropped> {
+    let v = SignedEnvelope::decode_verified::<T>(&m.data).map_err(|e| (true, reject_reason(&e)))?;
     let publisher = m
         .source
         .and_then(|p| NodeId::from_peer_id(&p).ok())
-        .ok_or(Classified::Invalid("unsigned_gossip"))?;
+        .ok_or((true, "unsigned_gossip"))?;
     if publisher != v.signer() {
-        return Err(Classified::Invalid("signer_mismatch"));
+        return Err((true, "signer_mismatch"));
     }
     if cluster_of(v.message()) != cluster_id {
-        return Err(Classified::Ignored("other_cluster"));
+        return Err((false, "other_cluster"));
     }
     Ok(v)
+}
+
+fn dropped((invalid, reason): Dropped) -> Classified {
+    if invalid {
+        Classified::Invalid(reason)
+    } else {
+        Classified::Ignored(reason)
+    }
 }
 
 /// Validates one gossip message.
 pub fn classify(m: &GossipMessage, topics: &Topics, cluster_id: &str) -> Classified {
     if m.topic == topics.heartbeat {
         check::<Heartbeat>(m, cluster_id, |h| &h.cluster_id)
-            .map_or_else(|c| c, Classified::Heartbeat)
+            .map_or_else(dropped, Classified::Heartbeat)
     } else if m.topic == topics.announce {
         check::<NodeAnnouncement>(m, cluster_id, |a| &a.cluster_id)
-            .map_or_else(|c| c, Classified::Announcement)
+            .map_or_else(dropped, Classified::Announcement)
     } else {
         Classified::Ignored("unknown_topic")
     }
@@ -103,9 +113,17 @@ mod tests {
         let k = NodeKey::from_secret_bytes([5; 32]);
         let me = Some(k.node_id().to_peer_id().unwrap());
         let good = SignedEnvelope::sign(&k, &hb("c")).encode();
-        assert!(matches!(classify(&msg(&t.heartbeat, good.clone(), me), &t, "c"), Classified::Heartbeat(_)));
+        assert!(matches!(
+            classify(&msg(&t.heartbeat, good.clone(), me), &t, "c"),
+            Classified::Heartbeat(_)
+        ));
         // Relayed under another publisher's name: the signer must be the publisher.
-        let other = Some(NodeKey::from_secret_bytes([6; 32]).node_id().to_peer_id().unwrap());
+        let other = Some(
+            NodeKey::from_secret_bytes([6; 32])
+                .node_id()
+                .to_peer_id()
+                .unwrap(),
+        );
         assert!(matches!(
             classify(&msg(&t.heartbeat, good.clone(), other), &t, "c"),
             Classified::Invalid("signer_mismatch")

@@ -5,7 +5,9 @@ use std::path::Path;
 
 /// Logical CPUs.
 pub fn cpus() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 fn meminfo_kib(field: &str) -> Option<u64> {
@@ -32,15 +34,21 @@ pub fn memory_used_mib() -> u64 {
 /// Free space of the filesystem holding `path`, GiB.
 pub fn disk_free_gib(path: &Path) -> u64 {
     nix::sys::statvfs::statvfs(path)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / (1 << 30))
+        .map(|s| s.blocks_available() * s.fragment_size() / (1 << 30))
         .unwrap_or(0)
 }
 
 /// One-minute load average per CPU, in per-mille.
 pub fn cpu_load_permille() -> u32 {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: f64 = text.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ((load / f64::from(cpus())) * 1000.0).round().clamp(0.0, 100_000.0) as u32
+    let load: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    ((load / f64::from(cpus())) * 1000.0)
+        .round()
+        .clamp(0.0, 100_000.0) as u32
 }
 
 #[cfg(test)]

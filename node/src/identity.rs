@@ -26,7 +26,11 @@ pub fn load(path: &Path) -> anyhow::Result<NodeKey> {
     }
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!("identity key {} must be 32 bytes, it is {}", path.display(), bytes.len())
+        anyhow::anyhow!(
+            "identity key {} must be 32 bytes, it is {}",
+            path.display(),
+            bytes.len()
+        )
     })?;
     Ok(NodeKey::from_secret_bytes(secret))
 }
@@ -50,7 +54,11 @@ pub fn create(path: &Path) -> anyhow::Result<NodeKey> {
 
 /// Loads the key, creating it first if it does not exist.
 pub fn load_or_create(path: &Path) -> anyhow::Result<NodeKey> {
-    if path.exists() { load(path) } else { create(path) }
+    if path.exists() {
+        load(path)
+    } else {
+        create(path)
+    }
 }
 
 #[cfg(test)]
@@ -64,7 +72,10 @@ mod tests {
         let a = load_or_create(&p).unwrap();
         let b = load_or_create(&p).unwrap();
         assert_eq!(a.node_id(), b.node_id());
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(create(&p).is_err(), "an existing key is never overwritten");
     }
 
@@ -81,7 +92,14 @@ mod tests {
     fn truncated_key_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("id.key");
-        fs::OpenOptions::new().write(true).create(true).mode(0o600).open(&p).unwrap().write_all(b"short").unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .unwrap()
+            .write_all(b"short")
+            .unwrap();
         assert!(load(&p).unwrap_err().to_string().contains("32 bytes"));
     }
 }

@@ -41,7 +41,10 @@ pub struct Membership {
 impl Membership {
     /// An empty table.
     pub fn new(unreachable_after_ms: u64) -> Self {
-        Self { unreachable_after_ms, members: BTreeMap::new() }
+        Self {
+            unreachable_after_ms,
+            members: BTreeMap::new(),
+        }
     }
 
     /// Offers an announcement.
@@ -53,10 +56,10 @@ impl Membership {
             last_seen: now,
             seen_alive: true,
         });
-        if let Some(old) = &m.announcement {
-            if old.seq >= a.seq {
-                return Update::Stale;
-            }
+        if let Some(old) = &m.announcement
+            && old.seq >= a.seq
+        {
+            return Update::Stale;
         }
         m.announcement = Some(a);
         m.last_seen = now;
@@ -84,10 +87,10 @@ impl Membership {
             last_seen: now,
             seen_alive: true,
         });
-        if let Some(old) = &m.last_heartbeat {
-            if old.seq >= hb.seq {
-                return Update::Stale;
-            }
+        if let Some(old) = &m.last_heartbeat
+            && old.seq >= hb.seq
+        {
+            return Update::Stale;
         }
         m.last_heartbeat = Some(hb.into_message());
         m.last_seen = now;
@@ -110,8 +113,11 @@ impl Membership {
 
     /// Number of known peers and of ready peers.
     pub fn counts(&self, now: u64) -> (usize, usize) {
-        let ready =
-            self.members.values().filter(|m| self.status_of(now, m) == PeerStatus::Ready).count();
+        let ready = self
+            .members
+            .values()
+            .filter(|m| self.status_of(now, m) == PeerStatus::Ready)
+            .count();
         (self.members.len(), ready)
     }
 
@@ -135,12 +141,14 @@ impl Membership {
                     version: a.map(|a| a.version.clone()).unwrap_or_default(),
                     addresses: a.map(|a| a.listen_addrs.clone()).unwrap_or_default(),
                     resources: a.map(|a| a.resources.clone()).unwrap_or_default(),
-                    donated: a.map(|a| a.donated.clone()).unwrap_or(dwcp_protocol::DonatedShare {
-                        vcpus: 0,
-                        memory_mib: 0,
-                        disk_gib: 0,
-                        uplink_mbps: 0,
-                    }),
+                    donated: a
+                        .map(|a| a.donated.clone())
+                        .unwrap_or(dwcp_protocol::DonatedShare {
+                            vcpus: 0,
+                            memory_mib: 0,
+                            disk_gib: 0,
+                            uplink_mbps: 0,
+                        }),
                     health: m.last_heartbeat.as_ref().map(|h| h.health.status),
                     last_seen_ms_ago: if m.seen_alive {
                         now.saturating_sub(m.last_seen)
@@ -161,9 +169,7 @@ impl Membership {
 
 #[cfg(test)]
 mod tests {
-    use dwcp_protocol::{
-        DonatedShare, Health, HealthStatus, NodeKey, Resources, Timestamp,
-    };
+    use dwcp_protocol::{DonatedShare, Health, HealthStatus, NodeKey, Resources, Timestamp};
 
     use super::*;
 
@@ -196,8 +202,18 @@ mod tests {
                 issued_at: Timestamp(seq),
                 region: region.into(),
                 version: "3.0.0".into(),
-                resources: Resources { vcpus: 4, memory_mib: 4096, disk_gib: 10, gpus: vec![] },
-                donated: DonatedShare { vcpus: 2, memory_mib: 2048, disk_gib: 5, uplink_mbps: 0 },
+                resources: Resources {
+                    vcpus: 4,
+                    memory_mib: 4096,
+                    disk_gib: 10,
+                    gpus: vec![],
+                },
+                donated: DonatedShare {
+                    vcpus: 2,
+                    memory_mib: 2048,
+                    disk_gib: 5,
+                    uplink_mbps: 0,
+                },
                 listen_addrs: vec![],
             },
         )

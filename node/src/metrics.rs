@@ -51,27 +51,42 @@ impl Metrics {
             registry.register(Box::new(m.clone()))?;
             Ok(m)
         };
-        let gv = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-            let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
+        let gv =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(m.clone()))?;
+                Ok(m)
+            };
         let cv =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
                 let m = IntCounterVec::new(Opts::new(name, help), labels)?;
                 registry.register(Box::new(m.clone()))?;
                 Ok(m)
             };
-        let workers_ready =
-            g("dwcp_cluster_workers_ready", "Nodes whose heartbeats are fresh, this one included")?;
+        let workers_ready = g(
+            "dwcp_cluster_workers_ready",
+            "Nodes whose heartbeats are fresh, this one included",
+        )?;
         let nodes_known = g("dwcp_cluster_nodes_known", "Nodes in the membership table")?;
-        let nodes_unreachable =
-            g("dwcp_cluster_nodes_unreachable", "Known nodes whose heartbeats stopped")?;
+        let nodes_unreachable = g(
+            "dwcp_cluster_nodes_unreachable",
+            "Known nodes whose heartbeats stopped",
+        )?;
         let peers_connected = g("dwcp_net_peers_connected", "Peers with an open connection")?;
-        let routing_table_size = g("dwcp_net_routing_table_size", "Kademlia routing table entries")?;
-        let mesh_peers = gv("dwcp_gossip_mesh_peers", "Gossipsub mesh peers per topic", &["topic"])?;
-        let gossip_received =
-            cv("dwcp_gossip_messages_received_total", "Gossip messages accepted", &["topic"])?;
+        let routing_table_size = g(
+            "dwcp_net_routing_table_size",
+            "Kademlia routing table entries",
+        )?;
+        let mesh_peers = gv(
+            "dwcp_gossip_mesh_peers",
+            "Gossipsub mesh peers per topic",
+            &["topic"],
+        )?;
+        let gossip_received = cv(
+            "dwcp_gossip_messages_received_total",
+            "Gossip messages accepted",
+            &["topic"],
+        )?;
         let gossip_rejected = cv(
             "dwcp_gossip_messages_rejected_total",
             "Gossip messages rejected as invalid (sender penalised)",
@@ -82,8 +97,11 @@ impl Metrics {
             "Gossip messages dropped without penalty",
             &["topic", "reason"],
         )?;
-        let gossip_published =
-            cv("dwcp_gossip_messages_published_total", "Gossip messages published", &["topic"])?;
+        let gossip_published = cv(
+            "dwcp_gossip_messages_published_total",
+            "Gossip messages published",
+            &["topic"],
+        )?;
         let gossip_publish_errors = IntCounter::new(
             "dwcp_gossip_publish_errors_total",
             "Gossip publishes that failed (for example before any peer joined the topic)",
@@ -94,8 +112,14 @@ impl Metrics {
             "Network events dropped because the node's bounded queue was full",
         )?;
         let uptime_seconds = g("dwcp_node_uptime_seconds", "Seconds since the node started")?;
-        let build_info = gv("dwcp_build_info", "Build information (always 1)", &["version"])?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let build_info = gv(
+            "dwcp_build_info",
+            "Build information (always 1)",
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Ok(Self {
             registry,
             workers_ready,
@@ -157,7 +181,9 @@ mod tests {
     fn renders_prometheus_text_with_manual_names() {
         let m = Metrics::new().unwrap();
         m.workers_ready.set(3);
-        m.gossip_rejected.with_label_values(&["t", "bad_signature"]).inc();
+        m.gossip_rejected
+            .with_label_values(&["t", "bad_signature"])
+            .inc();
         let text = m.render();
         assert!(text.contains("# TYPE dwcp_cluster_workers_ready gauge"));
         assert!(text.contains("dwcp_cluster_workers_ready 3"));

@@ -18,14 +18,16 @@ impl Store {
     /// Opens (or creates) the database under `data_dir`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let path = data_dir.join("db");
-        let db = sled::open(&path).with_context(|| format!("opening database {}", path.display()))?;
+        let db =
+            sled::open(&path).with_context(|| format!("opening database {}", path.display()))?;
         let peers = db.open_tree("peers")?;
         Ok(Self { db, peers })
     }
 
     /// Saves a peer's announcement (its signed envelope, so it is re-verified on load).
     pub fn save_announcement(&self, a: &Verified<NodeAnnouncement>) -> anyhow::Result<()> {
-        self.peers.insert(a.signer().as_bytes(), a.envelope().encode())?;
+        self.peers
+            .insert(a.signer().as_bytes(), a.envelope().encode())?;
         Ok(())
     }
 
@@ -59,10 +61,15 @@ impl Store {
     /// Increments and returns the number of times this node has started.
     pub fn bump_start_count(&self) -> anyhow::Result<u64> {
         let v = self.db.update_and_fetch("start_count", |old| {
-            let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes).unwrap_or(0);
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
             Some((n + 1).to_be_bytes().to_vec())
         })?;
-        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0))
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
     }
 
     /// Flushes to disk.
@@ -91,7 +98,12 @@ mod tests {
                 region: "r".into(),
                 version: "3.0.0".into(),
                 resources: Resources::default(),
-                donated: DonatedShare { vcpus: 0, memory_mib: 0, disk_gib: 0, uplink_mbps: 0 },
+                donated: DonatedShare {
+                    vcpus: 0,
+                    memory_mib: 0,
+                    disk_gib: 0,
+                    uplink_mbps: 0,
+                },
                 listen_addrs: vec![],
             },
         )

@@ -30,11 +30,7 @@ use std::{fmt, marker::PhantomData};
 use ed25519_dalek::{Signature, Signer};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::{
-    NodeId, NodeKey,
-    ids::serde_bytes_compat,
-    messages::ValidationError,
-};
+use crate::{NodeId, NodeKey, ids::serde_bytes_compat, messages::ValidationError};
 
 /// Bytes an envelope adds around its payload: field names, lengths, key and signature.
 pub const ENVELOPE_OVERHEAD: usize = 128;
@@ -271,7 +267,10 @@ impl SignedEnvelope {
     /// not verified; use [`SignedEnvelope::verify`].
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_ENVELOPE_SIZE {
-            return Err(DecodeError::TooLarge { len: bytes.len(), limit: MAX_ENVELOPE_SIZE });
+            return Err(DecodeError::TooLarge {
+                len: bytes.len(),
+                limit: MAX_ENVELOPE_SIZE,
+            });
         }
         let env: Self = from_cbor_exact(bytes).map_err(|(e, trailing)| {
             if trailing > 0 {
@@ -281,7 +280,10 @@ impl SignedEnvelope {
             }
         })?;
         if bytes.len() > env.kind.max_envelope() {
-            return Err(DecodeError::TooLarge { len: bytes.len(), limit: env.kind.max_envelope() });
+            return Err(DecodeError::TooLarge {
+                len: bytes.len(),
+                limit: env.kind.max_envelope(),
+            });
         }
         // One encoding per envelope: anything else (byte-string keys, long-form lengths, ...)
         // is refused, so an envelope's bytes identify it (used for dedup and as evidence).
@@ -294,7 +296,10 @@ impl SignedEnvelope {
     /// Decodes and verifies in one step: the usual path for bytes from the network.
     pub fn decode_verified<T: Message>(bytes: &[u8]) -> Result<Verified<T>, DecodeError> {
         if bytes.len() > T::KIND.max_envelope() {
-            return Err(DecodeError::TooLarge { len: bytes.len(), limit: T::KIND.max_envelope() });
+            return Err(DecodeError::TooLarge {
+                len: bytes.len(),
+                limit: T::KIND.max_envelope(),
+            });
         }
         Self::decode(bytes)?.verify()
     }
@@ -312,7 +317,10 @@ impl SignedEnvelope {
     /// Checks the signature and decodes the payload as `T`.
     pub fn verify<T: Message>(self) -> Result<Verified<T>, DecodeError> {
         if self.kind != T::KIND {
-            return Err(DecodeError::WrongKind { expected: T::KIND, got: self.kind });
+            return Err(DecodeError::WrongKind {
+                expected: T::KIND,
+                got: self.kind,
+            });
         }
         if self.payload.len() > T::KIND.max_payload() {
             return Err(DecodeError::TooLarge {
@@ -320,9 +328,15 @@ impl SignedEnvelope {
                 limit: T::KIND.max_payload(),
             });
         }
-        let vk = self.signer.verifying_key().map_err(|_| DecodeError::BadSigner)?;
-        let sig_bytes: [u8; 64] =
-            self.signature.as_slice().try_into().map_err(|_| DecodeError::BadSignature)?;
+        let vk = self
+            .signer
+            .verifying_key()
+            .map_err(|_| DecodeError::BadSigner)?;
+        let sig_bytes: [u8; 64] = self
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| DecodeError::BadSignature)?;
         let sig = Signature::from_bytes(&sig_bytes);
         vk.verify_strict(&signed_bytes(self.kind, &self.payload), &sig)
             .map_err(|_| DecodeError::BadSignature)?;
@@ -337,7 +351,11 @@ impl SignedEnvelope {
             return Err(DecodeError::NonCanonical);
         }
         msg.validate()?;
-        Ok(Verified { msg, envelope: self, _p: PhantomData })
+        Ok(Verified {
+            msg,
+            envelope: self,
+            _p: PhantomData,
+        })
     }
 }
 
@@ -356,7 +374,11 @@ impl<T: Message> Verified<T> {
     pub fn sign(key: &NodeKey, msg: T) -> Result<Self, ValidationError> {
         msg.validate()?;
         let envelope = SignedEnvelope::sign(key, &msg);
-        Ok(Self { msg, envelope, _p: PhantomData })
+        Ok(Self {
+            msg,
+            envelope,
+            _p: PhantomData,
+        })
     }
 }
 
@@ -384,7 +406,10 @@ impl<T> Verified<T> {
 
 impl<T: fmt::Debug> fmt::Debug for Verified<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verified").field("signer", &self.signer()).field("msg", &self.msg).finish()
+        f.debug_struct("Verified")
+            .field("signer", &self.signer())
+            .field("msg", &self.msg)
+            .finish()
     }
 }
 

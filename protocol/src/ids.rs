@@ -66,7 +66,9 @@ impl NodeId {
         }
         let pk = libp2p_identity::PublicKey::try_decode_protobuf(mh.digest())
             .map_err(|_| IdError::NotEd25519PeerId)?;
-        let ed = pk.try_into_ed25519().map_err(|_| IdError::NotEd25519PeerId)?;
+        let ed = pk
+            .try_into_ed25519()
+            .map_err(|_| IdError::NotEd25519PeerId)?;
         Self::from_bytes(ed.to_bytes())
     }
 

@@ -56,14 +56,22 @@ pub enum ValidationError {
 
 fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), ValidationError> {
     if s.len() > max {
-        return Err(ValidationError::TooLong { field, len: s.len(), max });
+        return Err(ValidationError::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
     }
     Ok(())
 }
 
 fn check_count<T>(field: &'static str, v: &[T], max: usize) -> Result<(), ValidationError> {
     if v.len() > max {
-        return Err(ValidationError::TooMany { field, len: v.len(), max });
+        return Err(ValidationError::TooMany {
+            field,
+            len: v.len(),
+            max,
+        });
     }
     Ok(())
 }

@@ -93,11 +93,26 @@ mod tests {
 
     #[test]
     fn version_policy() {
-        assert_eq!(check_peer_version(&identify_version()), PeerVersionVerdict::Compatible);
-        assert_eq!(check_peer_version("dwcp/3.7.1"), PeerVersionVerdict::Compatible);
-        assert_eq!(check_peer_version("dwcp/4.0.0"), PeerVersionVerdict::Incompatible);
-        assert_eq!(check_peer_version("ipfs/0.1.0"), PeerVersionVerdict::Incompatible);
-        assert_eq!(check_peer_version("dwcp/x"), PeerVersionVerdict::Incompatible);
+        assert_eq!(
+            check_peer_version(&identify_version()),
+            PeerVersionVerdict::Compatible
+        );
+        assert_eq!(
+            check_peer_version("dwcp/3.7.1"),
+            PeerVersionVerdict::Compatible
+        );
+        assert_eq!(
+            check_peer_version("dwcp/4.0.0"),
+            PeerVersionVerdict::Incompatible
+        );
+        assert_eq!(
+            check_peer_version("ipfs/0.1.0"),
+            PeerVersionVerdict::Incompatible
+        );
+        assert_eq!(
+            check_peer_version("dwcp/x"),
+            PeerVersionVerdict::Incompatible
+        );
     }
 
     #[test]

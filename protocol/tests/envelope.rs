@@ -1,9 +1,11 @@
 //! Envelope round trips, tampering, wrong keys, limits and a property test over arbitrary
 //! messages.
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 
 use dwcp_protocol::{
-    DecodeError, DonatedShare, Gpu, Health, HealthStatus, Heartbeat, MessageKind,
-    NodeAnnouncement, NodeKey, Resources, SignedEnvelope, Timestamp, ValidationError, Verified,
+    DecodeError, DonatedShare, Gpu, Health, HealthStatus, Heartbeat, MessageKind, NodeAnnouncement,
+    NodeKey, Resources, SignedEnvelope, Timestamp, ValidationError, Verified,
 };
 use proptest::prelude::*;
 
@@ -22,9 +24,17 @@ fn announcement() -> NodeAnnouncement {
             vcpus: 16,
             memory_mib: 65536,
             disk_gib: 1000,
-            gpus: vec![Gpu { model: "nvidia-a100".into(), count: 1 }],
+            gpus: vec![Gpu {
+                model: "nvidia-a100".into(),
+                count: 1,
+            }],
         },
-        donated: DonatedShare { vcpus: 8, memory_mib: 32768, disk_gib: 200, uplink_mbps: 100 },
+        donated: DonatedShare {
+            vcpus: 8,
+            memory_mib: 32768,
+            disk_gib: 200,
+            uplink_mbps: 100,
+        },
         listen_addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
     }
 }
@@ -75,7 +85,9 @@ fn wrong_key_is_rejected() {
     // Re-label an envelope signed by key 1 as signed by key 2.
     let env = SignedEnvelope::sign(&key(1), &heartbeat(1));
     let mut v: ciborium::Value = ciborium::from_reader(env.encode().as_slice()).unwrap();
-    let ciborium::Value::Map(entries) = &mut v else { panic!("envelope is a map") };
+    let ciborium::Value::Map(entries) = &mut v else {
+        panic!("envelope is a map")
+    };
     for (k, val) in entries.iter_mut() {
         if k.as_text() == Some("s") {
             *val = ciborium::Value::Bytes(key(2).node_id().as_bytes().to_vec());
@@ -119,7 +131,10 @@ fn oversized_input_is_rejected_before_parsing() {
         Err(DecodeError::TooLarge { .. })
     ));
     let huge = vec![0u8; 4 * 1024 * 1024];
-    assert!(matches!(SignedEnvelope::decode(&huge), Err(DecodeError::TooLarge { .. })));
+    assert!(matches!(
+        SignedEnvelope::decode(&huge),
+        Err(DecodeError::TooLarge { .. })
+    ));
 }
 
 #[test]

@@ -43,7 +43,9 @@ pub(crate) struct DirArgs {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
@@ -63,9 +65,19 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
         t.nodes.len(),
         started.elapsed().as_secs_f64()
     );
-    println!("bootstrap  {}  pid {}", t.bootstrap.addrs.first().map(String::as_str).unwrap_or("?"), t.bootstrap.pid);
+    println!(
+        "bootstrap  {}  pid {}",
+        t.bootstrap.addrs.first().map(String::as_str).unwrap_or("?"),
+        t.bootstrap.pid
+    );
     for (i, n) in t.nodes.iter().enumerate() {
-        println!("node {i:<3}  {}  api {}  metrics {}/metrics  pid {}", &n.id[..8], n.api, n.metrics, n.pid);
+        println!(
+            "node {i:<3}  {}  api {}  metrics {}/metrics  pid {}",
+            &n.id[..8],
+            n.api,
+            n.metrics,
+            n.pid
+        );
     }
     println!("state: {}", a.dir.join(local::TESTNET_FILE).display());
     println!("try:   dwcp-cli --api {} node list", t.nodes[0].api);
@@ -76,17 +88,37 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
 pub(crate) fn status(a: DirArgs) -> anyhow::Result<()> {
     let (t, rows) = runtime()?.block_on(local::status(&a.dir))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "testnet": t, "nodes": rows }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "testnet": t, "nodes": rows }))?
+        );
         return Ok(());
     }
-    println!("cluster {}  bootstrap pid {} ({})", t.cluster_id, t.bootstrap.pid,
-        if local::is_ours(t.bootstrap.pid) { "running" } else { "stopped" });
-    println!("{:<5} {:<10} {:<8} {:<24} {:>6} {:>6} {:>6}", "NODE", "ID", "PROCESS", "API", "KNOWN", "READY", "PEERS");
+    println!(
+        "cluster {}  bootstrap pid {} ({})",
+        t.cluster_id,
+        t.bootstrap.pid,
+        if local::is_ours(t.bootstrap.pid) {
+            "running"
+        } else {
+            "stopped"
+        }
+    );
+    println!(
+        "{:<5} {:<10} {:<8} {:<24} {:>6} {:>6} {:>6}",
+        "NODE", "ID", "PROCESS", "API", "KNOWN", "READY", "PEERS"
+    );
     for r in rows {
         let (k, rd, p) = r
             .status
             .as_ref()
-            .map(|s| (s.nodes_known.to_string(), s.nodes_ready.to_string(), s.peers_connected.to_string()))
+            .map(|s| {
+                (
+                    s.nodes_known.to_string(),
+                    s.nodes_ready.to_string(),
+                    s.peers_connected.to_string(),
+                )
+            })
             .unwrap_or_else(|| ("-".into(), "-".into(), "-".into()));
         println!(
             "{:<5} {:<10} {:<8} {:<24} {:>6} {:>6} {:>6}",
@@ -104,6 +136,9 @@ pub(crate) fn status(a: DirArgs) -> anyhow::Result<()> {
 
 pub(crate) fn down(a: DirArgs) -> anyhow::Result<()> {
     let n = runtime()?.block_on(local::down(&a.dir))?;
-    println!("stopped {n} processes; data and logs stay in {}", a.dir.display());
+    println!(
+        "stopped {n} processes; data and logs stay in {}",
+        a.dir.display()
+    );
     Ok(())
 }

@@ -138,7 +138,10 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
 }
 
 fn http() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder().timeout(Duration::from_secs(3)).build().context("HTTP client")
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .context("HTTP client")
 }
 
 /// Starts a bootstrap peer and `opts.nodes` nodes, waits for the mesh, writes `testnet.json`.
@@ -175,21 +178,27 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
     let bfile = bdir.join("bootstrap.json");
     let started = Instant::now();
     let bdoc: serde_json::Value = loop {
-        if let Ok(text) = fs::read_to_string(&bfile) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                if v["addrs"].as_array().is_some_and(|a| a.len() >= 2) {
-                    break v;
-                }
-            }
+        if let Ok(text) = fs::read_to_string(&bfile)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["addrs"].as_array().is_some_and(|a| a.len() >= 2)
+        {
+            break v;
         }
         if started.elapsed() > Duration::from_secs(20) {
-            bail!("the bootstrap peer did not start; see {}", opts.dir.join("bootstrap.log").display());
+            bail!(
+                "the bootstrap peer did not start; see {}",
+                opts.dir.join("bootstrap.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let baddrs: Vec<String> = bdoc["addrs"]
         .as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let bootstrap = BootstrapEntry {
         peer_id: bdoc["peer_id"].as_str().unwrap_or_default().to_owned(),
@@ -205,8 +214,11 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         .ok_or_else(|| anyhow!("the bootstrap peer reported no TCP address"))?;
 
     let mut nodes = Vec::new();
-    let mut testnet =
-        Testnet { cluster_id: opts.cluster_id.clone(), bootstrap, nodes: Vec::new() };
+    let mut testnet = Testnet {
+        cluster_id: opts.cluster_id.clone(),
+        bootstrap,
+        nodes: Vec::new(),
+    };
     for i in 0..opts.nodes {
         let ndir = opts.dir.join(format!("node-{i:03}"));
         let config = ndir.join("node.yaml");
@@ -224,12 +236,21 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             .args(["--listen", &format!("/ip4/127.0.0.1/udp/{p2p}/quic-v1")])
             .args(["--api-bind", &format!("127.0.0.1:{api}")])
             .args(["--metrics-bind", &format!("127.0.0.1:{metrics}")])
-            .args(["--heartbeat-interval", &humantime::format_duration(opts.heartbeat_interval).to_string()])
-            .args(["--unreachable-after", &humantime::format_duration(opts.unreachable_after).to_string()])
+            .args([
+                "--heartbeat-interval",
+                &humantime::format_duration(opts.heartbeat_interval).to_string(),
+            ])
+            .args([
+                "--unreachable-after",
+                &humantime::format_duration(opts.unreachable_after).to_string(),
+            ])
             .output()
             .context("running dwcp-node init")?;
         if !out.status.success() {
-            bail!("dwcp-node init failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "dwcp-node init failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let id = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -254,7 +275,13 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
 }
 
 fn start_node(node_bin: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
-    spawn_logged(Command::new(node_bin).arg("run").arg("--config").arg(config), log)
+    spawn_logged(
+        Command::new(node_bin)
+            .arg("run")
+            .arg("--config")
+            .arg(config),
+        log,
+    )
 }
 
 /// Writes `testnet.json` atomically.
@@ -297,8 +324,7 @@ pub async fn wait_ready(t: &Testnet, expect: usize, timeout: Duration) -> anyhow
         }
         if start.elapsed() > timeout {
             bail!(
-                "after {:?} the slowest node lists {worst} of {expect} nodes as ready; logs are in the testnet dir",
-                timeout
+                "after {timeout:?} the slowest node lists {worst} of {expect} nodes as ready; logs are in the testnet dir"
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -343,8 +369,12 @@ pub fn restart_node(dir: &Path, t: &mut Testnet, i: usize, bin_dir: &Path) -> an
 /// `testnet.json`; data dirs and logs stay for inspection.
 pub async fn down(dir: &Path) -> anyhow::Result<usize> {
     let t = read(dir)?;
-    let pids: Vec<u32> =
-        t.nodes.iter().map(|n| n.pid).chain(std::iter::once(t.bootstrap.pid)).collect();
+    let pids: Vec<u32> = t
+        .nodes
+        .iter()
+        .map(|n| n.pid)
+        .chain(std::iter::once(t.bootstrap.pid))
+        .collect();
     let mut stopped = 0;
     for &p in &pids {
         if is_ours(p) {
@@ -390,7 +420,13 @@ pub async fn status(dir: &Path) -> anyhow::Result<(Testnet, Vec<StatusRow>)> {
             Ok(r) => r.json::<ClusterStatus>().await.ok(),
             Err(_) => None,
         };
-        rows.push(StatusRow { index: i, id: n.id.clone(), running: is_ours(n.pid), api: n.api.clone(), status: st });
+        rows.push(StatusRow {
+            index: i,
+            id: n.id.clone(),
+            running: is_ours(n.pid),
+            api: n.api.clone(),
+            status: st,
+        });
     }
     Ok((t, rows))
 }

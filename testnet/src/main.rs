@@ -8,7 +8,11 @@ mod sim;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "dwcp-testnet", version, about = "Local DWCP testnet, benchmarks and simulator")]
+#[command(
+    name = "dwcp-testnet",
+    version,
+    about = "Local DWCP testnet, benchmarks and simulator"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

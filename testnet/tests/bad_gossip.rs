@@ -1,5 +1,7 @@
 //! A peer that publishes a malformed message, an oversized one and one with a bad signature:
 //! the node rejects and counts each, penalises the sender, and keeps serving its API.
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
@@ -10,9 +12,17 @@ use dwcp_protocol::{
 use dwcp_testnet::local::{self, UpOptions};
 
 async fn rejected(metrics: &str, reason: &str) -> f64 {
-    let text = reqwest::get(format!("{metrics}/metrics")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
-        .filter(|l| l.starts_with("dwcp_gossip_messages_rejected_total") && l.contains(&format!("reason=\"{reason}\"")))
+        .filter(|l| {
+            l.starts_with("dwcp_gossip_messages_rejected_total")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -30,12 +40,15 @@ async fn malformed_oversized_and_forged_messages_are_rejected_and_counted() {
         }
     };
     let target = &t.nodes[0];
-    let addr = local::node_list(&target.api).await.unwrap()[0].addresses
+    let addr = local::node_list(&target.api).await.unwrap()[0]
+        .addresses
         .iter()
         .find(|a| a.contains("/tcp/"))
         .cloned()
         .unwrap();
-    let target_peer = local::node_list(&target.api).await.unwrap()[0].peer_id.clone();
+    let target_peer = local::node_list(&target.api).await.unwrap()[0]
+        .peer_id
+        .clone();
 
     // The attacker: a real libp2p peer with a valid identity, connected straight to node 0.
     let key = NodeKey::from_secret_bytes([42; 32]);
@@ -45,7 +58,10 @@ async fn malformed_oversized_and_forged_messages_are_rejected_and_counted() {
     cfg.topics = vec![topics.heartbeat.clone()];
     let (client, _events, el) = dwcp_net::new(cfg).unwrap();
     tokio::spawn(el.run());
-    client.dial(format!("{addr}/p2p/{target_peer}").parse().unwrap()).await.unwrap();
+    client
+        .dial(format!("{addr}/p2p/{target_peer}").parse().unwrap())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let good = Heartbeat {
@@ -74,12 +90,17 @@ async fn malformed_oversized_and_forged_messages_are_rejected_and_counted() {
         client.publish(&topics.heartbeat, bytes).await.unwrap();
         let start = Instant::now();
         while rejected(&target.metrics, reason).await <= before {
-            assert!(start.elapsed() < Duration::from_secs(10), "{reason} message was not counted");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{reason} message was not counted"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     // Still serving.
-    let st = reqwest::get(format!("{}/v1/cluster/status", target.api)).await.unwrap();
+    let st = reqwest::get(format!("{}/v1/cluster/status", target.api))
+        .await
+        .unwrap();
     assert!(st.status().is_success());
     // And the sender's gossip score went negative at the node, as seen from our side is not
     // observable; the node's own view is: it still lists exactly the 2 real nodes as members.

@@ -1,6 +1,8 @@
 //! Real processes: a bootstrap peer and 10 `dwcp-node`s on loopback (issue 2's acceptance).
 //!
 //! Needs the workspace binaries built first (`cargo build --bins`; `.ci/run` does it).
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +10,11 @@ use dwcp_protocol::api::PeerStatus;
 use dwcp_testnet::local::{self, UpOptions};
 
 async fn status_of(api: &str, id: &str) -> Option<PeerStatus> {
-    local::node_list(api).await?.into_iter().find(|n| n.id.to_string() == id).map(|n| n.status)
+    local::node_list(api)
+        .await?
+        .into_iter()
+        .find(|n| n.id.to_string() == id)
+        .map(|n| n.status)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,21 +52,34 @@ async fn ten_nodes_form_a_mesh_notice_a_crash_and_take_the_node_back() {
         if all {
             break;
         }
-        assert!(killed.elapsed() < deadline, "not every node saw node 3 as unreachable within {deadline:?}");
+        assert!(
+            killed.elapsed() < deadline,
+            "not every node saw node 3 as unreachable within {deadline:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("crash noticed by all after {:?}", killed.elapsed());
 
     // Restart with the same data dir: same id, ready everywhere again.
     local::restart_node(dir.path(), &mut t, 3, &opts.bin_dir).unwrap();
-    local::wait_ready(&t, 10, Duration::from_secs(30)).await.unwrap();
+    local::wait_ready(&t, 10, Duration::from_secs(30))
+        .await
+        .unwrap();
     let me = local::node_list(&t.nodes[3].api).await.unwrap();
     let self_row = me.iter().find(|n| n.is_self).unwrap();
-    assert_eq!(self_row.id.to_string(), victim, "restarted node kept its identity");
+    assert_eq!(
+        self_row.id.to_string(),
+        victim,
+        "restarted node kept its identity"
+    );
 
     let stopped = local::down(dir.path()).await.unwrap();
     assert_eq!(stopped, 11);
     for n in &t.nodes {
-        assert!(!local::is_ours(n.pid), "node process {} survived down", n.pid);
+        assert!(
+            !local::is_ours(n.pid),
+            "node process {} survived down",
+            n.pid
+        );
     }
 }

@@ -102,11 +102,26 @@ pub struct NetStats {
 }
 
 enum Command {
-    Publish { topic: String, data: Vec<u8>, reply: oneshot::Sender<Result<(), NetError>> },
-    ReportValidation { id: MessageId, source: PeerId, verdict: Validation },
-    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NetError>> },
-    Disconnect { peer: PeerId },
-    Stats { reply: oneshot::Sender<NetStats> },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    ReportValidation {
+        id: MessageId,
+        source: PeerId,
+        verdict: Validation,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Disconnect {
+        peer: PeerId,
+    },
+    Stats {
+        reply: oneshot::Sender<NetStats>,
+    },
 }
 
 /// A cheap, cloneable handle that sends commands to the [`EventLoop`].
@@ -118,7 +133,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("local_peer_id", &self.local_peer_id).finish()
+        f.debug_struct("Client")
+            .field("local_peer_id", &self.local_peer_id)
+            .finish()
     }
 }
 
@@ -135,7 +152,12 @@ impl Client {
     /// Publishes bytes on a topic.
     pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Publish { topic: topic.to_owned(), data, reply }).await?;
+        self.send(Command::Publish {
+            topic: topic.to_owned(),
+            data,
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
@@ -186,12 +208,17 @@ pub struct EventLoop {
 
 impl std::fmt::Debug for EventLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventLoop").field("peer", self.swarm.local_peer_id()).finish()
+        f.debug_struct("EventLoop")
+            .field("peer", self.swarm.local_peer_id())
+            .finish()
     }
 }
 
 fn config_err(component: &'static str, reason: impl ToString) -> NetError {
-    NetError::Config { component, reason: reason.to_string() }
+    NetError::Config {
+        component,
+        reason: reason.to_string(),
+    }
 }
 
 fn make_behaviour(
@@ -215,7 +242,8 @@ fn make_behaviour(
 
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_config.set_query_timeout(Duration::from_secs(30));
-    let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     kad.set_mode(Some(kad::Mode::Server));
 
     let gossip_config = gossipsub::ConfigBuilder::default()
@@ -228,16 +256,21 @@ fn make_behaviour(
     let mut gossipsub =
         gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)
             .map_err(|e| config_err("gossipsub", e))?;
-    let hashes: Vec<TopicHash> =
-        config.topics.iter().map(|t| IdentTopic::new(t.clone()).hash()).collect();
+    let hashes: Vec<TopicHash> = config
+        .topics
+        .iter()
+        .map(|t| IdentTopic::new(t.clone()).hash())
+        .collect();
     gossipsub
         .with_peer_score(scoring::params(hashes.iter()), scoring::thresholds())
         .map_err(|e| config_err("gossipsub scoring", e))?;
     for t in &config.topics {
-        gossipsub.subscribe(&IdentTopic::new(t.clone())).map_err(|e| NetError::Subscribe {
-            topic: t.clone(),
-            reason: e.to_string(),
-        })?;
+        gossipsub
+            .subscribe(&IdentTopic::new(t.clone()))
+            .map_err(|e| NetError::Subscribe {
+                topic: t.clone(),
+                reason: e.to_string(),
+            })?;
     }
 
     let autonat = autonat::Behaviour::new(
@@ -280,38 +313,37 @@ pub(crate) fn build(
     let idle = config.idle_timeout;
     let tcp_config = tcp::Config::default().nodelay(true);
     let mut swarm = match config.role {
-        Role::Node => {
-            SwarmBuilder::with_existing_identity(config.keypair.clone())
-                .with_tokio()
-                .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
-                .map_err(transport_err)?
-                .with_quic()
-                .with_relay_client(noise::Config::new, yamux::Config::default)
-                .map_err(transport_err)?
-                .with_behaviour(|key, relay_client| {
-                    make_behaviour(key, &config, Some(relay_client)).map_err(boxed)
-                })
-                .map_err(|e| config_err("behaviour", e))?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-                .build()
-        }
-        Role::Bootstrap => {
-            SwarmBuilder::with_existing_identity(config.keypair.clone())
-                .with_tokio()
-                .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
-                .map_err(transport_err)?
-                .with_quic()
-                .with_behaviour(|key| make_behaviour(key, &config, None).map_err(boxed))
-                .map_err(|e| config_err("behaviour", e))?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-                .build()
-        }
+        Role::Node => SwarmBuilder::with_existing_identity(config.keypair.clone())
+            .with_tokio()
+            .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+            .map_err(transport_err)?
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(transport_err)?
+            .with_behaviour(|key, relay_client| {
+                make_behaviour(key, &config, Some(relay_client)).map_err(boxed)
+            })
+            .map_err(|e| config_err("behaviour", e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
+        Role::Bootstrap => SwarmBuilder::with_existing_identity(config.keypair.clone())
+            .with_tokio()
+            .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+            .map_err(transport_err)?
+            .with_quic()
+            .with_behaviour(|key| make_behaviour(key, &config, None).map_err(boxed))
+            .map_err(|e| config_err("behaviour", e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
     };
 
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
-            .map_err(|source| NetError::Listen { addr: addr.clone(), source })?;
+            .map_err(|source| NetError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
     }
 
     let mut bootstrap_peers = Vec::new();
@@ -331,7 +363,10 @@ pub(crate) fn build(
 
     let (cmd_tx, cmd_rx) = mpsc::channel(config.channel_capacity);
     let (ev_tx, ev_rx) = mpsc::channel(config.channel_capacity);
-    let client = Client { tx: cmd_tx, local_peer_id: *swarm.local_peer_id() };
+    let client = Client {
+        tx: cmd_tx,
+        local_peer_id: *swarm.local_peer_id(),
+    };
     let el = EventLoop {
         swarm,
         commands: cmd_rx,
@@ -416,7 +451,9 @@ impl EventLoop {
             if self.swarm.is_connected(&peer) {
                 continue;
             }
-            let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
             if self.swarm.dial(opts).is_ok() {
                 budget -= 1;
             }
@@ -428,11 +465,14 @@ impl EventLoop {
             self.events_dropped += 1;
             // A gossip message we cannot hand over must still be released from the cache.
             if let Event::Gossip(m) = ev {
-                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &m.id,
-                    &m.propagation_source,
-                    MessageAcceptance::Ignore,
-                );
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(
+                        &m.id,
+                        &m.propagation_source,
+                        MessageAcceptance::Ignore,
+                    );
             }
         }
     }
@@ -446,10 +486,17 @@ impl EventLoop {
                     .gossipsub
                     .publish(IdentTopic::new(topic.clone()), data)
                     .map(|_| ())
-                    .map_err(|e| NetError::Publish { topic, reason: e.to_string() });
+                    .map_err(|e| NetError::Publish {
+                        topic,
+                        reason: e.to_string(),
+                    });
                 let _ = reply.send(r);
             }
-            Command::ReportValidation { id, source, verdict } => {
+            Command::ReportValidation {
+                id,
+                source,
+                verdict,
+            } => {
                 let acceptance = match verdict {
                     Validation::Accept => MessageAcceptance::Accept,
                     Validation::Reject => MessageAcceptance::Reject,
@@ -461,10 +508,10 @@ impl EventLoop {
                     .report_message_validation_result(&id, &source, acceptance);
             }
             Command::Dial { addr, reply } => {
-                let r = self
-                    .swarm
-                    .dial(addr.clone())
-                    .map_err(|e| NetError::Dial { addr: addr.to_string(), reason: e.to_string() });
+                let r = self.swarm.dial(addr.clone()).map_err(|e| NetError::Dial {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                });
                 let _ = reply.send(r);
             }
             Command::Disconnect { peer } => {
@@ -483,12 +530,24 @@ impl EventLoop {
             .config
             .topics
             .iter()
-            .map(|t| (t.clone(), gs.mesh_peers(&IdentTopic::new(t.clone()).hash()).count()))
+            .map(|t| {
+                (
+                    t.clone(),
+                    gs.mesh_peers(&IdentTopic::new(t.clone()).hash()).count(),
+                )
+            })
             .collect();
-        let peer_scores =
-            connected.iter().filter_map(|p| gs.peer_score(p).map(|s| (*p, s))).collect();
-        let routing_table_size =
-            self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
+        let peer_scores = connected
+            .iter()
+            .filter_map(|p| gs.peer_score(p).map(|s| (*p, s)))
+            .collect();
+        let routing_table_size = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
         NetStats {
             local_peer_id: Some(*self.swarm.local_peer_id()),
             listen_addrs: self.listen_addrs.iter().cloned().collect(),
@@ -510,17 +569,24 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.remove(&address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, num_established, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                 if num_established.get() == 1 {
                     self.emit(Event::PeerConnected(peer_id));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
-                if num_established == 0 {
-                    debug!(peer = %peer_id, "disconnected");
-                    self.emit(Event::PeerDisconnected(peer_id));
-                }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                debug!(peer = %peer_id, "disconnected");
+                self.emit(Event::PeerDisconnected(peer_id));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
@@ -560,14 +626,20 @@ impl EventLoop {
             warn!(%peer, version = %info.protocol_version, "incompatible protocol version; disconnecting");
             self.swarm.behaviour_mut().kad.remove_peer(&peer);
             let _ = self.swarm.disconnect_peer_id(peer);
-            self.emit(Event::PeerIncompatible { peer, protocol_version: info.protocol_version });
+            self.emit(Event::PeerIncompatible {
+                peer,
+                protocol_version: info.protocol_version,
+            });
             return;
         }
         let kad_proto = StreamProtocol::new(KAD_PROTOCOL);
         if info.protocols.contains(&kad_proto) {
             for addr in &info.listen_addrs {
                 if is_dialable(addr) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                 }
             }
         }

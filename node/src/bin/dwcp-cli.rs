@@ -11,10 +11,19 @@ use dwcp_protocol::api::{
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Parser)]
-#[command(name = "dwcp-cli", version, about = "Operate a DWCP cluster through a node's local API")]
+#[command(
+    name = "dwcp-cli",
+    version,
+    about = "Operate a DWCP cluster through a node's local API"
+)]
 struct Cli {
     /// The node API to talk to.
-    #[arg(long, global = true, env = "DWCP_API", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "DWCP_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
     api: String,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
@@ -70,20 +79,29 @@ impl Api {
             .timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http,
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
         let resp = self.http.get(&url).send().await.map_err(|e| {
             if e.is_connect() || e.is_timeout() {
-                anyhow!("cannot reach the node API at {}: is dwcp-node running?", self.base)
+                anyhow!(
+                    "cannot reach the node API at {}: is dwcp-node running?",
+                    self.base
+                )
             } else {
                 anyhow!("request to {url} failed: {e}")
             }
         })?;
         let status = resp.status();
-        let body = resp.bytes().await.with_context(|| format!("reading the answer of {url}"))?;
+        let body = resp
+            .bytes()
+            .await
+            .with_context(|| format!("reading the answer of {url}"))?;
         if !status.is_success() {
             let msg = serde_json::from_slice::<ApiError>(&body)
                 .map(|e| e.error)
@@ -117,7 +135,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| (*h).to_owned()).collect());
@@ -136,12 +158,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&s);
             }
             println!("Cluster:    {}", s.cluster_id);
-            println!("Node:       {} (v{}, up {}s)", s.node_id, s.version, s.uptime_s);
+            println!(
+                "Node:       {} (v{}, up {}s)",
+                s.node_id, s.version, s.uptime_s
+            );
             println!(
                 "Nodes:      {} known, {} ready, {} unreachable",
                 s.nodes_known, s.nodes_ready, s.nodes_unreachable
             );
-            println!("Peers:      {} connected, {} bootstrap configured", s.peers_connected, s.bootstrap_peers);
+            println!(
+                "Peers:      {} connected, {} bootstrap configured",
+                s.peers_connected, s.bootstrap_peers
+            );
             println!("Controllers: none (peer-to-peer: every node is equal)");
             for a in &s.listen_addrs {
                 println!("Listening:  {a}");
@@ -153,7 +181,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&h)?;
             } else {
                 for c in &h.checks {
-                    println!("{} {}: {}", if c.ok { "✓" } else { "✗" }, c.component, c.detail);
+                    println!(
+                        "{} {}: {}",
+                        if c.ok { "✓" } else { "✗" },
+                        c.component,
+                        c.detail
+                    );
                 }
             }
             if !h.healthy {
@@ -166,7 +199,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&nodes);
             }
             table(
-                &["ID", "STATUS", "REGION", "VERSION", "VCPU", "MEM_MIB", "DONATED", "LAST_SEEN", "ADDRESS"],
+                &[
+                    "ID",
+                    "STATUS",
+                    "REGION",
+                    "VERSION",
+                    "VCPU",
+                    "MEM_MIB",
+                    "DONATED",
+                    "LAST_SEEN",
+                    "ADDRESS",
+                ],
                 nodes
                     .iter()
                     .map(|n| {
@@ -196,7 +239,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("Node {}", m.id);
             table(
                 &["METRIC", "VALUE"],
-                m.metrics.iter().map(|(k, v)| vec![k.clone(), format!("{v}")]).collect(),
+                m.metrics
+                    .iter()
+                    .map(|(k, v)| vec![k.clone(), format!("{v}")])
+                    .collect(),
             );
         }
     }
@@ -205,7 +251,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");

@@ -132,7 +132,11 @@ impl Common {
     }
 
     fn paths(&self, system: bool) -> anyhow::Result<Paths> {
-        let mut p = if system { Paths::system() } else { Paths::default_for_user()? };
+        let mut p = if system {
+            Paths::system()
+        } else {
+            Paths::default_for_user()?
+        };
         if let Some(c) = &self.config {
             p.config = c.clone();
         }
@@ -160,7 +164,9 @@ impl Common {
 fn init_logging(c: &NodeConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.monitoring.log.level));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match c.monitoring.log.format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -169,9 +175,10 @@ fn init_logging(c: &NodeConfig) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the node can only be killed; keep running.
         std::future::pending::<()>().await;
         return;
@@ -185,7 +192,11 @@ async fn shutdown_signal() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Init { system, force, common } => {
+        Cmd::Init {
+            system,
+            force,
+            common,
+        } => {
             let paths = common.paths(system)?;
             if paths.config.exists() && !force {
                 bail!(
@@ -217,7 +228,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", key.node_id().to_peer_id()?);
             Ok(())
         }
-        Cmd::Run { dump_config, immediate_shutdown, common } => {
+        Cmd::Run {
+            dump_config,
+            immediate_shutdown,
+            common,
+        } => {
             let c = common.load()?;
             if let Some(p) = dump_config {
                 std::fs::write(&p, c.to_yaml()?)
@@ -235,7 +250,11 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             let data_dir = c.node.data_dir.clone();
             rt.block_on(daemon::run(
-                daemon::NodeSetup { config: c, key, data_dir },
+                daemon::NodeSetup {
+                    config: c,
+                    key,
+                    data_dir,
+                },
                 shutdown_signal(),
             ))
         }
