@@ -23,8 +23,8 @@
 #
 # Idempotent: reruns reuse the cache unless the inputs (this script, kernel version, busybox
 # version) changed or --force is given. Installs its own apt packages when they are missing
-# (needs root or sudo): qemu-system-x86 qemu-utils busybox-static cpio (+ debootstrap for
-# --rootfs debian).
+# (needs root or sudo): qemu-system-x86 qemu-utils busybox-static cpio (+ debootstrap and
+# e2fsprogs for --rootfs debian, which needs root and takes about 4 minutes).
 set -euo pipefail
 
 OUT="${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/guest"
@@ -94,7 +94,7 @@ KVER_PKG="$(apt-cache policy "$KPKG" | sed -n 's/^ *Candidate: //p')"
 
 # Bump GUEST_VERSION when the guest's contents change; the cache is keyed on it, the kernel
 # package version and busybox's version (not on this file, so unrelated edits keep the cache).
-GUEST_VERSION=2
+GUEST_VERSION=3
 BB_VER="$(dpkg-query -W -f='${Version}' busybox-static)"
 STAMP="guest=$GUEST_VERSION kernel=$KPKG:$KVER_PKG busybox=$BB_VER"
 
@@ -250,8 +250,8 @@ DINIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
-    insmod /lib/modules/$m.ko 2>/dev/null
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+    insmod /lib/modules/$m.ko || echo "DWCP-GUEST-ERROR insmod $m failed"
 done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 if ! mount -t ext4 /dev/vda /newroot; then echo "DWCP-GUEST-ERROR no root disk /dev/vda"; poweroff -f; fi

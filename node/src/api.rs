@@ -8,23 +8,35 @@
 //! | `GET /v1/nodes` | `[NodeInfo]`, this node first |
 //! | `GET /v1/nodes/{id}` | [`NodeInfo`] (id: hex node id, peer id, or a unique hex prefix) |
 //! | `GET /v1/nodes/{id}/metrics` | [`NodeMetrics`] |
+//! | `GET /v1/vms` | `[VmView]` of this node |
+//! | `POST /v1/vms` | [`VmCreateRequest`] -> [`VmView`] (422 when it does not fit the donated share) |
+//! | `GET /v1/vms/{id}` | [`VmView`] with stats |
+//! | `POST /v1/vms/{id}/{pause,resume,stop,start}` | [`VmView`] |
+//! | `DELETE /v1/vms/{id}` | 204 |
+//! | `GET /v1/vms/{id}/console?bytes=N` | [`VmConsole`] |
 //! | `GET /metrics` (metrics port) | Prometheus text |
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use dwcp_protocol::{
     NodeId,
-    api::{ApiError, ClusterHealth, ClusterStatus, NodeInfo, NodeMetrics},
+    api::{
+        ApiError, ClusterHealth, ClusterStatus, NodeInfo, NodeMetrics, VmConsole, VmCreateRequest,
+        VmView,
+    },
 };
 
-use crate::daemon::Shared;
+use crate::{
+    daemon::Shared,
+    vms::{VmAction, VmError},
+};
 
 /// An error answer: a status code and one line of text.
 struct Failure(StatusCode, String);
@@ -47,6 +59,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{id}", get(node))
         .route("/v1/nodes/{id}/metrics", get(node_metrics))
+        .route("/v1/vms", get(vm_list).post(vm_create))
+        .route("/v1/vms/{id}", get(vm_get).delete(vm_delete))
+        .route("/v1/vms/{id}/console", get(vm_console))
+        .route("/v1/vms/{id}/{action}", post(vm_action))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(shared)
 }
@@ -127,4 +143,82 @@ async fn node_metrics(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> R
         Ok(r) => Json::<NodeMetrics>(s.node_metrics(&r)).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+impl IntoResponse for VmError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            VmError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            VmError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            VmError::DoesNotFit(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            VmError::NotFound(_) => StatusCode::NOT_FOUND,
+            VmError::Conflict(_) => StatusCode::CONFLICT,
+            VmError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Failure(code, self.to_string()).into_response()
+    }
+}
+
+async fn vm_list(State(s): State<Arc<Shared>>) -> Result<Json<Vec<VmView>>, VmError> {
+    Ok(Json(s.vms.list().await?))
+}
+
+async fn vm_create(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<VmCreateRequest>,
+) -> Result<(StatusCode, Json<VmView>), VmError> {
+    Ok((StatusCode::CREATED, Json(s.vms.create(req).await?)))
+}
+
+async fn vm_get(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, VmError> {
+    Ok(Json(s.vms.get(&id).await?))
+}
+
+async fn vm_delete(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, VmError> {
+    s.vms.act(&id, VmAction::Delete).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_action(
+    State(s): State<Arc<Shared>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let a = match action.as_str() {
+        "pause" => VmAction::Pause,
+        "resume" => VmAction::Resume,
+        "stop" => VmAction::Stop,
+        "start" => VmAction::Start,
+        other => {
+            return err(
+                StatusCode::NOT_FOUND,
+                format!("unknown vm action `{other}`"),
+            );
+        }
+    };
+    match s.vms.act(&id, a).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ConsoleQuery {
+    bytes: Option<usize>,
+}
+
+async fn vm_console(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Json<VmConsole>, VmError> {
+    Ok(Json(
+        s.vms.console(&id, q.bytes.unwrap_or(16 * 1024)).await?,
+    ))
 }

@@ -24,6 +24,12 @@
 //! monitoring:
 //!   prometheus: { enabled: true, bind: 127.0.0.1:8084 }
 //!   log: { level: info, format: text }
+//! hypervisor:
+//!   enabled: true
+//!   accel: auto                    # auto | kvm | tcg
+//!   qemu_path: qemu-system-x86_64
+//!   qemu_img_path: qemu-img
+//!   cpu_model: qemu64
 //! ```
 
 use std::{
@@ -49,6 +55,49 @@ pub struct NodeConfig {
     pub api: ApiSection,
     /// Metrics and logs.
     pub monitoring: MonitoringSection,
+    /// The hypervisor that runs lent VMs.
+    pub hypervisor: HypervisorSection,
+}
+
+/// `hypervisor:` (manual section 3.2.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorSection {
+    /// Lend VM capacity at all. A node without QEMU still takes part in the mesh.
+    pub enabled: bool,
+    /// `kvm` (KVM or fail), `tcg` (software emulation, no probe) or `auto` (probe KVM with a
+    /// real guest at start, fall back to TCG).
+    pub accel: AccelSetting,
+    /// QEMU system emulator.
+    pub qemu_path: PathBuf,
+    /// `qemu-img`.
+    pub qemu_img_path: PathBuf,
+    /// Guest CPU model, the same on every host so guests can migrate (see dwcp-hypervisor).
+    pub cpu_model: String,
+}
+
+impl Default for HypervisorSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            accel: AccelSetting::Auto,
+            qemu_path: "qemu-system-x86_64".into(),
+            qemu_img_path: "qemu-img".into(),
+            cpu_model: "qemu64".into(),
+        }
+    }
+}
+
+/// `hypervisor.accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelSetting {
+    /// Probe KVM, fall back to TCG.
+    Auto,
+    /// KVM or fail.
+    Kvm,
+    /// TCG only.
+    Tcg,
 }
 
 /// `cluster:`

@@ -44,6 +44,8 @@ use crate::{
 pub struct Shared {
     /// This node's metrics.
     pub metrics: Metrics,
+    /// This node's VMs.
+    pub vms: crate::vms::Vms,
     id: NodeId,
     cluster_id: String,
     started: Instant,
@@ -172,6 +174,28 @@ impl Shared {
                 component: "gossip".into(),
                 ok: heartbeat_mesh > 0 || st.nodes_known == 1,
                 detail: format!("{heartbeat_mesh} peers in the heartbeat mesh"),
+            },
+            match self.vms.unavailable_reason() {
+                None => {
+                    let i = self.vms.info();
+                    HealthCheck {
+                        component: "hypervisor".into(),
+                        ok: true,
+                        detail: format!(
+                            "qemu, accel {}, cpu model {}{}",
+                            i.and_then(|i| i.accel).map(|a| a.as_str()).unwrap_or("?"),
+                            i.map(|i| i.cpu_model.as_str()).unwrap_or("?"),
+                            i.map(|i| format!(" ({})", i.accel_reason))
+                                .unwrap_or_default()
+                        ),
+                    }
+                }
+                Some(why) => HealthCheck {
+                    component: "hypervisor".into(),
+                    // Not lending VMs is a volunteer's choice, not a fault.
+                    ok: true,
+                    detail: format!("no VMs: {why}"),
+                },
             },
             HealthCheck {
                 component: "membership".into(),
@@ -351,11 +375,24 @@ impl Daemon {
 
     async fn heartbeat(&mut self, status: HealthStatus) -> anyhow::Result<()> {
         let net = self.client.stats().await?;
+        let counts = self.shared.vms.counts().await;
+        self.shared.metrics.vm_count.reset();
+        let mut running = 0;
+        for (state, n) in &counts {
+            self.shared
+                .metrics
+                .vm_count
+                .with_label_values(&[state.as_str()])
+                .set(*n as i64);
+            if state == "running" {
+                running = *n as u32;
+            }
+        }
         let health = Health {
             status,
             cpu_load_permille: host::cpu_load_permille(),
             memory_used_mib: host::memory_used_mib(),
-            vms_running: 0,
+            vms_running: running,
             peers_connected: net.connected_peers.len() as u32,
         };
         {
@@ -525,8 +562,31 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
             listen_addrs: vec![],
         },
     )?;
+    let share = dwcp_hypervisor::DonatedShare {
+        vcpus: me.donated.vcpus,
+        memory_mib: me.donated.memory_mib,
+        disk_mib: me.donated.disk_gib * 1024,
+    };
+    let vms =
+        crate::vms::Vms::open(&config.hypervisor, &data_dir, share, store.vm_names()?, id).await;
+    if let Some(i) = vms.info() {
+        let cgroup = match &i.cgroup {
+            dwcp_hypervisor::CgroupMode::V2 { .. } => "v2",
+            dwcp_hypervisor::CgroupMode::V1 { .. } => "v1",
+            _ => "none",
+        };
+        metrics
+            .hypervisor_info
+            .with_label_values(&[
+                i.accel.map(|a| a.as_str()).unwrap_or("none"),
+                &i.cpu_model,
+                cgroup,
+            ])
+            .set(1);
+    }
     let shared = Arc::new(Shared {
         metrics,
+        vms,
         id,
         cluster_id: config.cluster.id.clone(),
         started: Instant::now(),

@@ -8,6 +8,7 @@
 //! - [`api`]: the local HTTP API and the Prometheus endpoint.
 //! - [`metrics`]: one Prometheus registry per node.
 //! - [`store`]: sled persistence.
+//! - [`vms`]: the VMs this node hosts (QEMU backend of `dwcp-hypervisor`).
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -20,3 +21,4 @@ pub mod identity;
 pub mod membership;
 pub mod metrics;
 pub mod store;
+pub mod vms;

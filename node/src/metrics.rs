@@ -40,6 +40,11 @@ pub struct Metrics {
     pub uptime_seconds: IntGauge,
     /// `dwcp_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `dwcp_vm_count_total{state}`: VMs on this node by state (manual 4.3.1).
+    pub vm_count: IntGaugeVec,
+    /// `dwcp_hypervisor_info{accel,cpu_model,cgroup}`: 1 when the hypervisor runs, with the
+    /// accelerator in use (`kvm` or `tcg`).
+    pub hypervisor_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -120,6 +125,16 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let vm_count = gv(
+            "dwcp_vm_count_total",
+            "VMs on this node by state",
+            &["state"],
+        )?;
+        let hypervisor_info = gv(
+            "dwcp_hypervisor_info",
+            "Hypervisor in use (1): accelerator, guest CPU model, cgroup mode",
+            &["accel", "cpu_model", "cgroup"],
+        )?;
         Ok(Self {
             registry,
             workers_ready,
@@ -136,6 +151,8 @@ impl Metrics {
             events_dropped,
             uptime_seconds,
             build_info,
+            vm_count,
+            hypervisor_info,
         })
     }
 

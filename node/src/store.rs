@@ -52,6 +52,11 @@ impl Store {
         (good, bad)
     }
 
+    /// The tree mapping VM ids to the names they were created with.
+    pub fn vm_names(&self) -> anyhow::Result<sled::Tree> {
+        Ok(self.db.open_tree("vm_names")?)
+    }
+
     /// Forgets a peer.
     pub fn forget(&self, id: &NodeId) -> anyhow::Result<()> {
         self.peers.remove(id.as_bytes())?;

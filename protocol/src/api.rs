@@ -106,3 +106,76 @@ pub struct ApiError {
     /// One line saying what went wrong.
     pub error: String,
 }
+
+/// `POST /v1/vms`: a VM to create and start on the answering node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateRequest {
+    /// A human name (1 to 64 characters).
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Disk: a base image's SHA-256 (already in the node's image store) or an absolute path to
+    /// a qcow2/raw image the node imports by content hash.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Virtual disk size in MiB (default: the image's size).
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+    /// Direct kernel boot: absolute path of the kernel. Without it the VM boots its disk.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Direct kernel boot: absolute path of the initramfs.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// Direct kernel boot: kernel command line.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// A VM as `GET /v1/vms` and `GET /v1/vms/{id}` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    /// VM id (32 hex characters).
+    pub id: String,
+    /// Name given at creation.
+    pub name: String,
+    /// `defined`, `running`, `paused`, `incoming`, `migrating` or `lost`.
+    pub state: String,
+    /// The node hosting it.
+    pub node: NodeId,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Guest memory, bytes (`vm inspect --field memory_size`).
+    pub memory_size: u64,
+    /// QEMU's process id when running.
+    pub pid: Option<u32>,
+    /// Accelerator (`kvm` or `tcg`).
+    pub accel: String,
+    /// Resource use, when running (only on `GET /v1/vms/{id}`).
+    pub stats: Option<VmStatsView>,
+}
+
+/// Resource use of a running VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatsView {
+    /// CPU time of the vCPU threads, seconds.
+    pub vcpu_seconds: f64,
+    /// Host resident memory of the VM process, bytes.
+    pub host_rss_bytes: Option<u64>,
+    /// Peak memory charged to the VM's cgroup, bytes.
+    pub cgroup_memory_peak_bytes: Option<u64>,
+    /// Guest dirty rate, MiB/s, when measured.
+    pub dirty_rate_mib_per_s: Option<u64>,
+}
+
+/// `GET /v1/vms/{id}/console`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConsole {
+    /// The last bytes of the VM's serial console.
+    pub text: String,
+}

@@ -236,6 +236,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             .args(["--listen", &format!("/ip4/127.0.0.1/udp/{p2p}/quic-v1")])
             .args(["--api-bind", &format!("127.0.0.1:{api}")])
             .args(["--metrics-bind", &format!("127.0.0.1:{metrics}")])
+            // No KVM probe per node: the probe boots a tiny guest, ten at once load the host.
+            .args(["--hypervisor-accel", "tcg"])
             .args([
                 "--heartbeat-interval",
                 &humantime::format_duration(opts.heartbeat_interval).to_string(),

@@ -97,7 +97,10 @@ fn check_commits(
         }
     }
     if voters.len() < committee.quorum() {
-        return Err(CertificateError::NoQuorum { got: voters.len(), need: committee.quorum() });
+        return Err(CertificateError::NoQuorum {
+            got: voters.len(),
+            need: committee.quorum(),
+        });
     }
     Ok((pp.slot, pp.time, voters.into_iter().collect()))
 }
@@ -119,14 +122,26 @@ impl CommitCertificate {
         }
         let mut requests = Vec::with_capacity(self.batch.len());
         for (i, r) in self.batch.iter().enumerate() {
-            requests.push(r.clone().verify::<Request>().map_err(|_| CertificateError::BadRequest(i))?);
+            requests.push(
+                r.clone()
+                    .verify::<Request>()
+                    .map_err(|_| CertificateError::BadRequest(i))?,
+            );
         }
-        Ok(CertifiedBatch { slot, time, requests, voters })
+        Ok(CertifiedBatch {
+            slot,
+            time,
+            requests,
+            voters,
+        })
     }
 
     /// The certificate without its batch.
     pub fn proof(&self) -> CommitProof {
-        CommitProof { pre_prepare: self.pre_prepare.clone(), commits: self.commits.clone() }
+        CommitProof {
+            pre_prepare: self.pre_prepare.clone(),
+            commits: self.commits.clone(),
+        }
     }
 
     /// The certified sequence number, read from the header without checking signatures.
@@ -170,7 +185,11 @@ pub fn read_vote(env: &SignedEnvelope) -> Option<CastVote> {
         ConsensusMsg::Commit(slot) => (VoteKind::Commit, *slot),
         _ => return None,
     };
-    Some(CastVote { signer: v.signer(), kind, slot })
+    Some(CastVote {
+        signer: v.signer(),
+        kind,
+        slot,
+    })
 }
 
 /// Checks equivocation evidence: two validly signed votes of the same kind, by the same signer,
@@ -196,10 +215,22 @@ pub fn check_equivocation(
     Ok((x.signer, x.kind, x.slot.view, x.slot.seq))
 }
 
-/// Checks that a signed prepare or commit contradicts a committed certificate: same sequence
-/// number, a view at or after the certified one, another digest. (Once `(v, n, d)` commits, the
-/// view-change rule of section 4.4 makes every later primary propose `d` at `n`, so no honest
-/// replica votes otherwise.) Returns the offender.
+/// Whether a vote of `kind` in `vote_view` for another digest than a certificate of
+/// `cert_view` proves misbehaviour. A commit in the certified view or later does: two digests
+/// cannot both be prepared in one view (quorum intersection), and once `(v, n, d)` commits the
+/// view-change rule of section 4.4 makes every later primary propose `d` at `n`. A prepare only
+/// in a later view: in the certified view itself an honest backup may have prepared what an
+/// equivocating primary sent it.
+pub fn contradicts(kind: VoteKind, vote_view: u64, cert_view: u64) -> bool {
+    match kind {
+        VoteKind::Commit => vote_view >= cert_view,
+        VoteKind::Prepare => vote_view > cert_view,
+        VoteKind::PrePrepare => false,
+    }
+}
+
+/// Checks that a signed prepare or commit contradicts a committed certificate (same sequence
+/// number, another digest, a view where [`contradicts`] holds). Returns the offender.
 pub fn check_contradiction(
     vote: &SignedEnvelope,
     proof: &CommitProof,
@@ -210,8 +241,13 @@ pub fn check_contradiction(
     if v.kind == VoteKind::PrePrepare {
         return Err(CertificateError::NoConflict("a pre-prepare is not a vote"));
     }
-    if v.slot.seq != slot.seq || v.slot.view < slot.view || v.slot.digest == slot.digest {
-        return Err(CertificateError::NoConflict("vote agrees with or predates the certificate"));
+    if v.slot.seq != slot.seq
+        || v.slot.digest == slot.digest
+        || !contradicts(v.kind, v.slot.view, slot.view)
+    {
+        return Err(CertificateError::NoConflict(
+            "vote agrees with or predates the certificate",
+        ));
     }
     Ok(v.signer)
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use dwcp_protocol::{NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
 
 use crate::{
-    certificate::CommitProof,
+    certificate::{CommitProof, VoteKind, contradicts},
     committee::Committee,
     messages::{
         CommitCertificate, ConsensusMsg, Digest, MAX_BATCH, MAX_CERTS_PER_REPLY, MAX_PREPARED,
@@ -69,7 +69,7 @@ impl Config {
             return Err(ConfigError::Invalid("checkpoint_interval must be positive"));
         }
         if self.log_window < self.checkpoint_interval
-            || self.log_window % self.checkpoint_interval != 0
+            || !self.log_window.is_multiple_of(self.checkpoint_interval)
             || self.log_window > MAX_PREPARED as u64
         {
             return Err(ConfigError::Invalid(
@@ -79,9 +79,13 @@ impl Config {
         if self.max_batch == 0 || self.max_batch > MAX_BATCH {
             return Err(ConfigError::Invalid("max_batch must be 1..=512"));
         }
-        if self.max_inflight == 0 || self.view_change_timeout_ms == 0 || self.resend_interval_ms == 0
+        if self.max_inflight == 0
+            || self.view_change_timeout_ms == 0
+            || self.resend_interval_ms == 0
         {
-            return Err(ConfigError::Invalid("max_inflight and timeouts must be positive"));
+            return Err(ConfigError::Invalid(
+                "max_inflight and timeouts must be positive",
+            ));
         }
         if self.max_pending == 0 {
             return Err(ConfigError::Invalid("max_pending must be positive"));
@@ -212,6 +216,7 @@ struct Entry {
 /// A validated view-change message.
 #[derive(Debug, Clone)]
 struct ValidVc {
+    signer: NodeId,
     envelope: SignedEnvelope,
     stable_seq: u64,
     stable_state: Digest,
@@ -273,6 +278,10 @@ pub struct Engine {
     vcs: BTreeMap<NodeId, (u64, ValidVc)>,
     my_vc: Option<SignedEnvelope>,
     new_view_sent: Option<(u64, SignedEnvelope)>,
+    /// The view changes our last new view names (served to replicas missing some).
+    new_view_votes: Vec<SignedEnvelope>,
+    /// A new view waiting for view changes we have not received, and whether we asked.
+    pending_nv: Option<(NodeId, NewView, bool)>,
     vc_attempts: u32,
     progress_deadline: Option<Timestamp>,
     vc_deadline: Option<Timestamp>,
@@ -314,6 +323,8 @@ impl Engine {
             vcs: BTreeMap::new(),
             my_vc: None,
             new_view_sent: None,
+            new_view_votes: Vec::new(),
+            pending_nv: None,
             vc_attempts: 0,
             progress_deadline: None,
             vc_deadline: None,
@@ -406,7 +417,10 @@ impl Engine {
 
     /// When [`Engine::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        [self.progress_deadline, self.vc_deadline, self.next_tick].into_iter().flatten().min()
+        [self.progress_deadline, self.vc_deadline, self.next_tick]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Fires every timer that is due at `now`.
@@ -439,7 +453,9 @@ impl Engine {
     // ----- requests -----------------------------------------------------------------------
 
     fn is_executed(&self, client: &NodeId, nonce: u64) -> bool {
-        self.executed.get(client).is_some_and(|w| nonce <= w.floor || w.above.contains(&nonce))
+        self.executed
+            .get(client)
+            .is_some_and(|w| nonce <= w.floor || w.above.contains(&nonce))
     }
 
     fn mark_executed(&mut self, client: NodeId, nonce: u64) {
@@ -465,7 +481,10 @@ impl Engine {
         let is_new_to_primary = !self.is_primary() && self.active && self.is_member();
         if is_new_to_primary {
             // Section 4.1: a backup relays the request to the primary.
-            self.out.push_back(Command::Send { to: self.primary(), envelope: r.envelope().clone() });
+            self.out.push_back(Command::Send {
+                to: self.primary(),
+                envelope: r.envelope().clone(),
+            });
         }
         self.pending.insert(key, r);
         self.pending_order.push_back(key);
@@ -476,7 +495,9 @@ impl Engine {
     }
 
     fn vc_timeout(&self) -> u64 {
-        self.cfg.view_change_timeout_ms.saturating_mul(1u64 << self.vc_attempts.min(6))
+        self.cfg
+            .view_change_timeout_ms
+            .saturating_mul(1u64 << self.vc_attempts.min(6))
     }
 
     // ----- normal case (section 4.2) ------------------------------------------------------
@@ -484,7 +505,9 @@ impl Engine {
     fn sign(&self, msg: ConsensusMsg) -> Option<SignedEnvelope> {
         // Our own messages are within bounds by construction; an error here means a bug, and
         // the message is dropped rather than the process stopped.
-        Verified::sign(&self.key, msg).ok().map(|v| v.envelope().clone())
+        Verified::sign(&self.key, msg)
+            .ok()
+            .map(|v| v.envelope().clone())
     }
 
     fn in_window(&self, seq: u64) -> bool {
@@ -518,7 +541,11 @@ impl Engine {
             self.proposed.extend(keys);
             let seq = self.next_seq;
             self.next_seq += 1;
-            let slot = Slot { view: self.view, seq, digest: Digest::of_batch(&envelopes(&batch)) };
+            let slot = Slot {
+                view: self.view,
+                seq,
+                digest: Digest::of_batch(&envelopes(&batch)),
+            };
             self.propose(slot, now, batch);
         }
     }
@@ -529,10 +556,18 @@ impl Engine {
             return;
         };
         let entry = self.log.entry(slot.seq).or_default();
-        entry.headers.insert(slot.view, (header.clone(), PrePrepare { slot, time }));
-        entry.first_vote.insert((KIND_HEADER, slot.view, self.me), (slot.digest, header.clone()));
+        entry
+            .headers
+            .insert(slot.view, (header.clone(), PrePrepare { slot, time }));
+        entry.first_vote.insert(
+            (KIND_HEADER, slot.view, self.me),
+            (slot.digest, header.clone()),
+        );
         entry.batches.insert(slot.digest, batch.clone());
-        if let Some(p) = self.sign(ConsensusMsg::Proposal { header, batch: envelopes(&batch) }) {
+        if let Some(p) = self.sign(ConsensusMsg::Proposal {
+            header,
+            batch: envelopes(&batch),
+        }) {
             self.out.push_back(Command::Broadcast(p));
         }
         self.check_slot(slot.seq, slot.view, slot.digest);
@@ -557,7 +592,17 @@ impl Engine {
             ConsensusMsg::Commit(slot) => self.on_commit(from, slot, env),
             ConsensusMsg::Checkpoint { seq, state } => self.on_checkpoint(from, seq, state, env),
             ConsensusMsg::ViewChange(vc) => self.on_view_change(now, from, vc, env),
-            ConsensusMsg::NewView(nv) => self.on_new_view(now, from, nv),
+            ConsensusMsg::NewView(nv) => self.on_new_view(now, from, nv, false),
+            ConsensusMsg::FetchViewChanges { view } => {
+                if self.new_view_sent.as_ref().is_some_and(|(v, _)| *v == view) {
+                    for vc in self.new_view_votes.clone() {
+                        self.out.push_back(Command::Send {
+                            to: from,
+                            envelope: vc,
+                        });
+                    }
+                }
+            }
         }
     }
 
@@ -567,18 +612,34 @@ impl Engine {
 
     /// Records a vote's digest for (kind, view, signer); reports equivocation once.
     /// Returns false if the vote conflicts with an earlier one (and must be dropped).
-    fn note_vote(&mut self, seq: u64, kind: u8, view: u64, signer: NodeId, digest: Digest, env: &SignedEnvelope) -> bool {
+    fn note_vote(
+        &mut self,
+        seq: u64,
+        kind: u8,
+        view: u64,
+        signer: NodeId,
+        digest: Digest,
+        env: &SignedEnvelope,
+    ) -> bool {
         let entry = self.log.entry(seq).or_default();
         match entry.first_vote.get(&(kind, view, signer)) {
             None => {
-                entry.first_vote.insert((kind, view, signer), (digest, env.clone()));
+                entry
+                    .first_vote
+                    .insert((kind, view, signer), (digest, env.clone()));
                 true
             }
             Some((d, _)) if *d == digest => true,
             Some((_, first)) => {
                 let first = first.clone();
                 if entry.reported.insert((signer, kind, view)) {
-                    self.report(signer, Offence::Equivocation { first, second: env.clone() });
+                    self.report(
+                        signer,
+                        Offence::Equivocation {
+                            first,
+                            second: env.clone(),
+                        },
+                    );
                 }
                 false
             }
@@ -586,49 +647,87 @@ impl Engine {
     }
 
     /// Checks a primary's header; records it; returns its content if acceptable for `seq`.
-    fn accept_header(&mut self, now: Timestamp, header: &SignedEnvelope, check_time: bool) -> Option<PrePrepare> {
+    fn accept_header(
+        &mut self,
+        now: Timestamp,
+        header: &SignedEnvelope,
+        check_time: bool,
+    ) -> Option<PrePrepare> {
         let (signer, pp) = open_header(header)?;
         let slot = pp.slot;
         if signer != self.committee.primary(slot.view) || !self.in_window(slot.seq) {
             return None;
         }
         if check_time && pp.time.0.abs_diff(now.0) > self.cfg.max_clock_skew_ms {
-            self.report(signer, Offence::Invalid("batch time too far from the local clock"));
+            self.report(
+                signer,
+                Offence::Invalid("batch time too far from the local clock"),
+            );
             return None;
         }
-        if !self.note_vote(slot.seq, KIND_HEADER, slot.view, signer, slot.digest, header) {
+        if !self.note_vote(
+            slot.seq,
+            KIND_HEADER,
+            slot.view,
+            signer,
+            slot.digest,
+            header,
+        ) {
             return None;
         }
         Some(pp)
     }
 
-    fn on_proposal(&mut self, now: Timestamp, from: NodeId, header: SignedEnvelope, batch: Vec<SignedEnvelope>) {
+    fn on_proposal(
+        &mut self,
+        now: Timestamp,
+        from: NodeId,
+        header: SignedEnvelope,
+        batch: Vec<SignedEnvelope>,
+    ) {
         if !self.active {
             return;
         }
-        let Some(pp) = self.accept_header(now, &header, true) else { return };
+        let Some(pp) = self.accept_header(now, &header, true) else {
+            return;
+        };
         let slot = pp.slot;
         if slot.view != self.view || from != self.committee.primary(slot.view) {
             return;
         }
-        if self.log.get(&slot.seq).is_some_and(|e| e.headers.contains_key(&slot.view)) {
+        if self
+            .log
+            .get(&slot.seq)
+            .is_some_and(|e| e.headers.contains_key(&slot.view))
+        {
             // Already accepted (a retransmission).
             self.resend_prepare(slot.seq);
             return;
         }
         if Digest::of_batch(&batch) != slot.digest {
-            self.report(from, Offence::Invalid("batch does not match the pre-prepare digest"));
+            self.report(
+                from,
+                Offence::Invalid("batch does not match the pre-prepare digest"),
+            );
             return;
         }
         let Some(batch) = verify_batch(&batch) else {
-            self.report(from, Offence::Invalid("proposal carries an invalid request"));
+            self.report(
+                from,
+                Offence::Invalid("proposal carries an invalid request"),
+            );
             return;
         };
         self.accept_pre_prepare(header, pp, batch);
     }
 
     /// Section 4.2: a backup accepts the pre-prepare and multicasts a prepare.
-    fn accept_pre_prepare(&mut self, header: SignedEnvelope, pp: PrePrepare, batch: Vec<Verified<Request>>) {
+    fn accept_pre_prepare(
+        &mut self,
+        header: SignedEnvelope,
+        pp: PrePrepare,
+        batch: Vec<Verified<Request>>,
+    ) {
         let slot = pp.slot;
         for r in &batch {
             self.proposed.insert((r.signer(), r.nonce));
@@ -636,14 +735,17 @@ impl Engine {
         let entry = self.log.entry(slot.seq).or_default();
         entry.headers.insert(slot.view, (header.clone(), pp));
         entry.batches.insert(slot.digest, batch);
-        if self.committee.primary(slot.view) != self.me && self.is_member() {
-            if let Some(p) = self.sign(ConsensusMsg::Prepare { slot, header }) {
+        if self.committee.primary(slot.view) != self.me && self.is_member()
+            && let Some(p) = self.sign(ConsensusMsg::Prepare { slot, header }) {
                 self.out.push_back(Command::Broadcast(p.clone()));
                 let entry = self.log.entry(slot.seq).or_default();
                 entry.my_prepare = Some((slot.view, p.clone()));
-                entry.prepares.entry((slot.view, slot.digest)).or_default().insert(self.me, p);
+                entry
+                    .prepares
+                    .entry((slot.view, slot.digest))
+                    .or_default()
+                    .insert(self.me, p);
             }
-        }
         self.check_slot(slot.seq, slot.view, slot.digest);
     }
 
@@ -653,7 +755,13 @@ impl Engine {
         }
     }
 
-    fn on_prepare(&mut self, from: NodeId, slot: Slot, header: SignedEnvelope, env: SignedEnvelope) {
+    fn on_prepare(
+        &mut self,
+        from: NodeId,
+        slot: Slot,
+        header: SignedEnvelope,
+        env: SignedEnvelope,
+    ) {
         if !self.in_window(slot.seq) || slot.view > self.view + MAX_FUTURE_VIEWS {
             return;
         }
@@ -683,7 +791,11 @@ impl Engine {
         }
         self.contradiction_check(slot.seq, from, slot, &env);
         let entry = self.log.entry(slot.seq).or_default();
-        entry.prepares.entry((slot.view, slot.digest)).or_default().insert(from, env);
+        entry
+            .prepares
+            .entry((slot.view, slot.digest))
+            .or_default()
+            .insert(from, env);
         self.check_slot(slot.seq, slot.view, slot.digest);
     }
 
@@ -696,21 +808,45 @@ impl Engine {
         }
         self.contradiction_check(slot.seq, from, slot, &env);
         let entry = self.log.entry(slot.seq).or_default();
-        entry.commits.entry((slot.view, slot.digest)).or_default().insert(from, env);
+        entry
+            .commits
+            .entry((slot.view, slot.digest))
+            .or_default()
+            .insert(from, env);
         self.check_slot(slot.seq, slot.view, slot.digest);
     }
 
     /// A vote against an already committed slot is evidence.
     fn contradiction_check(&mut self, seq: u64, from: NodeId, slot: Slot, env: &SignedEnvelope) {
-        let Some(entry) = self.log.get_mut(&seq) else { return };
-        let Some((cert, _)) = &entry.committed else { return };
-        let Some((_, pp)) = open_header(&cert.pre_prepare) else { return };
-        if slot.view >= pp.slot.view
+        let Some(entry) = self.log.get_mut(&seq) else {
+            return;
+        };
+        let Some((cert, _)) = &entry.committed else {
+            return;
+        };
+        let Some((_, pp)) = open_header(&cert.pre_prepare) else {
+            return;
+        };
+        let kind = if matches!(
+            open(env).map(|v| v.into_message()),
+            Some(ConsensusMsg::Commit(_))
+        ) {
+            VoteKind::Commit
+        } else {
+            VoteKind::Prepare
+        };
+        if contradicts(kind, slot.view, pp.slot.view)
             && slot.digest != pp.slot.digest
             && entry.reported.insert((from, KIND_CONTRADICTION, slot.view))
         {
             let proof = Box::new(cert.proof());
-            self.report(from, Offence::ContradictsCertificate { vote: env.clone(), proof });
+            self.report(
+                from,
+                Offence::ContradictsCertificate {
+                    vote: env.clone(),
+                    proof,
+                },
+            );
         }
     }
 
@@ -719,12 +855,18 @@ impl Engine {
         let quorum = self.committee.quorum();
         let member = self.is_member();
         let me = self.me;
-        let Some(entry) = self.log.get_mut(&seq) else { return };
-        let Some((header, pp)) = entry.headers.get(&view).cloned() else { return };
+        let Some(entry) = self.log.get_mut(&seq) else {
+            return;
+        };
+        let Some((header, pp)) = entry.headers.get(&view).cloned() else {
+            return;
+        };
         if pp.slot.digest != digest {
             return;
         }
-        let Some(batch) = entry.batches.get(&digest).cloned() else { return };
+        let Some(batch) = entry.batches.get(&digest).cloned() else {
+            return;
+        };
         let prepares: Vec<SignedEnvelope> = entry
             .prepares
             .get(&(view, digest))
@@ -743,17 +885,24 @@ impl Engine {
                 ));
             }
             let sent = entry.my_commit.as_ref().is_some_and(|(v, _)| *v >= view);
-            if member && !sent && view == self.view && self.active {
-                if let Some(c) = self.sign(ConsensusMsg::Commit(pp.slot)) {
+            if member && !sent && view == self.view && self.active
+                && let Some(c) = self.sign(ConsensusMsg::Commit(pp.slot)) {
                     let entry = self.log.entry(seq).or_default();
                     entry.my_commit = Some((view, c.clone()));
-                    entry.first_vote.insert((KIND_COMMIT, view, me), (digest, c.clone()));
-                    entry.commits.entry((view, digest)).or_default().insert(me, c.clone());
+                    entry
+                        .first_vote
+                        .insert((KIND_COMMIT, view, me), (digest, c.clone()));
+                    entry
+                        .commits
+                        .entry((view, digest))
+                        .or_default()
+                        .insert(me, c.clone());
                     self.out.push_back(Command::Broadcast(c));
                 }
-            }
         }
-        let Some(entry) = self.log.get_mut(&seq) else { return };
+        let Some(entry) = self.log.get_mut(&seq) else {
+            return;
+        };
         if entry.committed.is_some() {
             return;
         }
@@ -777,17 +926,31 @@ impl Engine {
 
     /// After a slot commits, votes already received against it are evidence.
     fn after_commit(&mut self, seq: u64) {
-        let Some(entry) = self.log.get_mut(&seq) else { return };
-        let Some((cert, _)) = &entry.committed else { return };
-        let Some((_, pp)) = open_header(&cert.pre_prepare) else { return };
+        let Some(entry) = self.log.get_mut(&seq) else {
+            return;
+        };
+        let Some((cert, _)) = &entry.committed else {
+            return;
+        };
+        let Some((_, pp)) = open_header(&cert.pre_prepare) else {
+            return;
+        };
         let proof = cert.proof();
         let mut against = Vec::new();
         for ((kind, view, signer), (d, env)) in &entry.first_vote {
-            if *kind != KIND_HEADER && *view >= pp.slot.view && *d != pp.slot.digest {
+            let vk = if *kind == KIND_COMMIT {
+                VoteKind::Commit
+            } else {
+                VoteKind::Prepare
+            };
+            if *kind != KIND_HEADER && contradicts(vk, *view, pp.slot.view) && *d != pp.slot.digest
+            {
                 against.push((*signer, *view, env.clone()));
             }
         }
-        against.retain(|(signer, view, _)| entry.reported.insert((*signer, KIND_CONTRADICTION, *view)));
+        against.retain(|(signer, view, _)| {
+            entry.reported.insert((*signer, KIND_CONTRADICTION, *view))
+        });
         for (signer, _, vote) in against {
             let proof = Box::new(proof.clone());
             self.report(signer, Offence::ContradictsCertificate { vote, proof });
@@ -801,8 +964,13 @@ impl Engine {
             let Some((cert, batch)) = self.log.get(&seq).and_then(|e| e.committed.clone()) else {
                 break;
             };
-            let Some((_, pp)) = open_header(&cert.pre_prepare) else { break };
-            self.state = Digest::of("dwcp/v3/pbft-state", &[&self.state.0, &seq.to_be_bytes(), &pp.slot.digest.0]);
+            let Some((_, pp)) = open_header(&cert.pre_prepare) else {
+                break;
+            };
+            self.state = Digest::of(
+                "dwcp/v3/pbft-state",
+                &[&self.state.0, &seq.to_be_bytes(), &pp.slot.digest.0],
+            );
             self.last_exec = seq;
             self.progressed_since_tick = true;
             let mut requests = Vec::new();
@@ -829,7 +997,7 @@ impl Engine {
                 certificate: cert,
                 state: self.state,
             })));
-            if seq % self.cfg.checkpoint_interval == 0 {
+            if seq.is_multiple_of(self.cfg.checkpoint_interval) {
                 self.exec_states.insert(seq, self.state);
                 self.send_checkpoint(seq);
             }
@@ -851,7 +1019,10 @@ impl Engine {
         }
         let state = self.state;
         if let Some(c) = self.sign(ConsensusMsg::Checkpoint { seq, state }) {
-            self.checkpoints.entry(seq).or_default().insert(self.me, (state, c.clone()));
+            self.checkpoints
+                .entry(seq)
+                .or_default()
+                .insert(self.me, (state, c.clone()));
             self.my_checkpoint = Some(c.clone());
             self.out.push_back(Command::Broadcast(c));
         }
@@ -859,21 +1030,32 @@ impl Engine {
     }
 
     fn on_checkpoint(&mut self, from: NodeId, seq: u64, state: Digest, env: SignedEnvelope) {
-        if seq <= self.low || seq % self.cfg.checkpoint_interval != 0 || seq > self.low + 4 * self.cfg.log_window {
+        if seq <= self.low
+            || !seq.is_multiple_of(self.cfg.checkpoint_interval)
+            || seq > self.low + 4 * self.cfg.log_window
+        {
             return;
         }
-        self.checkpoints.entry(seq).or_default().entry(from).or_insert((state, env));
+        self.checkpoints
+            .entry(seq)
+            .or_default()
+            .entry(from)
+            .or_insert((state, env));
         self.check_stable(seq);
     }
 
     fn check_stable(&mut self, seq: u64) {
         let quorum = self.committee.quorum();
-        let Some(votes) = self.checkpoints.get(&seq) else { return };
+        let Some(votes) = self.checkpoints.get(&seq) else {
+            return;
+        };
         let mut by_state: BTreeMap<Digest, Vec<SignedEnvelope>> = BTreeMap::new();
         for (d, e) in votes.values() {
             by_state.entry(*d).or_default().push(e.clone());
         }
-        let Some((state, proof)) = by_state.into_iter().find(|(_, v)| v.len() >= quorum) else { return };
+        let Some((state, proof)) = by_state.into_iter().find(|(_, v)| v.len() >= quorum) else {
+            return;
+        };
         self.known_stable = self.known_stable.max(seq);
         if self.last_exec < seq {
             // Others are ahead: ask one of them for the decisions we miss.
@@ -904,13 +1086,21 @@ impl Engine {
     // ----- catch-up -----------------------------------------------------------------------
 
     fn send_fetch(&mut self) {
-        let peers: Vec<NodeId> = self.committee.members().iter().copied().filter(|m| *m != self.me).collect();
+        let peers: Vec<NodeId> = self
+            .committee
+            .members()
+            .iter()
+            .copied()
+            .filter(|m| *m != self.me)
+            .collect();
         if peers.is_empty() {
             return;
         }
         let to = peers[self.fetch_rr % peers.len()];
         self.fetch_rr += 1;
-        if let Some(f) = self.sign(ConsensusMsg::Fetch { from_seq: self.last_exec + 1 }) {
+        if let Some(f) = self.sign(ConsensusMsg::Fetch {
+            from_seq: self.last_exec + 1,
+        }) {
             self.out.push_back(Command::Send { to, envelope: f });
         }
     }
@@ -919,7 +1109,13 @@ impl Engine {
         let mut certs = Vec::new();
         let mut bytes = 0usize;
         for (_, c) in self.certs.range(from_seq..) {
-            let size = c.batch.iter().chain(&c.commits).map(|e| e.encode().len()).sum::<usize>() + 256;
+            let size = c
+                .batch
+                .iter()
+                .chain(&c.commits)
+                .map(|e| e.encode().len())
+                .sum::<usize>()
+                + 256;
             if certs.len() >= MAX_CERTS_PER_REPLY || bytes + size > 192 * 1024 {
                 break;
             }
@@ -930,26 +1126,37 @@ impl Engine {
             return;
         }
         if let Some(d) = self.sign(ConsensusMsg::Decided(certs)) {
-            self.out.push_back(Command::Send { to: from, envelope: d });
+            self.out.push_back(Command::Send {
+                to: from,
+                envelope: d,
+            });
         }
     }
 
     fn on_decided(&mut self, certs: Vec<CommitCertificate>) {
         for cert in certs {
-            let Some(seq) = cert.seq_unverified() else { continue };
+            let Some(seq) = cert.seq_unverified() else {
+                continue;
+            };
             if seq <= self.last_exec
                 || seq > self.last_exec + 4 * self.cfg.log_window
                 || self.log.get(&seq).is_some_and(|e| e.committed.is_some())
             {
                 continue;
             }
-            let Ok(cb) = cert.verify(&self.committee) else { continue };
+            let Ok(cb) = cert.verify(&self.committee) else {
+                continue;
+            };
             let entry = self.log.entry(seq).or_default();
             entry.committed = Some((cert, cb.requests));
         }
         self.execute_ready();
-        let ready: Vec<u64> =
-            self.checkpoints.keys().copied().filter(|s| *s <= self.last_exec && *s > self.low).collect();
+        let ready: Vec<u64> = self
+            .checkpoints
+            .keys()
+            .copied()
+            .filter(|s| *s <= self.last_exec && *s > self.low)
+            .collect();
         for seq in ready {
             self.check_stable(seq);
         }
@@ -978,26 +1185,22 @@ impl Engine {
                     if e.committed.is_some() {
                         continue;
                     }
-                    if primary {
-                        if let Some((h, pp)) = e.headers.get(&view) {
-                            if let Some(b) = e.batches.get(&pp.slot.digest) {
+                    if primary
+                        && let Some((h, pp)) = e.headers.get(&view)
+                            && let Some(b) = e.batches.get(&pp.slot.digest) {
                                 resend.push(ConsensusMsg::Proposal {
                                     header: h.clone(),
                                     batch: envelopes(b),
                                 });
                             }
-                        }
-                    }
-                    if let Some((v, p)) = &e.my_prepare {
-                        if *v == view {
+                    if let Some((v, p)) = &e.my_prepare
+                        && *v == view {
                             self.out.push_back(Command::Broadcast(p.clone()));
                         }
-                    }
-                    if let Some((v, c)) = &e.my_commit {
-                        if *v == view {
+                    if let Some((v, c)) = &e.my_commit
+                        && *v == view {
                             self.out.push_back(Command::Broadcast(c.clone()));
                         }
-                    }
                 }
                 for m in resend {
                     if let Some(p) = self.sign(m) {
@@ -1038,7 +1241,9 @@ impl Engine {
             prepared,
         };
         self.out.push_back(Command::ViewChangeStarted { view });
-        let Some(env) = self.sign(ConsensusMsg::ViewChange(vc.clone())) else { return };
+        let Some(env) = self.sign(ConsensusMsg::ViewChange(vc.clone())) else {
+            return;
+        };
         self.my_vc = Some(env.clone());
         self.out.push_back(Command::Broadcast(env.clone()));
         if let Some(valid) = self.validate_vc(&vc, env) {
@@ -1050,7 +1255,7 @@ impl Engine {
     fn validate_vc(&self, vc: &ViewChange, envelope: SignedEnvelope) -> Option<ValidVc> {
         let quorum = self.committee.quorum();
         let k = self.cfg.checkpoint_interval;
-        if vc.stable_seq % k != 0 {
+        if !vc.stable_seq.is_multiple_of(k) {
             return None;
         }
         let mut stable_state = Digest::default();
@@ -1108,18 +1313,33 @@ impl Engine {
                 return None;
             }
         }
-        Some(ValidVc { envelope, stable_seq: vc.stable_seq, stable_state, stable_proof: vc.stable_proof.clone(), prepared })
+        Some(ValidVc {
+            signer: envelope.claimed_signer(),
+            envelope,
+            stable_seq: vc.stable_seq,
+            stable_state,
+            stable_proof: vc.stable_proof.clone(),
+            prepared,
+        })
     }
 
-    fn on_view_change(&mut self, now: Timestamp, from: NodeId, vc: ViewChange, env: SignedEnvelope) {
+    fn on_view_change(
+        &mut self,
+        now: Timestamp,
+        from: NodeId,
+        vc: ViewChange,
+        env: SignedEnvelope,
+    ) {
         let v = vc.new_view;
         if v < self.view || (v == self.view && self.active) {
             // A late view change for the view we lead: resend our new-view to its sender.
-            if let Some((nv_view, nv)) = &self.new_view_sent {
-                if *nv_view == self.view && v == self.view {
-                    self.out.push_back(Command::Send { to: from, envelope: nv.clone() });
+            if let Some((nv_view, nv)) = &self.new_view_sent
+                && *nv_view == self.view && v == self.view {
+                    self.out.push_back(Command::Send {
+                        to: from,
+                        envelope: nv.clone(),
+                    });
                 }
-            }
             return;
         }
         if self.vcs.get(&from).is_some_and(|(old, _)| *old >= v) {
@@ -1131,6 +1351,10 @@ impl Engine {
         };
         self.vcs.insert(from, (v, valid));
         self.after_vc(now);
+        if let Some((p, nv, asked)) = self.pending_nv.take()
+            && nv.view >= self.view {
+                self.on_new_view(now, p, nv, asked);
+            }
     }
 
     fn after_vc(&mut self, now: Timestamp) {
@@ -1158,11 +1382,19 @@ impl Engine {
             return;
         }
         let view = self.view;
-        let votes: Vec<ValidVc> = self.vcs.values().filter(|(v, _)| *v == view).map(|(_, vc)| vc.clone()).collect();
+        let votes: Vec<ValidVc> = self
+            .vcs
+            .values()
+            .filter(|(v, _)| *v == view)
+            .map(|(_, vc)| vc.clone())
+            .collect();
         if votes.len() >= self.committee.quorum() && self.vc_deadline.is_none() {
             self.vc_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
         }
-        if votes.len() >= self.committee.quorum() && self.committee.primary(view) == self.me && self.new_view_sent.as_ref().is_none_or(|(v, _)| *v < view) {
+        if votes.len() >= self.committee.quorum()
+            && self.committee.primary(view) == self.me
+            && self.new_view_sent.as_ref().is_none_or(|(v, _)| *v < view)
+        {
             self.send_new_view(now, view, votes);
         }
     }
@@ -1172,7 +1404,12 @@ impl Engine {
         let (min_s, min_state, min_proof) = best
             .map(|v| (v.stable_seq, v.stable_state, v.stable_proof.clone()))
             .unwrap_or_default();
-        let max_s = votes.iter().flat_map(|v| v.prepared.keys().copied()).max().unwrap_or(min_s).max(min_s);
+        let max_s = votes
+            .iter()
+            .flat_map(|v| v.prepared.keys().copied())
+            .max()
+            .unwrap_or(min_s)
+            .max(min_s);
         let mut slots = BTreeMap::new();
         for n in min_s + 1..=max_s {
             // The pre-prepare with the highest view among the prepared certificates for n.
@@ -1181,47 +1418,92 @@ impl Engine {
                 .filter_map(|v| v.prepared.get(&n))
                 .max_by_key(|(view, pp, _)| (*view, pp.slot.digest));
             match chosen {
-                Some((_, pp, batch)) => slots.insert(n, (pp.slot.digest, Some(pp.time), batch.clone())),
+                Some((_, pp, batch)) => {
+                    slots.insert(n, (pp.slot.digest, Some(pp.time), batch.clone()))
+                }
                 None => slots.insert(n, (Digest::of_batch(&[]), None, Vec::new())),
             };
         }
-        Reproposals { min_s, min_state, min_proof, slots }
+        Reproposals {
+            min_s,
+            min_state,
+            min_proof,
+            slots,
+        }
     }
 
     fn send_new_view(&mut self, now: Timestamp, view: u64, votes: Vec<ValidVc>) {
         let o = self.compute_o(&votes);
         let mut proposals = Vec::new();
         for (seq, (digest, time, batch)) in &o.slots {
-            let pp = PrePrepare { slot: Slot { view, seq: *seq, digest: *digest }, time: time.unwrap_or(now) };
-            let Some(h) = self.sign(ConsensusMsg::PrePrepare(pp)) else { return };
+            let pp = PrePrepare {
+                slot: Slot {
+                    view,
+                    seq: *seq,
+                    digest: *digest,
+                },
+                time: time.unwrap_or(now),
+            };
+            let Some(h) = self.sign(ConsensusMsg::PrePrepare(pp)) else {
+                return;
+            };
             proposals.push((h, batch.clone()));
         }
         let nv = NewView {
             view,
-            view_changes: votes.iter().map(|v| v.envelope.clone()).collect(),
-            proposals: proposals.iter().map(|(h, b)| (h.clone(), envelopes(b))).collect(),
+            view_changes: votes
+                .iter()
+                .map(|v| (v.signer, Digest::of_envelope(&v.envelope)))
+                .collect(),
+            proposals: proposals
+                .iter()
+                .map(|(h, b)| (h.clone(), envelopes(b)))
+                .collect(),
         };
-        let Some(env) = self.sign(ConsensusMsg::NewView(nv)) else { return };
+        let Some(env) = self.sign(ConsensusMsg::NewView(nv)) else {
+            return;
+        };
         self.new_view_sent = Some((view, env.clone()));
+        self.new_view_votes = votes.iter().map(|v| v.envelope.clone()).collect();
         self.out.push_back(Command::Broadcast(env));
         self.install_new_view(now, view, o, proposals);
     }
 
-    fn on_new_view(&mut self, now: Timestamp, from: NodeId, nv: NewView) {
-        if nv.view < self.view || (nv.view == self.view && self.active) || from != self.committee.primary(nv.view) {
+    fn on_new_view(&mut self, now: Timestamp, from: NodeId, nv: NewView, asked: bool) {
+        if nv.view < self.view
+            || (nv.view == self.view && self.active)
+            || from != self.committee.primary(nv.view)
+        {
             return;
         }
         let mut votes = Vec::new();
         let mut signers = BTreeSet::new();
-        for e in &nv.view_changes {
-            let Some(v) = open(e) else { return self.report(from, Offence::Invalid("new view with a bad view change")) };
-            let signer = v.signer();
-            let ConsensusMsg::ViewChange(vc) = v.message() else { return self.report(from, Offence::Invalid("new view with a non view change")) };
-            if vc.new_view != nv.view || !self.committee.contains(&signer) || !signers.insert(signer) {
-                return self.report(from, Offence::Invalid("new view with a foreign view change"));
+        let mut missing = false;
+        for (signer, digest) in &nv.view_changes {
+            if !self.committee.contains(signer) || !signers.insert(*signer) {
+                return self.report(
+                    from,
+                    Offence::Invalid("new view with a foreign or repeated view change"),
+                );
             }
-            let Some(valid) = self.validate_vc(vc, e.clone()) else { return self.report(from, Offence::Invalid("new view with an invalid view change")) };
-            votes.push(valid);
+            match self.vcs.get(signer) {
+                Some((v, vc)) if *v == nv.view && Digest::of_envelope(&vc.envelope) == *digest => {
+                    votes.push(vc.clone());
+                }
+                _ => missing = true,
+            }
+        }
+        if missing {
+            // We lack some of V: keep the new view and ask its primary for them.
+            if !asked
+                && let Some(f) = self.sign(ConsensusMsg::FetchViewChanges { view: nv.view }) {
+                    self.out.push_back(Command::Send {
+                        to: from,
+                        envelope: f,
+                    });
+                }
+            self.pending_nv = Some((from, nv, true));
+            return;
         }
         if votes.len() < self.committee.quorum() {
             return self.report(from, Offence::Invalid("new view without a quorum"));
@@ -1233,9 +1515,16 @@ impl Engine {
         }
         let mut proposals = Vec::with_capacity(o.slots.len());
         for ((seq, (digest, time, verified)), (h, batch)) in o.slots.iter().zip(&nv.proposals) {
-            let Some((signer, pp)) = open_header(h) else { return self.report(from, Offence::Invalid("new view with a bad pre-prepare")) };
+            let Some((signer, pp)) = open_header(h) else {
+                return self.report(from, Offence::Invalid("new view with a bad pre-prepare"));
+            };
             let ok = signer == from
-                && pp.slot == Slot { view: nv.view, seq: *seq, digest: *digest }
+                && pp.slot
+                    == Slot {
+                        view: nv.view,
+                        seq: *seq,
+                        digest: *digest,
+                    }
                 && time.is_none_or(|t| t == pp.time)
                 && Digest::of_batch(batch) == *digest;
             if !ok {
@@ -1258,6 +1547,7 @@ impl Engine {
         self.vc_deadline = None;
         self.vc_attempts = 0;
         self.my_vc = None;
+        self.pending_nv = None;
         self.proposed.clear();
         self.vcs.retain(|_, (v, _)| *v > view);
         if o.min_s > self.low {
@@ -1270,17 +1560,25 @@ impl Engine {
         }
         let max_s = o.slots.keys().copied().max().unwrap_or(o.min_s);
         for (h, batch) in proposals {
-            let Some((_, pp)) = open_header(&h) else { continue };
+            let Some((_, pp)) = open_header(&h) else {
+                continue;
+            };
             let slot = pp.slot;
             if !self.in_window(slot.seq) {
                 continue;
             }
             let entry = self.log.entry(slot.seq).or_default();
-            entry.first_vote.insert((KIND_HEADER, view, self.committee.primary(view)), (slot.digest, h.clone()));
+            entry.first_vote.insert(
+                (KIND_HEADER, view, self.committee.primary(view)),
+                (slot.digest, h.clone()),
+            );
             self.accept_pre_prepare(h, pp, batch);
         }
         self.next_seq = (max_s + 1).max(self.last_exec + 1);
-        self.out.push_back(Command::NewViewInstalled { view, primary: self.committee.primary(view) });
+        self.out.push_back(Command::NewViewInstalled {
+            view,
+            primary: self.committee.primary(view),
+        });
         if !self.pending.is_empty() {
             self.progress_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
         }
@@ -1293,7 +1591,10 @@ fn verify_batch(batch: &[SignedEnvelope]) -> Option<Vec<Verified<Request>>> {
     if batch.len() > MAX_BATCH {
         return None;
     }
-    batch.iter().map(|r| r.clone().verify::<Request>().ok()).collect()
+    batch
+        .iter()
+        .map(|r| r.clone().verify::<Request>().ok())
+        .collect()
 }
 
 fn envelopes(batch: &[Verified<Request>]) -> Vec<SignedEnvelope> {

@@ -57,7 +57,7 @@ pub mod messages;
 
 pub use certificate::{
     CastVote, CertificateError, CertifiedBatch, CommitProof, VoteKind, check_contradiction,
-    check_equivocation, read_vote,
+    check_equivocation, contradicts, read_vote,
 };
 pub use committee::Committee;
 pub use engine::{Command, Config, ConfigError, Decision, Engine, Input, Offence};

@@ -44,6 +44,11 @@ impl Digest {
         Self(h.finalize().into())
     }
 
+    /// The digest of a signed envelope's wire bytes.
+    pub fn of_envelope(env: &SignedEnvelope) -> Self {
+        Self::of("dwcp/v3/envelope", &[&env.encode()])
+    }
+
     /// The digest of a batch of signed requests: the hash of their envelopes' wire bytes in
     /// order. The empty batch is PBFT's null request.
     pub fn of_batch(batch: &[SignedEnvelope]) -> Self {
@@ -80,7 +85,9 @@ impl<'de> Deserialize<'de> for Digest {
                 f.write_str("32 bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Digest, E> {
-                let a: [u8; 32] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                let a: [u8; 32] = v
+                    .try_into()
+                    .map_err(|_| E::invalid_length(v.len(), &self))?;
                 Ok(Digest(a))
             }
         }
@@ -104,7 +111,11 @@ impl Message for Request {
 
     fn validate(&self) -> Result<(), ValidationError> {
         if self.op.len() > MAX_OP_LEN {
-            return Err(ValidationError::TooLong { field: "op", len: self.op.len(), max: MAX_OP_LEN });
+            return Err(ValidationError::TooLong {
+                field: "op",
+                len: self.op.len(),
+                max: MAX_OP_LEN,
+            });
         }
         Ok(())
     }
@@ -174,8 +185,11 @@ pub struct ViewChange {
 pub struct NewView {
     /// The new view.
     pub view: u64,
-    /// `V`: 2f+1 signed view-change messages for `view`.
-    pub view_changes: Vec<SignedEnvelope>,
+    /// `V`: the 2f+1 view-change messages for `view`, by signer and digest of the signed
+    /// envelope ([`Digest::of_envelope`]). Replicas hold the view changes themselves (every
+    /// replica multicasts its own) and fetch missing ones from the new primary, so a new view
+    /// stays small however large the view changes are.
+    pub view_changes: Vec<(NodeId, Digest)>,
     /// `O`: the new primary's pre-prepares (signed headers) with their batches, one per slot
     /// from min-s+1 to max-s.
     pub proposals: Vec<(SignedEnvelope, Vec<SignedEnvelope>)>,
@@ -213,6 +227,11 @@ pub enum ConsensusMsg {
     ViewChange(ViewChange),
     /// New view (section 4.4).
     NewView(NewView),
+    /// Asks the primary of `view` for the view-change messages its new view names.
+    FetchViewChanges {
+        /// The view.
+        view: u64,
+    },
     /// Catch-up: asks for commit certificates from `from_seq` on.
     Fetch {
         /// First sequence number wanted.
@@ -234,6 +253,7 @@ impl ConsensusMsg {
             Self::ViewChange(_) => "view-change",
             Self::NewView(_) => "new-view",
             Self::Fetch { .. } => "fetch",
+            Self::FetchViewChanges { .. } => "fetch-view-changes",
             Self::Decided(_) => "decided",
         }
     }
@@ -251,9 +271,11 @@ impl Message for ConsensusMsg {
 
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
-            Self::PrePrepare(_) | Self::Commit(_) | Self::Checkpoint { .. } | Self::Fetch { .. } => {
-                Ok(())
-            }
+            Self::PrePrepare(_)
+            | Self::Commit(_)
+            | Self::Checkpoint { .. }
+            | Self::Fetch { .. }
+            | Self::FetchViewChanges { .. } => Ok(()),
             Self::Proposal { batch, .. } => count("batch", batch.len(), MAX_BATCH),
             Self::Prepare { .. } => Ok(()),
             Self::ViewChange(vc) => {

@@ -95,6 +95,37 @@ pub fn write_frame(out: &mut Vec<u8>, kind: FrameKind, payload: &[u8]) -> Result
     Ok(())
 }
 
+/// Starts a frame in `out`: reserves the header; write the payload after it, then call
+/// [`finish_frame`] with the returned start offset. Avoids copying large payloads.
+pub fn begin_frame(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    start
+}
+
+/// Completes a frame begun with [`begin_frame`]: fills in the header and the CRC over the
+/// payload written since.
+pub fn finish_frame(out: &mut [u8], start: usize, kind: FrameKind) -> Result<(), DecodeError> {
+    let payload_len = out.len() - start - HEADER_LEN;
+    let len = u32::try_from(payload_len).map_err(|_| DecodeError::TooLarge {
+        what: "frame payload",
+        len: payload_len as u64,
+        limit: u64::from(u32::MAX),
+    })?;
+    let h = &mut out[start..start + HEADER_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = VERSION;
+    h[5] = kind as u8;
+    h[6..8].copy_from_slice(&0u16.to_le_bytes());
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[start..start + 12]);
+    crc.update(&out[start + HEADER_LEN..]);
+    let c = crc.finalize();
+    out[start + 12..start + HEADER_LEN].copy_from_slice(&c.to_le_bytes());
+    Ok(())
+}
+
 /// Reads the total length (header plus payload) of the frame at the start of `buf`,
 /// once at least [`HEADER_LEN`] bytes are there. Lets a stream reader know how much to
 /// buffer; the length is checked against `max_payload` first.
@@ -201,10 +232,16 @@ mod tests {
         let f = frame(FrameKind::Batch, b"payload");
         let mut bad = f.clone();
         bad[0] = b'X';
-        assert!(matches!(decode_frame(&bad, 100), Err(DecodeError::BadMagic(_))));
+        assert!(matches!(
+            decode_frame(&bad, 100),
+            Err(DecodeError::BadMagic(_))
+        ));
         let mut bad = f.clone();
         bad[4] = 9;
-        assert_eq!(decode_frame(&bad, 100), Err(DecodeError::UnsupportedVersion(9)));
+        assert_eq!(
+            decode_frame(&bad, 100),
+            Err(DecodeError::UnsupportedVersion(9))
+        );
         let mut bad = f.clone();
         bad[5] = 77;
         assert_eq!(decode_frame(&bad, 100), Err(DecodeError::UnknownKind(77)));
@@ -213,13 +250,22 @@ mod tests {
         assert_eq!(decode_frame(&bad, 100), Err(DecodeError::ReservedFlags(1)));
         let mut bad = f.clone();
         bad[HEADER_LEN] ^= 0x40;
-        assert!(matches!(decode_frame(&bad, 100), Err(DecodeError::Checksum { .. })));
+        assert!(matches!(
+            decode_frame(&bad, 100),
+            Err(DecodeError::Checksum { .. })
+        ));
         assert!(matches!(
             decode_frame(&f[..f.len() - 1], 100),
             Err(DecodeError::Truncated { .. })
         ));
-        assert!(matches!(decode_frame(&f, 3), Err(DecodeError::TooLarge { .. })));
-        assert!(matches!(decode_frame(&f[..5], 100), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            decode_frame(&f, 3),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode_frame(&f[..5], 100),
+            Err(DecodeError::Truncated { .. })
+        ));
         assert_eq!(peek_frame_len(&f[..5], 100), Ok(None));
     }
 }

@@ -31,7 +31,12 @@ pub struct LevelSample {
 /// Picks the level for a link of `link_bytes_per_sec` with `cores` compressor threads,
 /// keeping `headroom` (e.g. 1.2 = compressors must be 20 % faster than the link).
 /// Returns `None` if `samples` is empty.
-pub fn choose_level(samples: &[LevelSample], link_bytes_per_sec: f64, cores: u32, headroom: f64) -> Option<i32> {
+pub fn choose_level(
+    samples: &[LevelSample],
+    link_bytes_per_sec: f64,
+    cores: u32,
+    headroom: f64,
+) -> Option<i32> {
     let fastest = samples
         .iter()
         .filter(|s| LEVELS.contains(&s.level))
@@ -51,7 +56,11 @@ fn output_rate(s: &LevelSample, cores: u32) -> f64 {
 
 /// Compresses `sample` at `level` with the encoder's settings and returns the output
 /// size: the caller times this call to produce a [`LevelSample`].
-pub fn compress_sample(sample: &[u8], level: i32, dict: Option<&[u8]>) -> Result<usize, EncodeError> {
+pub fn compress_sample(
+    sample: &[u8],
+    level: i32,
+    dict: Option<&[u8]>,
+) -> Result<usize, EncodeError> {
     let mut c = crate::sender::compressor(level, dict, crate::sender::DEFAULT_WINDOW_LOG, false)?;
     c.compress(sample)
         .map(|v| v.len())
@@ -72,7 +81,12 @@ mod tests {
 
     #[test]
     fn picks_highest_level_that_outruns_the_link() {
-        let samples = [s(1, 500.0, 0.30), s(3, 300.0, 0.27), s(9, 60.0, 0.25), s(19, 3.0, 0.22)];
+        let samples = [
+            s(1, 500.0, 0.30),
+            s(3, 300.0, 0.27),
+            s(9, 60.0, 0.25),
+            s(19, 3.0, 0.22),
+        ];
         // 100 MB/s link, 2 cores: level 3 produces 2*300*0.27 = 162 MB/s, level 9 30 MB/s.
         assert_eq!(choose_level(&samples, 100e6, 2, 1.2), Some(3));
         // 10 MB/s link: level 9 gives 30 MB/s.
@@ -86,11 +100,20 @@ mod tests {
 
     #[test]
     fn sample_compression_uses_the_encoder_settings() {
-        let text: Vec<u8> = (0..50_000u32).flat_map(|i| format!("page {} of {}\n", i % 97, i % 13).into_bytes()).collect();
+        let text: Vec<u8> = (0..50_000u32)
+            .flat_map(|i| format!("page {} of {}\n", i % 97, i % 13).into_bytes())
+            .collect();
         for level in [1, 3, 19] {
             let n = compress_sample(&text, level, None).unwrap();
-            assert!(n > 0 && n < text.len() / 20, "level {level}: {n} of {}", text.len());
+            assert!(
+                n > 0 && n < text.len() / 20,
+                "level {level}: {n} of {}",
+                text.len()
+            );
         }
-        assert!(compress_sample(&text, 99, None).is_ok(), "zstd clamps levels itself");
+        assert!(
+            compress_sample(&text, 99, None).is_ok(),
+            "zstd clamps levels itself"
+        );
     }
 }

@@ -11,9 +11,10 @@
 //! | `End` | S → R | `batches`, `pages`, `bytes_in` |
 //!
 //! A `Batch` body is, after zstd decompression when `flags` bit 1 is set (stored
-//! as-is otherwise): `control` (`control_len` bytes), `literal` (`literal_len` bytes, the
-//! non-page bytes of a stream), then `new_pages` × 4096 bytes of page content. The
-//! control section has one entry per item:
+//! as-is otherwise): `new_pages` × 4096 bytes of page content, then `control`
+//! (`control_len` bytes), then `literal` (`literal_len` bytes, the non-page bytes of a
+//! stream). Pages come first so the sender can compress the buffer it collected them in
+//! without another copy. The control section has one entry per item:
 //!
 //! * position: for the page shape the page number as a zigzag delta from
 //!   `previous + 1` (so consecutive pages cost one `0` byte); for the stream shape the
@@ -26,7 +27,7 @@
 //! the same order, which is what kind-2 references count.
 
 use crate::error::DecodeError;
-use crate::frame::{FrameKind, decode_frame, write_frame};
+use crate::frame::{FrameKind, begin_frame, decode_frame, finish_frame};
 use crate::page::{HASH_LEN, PAGE_SIZE, PageHash};
 use crate::wire::{Reader, put_varint};
 
@@ -184,7 +185,8 @@ pub enum Message {
 impl Message {
     /// Encodes the message as one frame appended to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
-        let mut p = Vec::new();
+        let start = begin_frame(out);
+        let p = out;
         let kind = match self {
             Message::Start(s) => {
                 p.extend_from_slice(&s.transfer_id.to_le_bytes());
@@ -201,16 +203,16 @@ impl Message {
             }
             Message::Offer(o) => {
                 p.reserve(20 + o.hashes.len() * HASH_LEN);
-                put_varint(&mut p, o.batch);
-                put_varint(&mut p, o.hashes.len() as u64);
+                put_varint(p, o.batch);
+                put_varint(p, o.hashes.len() as u64);
                 for h in &o.hashes {
                     p.extend_from_slice(&h.0);
                 }
                 FrameKind::Offer
             }
             Message::Missing(m) => {
-                put_varint(&mut p, m.batch);
-                put_varint(&mut p, m.missing.len() as u64);
+                put_varint(p, m.batch);
+                put_varint(p, m.missing.len() as u64);
                 let mut bits = vec![0u8; m.missing.len().div_ceil(8)];
                 for (i, &b) in m.missing.iter().enumerate() {
                     if b {
@@ -222,7 +224,7 @@ impl Message {
             }
             Message::Batch(b) => {
                 p.reserve(40 + b.body.len());
-                put_varint(&mut p, b.seq);
+                put_varint(p, b.seq);
                 let mut flags = 0u8;
                 if b.shape == Shape::Stream {
                     flags |= 1;
@@ -233,21 +235,21 @@ impl Message {
                 p.push(flags);
                 p.push(b.level as u8);
                 p.extend_from_slice(&b.dict_id.to_le_bytes());
-                put_varint(&mut p, u64::from(b.items));
-                put_varint(&mut p, u64::from(b.new_pages));
-                put_varint(&mut p, u64::from(b.control_len));
-                put_varint(&mut p, u64::from(b.literal_len));
+                put_varint(p, u64::from(b.items));
+                put_varint(p, u64::from(b.new_pages));
+                put_varint(p, u64::from(b.control_len));
+                put_varint(p, u64::from(b.literal_len));
                 p.extend_from_slice(&b.body);
                 FrameKind::Batch
             }
             Message::End(e) => {
-                put_varint(&mut p, e.batches);
-                put_varint(&mut p, e.pages);
-                put_varint(&mut p, e.bytes_in);
+                put_varint(p, e.batches);
+                put_varint(p, e.pages);
+                put_varint(p, e.bytes_in);
                 FrameKind::End
             }
         };
-        write_frame(out, kind, &p)
+        finish_frame(p, start, kind)
     }
 
     /// Encodes the message as one frame.
@@ -316,7 +318,11 @@ impl Message {
                 if r.remaining() != n * HASH_LEN {
                     return Err(DecodeError::Malformed {
                         what: "offer",
-                        detail: format!("{n} hashes need {} bytes, have {}", n * HASH_LEN, r.remaining()),
+                        detail: format!(
+                            "{n} hashes need {} bytes, have {}",
+                            n * HASH_LEN,
+                            r.remaining()
+                        ),
                     });
                 }
                 let mut hashes = Vec::with_capacity(n);
@@ -329,7 +335,8 @@ impl Message {
                 let batch = r.varint("missing batch")?;
                 let n = r.varint_max("missing count", max_pages)?;
                 let bits = r.bytes(n.div_ceil(8), "missing bitmap")?;
-                let missing: Vec<bool> = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
+                let missing: Vec<bool> =
+                    (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
                 if n % 8 != 0 && bits[n / 8] >> (n % 8) != 0 {
                     return Err(DecodeError::Malformed {
                         what: "missing bitmap",
@@ -352,9 +359,17 @@ impl Message {
                 let dict_id = r.u64_le("batch dict id")?;
                 let items = r.varint_max("batch items", max_pages)?;
                 let new_pages = r.varint_max("batch new pages", items as u64)?;
-                let control_len = r.varint_max("batch control length", (items * MAX_CONTROL_PER_ITEM) as u64)?;
-                let literal_len = r.varint_max("batch literal length", limits.max_literal_bytes as u64)?;
-                let shape = if flags & 1 != 0 { Shape::Stream } else { Shape::Pages };
+                let control_len = r.varint_max(
+                    "batch control length",
+                    (items * MAX_CONTROL_PER_ITEM) as u64,
+                )?;
+                let literal_len =
+                    r.varint_max("batch literal length", limits.max_literal_bytes as u64)?;
+                let shape = if flags & 1 != 0 {
+                    Shape::Stream
+                } else {
+                    Shape::Pages
+                };
                 if shape == Shape::Pages && literal_len != 0 {
                     return Err(DecodeError::Malformed {
                         what: "batch",
@@ -378,7 +393,11 @@ impl Message {
                 if !compressed && b.body.len() != b.raw_len() {
                     return Err(DecodeError::Malformed {
                         what: "stored batch",
-                        detail: format!("body is {} bytes, header says {}", b.body.len(), b.raw_len()),
+                        detail: format!(
+                            "body is {} bytes, header says {}",
+                            b.body.len(),
+                            b.raw_len()
+                        ),
                     });
                 }
                 Message::Batch(b)
@@ -421,7 +440,10 @@ mod tests {
                 .prop_map(|(id, bytes)| Message::Dict(Dict { id, bytes })),
             (any::<u64>(), proptest::collection::vec(arb_hash(), 0..20))
                 .prop_map(|(batch, hashes)| Message::Offer(Offer { batch, hashes })),
-            (any::<u64>(), proptest::collection::vec(any::<bool>(), 0..70))
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<bool>(), 0..70)
+            )
                 .prop_map(|(batch, missing)| Message::Missing(Missing { batch, missing })),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(batches, pages, bytes_in)| {
                 Message::End(End {
@@ -430,8 +452,12 @@ mod tests {
                     bytes_in,
                 })
             }),
-            (any::<u64>(), 0u32..4, proptest::collection::vec(any::<u8>(), 0..100)).prop_map(
-                |(seq, items, control)| {
+            (
+                any::<u64>(),
+                0u32..4,
+                proptest::collection::vec(any::<u8>(), 0..100)
+            )
+                .prop_map(|(seq, items, control)| {
                     Message::Batch(Batch {
                         seq,
                         shape: Shape::Stream,
@@ -441,11 +467,11 @@ mod tests {
                         items,
                         new_pages: 0,
                         control_len: control.len().min(items as usize * 20) as u32,
-                        literal_len: (control.len() - control.len().min(items as usize * 20)) as u32,
+                        literal_len: (control.len() - control.len().min(items as usize * 20))
+                            as u32,
                         body: control,
                     })
-                }
-            ),
+                }),
         ]
     }
 
@@ -498,7 +524,10 @@ mod tests {
         };
         assert!(matches!(
             Message::decode(&m.encode().unwrap(), &limits),
-            Err(DecodeError::TooLarge { what: "dictionary", .. })
+            Err(DecodeError::TooLarge {
+                what: "dictionary",
+                ..
+            })
         ));
     }
 }

@@ -66,6 +66,9 @@ mod tests {
             [0xba, 0x78, 0x16, 0xbf],
             "sha256(abc) starts ba7816bf"
         );
-        assert_ne!(PageHash::of(&[0u8; PAGE_SIZE]), PageHash::of(&[1u8; PAGE_SIZE]));
+        assert_ne!(
+            PageHash::of(&[0u8; PAGE_SIZE]),
+            PageHash::of(&[1u8; PAGE_SIZE])
+        );
     }
 }

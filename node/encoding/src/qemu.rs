@@ -383,7 +383,9 @@ pub(crate) mod tests {
         // END part with one more page.
         s.push(SECTION_END);
         s.extend_from_slice(&2u32.to_be_bytes());
-        s.extend_from_slice(&((pages.len() as u64 + 2) * PAGE as u64 | FLAG_PAGE | FLAG_CONTINUE).to_be_bytes());
+        s.extend_from_slice(
+            &(((pages.len() as u64 + 2) * PAGE as u64) | FLAG_PAGE | FLAG_CONTINUE).to_be_bytes(),
+        );
         s.extend_from_slice(&[0x5a; PAGE]);
         s.extend_from_slice(&FLAG_EOS.to_be_bytes());
         s.push(SECTION_FOOTER);

@@ -30,6 +30,47 @@ pub enum ReceiverEvent {
     Finished,
 }
 
+/// Where decoded data goes, written in transfer order. A receiver driver implements it
+/// to write guest memory (pages) or feed QEMU's incoming migration (stream) without an
+/// intermediate copy. If a frame fails to decode, part of its batch may already have
+/// been written; the transfer must then be aborted.
+pub trait Sink {
+    /// One page of the page shape (zero pages come as 4096 zero bytes).
+    fn page(&mut self, page_number: u64, data: &[u8]);
+    /// The next bytes of the stream shape.
+    fn stream(&mut self, bytes: &[u8]);
+}
+
+/// What [`Receiver::handle_frame_into`] tells the driver besides the data.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Handled {
+    /// A frame to send back to the sender (a `Missing` set).
+    pub reply: Option<Vec<u8>>,
+    /// The end frame arrived and every total matched.
+    pub finished: bool,
+}
+
+/// A [`Sink`] that collects a batch into [`ReceiverEvent`]s.
+#[derive(Debug, Default)]
+struct Collect {
+    page_numbers: Vec<u64>,
+    data: Vec<u8>,
+    stream: bool,
+}
+
+impl Sink for Collect {
+    fn page(&mut self, page_number: u64, data: &[u8]) {
+        self.page_numbers.push(page_number);
+        self.data.extend_from_slice(data);
+    }
+    fn stream(&mut self, bytes: &[u8]) {
+        self.stream = true;
+        self.data.extend_from_slice(bytes);
+    }
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 #[derive(Debug)]
 struct PendingOffer {
     hashes: Vec<PageHash>,
@@ -45,7 +86,11 @@ pub struct Receiver {
     dicts: BTreeMap<u64, Vec<u8>>,
     plain: zstd::bulk::Decompressor<'static>,
     with_dict: Option<(u64, zstd::bulk::Decompressor<'static>)>,
-    arena: Vec<u8>,
+    /// Decompressed batch bodies and held pages, kept for references.
+    chunks: Vec<Vec<u8>>,
+    /// Unique page n of the transfer: (chunk, byte offset).
+    unique: Vec<(u32, u32)>,
+    unique_bytes: u64,
     offers: BTreeMap<u64, PendingOffer>,
     next_batch: u64,
     ended: bool,
@@ -63,7 +108,10 @@ impl std::fmt::Debug for Receiver {
     }
 }
 
-fn decompressor(limits: &Limits, dict: Option<&[u8]>) -> Result<zstd::bulk::Decompressor<'static>, DecodeError> {
+fn decompressor(
+    limits: &Limits,
+    dict: Option<&[u8]>,
+) -> Result<zstd::bulk::Decompressor<'static>, DecodeError> {
     let err = |e: std::io::Error| DecodeError::Decompress {
         batch: 0,
         detail: e.to_string(),
@@ -95,7 +143,9 @@ impl Receiver {
             shape: None,
             dicts: BTreeMap::new(),
             with_dict: None,
-            arena: Vec::new(),
+            chunks: Vec::new(),
+            unique: Vec::new(),
+            unique_bytes: 0,
             offers: BTreeMap::new(),
             next_batch: 0,
             ended: false,
@@ -104,7 +154,10 @@ impl Receiver {
     }
 
     /// A receiver that answers offers from `store` and adds every new page to it.
-    pub fn with_store(limits: Limits, store: Box<dyn PageStore + Send>) -> Result<Self, DecodeError> {
+    pub fn with_store(
+        limits: Limits,
+        store: Box<dyn PageStore + Send>,
+    ) -> Result<Self, DecodeError> {
         let mut r = Self::new(limits)?;
         r.store = Some(store);
         Ok(r)
@@ -125,10 +178,36 @@ impl Receiver {
         self.store
     }
 
-    /// Handles exactly one frame. On error the frame is dropped and the transfer should
-    /// be aborted (the sender misbehaved or the data was corrupted); the receiver does
-    /// not panic on any input.
+    /// Handles exactly one frame, returning decoded data as events. On error the frame
+    /// is dropped and the transfer should be aborted (the sender misbehaved or the data
+    /// was corrupted); the receiver does not panic on any input.
     pub fn handle_frame(&mut self, frame: &[u8]) -> Result<Vec<ReceiverEvent>, DecodeError> {
+        let mut c = Collect::default();
+        let h = self.handle_frame_into(frame, &mut c)?;
+        let mut ev = Vec::new();
+        if let Some(r) = h.reply {
+            ev.push(ReceiverEvent::Reply(r));
+        }
+        if c.stream {
+            ev.push(ReceiverEvent::Stream(c.data));
+        } else if !c.page_numbers.is_empty() {
+            ev.push(ReceiverEvent::Pages {
+                page_numbers: c.page_numbers,
+                data: c.data,
+            });
+        }
+        if h.finished {
+            ev.push(ReceiverEvent::Finished);
+        }
+        Ok(ev)
+    }
+
+    /// Handles exactly one frame, writing decoded data to `sink` (no intermediate copy).
+    pub fn handle_frame_into(
+        &mut self,
+        frame: &[u8],
+        sink: &mut dyn Sink,
+    ) -> Result<Handled, DecodeError> {
         if self.ended {
             return Err(DecodeError::Unexpected {
                 what: "frame",
@@ -152,16 +231,25 @@ impl Receiver {
                     });
                 }
                 self.shape = Some(shape);
-                Ok(Vec::new())
+                Ok(Handled::default())
             }
-            Message::Dict(d) => self.on_dict(d).map(|()| Vec::new()),
-            Message::Offer(o) => self.on_offer(o),
+            Message::Dict(d) => self.on_dict(d).map(|()| Handled::default()),
+            Message::Offer(o) => self.on_offer(o).map(|r| Handled {
+                reply: Some(r),
+                finished: false,
+            }),
             Message::Missing(_) => Err(DecodeError::Unexpected {
                 what: "missing set",
                 detail: "only senders receive missing sets",
             }),
-            Message::Batch(b) => self.on_batch(b),
-            Message::End(e) => self.on_end(e),
+            Message::Batch(b) => {
+                self.on_batch(b, sink)?;
+                Ok(Handled::default())
+            }
+            Message::End(e) => self.on_end(e).map(|()| Handled {
+                reply: None,
+                finished: true,
+            }),
         }
     }
 
@@ -180,7 +268,7 @@ impl Receiver {
         Ok(())
     }
 
-    fn on_offer(&mut self, o: Offer) -> Result<Vec<ReceiverEvent>, DecodeError> {
+    fn on_offer(&mut self, o: Offer) -> Result<Vec<u8>, DecodeError> {
         if o.batch < self.next_batch || self.offers.contains_key(&o.batch) {
             return Err(DecodeError::Unexpected {
                 what: "offer",
@@ -210,11 +298,17 @@ impl Receiver {
             missing,
         })
         .encode()?;
-        self.offers.insert(o.batch, PendingOffer { hashes: o.hashes, held });
-        Ok(vec![ReceiverEvent::Reply(reply)])
+        self.offers.insert(
+            o.batch,
+            PendingOffer {
+                hashes: o.hashes,
+                held,
+            },
+        );
+        Ok(reply)
     }
 
-    fn on_batch(&mut self, b: Batch) -> Result<Vec<ReceiverEvent>, DecodeError> {
+    fn on_batch(&mut self, b: Batch, sink: &mut dyn Sink) -> Result<(), DecodeError> {
         if b.seq != self.next_batch {
             return Err(DecodeError::UnexpectedBatch {
                 expected: self.next_batch,
@@ -233,23 +327,49 @@ impl Receiver {
             });
         }
         let new_bytes = b.new_pages as u64 * PAGE_SIZE as u64;
-        if self.arena.len() as u64 + new_bytes > self.limits.max_transfer_unique_bytes {
+        if self.unique_bytes + new_bytes > self.limits.max_transfer_unique_bytes {
             return Err(DecodeError::TooLarge {
                 what: "unique bytes in transfer",
-                len: self.arena.len() as u64 + new_bytes,
+                len: self.unique_bytes + new_bytes,
                 limit: self.limits.max_transfer_unique_bytes,
             });
         }
+        let (seq, shape, items, new_pages, control_len, literal_len) = (
+            b.seq,
+            b.shape,
+            b.items as usize,
+            b.new_pages as usize,
+            b.control_len as usize,
+            b.literal_len as usize,
+        );
         let raw = if b.compressed {
             self.decompress(&b, raw_len)?
         } else {
             b.body
         };
-        let offer = self.offers.remove(&b.seq);
-        let ev = self.rebuild(b.seq, b.shape, b.items as usize, b.new_pages as usize, b.control_len as usize, b.literal_len as usize, &raw, offer)?;
+        let offer = self.offers.remove(&seq);
+        let unique_before = self.unique.len();
+        let chunks_before = self.chunks.len();
+        let r = self.rebuild(
+            seq,
+            shape,
+            items,
+            new_pages,
+            control_len,
+            literal_len,
+            raw,
+            offer,
+            sink,
+        );
+        if r.is_err() {
+            // Forget the failed batch's pages, so state matches what the sender knows.
+            self.unique.truncate(unique_before);
+            self.chunks.truncate(chunks_before);
+        }
+        r?;
         self.next_batch += 1;
         self.stats.batches += 1;
-        Ok(vec![ev])
+        Ok(())
     }
 
     fn decompress(&mut self, b: &Batch, raw_len: usize) -> Result<Vec<u8>, DecodeError> {
@@ -294,45 +414,62 @@ impl Receiver {
         new_pages: usize,
         control_len: usize,
         literal_len: usize,
-        raw: &[u8],
+        raw: Vec<u8>,
         offer: Option<PendingOffer>,
-    ) -> Result<ReceiverEvent, DecodeError> {
-        let (control, rest) = raw.split_at(control_len);
-        let (literal, pages) = rest.split_at(literal_len);
+        sink: &mut dyn Sink,
+    ) -> Result<(), DecodeError> {
+        // The body stays alive in `chunks`: later references point into it, no copy.
+        let this =
+            u32::try_from(self.chunks.len()).map_err(|_| malformed("batch", "too many batches"))?;
+        let pages_len = new_pages * PAGE_SIZE;
+        self.chunks.push(raw);
+        let Self {
+            chunks,
+            unique,
+            unique_bytes,
+            store,
+            stats,
+            ..
+        } = self;
+        let mut held_chunks: Vec<Vec<u8>> = Vec::new();
+        let raw = &chunks[this as usize];
+        let control = &raw[pages_len..pages_len + control_len];
+        let literal = &raw[pages_len + control_len..pages_len + control_len + literal_len];
         let mut r = Reader::new(control);
-        let mut out = Vec::with_capacity(items * PAGE_SIZE + literal_len);
-        let mut page_numbers = Vec::new();
         let mut prev: Option<u64> = None;
         let mut lit_pos = 0usize;
         let mut new_i = 0usize;
         let mut cand = 0usize;
+        let mut out_bytes = 0u64;
+        let mut held_iter = offer.as_ref().map(|o| o.held.iter());
         for _ in 0..items {
             let pos = r.varint("control position")?;
+            let mut page_no = 0;
             match shape {
                 Shape::Pages => {
                     let expected = prev.map_or(0, |p| p.wrapping_add(1));
                     let delta = ((pos >> 1) as i64) ^ -((pos & 1) as i64);
-                    let no = expected.wrapping_add(delta as u64);
-                    page_numbers.push(no);
-                    prev = Some(no);
+                    page_no = expected.wrapping_add(delta as u64);
+                    prev = Some(page_no);
                 }
                 Shape::Stream => {
                     let gap = usize::try_from(pos).unwrap_or(usize::MAX);
                     if gap > literal.len() - lit_pos {
                         return Err(malformed("control", "literal gap past the literal section"));
                     }
-                    out.extend_from_slice(&literal[lit_pos..lit_pos + gap]);
+                    sink.stream(&literal[lit_pos..lit_pos + gap]);
+                    out_bytes += gap as u64;
                     lit_pos += gap;
                 }
             }
             let op = r.varint("control op")?;
             let operand = op >> 2;
-            match op & 3 {
+            let page: &[u8] = match op & 3 {
                 0 => {
                     if operand != 0 {
                         return Err(malformed("control", "zero page with an operand"));
                     }
-                    out.resize(out.len() + PAGE_SIZE, 0);
+                    &ZERO_PAGE
                 }
                 1 => {
                     if operand != 0 {
@@ -341,13 +478,17 @@ impl Receiver {
                     if new_i >= new_pages {
                         return Err(malformed("control", "more new pages than the header says"));
                     }
-                    let page = &pages[new_i * PAGE_SIZE..(new_i + 1) * PAGE_SIZE];
+                    let at = new_i * PAGE_SIZE;
+                    let page = &raw[at..at + PAGE_SIZE];
                     new_i += 1;
                     let offered = offer.as_ref().map(|o| o.hashes.get(cand));
                     if offer.is_some() && offered.flatten().is_none() {
                         return Err(malformed("control", "more candidates than offered"));
                     }
-                    if let Some(store) = &mut self.store {
+                    if let Some(held) = &mut held_iter {
+                        held.next();
+                    }
+                    if let Some(store) = store {
                         let h = PageHash::of(page);
                         if let Some(Some(want)) = offered
                             && *want != h
@@ -355,26 +496,34 @@ impl Receiver {
                             return Err(DecodeError::HashMismatch { batch: seq });
                         }
                         store.insert(h, page)?;
-                        self.stats.stored_pages += 1;
+                        stats.stored_pages += 1;
                     }
                     cand += 1;
-                    self.arena.extend_from_slice(page);
-                    out.extend_from_slice(page);
+                    unique.push((this, at as u32));
+                    *unique_bytes += PAGE_SIZE as u64;
+                    page
                 }
                 2 => {
-                    let known = (self.arena.len() / PAGE_SIZE) as u64;
-                    if operand >= known {
+                    let known = unique.len() as u64;
+                    let Some(&(c, off)) = usize::try_from(operand).ok().and_then(|i| unique.get(i))
+                    else {
                         return Err(DecodeError::UnknownPageRef {
                             batch: seq,
                             index: operand,
                             known,
                         });
+                    };
+                    let off = off as usize;
+                    match chunks.get(c as usize) {
+                        Some(ch) => &ch[off..off + PAGE_SIZE],
+                        None => &held_chunks[c as usize - chunks.len()][off..off + PAGE_SIZE],
                     }
-                    let at = operand as usize * PAGE_SIZE;
-                    out.extend_from_slice(&self.arena[at..at + PAGE_SIZE]);
                 }
                 _ => {
-                    let held = offer.as_ref().and_then(|o| o.held.get(cand)).and_then(|p| p.as_ref());
+                    let held = held_iter
+                        .as_mut()
+                        .and_then(|h| h.next())
+                        .and_then(|p| p.as_ref());
                     let Some(page) = held.filter(|_| operand == cand as u64) else {
                         return Err(DecodeError::NotHeld {
                             batch: seq,
@@ -382,41 +531,54 @@ impl Receiver {
                         });
                     };
                     cand += 1;
-                    self.stats.held_pages += 1;
-                    self.arena.extend_from_slice(page);
-                    out.extend_from_slice(page);
+                    stats.held_pages += 1;
+                    let c = (chunks.len() + held_chunks.len()) as u32;
+                    held_chunks.push(page.clone());
+                    unique.push((c, 0));
+                    *unique_bytes += PAGE_SIZE as u64;
+                    page
                 }
+            };
+            match shape {
+                Shape::Pages => sink.page(page_no, page),
+                Shape::Stream => sink.stream(page),
             }
+            out_bytes += PAGE_SIZE as u64;
         }
         r.expect_end("control section")?;
         if new_i != new_pages {
-            return Err(malformed("batch", format!("{new_pages} new pages in the header, {new_i} used")));
+            return Err(malformed(
+                "batch",
+                format!("{new_pages} new pages in the header, {new_i} used"),
+            ));
         }
         if let Some(o) = &offer
             && cand != o.hashes.len()
         {
-            return Err(malformed("batch", format!("{} pages offered, {cand} sent", o.hashes.len())));
+            return Err(malformed(
+                "batch",
+                format!("{} pages offered, {cand} sent", o.hashes.len()),
+            ));
         }
-        self.stats.pages += items as u64;
-        match shape {
-            Shape::Pages => {
-                self.stats.bytes_out += out.len() as u64;
-                Ok(ReceiverEvent::Pages {
-                    page_numbers,
-                    data: out,
-                })
-            }
-            Shape::Stream => {
-                out.extend_from_slice(&literal[lit_pos..]);
-                self.stats.bytes_out += out.len() as u64;
-                Ok(ReceiverEvent::Stream(out))
-            }
+        if shape == Shape::Stream {
+            sink.stream(&literal[lit_pos..]);
+            out_bytes += (literal.len() - lit_pos) as u64;
         }
+        stats.pages += items as u64;
+        stats.bytes_out += out_bytes;
+        chunks.extend(held_chunks);
+        Ok(())
     }
 
-    fn on_end(&mut self, e: End) -> Result<Vec<ReceiverEvent>, DecodeError> {
+    fn on_end(&mut self, e: End) -> Result<(), DecodeError> {
         if e.batches != self.next_batch {
-            return Err(malformed("end", format!("{} batches announced, {} received", e.batches, self.next_batch)));
+            return Err(malformed(
+                "end",
+                format!(
+                    "{} batches announced, {} received",
+                    e.batches, self.next_batch
+                ),
+            ));
         }
         if e.pages != self.stats.pages || e.bytes_in != self.stats.bytes_out {
             return Err(malformed(
@@ -434,6 +596,6 @@ impl Receiver {
             s.flush()?;
         }
         self.ended = true;
-        Ok(vec![ReceiverEvent::Finished])
+        Ok(())
     }
 }

@@ -155,13 +155,23 @@ impl SenderConfig {
         let limits = Limits::default();
         let check = |field, value: i64, lo: i64, hi: i64, range| {
             if value < lo || value > hi {
-                Err(ConfigError::OutOfRange { field, value, range })
+                Err(ConfigError::OutOfRange {
+                    field,
+                    value,
+                    range,
+                })
             } else {
                 Ok(())
             }
         };
         check("level", i64::from(self.level), 1, 19, "1..=19")?;
-        check("batch_pages", self.batch_pages as i64, 1, limits.max_batch_pages as i64, "1..=16384")?;
+        check(
+            "batch_pages",
+            self.batch_pages as i64,
+            1,
+            limits.max_batch_pages as i64,
+            "1..=16384",
+        )?;
         check(
             "batch_literal_bytes",
             self.batch_literal_bytes as i64,
@@ -169,13 +179,37 @@ impl SenderConfig {
             limits.max_literal_bytes as i64 - (1 << 20),
             "1..=31 MiB",
         )?;
-        check("window_log", i64::from(self.window_log), 10, i64::from(limits.max_window_log), "10..=27")?;
-        check("max_in_flight", self.max_in_flight as i64, 1, 1024, "1..=1024")?;
+        check(
+            "window_log",
+            i64::from(self.window_log),
+            10,
+            i64::from(limits.max_window_log),
+            "10..=27",
+        )?;
+        check(
+            "max_in_flight",
+            self.max_in_flight as i64,
+            1,
+            1024,
+            "1..=1024",
+        )?;
         if let DictionaryConfig::Given(d) = &self.dictionary {
-            check("dictionary bytes", d.len() as i64, 1, limits.max_dict_bytes as i64, "1..=1 MiB")?;
+            check(
+                "dictionary bytes",
+                d.len() as i64,
+                1,
+                limits.max_dict_bytes as i64,
+                "1..=1 MiB",
+            )?;
         }
         if let DictionaryConfig::Train { dict_bytes, .. } = &self.dictionary {
-            check("dict_bytes", *dict_bytes as i64, 256, limits.max_dict_bytes as i64, "256..=1 MiB")?;
+            check(
+                "dict_bytes",
+                *dict_bytes as i64,
+                256,
+                limits.max_dict_bytes as i64,
+                "256..=1 MiB",
+            )?;
         }
         Ok(self)
     }
@@ -243,11 +277,14 @@ pub(crate) fn compressor(
         None => zstd::bulk::Compressor::new(level),
     }
     .map_err(err)?;
-    c.set_parameter(CParameter::WindowLog(window_log)).map_err(err)?;
+    c.set_parameter(CParameter::WindowLog(window_log))
+        .map_err(err)?;
     c.set_parameter(CParameter::EnableLongDistanceMatching(long_distance))
         .map_err(err)?;
-    c.set_parameter(CParameter::ContentSizeFlag(true)).map_err(err)?;
-    c.set_parameter(CParameter::ChecksumFlag(false)).map_err(err)?;
+    c.set_parameter(CParameter::ContentSizeFlag(true))
+        .map_err(err)?;
+    c.set_parameter(CParameter::ChecksumFlag(false))
+        .map_err(err)?;
     Ok(c)
 }
 
@@ -270,7 +307,9 @@ impl CompressJob {
         let mut without_dict = None;
         if !self.raw.is_empty() {
             let mut c = compressor(self.level, dict, self.window_log, self.long_distance)?;
-            let z = c.compress(&self.raw).map_err(|e| EncodeError::Compress(e.to_string()))?;
+            let z = c
+                .compress(&self.raw)
+                .map_err(|e| EncodeError::Compress(e.to_string()))?;
             if self.measure_without_dict {
                 let mut plain = compressor(self.level, None, self.window_log, self.long_distance)?;
                 let p = plain
@@ -283,7 +322,11 @@ impl CompressJob {
                 compressed = true;
             }
         }
-        let with_dict = if compressed { body.len() } else { self.raw.len() };
+        let with_dict = if compressed {
+            body.len()
+        } else {
+            self.raw.len()
+        };
         let dict_id = match (&self.dict, compressed) {
             (Some(d), true) => d.id,
             _ => 0,
@@ -524,7 +567,7 @@ impl Sender {
     /// multiple of 4096). May seal batches. Fails with [`EncodeError::Busy`] when
     /// `max_in_flight` batches are waiting: poll outputs and feed replies first.
     pub fn push_pages(&mut self, first_page: u64, bytes: &[u8]) -> Result<(), EncodeError> {
-        if bytes.len() % PAGE_SIZE != 0 {
+        if !bytes.len().is_multiple_of(PAGE_SIZE) {
             return Err(EncodeError::NotPageAligned(bytes.len()));
         }
         self.begin(Shape::Pages)?;
@@ -612,6 +655,12 @@ impl Sender {
                 self.unique += 1;
                 b.ops.push(Op::Candidate);
                 b.hashes.push(h);
+                if b.cand_data.capacity() == 0 {
+                    // Room for a whole batch plus its control section: filling it never
+                    // reallocates (untouched capacity costs no memory).
+                    b.cand_data
+                        .reserve(self.cfg.batch_pages * (PAGE_SIZE + 20) + 64);
+                }
                 b.cand_data.extend_from_slice(page);
                 if let DictState::Collecting {
                     samples,
@@ -666,7 +715,9 @@ impl Sender {
 
     fn train(&mut self) {
         let DictState::Collecting {
-            samples, dict_bytes, ..
+            samples,
+            dict_bytes,
+            ..
         } = std::mem::replace(&mut self.dict, DictState::Off)
         else {
             return;
@@ -742,12 +793,19 @@ impl Sender {
             };
             put_varint(&mut control, code);
         }
-        let mut raw = Vec::with_capacity(control.len() + b.literal.len() + new_idx.len() * PAGE_SIZE);
+        // Body: new pages, control, literal. The pages are already in `cand_data`; drop
+        // the held ones in place and append the rest, so no page is copied again.
+        let mut raw = b.cand_data;
+        if new_idx.len() != b.hashes.len() {
+            for (w, &i) in new_idx.iter().enumerate() {
+                if w != i {
+                    raw.copy_within(i * PAGE_SIZE..(i + 1) * PAGE_SIZE, w * PAGE_SIZE);
+                }
+            }
+        }
+        raw.truncate(new_idx.len() * PAGE_SIZE);
         raw.extend_from_slice(&control);
         raw.extend_from_slice(&b.literal);
-        for &i in &new_idx {
-            raw.extend_from_slice(&b.cand_data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
-        }
         self.stats.new_pages += new_idx.len() as u64;
         let dict = match &self.dict {
             DictState::Ready(d) => Some(d.clone()),
@@ -776,23 +834,34 @@ impl Sender {
     /// Feeds the receiver's reply frame (a `Missing` set).
     pub fn handle_reply(&mut self, frame: &[u8]) -> Result<(), EncodeError> {
         self.stats.reply_bytes += frame.len() as u64;
-        let Message::Missing(Missing { batch, missing }) = Message::decode(frame, &self.limits)? else {
-            return Err(EncodeError::BadReply(crate::error::DecodeError::Unexpected {
-                what: "reply",
-                detail: "only missing sets go from receiver to sender",
-            }));
+        let Message::Missing(Missing { batch, missing }) = Message::decode(frame, &self.limits)?
+        else {
+            return Err(EncodeError::BadReply(
+                crate::error::DecodeError::Unexpected {
+                    what: "reply",
+                    detail: "only missing sets go from receiver to sender",
+                },
+            ));
         };
         let Some(s) = self.sealed.get_mut(&batch) else {
-            return Err(EncodeError::BadReply(crate::error::DecodeError::Unexpected {
-                what: "missing set",
-                detail: "no offer outstanding for that batch",
-            }));
+            return Err(EncodeError::BadReply(
+                crate::error::DecodeError::Unexpected {
+                    what: "missing set",
+                    detail: "no offer outstanding for that batch",
+                },
+            ));
         };
         if s.missing.is_some() || missing.len() != s.b.hashes.len() {
-            return Err(EncodeError::BadReply(crate::error::DecodeError::Malformed {
-                what: "missing set",
-                detail: format!("{} flags for an offer of {}", missing.len(), s.b.hashes.len()),
-            }));
+            return Err(EncodeError::BadReply(
+                crate::error::DecodeError::Malformed {
+                    what: "missing set",
+                    detail: format!(
+                        "{} flags for an offer of {}",
+                        missing.len(),
+                        s.b.hashes.len()
+                    ),
+                },
+            ));
         }
         s.missing = Some(missing);
         self.dispatch()
@@ -840,7 +909,11 @@ impl Sender {
     }
 
     fn maybe_end(&mut self) -> Result<(), EncodeError> {
-        if self.finished && !self.end_sent && self.next_send == self.next_seq && self.in_flight() == 0 {
+        if self.finished
+            && !self.end_sent
+            && self.next_send == self.next_seq
+            && self.in_flight() == 0
+        {
             self.end_sent = true;
             self.emit(&Message::End(End {
                 batches: self.next_seq,

@@ -185,7 +185,9 @@ mod sled_store {
     }
 
     fn decode_tick(k: &[u8]) -> Result<u64, StoreError> {
-        let a: [u8; 8] = k.try_into().map_err(|_| StoreError::Corrupt("lru key is not 8 bytes"))?;
+        let a: [u8; 8] = k
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("lru key is not 8 bytes"))?;
         Ok(u64::from_be_bytes(a))
     }
 
@@ -284,6 +286,9 @@ mod tests {
         // Reopened with a smaller bound: the oldest page goes.
         let mut s = SledPageStore::open(&db, 2 * PAGE_SIZE as u64).unwrap();
         assert_eq!(s.len(), 2);
-        assert!(s.get(&page(1).0).unwrap().is_some(), "most recently used kept");
+        assert!(
+            s.get(&page(1).0).unwrap().is_some(),
+            "most recently used kept"
+        );
     }
 }

@@ -26,7 +26,15 @@ impl Rng {
 pub(crate) fn fake_guest_image(pages: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed | 1);
     let mut img = vec![0u8; pages * PAGE_SIZE];
-    let words = [&b"kernel "[..], b"page ", b"struct ", b"0x0000 ", b"task ", b"\n", b"mm "];
+    let words = [
+        &b"kernel "[..],
+        b"page ",
+        b"struct ",
+        b"0x0000 ",
+        b"task ",
+        b"\n",
+        b"mm ",
+    ];
     for p in 0..pages {
         let page = &mut img[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
         match rng.next() % 10 {
@@ -74,7 +82,11 @@ struct Outcome {
     stats: crate::TransferStats,
 }
 
-fn run(sender: &mut Sender, receiver: &mut Receiver, feed: &mut dyn FnMut(&mut Sender) -> bool) -> Outcome {
+fn run(
+    sender: &mut Sender,
+    receiver: &mut Receiver,
+    feed: &mut dyn FnMut(&mut Sender) -> bool,
+) -> Outcome {
     let mut out = Outcome {
         pages: Vec::new(),
         stream: Vec::new(),
@@ -85,7 +97,8 @@ fn run(sender: &mut Sender, receiver: &mut Receiver, feed: &mut dyn FnMut(&mut S
     let mut sink = |ev: ReceiverEvent| match ev {
         ReceiverEvent::Pages { page_numbers, data } => {
             for (i, n) in page_numbers.into_iter().enumerate() {
-                out.pages.push((n, data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec()));
+                out.pages
+                    .push((n, data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec()));
             }
         }
         ReceiverEvent::Stream(b) => out.stream.extend_from_slice(&b),
@@ -102,14 +115,20 @@ fn run(sender: &mut Sender, receiver: &mut Receiver, feed: &mut dyn FnMut(&mut S
     out
 }
 
-fn send_image(sender: &mut Sender, receiver: &mut Receiver, img: &[u8], chunk_pages: usize) -> Outcome {
+fn send_image(
+    sender: &mut Sender,
+    receiver: &mut Receiver,
+    img: &[u8],
+    chunk_pages: usize,
+) -> Outcome {
     let mut at = 0usize;
     run(sender, receiver, &mut |s| {
         if at >= img.len() {
             return false;
         }
         let end = (at + chunk_pages * PAGE_SIZE).min(img.len());
-        s.push_pages((at / PAGE_SIZE) as u64, &img[at..end]).unwrap();
+        s.push_pages((at / PAGE_SIZE) as u64, &img[at..end])
+            .unwrap();
         at = end;
         true
     })
@@ -120,14 +139,19 @@ fn assert_image(out: &Outcome, img: &[u8]) {
     assert_eq!(out.pages.len(), img.len() / PAGE_SIZE);
     for (i, (n, p)) in out.pages.iter().enumerate() {
         assert_eq!(*n, i as u64);
-        assert!(p[..] == img[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], "page {i} differs");
+        assert!(
+            p[..] == img[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            "page {i} differs"
+        );
     }
 }
 
 #[test]
 fn image_round_trip_one_way_with_dictionary() {
     let img = fake_guest_image(1024, 7);
-    let cfg = SenderConfig::default().with_batch_pages(100).with_dictionary(small_dict());
+    let cfg = SenderConfig::default()
+        .with_batch_pages(100)
+        .with_dictionary(small_dict());
     let mut s = Sender::new(cfg).unwrap();
     let mut r = Receiver::new(Limits::default()).unwrap();
     let out = send_image(&mut s, &mut r, &img, 77);
@@ -135,9 +159,15 @@ fn image_round_trip_one_way_with_dictionary() {
     let st = &out.stats;
     assert_eq!(st.pages, 1024);
     assert_eq!(st.bytes_in, img.len() as u64);
-    let zeros = img.chunks(PAGE_SIZE).filter(|p| p.iter().all(|&b| b == 0)).count() as u64;
+    let zeros = img
+        .chunks(PAGE_SIZE)
+        .filter(|p| p.iter().all(|&b| b == 0))
+        .count() as u64;
     assert_eq!(st.zero_pages, zeros);
-    assert!(st.dedup_hits_local > 50, "0xCC and recurring pages dedup: {st:?}");
+    assert!(
+        st.dedup_hits_local > 50,
+        "0xCC and recurring pages dedup: {st:?}"
+    );
     assert_ne!(st.dict_id, 0, "dictionary trained");
     assert!(st.dict_gain.is_some());
     assert_eq!(st.bytes_out, out.wire.forward_bytes);
@@ -159,7 +189,12 @@ fn second_transfer_to_a_receiver_that_holds_the_first_sends_far_less() {
     }
     let store = Box::new(MemoryPageStore::new(64 << 20));
     let mut r = Receiver::with_store(Limits::default(), store).unwrap();
-    let cfg = || SenderConfig::default().with_batch_pages(128).with_offers(true).with_dictionary(DictionaryConfig::Off);
+    let cfg = || {
+        SenderConfig::default()
+            .with_batch_pages(128)
+            .with_offers(true)
+            .with_dictionary(DictionaryConfig::Off)
+    };
     let mut s = Sender::new(cfg()).unwrap();
     let a = send_image(&mut s, &mut r, &first, 300);
     assert_image(&a, &first);
@@ -183,14 +218,20 @@ fn second_transfer_to_a_receiver_that_holds_the_first_sends_far_less() {
 fn sparse_and_descending_page_numbers_round_trip() {
     let img = fake_guest_image(40, 3);
     let numbers: Vec<u64> = vec![5, 4, 1_000_000, 0, u64::MAX, 7, 8, 9, 3, u64::MAX - 1];
-    let mut s = Sender::new(SenderConfig::default().with_batch_pages(3).with_dictionary(DictionaryConfig::Off)).unwrap();
+    let mut s = Sender::new(
+        SenderConfig::default()
+            .with_batch_pages(3)
+            .with_dictionary(DictionaryConfig::Off),
+    )
+    .unwrap();
     let mut r = Receiver::new(Limits::default()).unwrap();
     let mut i = 0;
     let out = run(&mut s, &mut r, &mut |s| {
         if i >= numbers.len() {
             return false;
         }
-        s.push_pages(numbers[i], &img[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]).unwrap();
+        s.push_pages(numbers[i], &img[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+            .unwrap();
         i += 1;
         true
     });
@@ -204,9 +245,15 @@ fn sparse_and_descending_page_numbers_round_trip() {
 #[test]
 fn stream_round_trip_lifts_pages() {
     let img = fake_guest_image(300, 5);
-    let pages: Vec<Vec<u8>> = img.chunks(PAGE_SIZE).filter(|p| p.iter().any(|&b| b != 0)).map(|p| p.to_vec()).collect();
+    let pages: Vec<Vec<u8>> = img
+        .chunks(PAGE_SIZE)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .map(|p| p.to_vec())
+        .collect();
     let stream = crate::qemu::tests::synthetic_stream(&pages);
-    let cfg = SenderConfig::default().with_batch_pages(50).with_dictionary(small_dict());
+    let cfg = SenderConfig::default()
+        .with_batch_pages(50)
+        .with_dictionary(small_dict());
     let mut s = Sender::new(cfg).unwrap();
     let mut r = Receiver::new(Limits::default()).unwrap();
     let mut at = 0;
@@ -229,7 +276,12 @@ fn stream_round_trip_lifts_pages() {
 fn parallel_jobs_in_any_order_give_the_same_frames() {
     let img = fake_guest_image(600, 9);
     let frames_inline = {
-        let mut s = Sender::new(SenderConfig::default().with_batch_pages(64).with_dictionary(small_dict())).unwrap();
+        let mut s = Sender::new(
+            SenderConfig::default()
+                .with_batch_pages(64)
+                .with_dictionary(small_dict()),
+        )
+        .unwrap();
         s.push_pages(0, &img).unwrap();
         s.finish().unwrap();
         let mut frames = Vec::new();
@@ -241,7 +293,12 @@ fn parallel_jobs_in_any_order_give_the_same_frames() {
         }
         frames
     };
-    let mut s = Sender::new(SenderConfig::default().with_batch_pages(64).with_dictionary(small_dict())).unwrap();
+    let mut s = Sender::new(
+        SenderConfig::default()
+            .with_batch_pages(64)
+            .with_dictionary(small_dict()),
+    )
+    .unwrap();
     s.push_pages(0, &img).unwrap();
     s.finish().unwrap();
     let mut frames = Vec::new();
@@ -260,7 +317,11 @@ fn parallel_jobs_in_any_order_give_the_same_frames() {
         let mid = jobs.len() / 2;
         let tail = jobs.split_off(mid);
         let (a, b) = std::thread::scope(|sc| {
-            let h = sc.spawn(move || tail.into_iter().map(|j| j.run().unwrap()).collect::<Vec<_>>());
+            let h = sc.spawn(move || {
+                tail.into_iter()
+                    .map(|j| j.run().unwrap())
+                    .collect::<Vec<_>>()
+            });
             let a: Vec<_> = jobs.drain(..).map(|j| j.run().unwrap()).collect();
             (a, h.join().unwrap())
         });
@@ -273,12 +334,17 @@ fn parallel_jobs_in_any_order_give_the_same_frames() {
 }
 
 fn start_frame(shape: Shape) -> Vec<u8> {
-    Message::Start(Start { transfer_id: 1, shape }).encode().unwrap()
+    Message::Start(Start {
+        transfer_id: 1,
+        shape,
+    })
+    .encode()
+    .unwrap()
 }
 
 fn batch(seq: u64, dict_id: u64, control: Vec<u8>, new_pages: u32) -> Vec<u8> {
-    let mut body = control.clone();
-    body.resize(control.len() + new_pages as usize * PAGE_SIZE, 1);
+    let mut body = vec![1u8; new_pages as usize * PAGE_SIZE];
+    body.extend_from_slice(&control);
     Message::Batch(Batch {
         seq,
         shape: Shape::Pages,
@@ -320,7 +386,10 @@ fn receiver_rejects_bad_references_with_clear_errors() {
     // Out of order.
     assert_eq!(
         r.handle_frame(&batch(4, 0, vec![0, 0], 0)),
-        Err(DecodeError::UnexpectedBatch { expected: 0, got: 4 })
+        Err(DecodeError::UnexpectedBatch {
+            expected: 0,
+            got: 4
+        })
     );
     // Unknown dictionary (needs a compressed body to be looked up).
     let f = Message::Batch(Batch {
@@ -348,7 +417,10 @@ fn receiver_rejects_bad_references_with_clear_errors() {
     })
     .encode()
     .unwrap();
-    assert!(matches!(r.handle_frame(&d), Err(DecodeError::Malformed { .. })));
+    assert!(matches!(
+        r.handle_frame(&d),
+        Err(DecodeError::Malformed { .. })
+    ));
     // Garbage compressed body.
     let f = Message::Batch(Batch {
         seq: 0,
@@ -364,7 +436,10 @@ fn receiver_rejects_bad_references_with_clear_errors() {
     })
     .encode()
     .unwrap();
-    assert!(matches!(r.handle_frame(&f), Err(DecodeError::Decompress { .. })));
+    assert!(matches!(
+        r.handle_frame(&f),
+        Err(DecodeError::Decompress { .. })
+    ));
     // A valid batch still decodes after all that.
     let evs = r.handle_frame(&batch(0, 0, vec![0, 1, 0, 2], 1)).unwrap();
     let [ReceiverEvent::Pages { page_numbers, data }] = &evs[..] else {
@@ -396,23 +471,35 @@ fn offer_with_wrong_hash_is_caught_when_storing() {
 #[test]
 fn sender_rejects_misuse() {
     let mut s = Sender::new(SenderConfig::default()).unwrap();
-    assert_eq!(s.push_pages(0, &[0u8; 100]), Err(EncodeError::NotPageAligned(100)));
+    assert_eq!(
+        s.push_pages(0, &[0u8; 100]),
+        Err(EncodeError::NotPageAligned(100))
+    );
     s.push_pages(0, &[0u8; PAGE_SIZE]).unwrap();
     assert_eq!(s.push_stream(b"abc"), Err(EncodeError::ShapeMismatch));
     s.finish().unwrap();
-    assert_eq!(s.push_pages(0, &[0u8; PAGE_SIZE]), Err(EncodeError::Finished));
+    assert_eq!(
+        s.push_pages(0, &[0u8; PAGE_SIZE]),
+        Err(EncodeError::Finished)
+    );
     assert!(s.handle_reply(b"garbage").is_err());
     assert!(Sender::new(SenderConfig::default().with_level(25)).is_err());
 }
 
 #[test]
 fn in_flight_is_bounded() {
-    let mut cfg = SenderConfig::default().with_batch_pages(1).with_offers(true).with_dictionary(DictionaryConfig::Off);
+    let mut cfg = SenderConfig::default()
+        .with_batch_pages(1)
+        .with_offers(true)
+        .with_dictionary(DictionaryConfig::Off);
     cfg.max_in_flight = 2;
     let mut s = Sender::new(cfg).unwrap();
     s.push_pages(0, &[1u8; PAGE_SIZE]).unwrap();
     s.push_pages(1, &[2u8; PAGE_SIZE]).unwrap();
-    assert_eq!(s.push_pages(2, &[3u8; PAGE_SIZE]), Err(EncodeError::Busy(2)));
+    assert_eq!(
+        s.push_pages(2, &[3u8; PAGE_SIZE]),
+        Err(EncodeError::Busy(2))
+    );
 }
 
 proptest! {

@@ -80,17 +80,32 @@ impl<'a> Reader<'a> {
     }
 
     /// A varint that must fit `limit` (inclusive), converted to `usize`.
-    pub(crate) fn varint_max(&mut self, what: &'static str, limit: u64) -> Result<usize, DecodeError> {
+    pub(crate) fn varint_max(
+        &mut self,
+        what: &'static str,
+        limit: u64,
+    ) -> Result<usize, DecodeError> {
         let v = self.varint(what)?;
         if v > limit {
-            return Err(DecodeError::TooLarge { what, len: v, limit });
+            return Err(DecodeError::TooLarge {
+                what,
+                len: v,
+                limit,
+            });
         }
-        usize::try_from(v).map_err(|_| DecodeError::TooLarge { what, len: v, limit })
+        usize::try_from(v).map_err(|_| DecodeError::TooLarge {
+            what,
+            len: v,
+            limit,
+        })
     }
 
     pub(crate) fn expect_end(&self, what: &'static str) -> Result<(), DecodeError> {
         if self.remaining() != 0 {
-            return Err(DecodeError::TrailingBytes { what, extra: self.remaining() });
+            return Err(DecodeError::TrailingBytes {
+                what,
+                extra: self.remaining(),
+            });
         }
         Ok(())
     }

@@ -125,7 +125,11 @@ fn main() {
         };
         let mut cfg = QemuConfig::new(tmp.path().join("state"), share);
         cfg.accel = AccelChoice::Tcg;
+        let mut nocg = cfg.clone();
+        nocg.state_dir = tmp.path().join("state-nocg");
+        nocg.cgroups = false;
         let (b, _) = QemuBackend::open(cfg).await.expect("backend");
+        let (b_nocg, _) = QemuBackend::open(nocg).await.expect("backend");
         let kvm = probe::probe(
             Path::new("qemu-system-x86_64"),
             Accel::Kvm,
@@ -137,6 +141,7 @@ fn main() {
 
         let mut raw = (Vec::new(), Vec::new());
         let mut be = (Vec::new(), Vec::new());
+        let mut be_nocg = (Vec::new(), Vec::new());
         for n in 0..runs {
             // Interleave so both see the same machine load.
             match raw_run(&g, tmp.path()).await {
@@ -153,11 +158,22 @@ fn main() {
                 }
                 Err(e) => eprintln!("backend run {n}: {e}"),
             }
+            match backend_run(&b_nocg, &g, n).await {
+                Ok((d, up)) => {
+                    be_nocg.0.push(d.as_secs_f64());
+                    be_nocg.1.push(up);
+                }
+                Err(e) => eprintln!("backend (no cgroup) run {n}: {e}"),
+            }
         }
         println!("boot to {MARKER}, TCG, 1 vCPU, 256 MiB, {runs} runs (min / median / max)");
         println!("| path | wall s | guest uptime at marker s |");
         println!("|---|---|---|");
-        for (name, (w, u)) in [("raw qemu (anchor)", &raw), ("QemuBackend (confined)", &be)] {
+        for (name, (w, u)) in [
+            ("raw qemu (anchor)", &raw),
+            ("QemuBackend (confined)", &be),
+            ("QemuBackend without cgroup caps", &be_nocg),
+        ] {
             if w.is_empty() {
                 println!("| {name} | failed | - |");
                 continue;

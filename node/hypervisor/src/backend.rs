@@ -59,7 +59,7 @@ pub enum CgroupMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendInfo {
     /// `qemu`, `libvirt` or `fake`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Accelerator in use (QEMU backend), or `None` when the backend decides (libvirt).
     pub accel: Option<Accel>,
     /// Why this accelerator (e.g. the KVM probe's failure).

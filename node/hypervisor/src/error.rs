@@ -108,6 +108,9 @@ pub enum Error {
         /// What QEMU printed or why it could not run.
         detail: String,
     },
+    /// KVM was required by the config but the probe guest did not run.
+    #[error("kvm is not usable: {0}")]
+    KvmUnusable(String),
     /// A QMP exchange failed.
     #[error("qmp for vm '{vm}'")]
     Qmp {

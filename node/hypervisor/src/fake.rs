@@ -84,7 +84,7 @@ fn info(vm: &FakeVm) -> VmInfo {
 impl Backend for FakeBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            kind: "fake",
+            kind: "fake".into(),
             accel: None,
             accel_reason: "fake backend runs no guests".into(),
             cpu_model: "qemu64".into(),

@@ -267,7 +267,15 @@ impl ImageStore {
         let out = StdCommand::new(&self.qemu_img)
             .args(args)
             .output()
-            .map_err(|e| Error::io(format!("run {}", self.qemu_img.display()), e))?;
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "run {} (Debian package qemu-utils)",
+                        self.qemu_img.display()
+                    ),
+                    e,
+                )
+            })?;
         if !out.status.success() {
             return Err(Error::Tool {
                 tool: "qemu-img",

@@ -5,12 +5,29 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dwcp_hypervisor::qemu::{AccelChoice, QemuBackend, QemuConfig};
+use dwcp_hypervisor::qemu::{AccelChoice, QemuBackend, QemuConfig, RunAs};
 use dwcp_hypervisor::test_guest::{self, MARKER, TestGuest};
 use dwcp_hypervisor::{
     Accel, Backend, CgroupMode, DiskSpec, DonatedShare, Error, MigrationChannel, MigrationParams,
     MigrationStatus, ShareError, VmId, VmState,
 };
+
+/// TCG guests are CPU-bound and the CI machine has 2 cores: the VM tests take turns, so that
+/// their timeouts measure the guest, not the neighbours.
+static VM_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Kills the VMs of a state dir when a test ends, also when it fails (QEMU is detached from
+/// the node on purpose, so a panicking test would otherwise leave it running).
+struct Reaper(std::path::PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let n = QemuBackend::kill_recorded(&self.0.join("state"));
+        if n > 0 && !std::thread::panicking() {
+            panic!("{n} qemu process(es) were still running at the end of the test");
+        }
+    }
+}
 
 fn guest() -> TestGuest {
     match TestGuest::locate() {
@@ -31,6 +48,8 @@ fn config(dir: &Path, accel: AccelChoice) -> QemuConfig {
     let mut c = QemuConfig::new(dir.join("state"), share());
     c.accel = accel;
     c.probe_timeout = Duration::from_secs(3);
+    // CI machines can be very loaded (load average 160 was seen here).
+    c.start_timeout = Duration::from_secs(60);
     c
 }
 
@@ -97,8 +116,10 @@ fn cgroup_dirs_of(mode: &CgroupMode, id: &VmId) -> Vec<std::path::PathBuf> {
 /// backend on the same state dir, stop, destroy; nothing left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_of_a_real_guest() {
+    let _turn = VM_TURN.lock().await;
     let g = guest();
     let tmp = tempfile::tempdir().unwrap();
+    let _reap_tmp = Reaper(tmp.path().to_owned());
     // Auto: runs the real KVM probe (here it falls back to TCG and says why).
     let (b, report) = QemuBackend::open(config(tmp.path(), AccelChoice::Auto))
         .await
@@ -128,12 +149,12 @@ async fn lifecycle_of_a_real_guest() {
 
     let t0 = Instant::now();
     b.start(&id).await.unwrap();
-    wait_serial(&b, &id, Duration::from_secs(60), "marker", |l| {
+    wait_serial(&b, &id, Duration::from_secs(120), "marker", |l| {
         l.contains(MARKER)
     })
     .await;
     eprintln!("boot to marker: {} ms", t0.elapsed().as_millis());
-    wait_serial(&b, &id, Duration::from_secs(30), "tick 2", |l| {
+    wait_serial(&b, &id, Duration::from_secs(60), "tick 2", |l| {
         test_guest::last_tick(l) >= Some(2)
     })
     .await;
@@ -155,6 +176,32 @@ async fn lifecycle_of_a_real_guest() {
         "no seccomp filter: {status}"
     );
 
+    // Caps: memory = guest RAM + overhead, CPU = 1 core per vCPU, and QEMU is inside them.
+    let cg_dirs = cgroup_dirs_of(&b.info().cgroup, &id);
+    if !matches!(b.info().cgroup, CgroupMode::Unavailable { .. }) {
+        assert!(!cg_dirs.is_empty(), "no cgroup for the running vm");
+    }
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).map(|s| s.trim().to_owned());
+    let cap = ((128 + QemuConfig::new("/x", share()).memory_overhead_mib) << 20).to_string();
+    for d in &cg_dirs {
+        let procs = read(d.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "qemu not in {d:?}"
+        );
+        if let Ok(v) = read(d.join("memory.limit_in_bytes")).or_else(|_| read(d.join("memory.max")))
+        {
+            assert_eq!(v, cap, "{d:?}");
+        }
+        if let Ok(v) = read(d.join("cpu.cfs_quota_us")) {
+            assert_eq!(v, "100000");
+        }
+        if let Ok(v) = read(d.join("cpu.max")) {
+            assert_eq!(v, "100000 100000");
+        }
+    }
+
+    // The first stats call also starts a 1 s dirty-rate measurement, read after the pause.
     let stats = b.stats(&id).await.unwrap();
     assert!(stats.vcpu_time_ns > 0, "{stats:?}");
     assert_eq!(stats.memory_bytes, 128 << 20);
@@ -170,12 +217,18 @@ async fn lifecycle_of_a_real_guest() {
         still <= at_pause + 1,
         "ticked while paused: {at_pause} -> {still}"
     );
+    let stats = b.stats(&id).await.unwrap();
+    eprintln!("stats after pause: {stats:?}");
+    assert!(
+        stats.dirty_rate_mib_per_s.is_some(),
+        "no dirty rate: {stats:?}"
+    );
     // Resume: the counter continues from where it was, no restart.
     b.resume(&id).await.unwrap();
     let log = wait_serial(
         &b,
         &id,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "ticks after resume",
         |l| test_guest::last_tick(l) >= Some(still + 2),
     )
@@ -205,7 +258,7 @@ async fn lifecycle_of_a_real_guest() {
     wait_serial(
         &b,
         &id,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "ticks after re-attach",
         |l| test_guest::last_tick(l) > Some(before),
     )
@@ -243,6 +296,7 @@ async fn lifecycle_of_a_real_guest() {
 async fn oversize_vm_is_refused() {
     let g = guest();
     let tmp = tempfile::tempdir().unwrap();
+    let _reap_tmp = Reaper(tmp.path().to_owned());
     let mut cfg = config(tmp.path(), AccelChoice::Tcg);
     cfg.share.vcpus = 4;
     let (b, _) = QemuBackend::open(cfg).await.unwrap();
@@ -302,9 +356,14 @@ async fn oversize_vm_is_refused() {
 /// the host process stays within guest RAM + overhead, the cgroup cap holds, the guest lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_cannot_exceed_its_memory_cap() {
+    let _turn = VM_TURN.lock().await;
     let g = guest();
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), AccelChoice::Tcg);
+    let _reap_tmp = Reaper(tmp.path().to_owned());
+    let mut cfg = config(tmp.path(), AccelChoice::Tcg);
+    // Also covers the path of a node that is not root: no user change, no chroot, and the
+    // sandbox then forbids raising privileges too.
+    cfg.run_as = RunAs::Current;
     let overhead = cfg.memory_overhead_mib;
     let (b, _) = QemuBackend::open(cfg).await.unwrap();
     let id = unique("fill");
@@ -312,7 +371,7 @@ async fn guest_cannot_exceed_its_memory_cap() {
         .await
         .unwrap();
     b.start(&id).await.unwrap();
-    let log = wait_serial(&b, &id, Duration::from_secs(90), "fill result", |l| {
+    let log = wait_serial(&b, &id, Duration::from_secs(180), "fill result", |l| {
         l.contains("fill-stopped") || l.contains("fill-done")
     })
     .await;
@@ -329,12 +388,17 @@ async fn guest_cannot_exceed_its_memory_cap() {
     assert!(filled < 128, "filled {filled} MiB");
     // Still alive after its allocation failed.
     let t = test_guest::last_tick(&b.serial_log(&id, 1 << 20).await.unwrap()).unwrap_or(0);
-    wait_serial(&b, &id, Duration::from_secs(30), "ticks after fill", |l| {
+    wait_serial(&b, &id, Duration::from_secs(60), "ticks after fill", |l| {
         test_guest::last_tick(l) > Some(t)
     })
     .await;
     let stats = b.stats(&id).await.unwrap();
     let pid = b.inspect(&id).await.unwrap().pid.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "no seccomp filter: {status}"
+    );
     let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
@@ -368,9 +432,12 @@ async fn guest_cannot_exceed_its_memory_cap() {
 /// descriptors, with downtime limit and bandwidth set, and keeps counting on the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrates_over_a_passed_fd_and_keeps_counting() {
+    let _turn = VM_TURN.lock().await;
     let g = guest();
     let tmp_a = tempfile::tempdir().unwrap();
+    let _reap_tmp_a = Reaper(tmp_a.path().to_owned());
     let tmp_b = tempfile::tempdir().unwrap();
+    let _reap_tmp_b = Reaper(tmp_b.path().to_owned());
     let (src, _) = QemuBackend::open(config(tmp_a.path(), AccelChoice::Tcg))
         .await
         .unwrap();
@@ -429,7 +496,7 @@ async fn migrates_over_a_passed_fd_and_keeps_counting() {
     );
     let src_last = test_guest::last_tick(&src.serial_log(&id, 1 << 20).await.unwrap()).unwrap();
     assert_eq!(src.inspect(&id).await.unwrap().state, VmState::Paused);
-    let log = wait_serial(&dst, &id, Duration::from_secs(30), "ticks on target", |l| {
+    let log = wait_serial(&dst, &id, Duration::from_secs(60), "ticks on target", |l| {
         test_guest::last_tick(l) >= Some(src_last + 2)
     })
     .await;
@@ -453,6 +520,7 @@ async fn migrates_over_a_passed_fd_and_keeps_counting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs scripts/build-guest.sh --rootfs debian"]
 async fn debian_userland_boots_from_a_content_addressed_disk() {
+    let _turn = VM_TURN.lock().await;
     let g = guest();
     let Some(deb) = g.debian.clone() else {
         panic!(
@@ -461,6 +529,7 @@ async fn debian_userland_boots_from_a_content_addressed_disk() {
         );
     };
     let tmp = tempfile::tempdir().unwrap();
+    let _reap_tmp = Reaper(tmp.path().to_owned());
     let (b, _) = QemuBackend::open(config(tmp.path(), AccelChoice::Tcg))
         .await
         .unwrap();
@@ -488,4 +557,19 @@ async fn debian_userland_boots_from_a_content_addressed_disk() {
     .await;
     assert_eq!(log.matches(MARKER).count(), 1);
     b.destroy(&id).await.unwrap();
+}
+
+/// `accel: Kvm` either really runs guests under KVM or refuses to open, never silently TCG.
+#[tokio::test]
+async fn required_kvm_is_used_or_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _reap_tmp = Reaper(tmp.path().to_owned());
+    match QemuBackend::open(config(tmp.path(), AccelChoice::Kvm)).await {
+        Ok((b, _)) => assert_eq!(b.info().accel, Some(Accel::Kvm)),
+        Err(Error::KvmUnusable(detail)) => {
+            eprintln!("kvm refused: {detail}");
+            assert!(detail.contains("kvm"), "{detail}");
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
 }

@@ -588,3 +588,85 @@ impl<'a> Solver<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{AvoidList, NoDeadline, Timestamp};
+    use crate::model::{Host, PlacementInput, Resources, Vm};
+    use crate::state::verify;
+
+    /// The Azure failure mode in miniature: memory-heavy 8c/56G VMs among many 1c/1.75G.
+    fn stranding_instance() -> Problem {
+        let hosts = (0..60)
+            .map(|i| Host::new(i, Resources::cpu_mem(48, 192 * 1024)))
+            .collect();
+        let mut vms: Vec<Vm> = (0..40)
+            .map(|i| Vm::new(i, Resources::cpu_mem(8, 56 * 1024)))
+            .collect();
+        vms.extend((40..840).map(|i| Vm::new(i, Resources::cpu_mem(1, 1792))));
+        let input = PlacementInput {
+            hosts,
+            vms,
+            rules: vec![],
+            config: Default::default(),
+        };
+        Problem::compile(input, Timestamp(0), &AvoidList::default()).unwrap()
+    }
+
+    #[test]
+    fn ours_does_not_strand_cpu_like_ffd() {
+        let p = stranding_instance();
+        let lb = lower_bound(&p);
+        let s = SolverSettings::default();
+        let ffd = solve(&p, Algorithm::FirstFitDecreasing, &s, &NoDeadline);
+        let ours = solve(&p, Algorithm::SpreadRepack, &s, &NoDeadline);
+        verify(&p, &ffd.placement).unwrap();
+        verify(&p, &ours.placement).unwrap();
+        assert_eq!((ffd.unplaced, ours.unplaced), (0, 0));
+        // FFD puts three 56G VMs per host (memory full, 24 cores idle) and needs 31 hosts.
+        assert_eq!(lb.hosts, 24);
+        assert!(ffd.hosts_used >= 30, "ffd {}", ffd.hosts_used);
+        assert!(
+            ours.hosts_used <= lb.hosts + 1,
+            "ours {} bound {}",
+            ours.hosts_used,
+            lb.hosts
+        );
+    }
+
+    #[test]
+    fn same_seed_same_placement() {
+        let p = stranding_instance();
+        let s = SolverSettings {
+            seed: 9,
+            ..SolverSettings::default()
+        };
+        for alg in [Algorithm::FirstFitRandom, Algorithm::SpreadRepack] {
+            assert_eq!(
+                solve(&p, alg, &s, &NoDeadline),
+                solve(&p, alg, &s, &NoDeadline)
+            );
+        }
+    }
+
+    #[test]
+    fn expired_deadline_still_returns_a_feasible_placement() {
+        struct Expired;
+        impl Deadline for Expired {
+            fn expired(&self) -> bool {
+                true
+            }
+        }
+        let p = stranding_instance();
+        let out = solve(
+            &p,
+            Algorithm::SpreadRepack,
+            &SolverSettings::default(),
+            &Expired,
+        );
+        verify(&p, &out.placement).unwrap();
+        assert_eq!(out.unplaced, 0);
+        assert_eq!(out.repacked_hosts, 0);
+    }
+}

@@ -1,4 +1,4 @@
-//! ITP: VM placement on heterogeneous volunteer hosts (sans-IO).
+#![doc = include_str!("docs.md")]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 // Resource vectors (demand, used, capacity) are walked in parallel by dimension index;
@@ -7,6 +7,7 @@
 
 pub mod bound;
 pub mod control;
+pub mod engine;
 pub mod exact;
 pub mod heuristic;
 pub mod model;
@@ -21,6 +22,7 @@ pub use bound::{LowerBound, lower_bound};
 pub use control::{
     AvoidList, Deadline, EvalCounts, NoDeadline, SolverSettings, SolverStats, Timestamp,
 };
+pub use engine::{Command, Engine, EngineConfig, Input};
 pub use exact::{ExactError, ExactOutput, lp_relaxation, solve_exact};
 pub use heuristic::{Algorithm, SolveOutput, solve};
 pub use model::{
@@ -30,6 +32,7 @@ pub use model::{
 pub use online::{Decision, OnlinePlacer, PlaceError};
 pub use problem::{FilterReason, ModelError, Problem};
 pub use rebalance::{
-    Migration, RebalanceError, RebalancePlan, first_unsafe_step, migration_budget, rebalance,
+    Migration, OrderError, RebalanceError, RebalancePlan, first_unsafe_step, migration_budget,
+    order_migrations, rebalance,
 };
 pub use state::{Placement, SoftViolation, Violation, verify};

@@ -131,6 +131,24 @@ impl OnlinePlacer {
         Ok(s)
     }
 
+    /// A placer with no hosts (the engine's state before the first host list).
+    pub fn empty(config: PlacementConfig) -> Self {
+        Self {
+            hosts: Vec::new(),
+            cap: Vec::new(),
+            used: Vec::new(),
+            count: Vec::new(),
+            block: Vec::new(),
+            config,
+            rules: Vec::new(),
+            vm_rules: BTreeMap::new(),
+            placed: BTreeMap::new(),
+            index: BTreeSet::new(),
+            empty: BTreeSet::new(),
+            host_idx: BTreeMap::new(),
+        }
+    }
+
     /// Re-applies the host filter (health, quarantine, avoid list) at `now`.
     pub fn refresh(&mut self, now: Timestamp, avoid: &AvoidList) {
         self.index.clear();

@@ -9,7 +9,8 @@ use dwcp_placement::rng::SplitMix64;
 use dwcp_placement::{
     Algorithm, AvoidList, Health, Host, HostId, NoDeadline, OnlinePlacer, Placement,
     PlacementConfig, PlacementInput, Problem, Resources, Rule, RuleId, RuleKind, SolverSettings,
-    Timestamp, Vm, VmId, first_unsafe_step, rebalance, solve, solve_exact, verify,
+    Timestamp, Vm, VmId, first_unsafe_step, order_migrations, rebalance, solve, solve_exact,
+    verify,
 };
 use proptest::prelude::*;
 
@@ -204,5 +205,54 @@ proptest! {
             // then leave something unplaced.
             Err(_) => prop_assert!(ours.unplaced > 0 || p.num_vms() == 0),
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn ordered_migrations_to_any_target_are_safe(seed in any::<u64>()) {
+        let Some(p) = compile(instance(seed, 10, 25)) else { return Ok(()) };
+        let current = solve(&p, Algorithm::FirstFitRandom, &SolverSettings { seed, ..SolverSettings::default() }, &NoDeadline);
+        let target = solve(&p, Algorithm::SpreadRepack, &SolverSettings::default(), &NoDeadline);
+        match order_migrations(&p, &current.placement, &target.placement) {
+            Ok(plan) => {
+                prop_assert_eq!(first_unsafe_step(&p, &current.placement, &plan), None);
+                // Replaying the plan lands every moved VM on its target.
+                let mut at = current.placement.host_of.clone();
+                for m in &plan {
+                    at[p.vm_idx(m.vm).unwrap()] = p.host_idx(m.to).map(|h| h as u32);
+                }
+                for (v, t) in target.placement.host_of.iter().enumerate() {
+                    if t.is_some() && current.placement.host_of[v].is_some() {
+                        prop_assert_eq!(at[v], *t);
+                    }
+                }
+            }
+            // Allowed only when no staging host has room; never a wrong plan.
+            Err(e) => prop_assert!(matches!(e, dwcp_placement::OrderError::Stuck(_)), "{e}"),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn ordering_with_a_spare_host_always_succeeds(seed in any::<u64>()) {
+        let mut r = SplitMix64::new(seed);
+        let n_hosts = 3 + r.below(6);
+        let hosts = (0..n_hosts).map(|i| Host::new(i, Resources::cpu_mem(8, 1 << 20))).collect();
+        let vms = (0..5 + r.below(30)).map(|i| Vm::new(i, Resources::cpu_mem(1 + r.below(4), 1024))).collect();
+        let p = compile(PlacementInput { hosts, vms, rules: vec![], config: PlacementConfig::default() }).unwrap();
+        let current = solve(&p, Algorithm::FirstFitRandom, &SolverSettings { seed, ..SolverSettings::default() }, &NoDeadline);
+        let target = solve(&p, Algorithm::SpreadRepack, &SolverSettings::default(), &NoDeadline);
+        if current.unplaced > 0 || target.unplaced > 0 || current.hosts_used == p.num_hosts() {
+            return Ok(());
+        }
+        let plan = order_migrations(&p, &current.placement, &target.placement);
+        prop_assert!(plan.is_ok(), "{:?}", plan.err());
+        prop_assert_eq!(first_unsafe_step(&p, &current.placement, &plan.unwrap_or_default()), None);
     }
 }

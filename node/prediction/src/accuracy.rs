@@ -29,6 +29,9 @@ pub struct Resolved {
     pub log_ratio: f64,
     /// Whether the actual mean fell below the predicted p10 (if the predictor had one).
     pub below_p10: Option<bool>,
+    /// `ln(actual / lower)` where `lower` is the p10 if the predictor gave one, else the
+    /// mean: the conformity score used to calibrate p10 online.
+    pub lower_log_ratio: f64,
 }
 
 impl Resolved {
@@ -36,10 +39,12 @@ impl Resolved {
     pub fn new(predicted: f64, p10: Option<f64>, actual: f64) -> Self {
         let a = actual.max(FLOOR_MBPS);
         let p = predicted.max(FLOOR_MBPS);
+        let lower = p10.map_or(p, |q| q.max(FLOOR_MBPS));
         Self {
             ape: (p - a).abs() / a,
             log_ratio: (a / p).ln(),
             below_p10: p10.map(|q| a < q),
+            lower_log_ratio: (a / lower).ln(),
         }
     }
 }
@@ -127,10 +132,12 @@ impl Tracker {
         })
     }
 
-    /// The `q` quantile of `ln(actual / predicted)` for `(predictor, h)`: multiplying a
-    /// forecast by `exp` of it gives an empirically calibrated quantile (split conformal).
-    pub fn log_ratio_quantile(&self, predictor: &str, h: Horizon, q: f64) -> Option<f64> {
-        let v = sorted(self.get(predictor, h)?.iter().map(|r| r.log_ratio));
+    /// The `q` quantile of `ln(actual / lower)` for `(predictor, h)` (`lower` = the p10
+    /// the predictor gave, or its mean): multiplying that lower value by `exp` of it gives
+    /// an empirically calibrated `q` quantile (split conformal; conformalised quantile
+    /// regression when the predictor has a p10).
+    pub fn lower_quantile(&self, predictor: &str, h: Horizon, q: f64) -> Option<f64> {
+        let v = sorted(self.get(predictor, h)?.iter().map(|r| r.lower_log_ratio));
         if v.is_empty() {
             None
         } else {
@@ -169,7 +176,13 @@ mod tests {
     #[test]
     fn stats_over_window() {
         let mut t = Tracker::new(4);
-        for (p, a) in [(100.0, 1.0), (10.0, 10.0), (11.0, 10.0), (13.0, 10.0), (5.0, 10.0)] {
+        for (p, a) in [
+            (100.0, 1.0),
+            (10.0, 10.0),
+            (11.0, 10.0),
+            (13.0, 10.0),
+            (5.0, 10.0),
+        ] {
             t.record("x", Horizon::S30, Resolved::new(p, None, a));
         }
         // the first (APE 99) fell out of the window of 4
@@ -192,8 +205,12 @@ mod tests {
             // actual/pred = i/10
             t.record("x", Horizon::S60, Resolved::new(10.0, None, i as f64));
         }
-        let q = t.log_ratio_quantile("x", Horizon::S60, 0.1).unwrap();
+        let q = t.lower_quantile("x", Horizon::S60, 0.1).unwrap();
         assert!((q - (0.2f64).ln()).abs() < 1e-12);
-        assert!(t.log_ratio_quantile("x", Horizon::S30, 0.1).is_none());
+        assert!(t.lower_quantile("x", Horizon::S30, 0.1).is_none());
+        // with a p10 the score is relative to the p10
+        t.record("y", Horizon::S60, Resolved::new(10.0, Some(5.0), 10.0));
+        let q = t.lower_quantile("y", Horizon::S60, 0.1).unwrap();
+        assert!((q - 2.0f64.ln()).abs() < 1e-12);
     }
 }

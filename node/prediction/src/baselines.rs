@@ -188,7 +188,10 @@ mod tests {
         let e_prev = (p2 - 4.0f64).abs() / 4.0;
         let e_prev2 = (10.0f64 - 2.0).abs() / 2.0; // the 2.0 sample: hm of 10s = 10
         let m = e_last.max(e_prev).max(e_prev2);
-        assert!((level_of(&RobustMpc::default().forecast(&h, None).unwrap()) - hm / (1.0 + m)).abs() < 1e-12);
+        assert!(
+            (level_of(&RobustMpc::default().forecast(&h, None).unwrap()) - hm / (1.0 + m)).abs()
+                < 1e-12
+        );
     }
 
     #[test]

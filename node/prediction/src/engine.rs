@@ -13,9 +13,11 @@
 //! 2. Otherwise the baseline with the lowest recent median APE at that horizon (EWMA
 //!    until there are records).
 //!
-//! Baselines have no quantile of their own; their p10 is `mean * exp(q10)` where `q10` is
-//! the 10th percentile of their recent `ln(actual / predicted)` at that horizon (split
-//! conformal calibration), or `mean * default_p10_factor` before `min_resolved` records.
+//! The p10 is calibrated on the link's own resolved forecasts (split conformal):
+//! `lower * exp(q10)`, with `lower` the model's p10 (conformalised quantile regression) or
+//! a baseline's mean, and `q10` the 10th percentile of recent `ln(actual / lower)` at that
+//! horizon. Before `min_resolved` records the model's own p10 is used as is, and a
+//! baseline's p10 is `mean * default_p10_factor`.
 
 use std::collections::VecDeque;
 
@@ -81,7 +83,9 @@ impl Config {
             return Err(ConfigError("history_cap must hold a window plus 300 s"));
         }
         if self.tracker_window == 0 || self.min_resolved == 0 {
-            return Err(ConfigError("tracker_window and min_resolved must be positive"));
+            return Err(ConfigError(
+                "tracker_window and min_resolved must be positive",
+            ));
         }
         if self.min_resolved > self.tracker_window {
             return Err(ConfigError("min_resolved must not exceed tracker_window"));
@@ -195,7 +199,11 @@ pub const MODEL: &str = "model";
 
 impl Engine {
     /// A new engine; `model` is optional (baselines only without it).
-    pub fn new(cfg: Config, model: Option<Box<dyn BandwidthPredictor>>, model_trained_at_ms: Option<u64>) -> Result<Self, ConfigError> {
+    pub fn new(
+        cfg: Config,
+        model: Option<Box<dyn BandwidthPredictor>>,
+        model_trained_at_ms: Option<u64>,
+    ) -> Result<Self, ConfigError> {
         let cfg = cfg.validate()?;
         Ok(Self {
             tracker: Tracker::new(cfg.tracker_window),
@@ -215,7 +223,11 @@ impl Engine {
     }
 
     /// Swaps the model (after a retrain); its accuracy record starts afresh.
-    pub fn set_model(&mut self, model: Option<Box<dyn BandwidthPredictor>>, trained_at_ms: Option<u64>) {
+    pub fn set_model(
+        &mut self,
+        model: Option<Box<dyn BandwidthPredictor>>,
+        trained_at_ms: Option<u64>,
+    ) {
         self.model = model;
         self.model_trained_at_ms = trained_at_ms;
         self.tracker.clear(MODEL);
@@ -311,15 +323,26 @@ impl Engine {
                 continue; // fell out of the history
             }
             let start = (hist_len - back) as usize;
-            let actual: f64 = self.history.iter().skip(start).take(h as usize).sum::<f64>() / h as f64;
-            self.tracker.record(p.predictor, p.horizon, Resolved::new(p.mean, p.p10, actual));
+            let actual: f64 = self
+                .history
+                .iter()
+                .skip(start)
+                .take(h as usize)
+                .sum::<f64>()
+                / h as f64;
+            self.tracker
+                .record(p.predictor, p.horizon, Resolved::new(p.mean, p.p10, actual));
         }
         self.pending = keep;
     }
 
     fn window(&self) -> Vec<f64> {
         let n = self.history.len();
-        self.history.iter().skip(n.saturating_sub(WINDOW)).copied().collect()
+        self.history
+            .iter()
+            .skip(n.saturating_sub(WINDOW))
+            .copied()
+            .collect()
     }
 
     fn model_usable(&self, now_ms: u64) -> bool {
@@ -379,16 +402,29 @@ impl Engine {
         best.map_or("ewma", |(n, _)| n)
     }
 
-    fn calibrated_p10(&self, predictor: &'static str, h: Horizon, mean: f64) -> f64 {
+    /// p10 calibrated on this link's resolved forecasts: `lower * exp(q10)` where `lower`
+    /// is the predictor's own p10 (the model) or its mean (baselines) and `q10` the 10th
+    /// percentile of `ln(actual / lower)`. Before `min_resolved` records: the model's own
+    /// p10, or `mean * default_p10_factor` for a baseline.
+    fn calibrated_p10(
+        &self,
+        predictor: &'static str,
+        h: Horizon,
+        mean: f64,
+        own_p10: Option<f64>,
+    ) -> f64 {
         let q = if self.tracker.count(predictor, h) >= self.cfg.min_resolved {
-            self.tracker.log_ratio_quantile(predictor, h, 0.1)
+            self.tracker.lower_quantile(predictor, h, 0.1)
         } else {
             None
         };
-        match q {
-            Some(q) => (mean * q.exp()).min(mean),
-            None => mean * self.cfg.default_p10_factor,
-        }
+        let p = match (q, own_p10) {
+            (Some(q), Some(p)) => p * q.exp(),
+            (Some(q), None) => mean * q.exp(),
+            (None, Some(p)) => p,
+            (None, None) => mean * self.cfg.default_p10_factor,
+        };
+        p.min(mean)
     }
 
     /// The forecast for the link at `now_ms`.
@@ -421,7 +457,7 @@ impl Engine {
                 (Some(f), true) => HorizonForecast {
                     horizon: h,
                     mean_mbps: f.mean_mbps(h),
-                    p10_mbps: f.p10_mbps(h).unwrap_or(f.mean_mbps(h) * self.cfg.default_p10_factor),
+                    p10_mbps: self.calibrated_p10(MODEL, h, f.mean_mbps(h), f.p10_mbps(h)),
                     source: MODEL,
                 },
                 _ => {
@@ -432,7 +468,7 @@ impl Engine {
                     HorizonForecast {
                         horizon: h,
                         mean_mbps: mean,
-                        p10_mbps: self.calibrated_p10(best, h, mean),
+                        p10_mbps: self.calibrated_p10(best, h, mean, None),
                         source: best,
                     }
                 }
@@ -444,7 +480,9 @@ impl Engine {
             horizons,
             rtt_ms: self.rtt,
             loss: self.loss,
-            data_age_ms: self.last_at_ms.map_or(u64::MAX, |a| now_ms.saturating_sub(a)),
+            data_age_ms: self
+                .last_at_ms
+                .map_or(u64::MAX, |a| now_ms.saturating_sub(a)),
         })
     }
 
@@ -512,28 +550,64 @@ mod tests {
     #[test]
     fn config_validation() {
         assert!(Config::default().validate().is_ok());
-        assert!(Config { history_cap: 10, ..Config::default() }.validate().is_err());
-        assert!(Config { default_p10_factor: 0.0, ..Config::default() }.validate().is_err());
-        assert!(Config { min_resolved: 500, ..Config::default() }.validate().is_err());
+        assert!(
+            Config {
+                history_cap: 10,
+                ..Config::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Config {
+                default_p10_factor: 0.0,
+                ..Config::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Config {
+                min_resolved: 500,
+                ..Config::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]
     fn rejects_bad_samples() {
         let mut e = Engine::new(cfg(), None, None).unwrap();
-        let s = LinkSample { at_ms: 10_000, mbps: f64::NAN, rtt_ms: None, loss: None };
+        let s = LinkSample {
+            at_ms: 10_000,
+            mbps: f64::NAN,
+            rtt_ms: None,
+            loss: None,
+        };
         assert_eq!(e.handle_sample(s), Err(SampleError::OutOfRange("mbps")));
-        let s = LinkSample { mbps: 1.0, loss: Some(2.0), ..s };
+        let s = LinkSample {
+            mbps: 1.0,
+            loss: Some(2.0),
+            ..s
+        };
         assert_eq!(e.handle_sample(s), Err(SampleError::OutOfRange("loss")));
         let s = LinkSample { loss: None, ..s };
         e.handle_sample(s).unwrap();
-        assert!(matches!(e.handle_sample(s), Err(SampleError::NotMonotonic { .. })));
+        assert!(matches!(
+            e.handle_sample(s),
+            Err(SampleError::NotMonotonic { .. })
+        ));
     }
 
     #[test]
     fn no_forecast_before_min_history() {
         let mut e = Engine::new(cfg(), None, None).unwrap();
         feed(&mut e, [5.0; 5], 0);
-        assert!(matches!(e.forecast(30_000), Err(PredictError::NotEnoughHistory { .. })));
+        assert!(matches!(
+            e.forecast(30_000),
+            Err(PredictError::NotEnoughHistory { .. })
+        ));
     }
 
     #[test]
@@ -554,7 +628,8 @@ mod tests {
         let f = good.forecast(t).unwrap();
         for h in Horizon::ALL {
             assert_eq!(f.get(h).source, MODEL);
-            assert!((f.get(h).p10_mbps - 8.0).abs() < 1e-9);
+            // the fake's p10 (8) was always 25 % under the actual (10): calibration lifts it
+            assert!((f.get(h).p10_mbps - 10.0).abs() < 1e-9);
         }
         assert_eq!(good.accuracy(t), Some(1.0));
         assert_eq!(bad.accuracy(t), Some(1.0)); // the answering baseline is exact
@@ -570,7 +645,10 @@ mod tests {
         let t = feed(&mut e, [10.0; 20], 8 * day);
         assert_ne!(e.forecast(t).unwrap().get(Horizon::S30).source, MODEL);
         e.set_model(None, None);
-        assert_eq!(e.predictor_names(), vec!["last", "harmonic5", "robust_mpc", "ewma"]);
+        assert_eq!(
+            e.predictor_names(),
+            vec!["last", "harmonic5", "robust_mpc", "ewma"]
+        );
         let f = e.forecast(t).unwrap();
         assert_eq!(f.get(Horizon::S30).source, "ewma");
         // uncalibrated p10 uses the default factor
@@ -581,7 +659,9 @@ mod tests {
     fn baseline_p10_is_calibrated_from_errors() {
         let mut e = Engine::new(cfg(), None, None).unwrap();
         // alternating 10 / 5: the baselines err both ways; p10 must sit below most actuals
-        let vals: Vec<f64> = (0..200).map(|i| if i % 2 == 0 { 10.0 } else { 5.0 }).collect();
+        let vals: Vec<f64> = (0..200)
+            .map(|i| if i % 2 == 0 { 10.0 } else { 5.0 })
+            .collect();
         let t = feed(&mut e, vals, 0);
         let f = e.forecast(t).unwrap();
         let h = f.get(Horizon::S30);
@@ -601,7 +681,10 @@ mod tests {
 
     #[test]
     fn history_is_bounded() {
-        let c = Config { history_cap: 120, ..cfg() };
+        let c = Config {
+            history_cap: 120,
+            ..cfg()
+        };
         let mut e = Engine::new(c, None, None).unwrap();
         feed(&mut e, (0..300).map(|i| 1.0 + (i % 7) as f64), 0);
         assert_eq!(e.history_len(), 120);

@@ -88,7 +88,10 @@ pub fn time_features(t_unix_s: f64) -> [f64; 4] {
 /// `history`: bandwidth in Mbit/s at [`STEP_S`], oldest first (only the last [`WINDOW`]
 /// are used); `t_last_unix_s`: start of the newest sample when known (used only when
 /// [`USE_TIME_FEATURES`] is on).
-pub fn features(history: &[f64], t_last_unix_s: Option<f64>) -> Result<FeatureTensor, PredictError> {
+pub fn features(
+    history: &[f64],
+    t_last_unix_s: Option<f64>,
+) -> Result<FeatureTensor, PredictError> {
     validate_history(history)?;
     let x = &history[history.len().saturating_sub(WINDOW)..];
     let w = x.len();
@@ -98,7 +101,9 @@ pub fn features(history: &[f64], t_last_unix_s: Option<f64>) -> Result<FeatureTe
     for (j, v) in x.iter().enumerate() {
         let row = WINDOW - w + j;
         let r = &mut data[row * CHANNELS..(row + 1) * CHANNELS];
-        r[0] = (clean(*v) / lvl).ln().clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP) as f32;
+        r[0] = (clean(*v) / lvl)
+            .ln()
+            .clamp(-LOG_RATIO_CLIP, LOG_RATIO_CLIP) as f32;
         r[1] = 1.0;
         r[2] = log_level;
         if USE_TIME_FEATURES && let Some(t) = t_last_unix_s {
@@ -226,9 +231,15 @@ mod tests {
     fn bad_samples_are_errors() {
         let mut h = vec![1.0; 20];
         h[7] = f64::NAN;
-        assert_eq!(features(&h, None), Err(PredictError::BadSample { index: 7 }));
+        assert_eq!(
+            features(&h, None),
+            Err(PredictError::BadSample { index: 7 })
+        );
         h[7] = -1.0;
-        assert_eq!(features(&h, None), Err(PredictError::BadSample { index: 7 }));
+        assert_eq!(
+            features(&h, None),
+            Err(PredictError::BadSample { index: 7 })
+        );
     }
 
     #[test]
@@ -236,7 +247,11 @@ mod tests {
         let h: Vec<f64> = (0..20).map(|i| 1.0 + i as f64).collect();
         let ft = features(&h, None).unwrap();
         for r in 0..WINDOW - 20 {
-            assert!(ft.data[r * CHANNELS..(r + 1) * CHANNELS].iter().all(|v| *v == 0.0));
+            assert!(
+                ft.data[r * CHANNELS..(r + 1) * CHANNELS]
+                    .iter()
+                    .all(|v| *v == 0.0)
+            );
         }
         for r in WINDOW - 20..WINDOW {
             assert_eq!(ft.data[r * CHANNELS + 1], 1.0);

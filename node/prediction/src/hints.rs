@@ -101,7 +101,12 @@ pub fn per_stream_mbps(rtt_ms: f64, loss: f64) -> f64 {
 }
 
 /// Streams needed to fill `link_mbps` given per-stream limits, within `[1, max_streams]`.
-pub fn stream_count(link_mbps: f64, rtt_ms: Option<f64>, loss: Option<f64>, max_streams: u32) -> u32 {
+pub fn stream_count(
+    link_mbps: f64,
+    rtt_ms: Option<f64>,
+    loss: Option<f64>,
+    max_streams: u32,
+) -> u32 {
     let max = max_streams.max(1);
     let Some(rtt) = rtt_ms else {
         // No RTT measured: assume a 50 ms WAN path.
@@ -184,7 +189,10 @@ pub fn plan(job: &MigrationJob, f: &LinkForecast) -> Result<Plan, HintError> {
     if !(job.dirty_mbps.is_finite() && job.dirty_mbps >= 0.0) {
         return Err(HintError::InvalidJob("dirty_mbps must be >= 0"));
     }
-    if job.start_deadline_s.is_some_and(|d| !(d.is_finite() && d >= 0.0)) {
+    if job
+        .start_deadline_s
+        .is_some_and(|d| !(d.is_finite() && d >= 0.0))
+    {
         return Err(HintError::InvalidJob("start_deadline_s must be >= 0"));
     }
     let bits = job.bytes as f64 * 8.0 / job.compression_ratio;
@@ -244,7 +252,9 @@ pub fn plan(job: &MigrationJob, f: &LinkForecast) -> Result<Plan, HintError> {
         let net = f.get(h).p10_mbps - dirty;
         (net > 0.0).then(|| bits / (net * 1e6)).map(|b| b.max(d))
     });
-    let link = f.get(Horizon::covering(expected.unwrap_or(300.0))).mean_mbps;
+    let link = f
+        .get(Horizon::covering(expected.unwrap_or(300.0)))
+        .mean_mbps;
     let compress_input_mb_s = link * job.compression_ratio / 8.0;
     Ok(Plan {
         start,
@@ -303,7 +313,10 @@ mod tests {
         let p = plan(&job(1_000_000_000, 10.0), &f).unwrap();
         assert_eq!(p.start, StartDecision::Now);
         let want = 4e9 / 95e6;
-        assert!((p.expected_duration_s.unwrap() - want).abs() < 0.01, "{p:?}");
+        assert!(
+            (p.expected_duration_s.unwrap() - want).abs() < 0.01,
+            "{p:?}"
+        );
         let bound = 4e9 / 75e6;
         assert!((p.duration_p90_s.unwrap() - bound).abs() < 0.01);
         assert!((p.compress_input_mb_s - 25.0).abs() < 1e-9);
@@ -351,7 +364,10 @@ mod tests {
         let p = plan(&job(2_000_000_000, 0.0), &f).unwrap();
         // first 30 s at 1 Mbit/s send almost nothing: waiting halves the time in flight
         // and finishes no later
-        assert!(matches!(p.start, StartDecision::Defer { until_s: 30.0, .. }));
+        assert!(matches!(
+            p.start,
+            StartDecision::Defer { until_s: 30.0, .. }
+        ));
         // a job whose dirty rate (4 raw = 2 compressed) exceeds the first segment waits
         let p = plan(&job(2_000_000_000, 4.0), &f).unwrap();
         assert_eq!(
@@ -369,7 +385,10 @@ mod tests {
         // 1 GB at ratio 2 = 4e9 bits. Now: 30 s at 30 (9e8 bits), then 3.1e9 / 1e10 =
         // 0.31 s -> 30.31 s in flight. At 30 s: 0.4 s in flight, done at 30.4 s, less
         // than 10 % later: defer.
-        let f = fc([30.0, 5015.0, 7507.5, 9003.0], [20.0, 3000.0, 5000.0, 6000.0]);
+        let f = fc(
+            [30.0, 5015.0, 7507.5, 9003.0],
+            [20.0, 3000.0, 5000.0, 6000.0],
+        );
         let p = plan(&job(1_000_000_000, 0.0), &f).unwrap();
         assert_eq!(
             p.start,

@@ -171,7 +171,11 @@ pub trait BandwidthPredictor: Send + Sync {
     /// Short stable name (used in metrics labels and the benchmark table).
     fn name(&self) -> &'static str;
     /// One forecast.
-    fn forecast(&self, history: &[f64], t_last_unix_s: Option<f64>) -> Result<Forecast, PredictError>;
+    fn forecast(
+        &self,
+        history: &[f64],
+        t_last_unix_s: Option<f64>,
+    ) -> Result<Forecast, PredictError>;
 }
 
 #[cfg(test)]

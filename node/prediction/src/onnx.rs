@@ -32,7 +32,7 @@ pub enum LoadError {
     },
 }
 
-type Plan = TypedRunnableModel;
+type Plan = std::sync::Arc<TypedRunnableModel>;
 
 /// The LSTM forecaster.
 pub struct OnnxPredictor {
@@ -64,7 +64,7 @@ impl OnnxPredictor {
             .map_err(inv)?;
         let me = Self { plan };
         let y = me
-            .run_raw(&vec![0.0; WINDOW * CHANNELS])
+            .run_raw(&[0.0; WINDOW * CHANNELS])
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
         if y.len() != N_OUT {
             return Err(LoadError::WrongOutput {
@@ -100,7 +100,11 @@ impl BandwidthPredictor for OnnxPredictor {
         "lstm"
     }
 
-    fn forecast(&self, history: &[f64], t_last_unix_s: Option<f64>) -> Result<Forecast, PredictError> {
+    fn forecast(
+        &self,
+        history: &[f64],
+        t_last_unix_s: Option<f64>,
+    ) -> Result<Forecast, PredictError> {
         let ft = features::features(history, t_last_unix_s)?;
         let y = self.run_raw(&ft.data)?;
         let out = features::postprocess(&y, ft.level_mbps)?;
@@ -135,7 +139,12 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+                .flat_map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                })
                 .collect();
             let y = p.run_raw(&feats).unwrap();
             let want: Vec<f32> = c["output"]

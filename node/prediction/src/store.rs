@@ -78,9 +78,15 @@ fn segments(dir: &Path) -> Result<Vec<(PathBuf, u64)>, StoreError> {
 impl SampleStore {
     /// Opens (creating) `dir`. Limits: a segment closes at `max_segment_bytes`; the whole
     /// directory is trimmed to `max_total_bytes` (at least two segments' worth).
-    pub fn open(dir: impl Into<PathBuf>, max_segment_bytes: u64, max_total_bytes: u64) -> Result<Self, StoreError> {
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        max_segment_bytes: u64,
+        max_total_bytes: u64,
+    ) -> Result<Self, StoreError> {
         if max_segment_bytes < 1024 {
-            return Err(StoreError::Limits("max_segment_bytes must be at least 1 KiB"));
+            return Err(StoreError::Limits(
+                "max_segment_bytes must be at least 1 KiB",
+            ));
         }
         if max_total_bytes < 2 * max_segment_bytes {
             return Err(StoreError::Limits("max_total_bytes must hold two segments"));
@@ -172,8 +178,14 @@ pub fn read_all(dir: &Path, max_samples: usize) -> Result<Vec<LinkSample>, Store
                 line: i + 1,
             };
             let mut it = line.split(',');
-            let at_ms = it.next().and_then(|v| v.parse::<u64>().ok()).ok_or_else(bad)?;
-            let mbps = it.next().and_then(|v| v.parse::<f64>().ok()).ok_or_else(bad)?;
+            let at_ms = it
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(bad)?;
+            let mbps = it
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(bad)?;
             let opt = |v: Option<&str>| -> Result<Option<f64>, StoreError> {
                 match v {
                     None | Some("") => Ok(None),
@@ -249,7 +261,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert!(SampleStore::open(d.path(), 10, 100).is_err());
         assert!(SampleStore::open(d.path(), 4096, 4096).is_err());
-        fs::write(d.path().join("samples-00000000000000000001.csv"), format!("{HEADER}\n1,x,,\n")).unwrap();
-        assert!(matches!(read_all(d.path(), 10), Err(StoreError::Malformed { line: 2, .. })));
+        fs::write(
+            d.path().join("samples-00000000000000000001.csv"),
+            format!("{HEADER}\n1,x,,\n"),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_all(d.path(), 10),
+            Err(StoreError::Malformed { line: 2, .. })
+        ));
     }
 }

@@ -49,15 +49,22 @@ pub fn parse_raw(text: &str) -> Result<Vec<(f64, f64)>, TraceError> {
         let Some(t) = parts.next() else { continue };
         let line_no = i + 1;
         let t = num(t, line_no, "bad time")?;
-        let v = parts
-            .next()
-            .ok_or(TraceError::Malformed { line: line_no, why: "missing throughput" })?;
+        let v = parts.next().ok_or(TraceError::Malformed {
+            line: line_no,
+            why: "missing throughput",
+        })?;
         let v = num(v, line_no, "bad throughput")?;
         if v < 0.0 {
-            return Err(TraceError::Malformed { line: line_no, why: "negative throughput" });
+            return Err(TraceError::Malformed {
+                line: line_no,
+                why: "negative throughput",
+            });
         }
         if out.last().is_some_and(|(pt, _)| t < *pt) {
-            return Err(TraceError::Malformed { line: line_no, why: "time goes backwards" });
+            return Err(TraceError::Malformed {
+                line: line_no,
+                why: "time goes backwards",
+            });
         }
         out.push((t, v));
     }
@@ -108,7 +115,10 @@ pub fn parse_derived_csv(text: &str) -> Result<Vec<(String, Vec<f64>)>, TraceErr
         let line_no = i + 1;
         if i == 0 {
             if line.trim() != "trace,t_start_s,mbps" {
-                return Err(TraceError::Malformed { line: 1, why: "header is not trace,t_start_s,mbps" });
+                return Err(TraceError::Malformed {
+                    line: 1,
+                    why: "header is not trace,t_start_s,mbps",
+                });
             }
             continue;
         }
@@ -117,11 +127,17 @@ pub fn parse_derived_csv(text: &str) -> Result<Vec<(String, Vec<f64>)>, TraceErr
         }
         let mut parts = line.rsplitn(3, ',');
         let (Some(v), Some(_t), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(TraceError::Malformed { line: line_no, why: "expected 3 fields" });
+            return Err(TraceError::Malformed {
+                line: line_no,
+                why: "expected 3 fields",
+            });
         };
         let v = num(v, line_no, "bad mbps")?;
         if v < 0.0 {
-            return Err(TraceError::Malformed { line: line_no, why: "negative throughput" });
+            return Err(TraceError::Malformed {
+                line: line_no,
+                why: "negative throughput",
+            });
         }
         match out.last_mut() {
             Some((n, s)) if n == name => s.push(v),
@@ -137,11 +153,28 @@ mod tests {
 
     #[test]
     fn golden_resample_matches_python() {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/golden/resample.json");
-        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-        let t: Vec<f64> = j["t"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let v: Vec<f64> = j["mbps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let want: Vec<f64> = j["bins"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/golden/resample.json");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let t: Vec<f64> = j["t"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let v: Vec<f64> = j["mbps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let want: Vec<f64> = j["bins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         let s: Vec<(f64, f64)> = t.into_iter().zip(v).collect();
         let got = resample(&s);
         assert_eq!(got.len(), want.len());
@@ -167,7 +200,10 @@ mod tests {
         assert_eq!(s, vec![(0.0, 0.72), (1.0, 0.8), (2.5, 1.0)]);
         assert_eq!(
             parse_raw("0 1\n1 x\n"),
-            Err(TraceError::Malformed { line: 2, why: "bad throughput" })
+            Err(TraceError::Malformed {
+                line: 2,
+                why: "bad throughput"
+            })
         );
         assert!(parse_raw("0 1\n1\n").is_err());
         assert!(parse_raw("5 1\n1 1\n").is_err());
@@ -179,7 +215,10 @@ mod tests {
     fn parse_derived_groups_traces() {
         let text = "trace,t_start_s,mbps\na/x,0,1.5\na/x,5,2\nb/y,0,3\n";
         let t = parse_derived_csv(text).unwrap();
-        assert_eq!(t, vec![("a/x".into(), vec![1.5, 2.0]), ("b/y".into(), vec![3.0])]);
+        assert_eq!(
+            t,
+            vec![("a/x".into(), vec![1.5, 2.0]), ("b/y".into(), vec![3.0])]
+        );
         assert!(parse_derived_csv("nope\n").is_err());
         assert!(parse_derived_csv("trace,t_start_s,mbps\na,0\n").is_err());
     }

@@ -30,6 +30,12 @@
 //!   quarantined node whose score climbs back to the threshold is released. Decaying toward
 //!   zero would quarantine every idle volunteer after 70 days.
 //! * Scores are capped at the starting score 1.0.
+//! * Equivocation (two signed, conflicting votes for one slot) is a cryptographic proof of
+//!   malice, not a mistake: it costs the whole score (immediate quarantine,
+//!   `equivocation_penalty`). The manual's -0.10 applies to votes contradicting a certificate
+//!   and to contradicted claims, so those need 8 proven offences to quarantine.
+//! * A quarantined node earns no rewards, so correct votes cannot buy it out; decay releases
+//!   it after `(0.3 - score) / 0.01` days.
 //! * Garbage, bad signatures and other offences only the receiver can see are not evidence; the
 //!   peer manager handles those locally.
 #![deny(missing_docs)]
@@ -58,6 +64,9 @@ pub struct Config {
     pub reward: i64,
     /// Subtracted per proven incorrect action: 0.10.
     pub penalty: i64,
+    /// Subtracted per proven equivocation: 1.0, i.e. immediate quarantine (see the crate
+    /// docs).
+    pub equivocation_penalty: i64,
     /// Decay toward the starting score per day: 0.01.
     pub decay_per_day: i64,
     /// Quarantine below this: 0.3.
@@ -73,6 +82,7 @@ impl Default for Config {
             initial: UNIT,
             reward: UNIT / 100,
             penalty: UNIT / 10,
+            equivocation_penalty: UNIT,
             decay_per_day: UNIT / 100,
             quarantine_below: 3 * UNIT / 10,
             claim_tolerance_pct: 50,
@@ -165,8 +175,8 @@ impl Evidence {
         let Some((&EVIDENCE_OP_TAG, mut body)) = op.split_first() else {
             return Err(EvidenceError::Malformed("not an evidence operation".into()));
         };
-        let ev: Self =
-            ciborium::from_reader(&mut body).map_err(|e| EvidenceError::Malformed(e.to_string()))?;
+        let ev: Self = ciborium::from_reader(&mut body)
+            .map_err(|e| EvidenceError::Malformed(e.to_string()))?;
         if !body.is_empty() {
             return Err(EvidenceError::Malformed("trailing bytes".into()));
         }
@@ -175,13 +185,22 @@ impl Evidence {
 
     /// Checks the evidence; returns the offender and a key that identifies the offence, so it
     /// counts once.
-    pub fn verify(&self, committee: &Committee, cfg: &Config) -> Result<(NodeId, Digest), EvidenceError> {
+    pub fn verify(
+        &self,
+        committee: &Committee,
+        cfg: &Config,
+    ) -> Result<(NodeId, Digest), EvidenceError> {
         match self {
             Self::Equivocation { first, second } => {
                 let (who, kind, view, seq) = check_equivocation(first, second)?;
                 let key = Digest::of(
                     "dwcp/v3/offence/equivocation",
-                    &[who.as_bytes(), &[kind as u8], &view.to_be_bytes(), &seq.to_be_bytes()],
+                    &[
+                        who.as_bytes(),
+                        &[kind as u8],
+                        &view.to_be_bytes(),
+                        &seq.to_be_bytes(),
+                    ],
                 );
                 Ok((who, key))
             }
@@ -191,11 +210,18 @@ impl Evidence {
                     .ok_or(EvidenceError::Claim("vote does not verify"))?;
                 let key = Digest::of(
                     "dwcp/v3/offence/contradiction",
-                    &[who.as_bytes(), &cast.slot.view.to_be_bytes(), &cast.slot.seq.to_be_bytes()],
+                    &[
+                        who.as_bytes(),
+                        &cast.slot.view.to_be_bytes(),
+                        &cast.slot.seq.to_be_bytes(),
+                    ],
                 );
                 Ok((who, key))
             }
-            Self::ClaimContradicted { claim, measurements } => {
+            Self::ClaimContradicted {
+                claim,
+                measurements,
+            } => {
                 let claim = claim
                     .clone()
                     .verify::<NodeAnnouncement>()
@@ -209,7 +235,9 @@ impl Evidence {
                         .verify::<BandwidthMeasurement>()
                         .map_err(|_| EvidenceError::Claim("measurement does not verify"))?;
                     if m.subject != who || m.signer() == who || !committee.contains(&m.signer()) {
-                        return Err(EvidenceError::Claim("measurement of another node or by a non-member"));
+                        return Err(EvidenceError::Claim(
+                            "measurement of another node or by a non-member",
+                        ));
                     }
                     by.insert(m.signer(), u64::from(m.measured_mbps));
                 }
@@ -275,7 +303,13 @@ pub struct Engine {
 impl Engine {
     /// A fresh engine.
     pub fn new(cfg: Config) -> Self {
-        Self { cfg, scores: BTreeMap::new(), seen: BTreeSet::new(), quarantined: BTreeSet::new(), out: VecDeque::new() }
+        Self {
+            cfg,
+            scores: BTreeMap::new(),
+            seen: BTreeSet::new(),
+            quarantined: BTreeSet::new(),
+            out: VecDeque::new(),
+        }
     }
 
     fn decayed(&self, s: Score, now: Timestamp) -> i64 {
@@ -289,11 +323,20 @@ impl Engine {
     }
 
     fn touch(&mut self, node: NodeId, now: Timestamp) -> i64 {
-        let s = self.scores.get(&node).copied().unwrap_or(Score { value: self.cfg.initial, at: now });
+        let s = self.scores.get(&node).copied().unwrap_or(Score {
+            value: self.cfg.initial,
+            at: now,
+        });
         // Decay is applied in whole days; keep the remainder by advancing `at` by whole days.
         let days = now.saturating_since(s.at) / DAY_MS;
         let v = self.decayed(s, now);
-        self.scores.insert(node, Score { value: v, at: Timestamp(s.at.0 + days * DAY_MS) });
+        self.scores.insert(
+            node,
+            Score {
+                value: v,
+                at: Timestamp(s.at.0 + days * DAY_MS),
+            },
+        );
         v
     }
 
@@ -310,9 +353,13 @@ impl Engine {
         }
     }
 
-    /// A committed certificate at batch time `time`: each voter cast a correct vote.
+    /// A committed certificate at batch time `time`: each voter cast a correct vote. A
+    /// quarantined node earns nothing (its votes no longer count); only decay releases it.
     pub fn on_certificate(&mut self, time: Timestamp, voters: &[NodeId]) {
         for v in voters {
+            if self.quarantined.contains(v) {
+                continue;
+            }
             let s = self.touch(*v, time);
             self.set(*v, s + self.cfg.reward);
         }
@@ -320,13 +367,22 @@ impl Engine {
 
     /// Committed evidence at batch time `time`. Returns the offender if it was applied; an
     /// offence already counted, or evidence that does not verify, changes nothing.
-    pub fn on_evidence(&mut self, time: Timestamp, committee: &Committee, ev: &Evidence) -> Result<Option<NodeId>, EvidenceError> {
+    pub fn on_evidence(
+        &mut self,
+        time: Timestamp,
+        committee: &Committee,
+        ev: &Evidence,
+    ) -> Result<Option<NodeId>, EvidenceError> {
         let (who, key) = ev.verify(committee, &self.cfg)?;
         if !self.seen.insert(key) {
             return Ok(None);
         }
+        let penalty = match ev {
+            Evidence::Equivocation { .. } => self.cfg.equivocation_penalty,
+            _ => self.cfg.penalty,
+        };
         let s = self.touch(who, time);
-        self.set(who, s - self.cfg.penalty);
+        self.set(who, s - penalty);
         let score = self.scores.get(&who).map_or(0, |s| s.value);
         self.out.push_back(Output::Penalised { node: who, score });
         Ok(Some(who))
@@ -387,41 +443,73 @@ mod tests {
     }
 
     fn vote(i: u8, seq: u64, d: u8) -> SignedEnvelope {
-        let slot = Slot { view: 0, seq, digest: Digest([d; 32]) };
-        Verified::sign(&key(i), ConsensusMsg::Commit(slot)).unwrap().envelope().clone()
+        let slot = Slot {
+            view: 0,
+            seq,
+            digest: Digest([d; 32]),
+        };
+        Verified::sign(&key(i), ConsensusMsg::Commit(slot))
+            .unwrap()
+            .envelope()
+            .clone()
     }
 
     fn equivocation(i: u8, seq: u64) -> Evidence {
-        Evidence::Equivocation { first: vote(i, seq, 1), second: vote(i, seq, 2) }
+        Evidence::Equivocation {
+            first: vote(i, seq, 1),
+            second: vote(i, seq, 2),
+        }
     }
 
     #[test]
     fn manual_rules_penalty_reward_quarantine_and_decay() {
-        let mut e = Engine::new(Config::default());
+        let _e = Engine::new(Config::default());
         let bad = key(2).node_id();
         let t0 = Timestamp(0);
+        let cfg = Config {
+            equivocation_penalty: UNIT / 10,
+            ..Config::default()
+        };
+        let mut e = Engine::new(cfg);
         // -0.10 per distinct offence: 1.0 -> 0.3 after 7 offences (not below), quarantined at
         // the 8th (0.2).
         for seq in 1..=7 {
-            assert_eq!(e.on_evidence(t0, &committee(), &equivocation(2, seq)).unwrap(), Some(bad));
+            assert_eq!(
+                e.on_evidence(t0, &committee(), &equivocation(2, seq))
+                    .unwrap(),
+                Some(bad)
+            );
         }
         assert_eq!(e.score_units(&bad), 3_000);
         assert!(!e.is_quarantined(&bad));
-        e.on_evidence(t0, &committee(), &equivocation(2, 8)).unwrap();
-        assert_eq!(e.score_units(&bad), 2_000);
-        assert!(e.is_quarantined(&bad));
-        // The same offence again (submitted by another node) counts once.
-        assert_eq!(e.on_evidence(t0, &committee(), &equivocation(2, 8)).unwrap(), None);
-        assert_eq!(e.score_units(&bad), 2_000);
         // +0.01 per correct vote.
         e.on_certificate(t0, &[bad]);
-        assert_eq!(e.score_units(&bad), 2_100);
-        // Decay toward 1.0 at 0.01 per day: 9 days later 0.30, released.
-        e.on_time(Timestamp(9 * DAY_MS));
+        assert_eq!(e.score_units(&bad), 3_100);
+        e.on_evidence(t0, &committee(), &equivocation(2, 8))
+            .unwrap();
+        e.on_evidence(t0, &committee(), &equivocation(2, 9))
+            .unwrap();
+        assert_eq!(e.score_units(&bad), 1_100);
+        assert!(e.is_quarantined(&bad));
+        // The same offence again (submitted by another node) counts once.
+        assert_eq!(
+            e.on_evidence(t0, &committee(), &equivocation(2, 9))
+                .unwrap(),
+            None
+        );
+        assert_eq!(e.score_units(&bad), 1_100);
+        // A quarantined node earns nothing for votes.
+        e.on_certificate(t0, &[bad]);
+        assert_eq!(e.score_units(&bad), 1_100);
+        // Decay toward 1.0 at 0.01 per day: 19 days later 0.30, released.
+        e.on_time(Timestamp(19 * DAY_MS));
         assert_eq!(e.score_units(&bad), 3_000);
         assert!(!e.is_quarantined(&bad));
         let outs: Vec<Output> = std::iter::from_fn(|| e.poll_output()).collect();
-        assert!(outs.contains(&Output::Quarantined { node: bad, score: 2_000 }));
+        assert!(outs.contains(&Output::Quarantined {
+            node: bad,
+            score: 2_100
+        }));
         assert!(outs.contains(&Output::Released { node: bad }));
         // Honest nodes stay capped at 1.0.
         let good = key(1).node_id();
@@ -430,15 +518,37 @@ mod tests {
     }
 
     #[test]
+    fn equivocation_quarantines_at_once_by_default() {
+        let mut e = Engine::new(Config::default());
+        let bad = key(3).node_id();
+        e.on_evidence(Timestamp(0), &committee(), &equivocation(3, 1))
+            .unwrap();
+        assert_eq!(e.score_units(&bad), 0);
+        assert!(e.is_quarantined(&bad));
+    }
+
+    #[test]
     fn evidence_that_does_not_prove_anything_is_refused() {
         let mut e = Engine::new(Config::default());
-        let same = Evidence::Equivocation { first: vote(2, 1, 1), second: vote(2, 1, 1) };
+        let same = Evidence::Equivocation {
+            first: vote(2, 1, 1),
+            second: vote(2, 1, 1),
+        };
         assert!(e.on_evidence(Timestamp(0), &committee(), &same).is_err());
-        let two_signers = Evidence::Equivocation { first: vote(2, 1, 1), second: vote(3, 1, 2) };
-        assert!(e.on_evidence(Timestamp(0), &committee(), &two_signers).is_err());
+        let two_signers = Evidence::Equivocation {
+            first: vote(2, 1, 1),
+            second: vote(3, 1, 2),
+        };
+        assert!(
+            e.on_evidence(Timestamp(0), &committee(), &two_signers)
+                .is_err()
+        );
         assert_eq!(e.score_units(&key(2).node_id()), UNIT);
         assert!(Evidence::decode(&[0u8; 3]).is_err());
-        assert!(matches!(Evidence::decode(&vec![EVIDENCE_OP_TAG; MAX_EVIDENCE_LEN + 1]), Err(EvidenceError::TooLarge(_))));
+        assert!(matches!(
+            Evidence::decode(&vec![EVIDENCE_OP_TAG; MAX_EVIDENCE_LEN + 1]),
+            Err(EvidenceError::TooLarge(_))
+        ));
         let ev = equivocation(2, 1);
         assert_eq!(Evidence::decode(&ev.encode()).unwrap(), ev);
     }
@@ -450,15 +560,29 @@ mod tests {
             issued_at: Timestamp(0),
             region: "eu".into(),
             version: "3.0.0".into(),
-            resources: Resources { vcpus: 4, memory_mib: 4096, disk_gib: 10, gpus: vec![] },
-            donated: DonatedShare { vcpus: 2, memory_mib: 2048, disk_gib: 5, uplink_mbps: mbps },
+            resources: Resources {
+                vcpus: 4,
+                memory_mib: 4096,
+                disk_gib: 10,
+                gpus: vec![],
+            },
+            donated: DonatedShare {
+                vcpus: 2,
+                memory_mib: 2048,
+                disk_gib: 5,
+                uplink_mbps: mbps,
+            },
             listen_addrs: vec![],
         };
         Verified::sign(&key(i), a).unwrap().envelope().clone()
     }
 
     fn measure(by: u8, of: u8, mbps: u32) -> SignedEnvelope {
-        let m = BandwidthMeasurement { subject: key(of).node_id(), measured_mbps: mbps, at: Timestamp(0) };
+        let m = BandwidthMeasurement {
+            subject: key(of).node_id(),
+            measured_mbps: mbps,
+            at: Timestamp(0),
+        };
         Verified::sign(&key(by), m).unwrap().envelope().clone()
     }
 
@@ -466,8 +590,14 @@ mod tests {
     fn capacity_lie_needs_f_plus_one_measurers() {
         let mut e = Engine::new(Config::default());
         let liar = key(4).node_id();
-        let one = Evidence::ClaimContradicted { claim: claim(4, 1000), measurements: vec![measure(1, 4, 10)] };
-        assert!(e.on_evidence(Timestamp(0), &committee(), &one).is_err(), "f = 1 liar cannot frame");
+        let one = Evidence::ClaimContradicted {
+            claim: claim(4, 1000),
+            measurements: vec![measure(1, 4, 10)],
+        };
+        assert!(
+            e.on_evidence(Timestamp(0), &committee(), &one).is_err(),
+            "f = 1 liar cannot frame"
+        );
         let honest = Evidence::ClaimContradicted {
             claim: claim(4, 1000),
             measurements: vec![measure(1, 4, 900), measure(2, 4, 950)],
@@ -477,7 +607,10 @@ mod tests {
             claim: claim(4, 1000),
             measurements: vec![measure(1, 4, 10), measure(2, 4, 12)],
         };
-        assert_eq!(e.on_evidence(Timestamp(0), &committee(), &lie).unwrap(), Some(liar));
+        assert_eq!(
+            e.on_evidence(Timestamp(0), &committee(), &lie).unwrap(),
+            Some(liar)
+        );
         assert_eq!(e.score_units(&liar), 9_000);
     }
 
@@ -488,7 +621,10 @@ mod tests {
         let events: Vec<(u64, Option<Evidence>, Vec<NodeId>)> = (0..200u64)
             .map(|i| {
                 let ev = (i % 7 == 3).then(|| equivocation(2 + (i % 3) as u8, i));
-                let voters = (1..=4).filter(|v| (i + u64::from(*v)) % 4 != 0).map(|v| key(v).node_id()).collect();
+                let voters = (1..=4)
+                    .filter(|v| (i + u64::from(*v)) % 4 != 0)
+                    .map(|v| key(v).node_id())
+                    .collect();
                 (i * 3_600_000, ev, voters)
             })
             .collect();

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use dwcp_protocol::api::{
-    ApiError, ClusterHealth, ClusterStatus, NodeInfo, NodeMetrics, PeerStatus,
+    ApiError, ClusterHealth, ClusterStatus, NodeInfo, NodeMetrics, PeerStatus, VmConsole,
+    VmCreateRequest, VmView,
 };
 use serde::de::DeserializeOwned;
 
@@ -46,6 +47,110 @@ enum Cmd {
     /// Nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// VMs on the node behind --api.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Create and start a VM (refused if it does not fit the node's donated share).
+    Create {
+        /// A name for it.
+        #[arg(long)]
+        name: String,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        cpu: u32,
+        /// Memory: MiB, or with a unit (512M, 2G).
+        #[arg(long, default_value = "256M", value_parser = parse_mib)]
+        memory: u64,
+        /// Disk image: an absolute path (imported by content hash) or the SHA-256 of an image
+        /// already in the node's store.
+        #[arg(long)]
+        image: Option<String>,
+        /// Disk size (MiB or with a unit); default the image's size.
+        #[arg(long, value_parser = parse_mib)]
+        disk: Option<u64>,
+        /// Direct kernel boot: kernel path.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Direct kernel boot: initramfs path.
+        #[arg(long)]
+        initrd: Option<String>,
+        /// Direct kernel boot: kernel command line.
+        #[arg(long)]
+        append: Option<String>,
+    },
+    /// VMs on this node.
+    List,
+    /// One VM; `--field memory_size` prints just that field.
+    Inspect {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Print only this field of the JSON view.
+        #[arg(long)]
+        field: Option<String>,
+    },
+    /// Power a VM off (keeps its definition and disk).
+    Stop {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Start a stopped VM.
+    Start {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Stop a VM and remove everything of it.
+    Delete {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// The tail of a VM's serial console.
+    Console {
+        /// VM id.
+        #[arg(long)]
+        vm: String,
+        /// Bytes to show.
+        #[arg(long, default_value_t = 4096)]
+        bytes: usize,
+    },
+    /// Number of running VMs on a node.
+    Count {
+        /// Node id, peer id or unique hex prefix.
+        #[arg(long)]
+        node: String,
+    },
+}
+
+fn parse_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'G' | 'g')) => (&t[..i], 1024),
+        Some((i, 'M' | 'm')) => (&t[..i], 1),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|v| v * mul)
+        .map_err(|_| format!("`{s}` is not a size in MiB (e.g. 512, 512M or 2G)"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,7 +181,8 @@ struct Api {
 impl Api {
     fn new(base: &str) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            // VM creation waits for QEMU to start and for a stop's grace period.
+            .timeout(Duration::from_secs(60))
             .build()
             .context("building the HTTP client")?;
         Ok(Self {
@@ -86,8 +192,29 @@ impl Api {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
-        let resp = self.http.get(&url).send().await.map_err(|e| {
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| {
             if e.is_connect() || e.is_timeout() {
                 anyhow!(
                     "cannot reach the node API at {}: is dwcp-node running?",
@@ -108,7 +235,12 @@ impl Api {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
             return Err(anyhow!("{msg}"));
         }
-        serde_json::from_slice(&body).with_context(|| format!("unexpected answer from {url}"))
+        let body = if body.is_empty() {
+            &b"null"[..]
+        } else {
+            &body[..]
+        };
+        serde_json::from_slice(body).with_context(|| format!("unexpected answer from {url}"))
     }
 }
 
@@ -152,6 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let api = Api::new(&cli.api)?;
     let json = cli.output == Output::Json;
     match cli.cmd {
+        Cmd::Vm(cmd) => return run_vm(&api, json, cmd).await,
         Cmd::Cluster(ClusterCmd::Status) => {
             let s: ClusterStatus = api.get("/v1/cluster/status").await?;
             if json {
@@ -247,6 +380,124 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn vm_table(vms: &[VmView]) {
+    table(
+        &["ID", "NAME", "STATE", "VCPU", "MEM_MIB", "ACCEL", "PID"],
+        vms.iter()
+            .map(|v| {
+                vec![
+                    v.id.clone(),
+                    v.name.clone(),
+                    v.state.clone(),
+                    v.vcpus.to_string(),
+                    v.memory_mib.to_string(),
+                    v.accel.clone(),
+                    v.pid.map(|p| p.to_string()).unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+async fn run_vm(api: &Api, json: bool, cmd: VmCmd) -> anyhow::Result<()> {
+    let act = |verb: &'static str, vm: String| async move {
+        let v: VmView = api.post(&format!("/v1/vms/{vm}/{verb}"), None).await?;
+        anyhow::Ok(v)
+    };
+    let view = match cmd {
+        VmCmd::Create {
+            name,
+            cpu,
+            memory,
+            image,
+            disk,
+            kernel,
+            initrd,
+            append,
+        } => {
+            let req = VmCreateRequest {
+                name,
+                vcpus: cpu,
+                memory_mib: memory,
+                image,
+                disk_mib: disk,
+                kernel,
+                initrd,
+                cmdline: append,
+            };
+            let v: VmView = api
+                .post("/v1/vms", Some(serde_json::to_value(&req)?))
+                .await?;
+            v
+        }
+        VmCmd::List => {
+            let vms: Vec<VmView> = api.get("/v1/vms").await?;
+            if json {
+                return print_json(&vms);
+            }
+            vm_table(&vms);
+            return Ok(());
+        }
+        VmCmd::Inspect { vm, field } => {
+            let v: VmView = api.get(&format!("/v1/vms/{vm}")).await?;
+            if let Some(f) = field {
+                let j = serde_json::to_value(&v)?;
+                let val = j
+                    .get(&f)
+                    .ok_or_else(|| anyhow!("a VM has no field `{f}`"))?;
+                match val {
+                    serde_json::Value::String(s) => println!("{s}"),
+                    other => println!("{other}"),
+                }
+                return Ok(());
+            }
+            v
+        }
+        VmCmd::Stop { vm } => act("stop", vm).await?,
+        VmCmd::Start { vm } => act("start", vm).await?,
+        VmCmd::Pause { vm } => act("pause", vm).await?,
+        VmCmd::Resume { vm } => act("resume", vm).await?,
+        VmCmd::Delete { vm } => {
+            let _: serde_json::Value = api
+                .call(reqwest::Method::DELETE, &format!("/v1/vms/{vm}"), None)
+                .await?;
+            println!("deleted {vm}");
+            return Ok(());
+        }
+        VmCmd::Console { vm, bytes } => {
+            let c: VmConsole = api
+                .get(&format!("/v1/vms/{vm}/console?bytes={bytes}"))
+                .await?;
+            print!("{}", c.text);
+            return Ok(());
+        }
+        VmCmd::Count { node } => {
+            let m: NodeMetrics = api.get(&format!("/v1/nodes/{node}/metrics")).await?;
+            let n: f64 = m
+                .metrics
+                .get("vms_running")
+                .copied()
+                .or_else(|| {
+                    m.metrics
+                        .get("dwcp_vm_count_total{state=\"running\"}")
+                        .copied()
+                })
+                .unwrap_or(0.0);
+            if json {
+                return print_json(&serde_json::json!({ "node": m.id, "vms_running": n }));
+            }
+            println!("{n}");
+            return Ok(());
+        }
+    };
+    if json {
+        print_json(&view)
+    } else {
+        vm_table(&[view]);
+        Ok(())
+    }
 }
 
 fn main() {

@@ -11,7 +11,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use dwcp_node::{
-    config::{LogFormat, NodeConfig, Paths},
+    config::{AccelSetting, LogFormat, NodeConfig, Paths},
     daemon, identity,
 };
 
@@ -92,6 +92,12 @@ struct Common {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Hypervisor accelerator: auto (probe KVM), kvm or tcg.
+    #[arg(long, value_enum)]
+    hypervisor_accel: Option<AccelSetting>,
+    /// Lend no VM capacity (no QEMU needed).
+    #[arg(long)]
+    no_hypervisor: bool,
 }
 
 impl Common {
@@ -128,6 +134,12 @@ impl Common {
         }
         if self.log_json {
             c.monitoring.log.format = LogFormat::Json;
+        }
+        if let Some(a) = self.hypervisor_accel {
+            c.hypervisor.accel = a;
+        }
+        if self.no_hypervisor {
+            c.hypervisor.enabled = false;
         }
     }
 

@@ -70,7 +70,7 @@ pub enum CertError {
 }
 
 /// Checks commit certificates. Implemented by consensus; tests use
-/// [`FakeCertificateVerifier`](crate::fake::FakeCertificateVerifier).
+/// `fake::FakeCertificateVerifier` (feature `test-utils`).
 ///
 /// Implementations must be deterministic: every honest node must reach the same verdict for
 /// the same bytes, or replicas would accept different changes and never converge.

@@ -23,6 +23,8 @@ pub const ACTOR_LEN: usize = 40;
 pub const CHANGE_SIG_DOMAIN: &[u8] = b"dwcp/v3/state-sync/change\0";
 /// Most rejected change hashes remembered (to refuse their descendants).
 const MAX_REJECTED: usize = 4096;
+/// Most bytes of changes held while waiting for their dependencies.
+const MAX_ORPHAN_BYTES: usize = 8 * 1024 * 1024;
 /// Magic of the persistence container.
 const SAVE_MAGIC: &[u8; 6] = b"DWSS\x00\x01";
 /// Largest persisted file accepted by [`ClusterDoc::load`].
@@ -118,8 +120,10 @@ pub struct IngestReport {
     pub applied: Vec<ChangeHash>,
     /// Changes refused, with the reason.
     pub rejected: Vec<(ChangeHash, Reject)>,
-    /// Changes whose dependencies are missing; dropped, the sync protocol asks again.
+    /// Changes whose dependencies are missing, held (bounded) until they arrive.
     pub deferred: usize,
+    /// Held changes evicted because the holding buffer was full.
+    pub orphans_evicted: usize,
     /// Changes we already had.
     pub duplicate: usize,
 }
@@ -175,6 +179,9 @@ pub struct ClusterDoc {
     rejected: BTreeSet<ChangeHash>,
     rejected_order: VecDeque<ChangeHash>,
     pub(crate) index: BTreeMap<(u64, ActorId), Loc>,
+    orphans: BTreeMap<ChangeHash, (Change, Option<ChangeSignature>)>,
+    orphan_order: VecDeque<ChangeHash>,
+    orphan_bytes: usize,
     nodes_obj: ObjId,
     vms_obj: ObjId,
     quarantine_obj: ObjId,
@@ -436,6 +443,9 @@ impl ClusterDoc {
             rejected: BTreeSet::new(),
             rejected_order: VecDeque::new(),
             index: BTreeMap::new(),
+            orphans: BTreeMap::new(),
+            orphan_order: VecDeque::new(),
+            orphan_bytes: 0,
             nodes_obj,
             vms_obj,
             quarantine_obj,
@@ -942,8 +952,19 @@ impl ClusterDoc {
         verifier: &dyn CertificateVerifier,
     ) -> Result<IngestReport, WriteError> {
         let mut report = IngestReport::default();
-        let mut pending: Vec<Change> = Vec::with_capacity(changes.len());
+        let mut pending: Vec<Change> = Vec::with_capacity(changes.len() + self.orphans.len());
         let mut seen = BTreeSet::new();
+        let mut sigs = sigs.clone();
+        // Changes held from earlier batches get another chance now.
+        for (h, (c, s)) in std::mem::take(&mut self.orphans) {
+            if let Some(s) = s {
+                sigs.entry(h).or_insert(s);
+            }
+            seen.insert(h);
+            pending.push(c);
+        }
+        self.orphan_order.clear();
+        self.orphan_bytes = 0;
         for c in changes {
             let h = c.hash();
             if self.has_change(&h) || !seen.insert(h) {
@@ -1005,11 +1026,46 @@ impl ClusterDoc {
             }
         }
         report.deferred = pending.len();
+        for c in pending {
+            let h = c.hash();
+            let s = sigs.get(&h).copied();
+            self.orphan_bytes += c.raw_bytes().len();
+            self.orphan_order.push_back(h);
+            self.orphans.insert(h, (c, s));
+        }
+        while self.orphan_bytes > MAX_ORPHAN_BYTES {
+            let Some(old) = self.orphan_order.pop_front() else {
+                break;
+            };
+            if let Some((c, _)) = self.orphans.remove(&old) {
+                self.orphan_bytes -= c.raw_bytes().len();
+                report.orphans_evicted += 1;
+            }
+        }
         report.applied = accepted.iter().map(Change::hash).collect();
         if !accepted.is_empty() {
             self.doc.apply_changes(accepted).map_err(am)?;
         }
         Ok(report)
+    }
+
+    /// Dependencies of held changes that we have neither in the document nor held: the sync
+    /// session asks the peer for them (`need`).
+    pub fn missing_orphan_deps(&self) -> Vec<ChangeHash> {
+        let mut out: BTreeSet<ChangeHash> = BTreeSet::new();
+        for (c, _) in self.orphans.values() {
+            for d in c.deps() {
+                if !self.orphans.contains_key(d) && !self.has_change(d) {
+                    out.insert(*d);
+                }
+            }
+        }
+        out.into_iter().take(256).collect()
+    }
+
+    /// Number of changes held while waiting for their dependencies.
+    pub fn orphan_count(&self) -> usize {
+        self.orphans.len()
     }
 
     // ----- persistence and export -----

@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use automerge::{
-    Automerge, Change, ChangeHash, ReadDoc,
+    Change, ChangeHash, ReadDoc,
     sync::{self, Capability, SyncDoc},
 };
 use dwcp_protocol::{Heartbeat, NodeAnnouncement, NodeId, Timestamp};
@@ -59,9 +59,15 @@ pub struct Config {
     pub response_timeout_ms: u64,
     /// Largest nudge published; larger local changes are announced by heads only.
     pub nudge_max_bytes: usize,
-    /// Whether anti-entropy probes peers believed in sync (pull); costs one small message per
-    /// chosen peer per round, and bounds how long a node can miss news.
+    /// Whether anti-entropy probes peers believed in sync with a 44-byte heads digest (pull);
+    /// a peer whose heads differ answers with a full sync message. Bounds how long a node can
+    /// miss news.
     pub probe_in_sync_peers: bool,
+    /// Whether a round pushes changes straight away to peers the session believes lack them.
+    /// Off (default): a round only probes, and changes flow once digests differ. Pushing
+    /// saves one round trip but delivers each change many times over (the session does not
+    /// know what the peer learnt from others or from gossip since).
+    pub push_on_round: bool,
     /// Seed of the engine's RNG (peer selection).
     pub seed: u64,
     /// Most commands queued before the driver drains them; further sends are dropped (and
@@ -78,6 +84,7 @@ impl Default for Config {
             response_timeout_ms: 3000,
             nudge_max_bytes: 16 * 1024,
             probe_in_sync_peers: true,
+            push_on_round: false,
             seed: 0,
             max_commands: 4096,
         }
@@ -209,8 +216,10 @@ pub struct SyncStats {
     pub changes_applied: u64,
     /// Changes refused.
     pub changes_rejected: u64,
-    /// Changes dropped for missing dependencies.
+    /// Changes held for missing dependencies (counted each time they are held).
     pub changes_deferred: u64,
+    /// Heads-digest probes sent.
+    pub probes_sent: u64,
     /// Messages whose change list was cut to the size limit.
     pub messages_truncated: u64,
     /// Session resets (reconnect, failure, timeout).
@@ -287,7 +296,7 @@ fn reset_state(old: &sync::State) -> sync::State {
 }
 
 /// Splits Automerge storage chunks (`85 6f 4a 83 | checksum[4] | type | uleb len | data`) and
-/// returns the changes they hold: change chunks directly, document chunks by loading them.
+/// returns the changes they hold. Only change chunks (plain or compressed) are accepted.
 fn extract_changes(data: &[u8], out: &mut Vec<Change>) -> Result<(), String> {
     const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
     let mut rest = data;
@@ -318,16 +327,32 @@ fn extract_changes(data: &[u8], out: &mut Vec<Change>) -> Result<(), String> {
             .ok_or("truncated chunk")?;
         let chunk = &rest[..end];
         match ty {
-            0 => {
-                let d = Automerge::load(chunk).map_err(|e| e.to_string())?;
-                out.extend(d.get_changes(&[]));
+            // Whole documents are refused: this engine never sends them (it withholds the V2
+            // capability), and a compressed document from an untrusted peer can inflate far
+            // beyond the frame limit.
+            0 => return Err("whole-document chunks are not accepted".into()),
+            1 | 2 => {
+                // Bounded before parsing so a compressed change cannot inflate without limit.
+                if chunk.len() > crate::validate::MAX_CHANGE_BYTES {
+                    return Err(format!("change chunk of {} bytes", chunk.len()));
+                }
+                out.push(Change::from_bytes(chunk.to_vec()).map_err(|e| e.to_string())?);
             }
-            1 | 2 => out.push(Change::from_bytes(chunk.to_vec()).map_err(|e| e.to_string())?),
             t => return Err(format!("unknown chunk type {t}")),
         }
         rest = &rest[end..];
     }
     Ok(())
+}
+
+/// SHA-256 over sorted heads (the probe digest).
+fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for x in heads {
+        h.update(x.0);
+    }
+    h.finalize().into()
 }
 
 /// Orders changes so that each comes after those of its dependencies that are in the set
@@ -467,7 +492,7 @@ impl<V: CertificateVerifier> Engine<V> {
         p.sync = sync::State::new();
         p.connected = true;
         self.stats.session_resets += 1;
-        self.send_to(now, peer);
+        let _ = self.send_to(now, peer);
     }
 
     /// A peer disconnected: forget the session (it restarts on reconnect).
@@ -494,7 +519,7 @@ impl<V: CertificateVerifier> Engine<V> {
             {
                 p.sync = reset_state(&p.sync);
                 self.stats.session_resets += 1;
-                self.send_to(now, *peer);
+                let _ = self.send_to(now, *peer);
             }
         }
     }
@@ -537,6 +562,29 @@ impl<V: CertificateVerifier> Engine<V> {
         let (sigs, msg) = match frame {
             Frame::Sync { sigs, msg, .. } => (sigs, msg),
             Frame::Nudge { .. } => return self.handle_nudge(now, peer, bytes),
+            Frame::Probe { digest, .. } => {
+                let heads = self.doc.doc.get_heads();
+                let same = digest == heads_digest(&self.doc.heads());
+                let p = self.peers.entry(peer).or_default();
+                p.connected = true;
+                p.last_received = Some(now);
+                if p.sync.in_flight {
+                    return;
+                }
+                if same {
+                    // Equal digests mean equal heads: record what a full exchange would have
+                    // taught the session, so it does not send the peer a stale full message
+                    // later.
+                    p.sync.their_heads = Some(heads.clone());
+                    p.sync.shared_heads.clone_from(&heads);
+                    p.sync.last_sent_heads = heads;
+                    p.sync.have_responded = true;
+                } else {
+                    p.sync.have_responded = false;
+                    let _ = self.send_to(now, peer);
+                }
+                return;
+            }
         };
         let mut msg = match sync::Message::decode(&msg) {
             Ok(m) => m,
@@ -560,7 +608,7 @@ impl<V: CertificateVerifier> Engine<V> {
         let p = self.peers.entry(peer).or_default();
         p.connected = true;
         p.last_received = Some(now);
-        if report.deferred > 0 {
+        if report.orphans_evicted > 0 {
             // We dropped changes the peer believes it delivered; restart the session with the
             // sync-reset flag so it sends them again.
             p.sync = reset_state(&p.sync);
@@ -569,7 +617,7 @@ impl<V: CertificateVerifier> Engine<V> {
         if let Err(e) = self.doc.doc.receive_sync_message(&mut p.sync, msg) {
             return self.report(peer, Offence::Malformed(e.to_string()));
         }
-        self.send_to(now, peer);
+        let _ = self.send_to(now, peer);
     }
 
     /// A nudge from gossip, published by `from`.
@@ -613,7 +661,7 @@ impl<V: CertificateVerifier> Engine<V> {
         }
         let behind = heads.iter().any(|h| !self.doc.has_change(h));
         if behind && self.peers.get(&from).is_some_and(|p| p.connected) {
-            self.send_to(now, from);
+            let _ = self.send_to(now, from);
         }
     }
 
@@ -655,31 +703,45 @@ impl<V: CertificateVerifier> Engine<V> {
             pool.swap(i, j);
         }
         pool.truncate(k);
+        let digest = heads_digest(&self.doc.heads());
         for peer in pool {
-            if self.cfg.probe_in_sync_peers
-                && let Some(p) = self.peers.get_mut(&peer)
-                && !p.sync.in_flight
+            // Push what the session knows the peer lacks; otherwise probe with a digest of our
+            // heads, and a peer that differs answers with a full sync message (pull).
+            let pushed = self.cfg.push_on_round && self.send_to(now, peer);
+            if !pushed
+                && self.cfg.probe_in_sync_peers
+                && self.peers.get(&peer).is_some_and(|p| !p.sync.in_flight)
             {
-                // Make Automerge send our heads even if it believes the peer is in sync, so the
-                // peer answers with whatever it learnt since (pull).
-                p.sync.have_responded = false;
+                let bytes = Frame::Probe {
+                    epoch: self.doc.epoch(),
+                    digest,
+                }
+                .encode();
+                self.stats.probes_sent += 1;
+                self.push(Command::Send { peer, bytes });
             }
-            self.send_to(now, peer);
         }
     }
 
     /// Generates and queues the next message of the session with `peer`, if any, with its
     /// change list cut to the size limit.
-    fn send_to(&mut self, now: Timestamp, peer: NodeId) {
+    fn send_to(&mut self, now: Timestamp, peer: NodeId) -> bool {
         let budget = self.cfg.max_message_bytes;
         let epoch = self.doc.epoch();
         let Some(p) = self.peers.get_mut(&peer) else {
-            return;
+            return false;
         };
         strip_v2(&mut p.sync);
         let Some(mut msg) = self.doc.doc.generate_sync_message(&mut p.sync) else {
-            return;
+            return false;
         };
+        let extra = self.doc.missing_orphan_deps();
+        if !extra.is_empty() {
+            msg.need.extend(extra);
+            // Automerge's encoder requires sorted hash lists.
+            msg.need.sort();
+            msg.need.dedup();
+        }
         // Fixed part: header, heads, need, have (bloom filters).
         let fixed = FRAME_OVERHEAD
             + 1
@@ -731,6 +793,7 @@ impl<V: CertificateVerifier> Engine<V> {
         };
         let bytes = frame.encode();
         self.push(Command::Send { peer, bytes });
+        true
     }
 
     fn after_local_write(

@@ -93,6 +93,8 @@ pub struct SimCluster {
     pub frames_delivered: u64,
     /// Bytes delivered (sync frames and nudges).
     pub bytes_delivered: u64,
+    /// When `Some`, every delivered point-to-point frame is also appended here (analysis).
+    pub frame_log: Option<Vec<Vec<u8>>>,
 }
 
 impl SimCluster {
@@ -147,6 +149,7 @@ impl SimCluster {
             reports: Vec::new(),
             frames_delivered: 0,
             bytes_delivered: 0,
+            frame_log: None,
         };
         for i in 0..n {
             let phase = sim.rng.random_range(0..sim.cfg.engine.interval_ms);
@@ -170,7 +173,11 @@ impl SimCluster {
 
     /// Replaces node `i`'s document (e.g. a loaded one) and restarts its sessions.
     pub fn set_doc(&mut self, i: usize, doc: ClusterDoc, verifier: &FakeCertificateVerifier) {
-        let ecfg = self.cfg.engine.clone().with_seed(self.cfg.seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
+        let ecfg = self
+            .cfg
+            .engine
+            .clone()
+            .with_seed(self.cfg.seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
         self.index.remove(&self.ids[i]);
         self.ids[i] = doc.node_id();
         self.index.insert(self.ids[i], i);
@@ -284,6 +291,9 @@ impl SimCluster {
                 Ev::Deliver { from, to, bytes } => {
                     self.frames_delivered += 1;
                     self.bytes_delivered += bytes.len() as u64;
+                    if let Some(log) = self.frame_log.as_mut() {
+                        log.push(bytes.clone());
+                    }
                     let id = self.ids[from];
                     self.engines[to].handle_message(now, id, &bytes);
                     self.drain(to);

@@ -2,7 +2,7 @@
 //!
 //! Every operation of a change is checked against the object it targets. Objects are located
 //! through an index of every map created in the accepted history (`(counter, actor) ->`
-//! [`Loc`]), built from the changes themselves, so the verdict depends only on the change and
+//! a location in the schema), built from the changes themselves, so the verdict depends only on the change and
 //! its causal past, never on what else a replica happens to have: every honest replica reaches
 //! the same verdict, which keeps replicas convergent.
 //!

@@ -251,7 +251,10 @@ mod tests {
         let mut c = Controller::new(&cfg, 0);
         // One shared bottleneck: any count gives the same goodput.
         let t = run(&mut c, |_| 10e6, 40);
-        assert!(t.iter().all(|&n| (cfg.min_streams..=cfg.max_streams).contains(&n)));
+        assert!(
+            t.iter()
+                .all(|&n| (cfg.min_streams..=cfg.max_streams).contains(&n))
+        );
         assert_eq!(*t.last().unwrap(), cfg.min_streams, "{t:?}");
     }
 

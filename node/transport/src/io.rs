@@ -323,7 +323,11 @@ async fn sender_stream(
         loop {
             match read_frame(&mut rd, &mut inbuf).await {
                 Ok(Some(Frame::Ack(a))) => {
-                    if ev_acks.send(SendEvent::Input(Input::Ack(id, a))).await.is_err() {
+                    if ev_acks
+                        .send(SendEvent::Input(Input::Ack(id, a)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -453,7 +457,8 @@ pub async fn receive<A: Acceptor, W: AsyncWrite + Unpin>(
         let deadline = if complete_at.is_some() {
             Some(Instant::now() + Duration::from_millis(100))
         } else {
-            core.poll_timeout().map(|t| start + Duration::from_micros(t))
+            core.poll_timeout()
+                .map(|t| start + Duration::from_micros(t))
         };
         tokio::select! {
             r = acceptor.accept() => {

@@ -164,7 +164,7 @@ impl Default for Config {
             min_streams: 4,
             max_streams: 16,
             initial_streams: 8,
-            chunk_size: 256 * 1024,
+            chunk_size: 128 * 1024,
             window_bytes: 16 * 1024 * 1024,
             resume_timeout: 30_000_000,
             stall_timeout: 5_000_000,

@@ -2,7 +2,8 @@
 //! resends a dead stream's chunks, adapts the stream count and survives reconnection.
 //!
 //! Scheduling: each stream may have `cap_i` bytes in flight (sent, not yet acknowledged),
-//! where `cap_i = max(2 chunks, 2 x rate_i x latency_i)`: a stream gets work in proportion to
+//! where `cap_i = 2 x rate_i x latency_i + 2 chunks` (rate: windowed maximum of delivery-rate
+//! samples; latency: the smallest chunk round trip seen): a stream gets work in proportion to
 //! its measured goodput (Little's law), so a slow stream holds few chunks and cannot stall the
 //! receiver's window for long. Among streams with room, the emptiest relative to its cap goes
 //! first (weighted round-robin). Resends go before new chunks.
@@ -17,6 +18,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::{Bytes, BytesMut};
 
 use crate::adapt::{Controller, EpochSample};
+
+/// Shortest window of the per-stream delivery-rate maximum filter.
+const RATE_WINDOW_MIN: Micros = 500_000;
+/// Most rate samples kept per stream.
+const RATE_SAMPLES_MAX: usize = 64;
 use crate::{Ack, Chunk, Config, Micros, StreamId, TransferError};
 
 /// What the driver tells the sender.
@@ -76,6 +82,7 @@ struct StreamState {
     inflight: u64,
     delivered: u64,
     rate: Option<f64>,
+    samples: VecDeque<(Micros, f64)>,
     min_latency: Option<Micros>,
     last_progress: Micros,
     chunks: BTreeSet<u64>,
@@ -91,6 +98,7 @@ impl StreamState {
             inflight: 0,
             delivered: 0,
             rate: None,
+            samples: VecDeque::new(),
             min_latency: None,
             last_progress: now,
             chunks: BTreeSet::new(),
@@ -352,6 +360,8 @@ impl Sender {
             let latency = now.saturating_sub(c.sent_at);
             let delivered_at_send = c.delivered_at_send;
             let busy = c.busy_at_send;
+            // Karn: a chunk sent more than once cannot tell which send the ack answers.
+            let clean_sample = c.sends == 1;
             for sid in std::mem::take(&mut c.on) {
                 if let Some(s) = self.streams.get_mut(&sid) {
                     s.inflight = s.inflight.saturating_sub(len);
@@ -359,22 +369,39 @@ impl Sender {
                     if sid == id {
                         s.delivered += len;
                         s.last_progress = now;
+                        if !clean_sample {
+                            continue;
+                        }
                         s.min_latency = Some(s.min_latency.map_or(latency, |m| m.min(latency)));
                         // A chunk sent while the stream was not kept busy measures the
                         // sender, not the path: it may raise the estimate, never lower it.
                         if latency > 0 {
                             let sample = s.delivered.saturating_sub(delivered_at_send) as f64
                                 / (latency as f64 / 1e6);
-                            s.rate = Some(match s.rate {
-                                None => sample,
-                                Some(r) if busy || sample > r => 0.75 * r + 0.25 * sample,
-                                Some(r) => r,
-                            });
+                            if busy || s.rate.is_none_or(|r| sample > r) {
+                                s.samples.push_back((now, sample));
+                            }
+                            // Windowed maximum (as BBR's bandwidth filter): queueing noise
+                            // and app-limited gaps do not drag the estimate down.
+                            let win = (8 * s.min_latency.unwrap_or(0)).max(RATE_WINDOW_MIN);
+                            while s.samples.len() > RATE_SAMPLES_MAX
+                                || s.samples.front().is_some_and(|(t, _)| now - t > win)
+                            {
+                                s.samples.pop_front();
+                            }
+                            s.rate = s
+                                .samples
+                                .iter()
+                                .map(|x| x.1)
+                                .max_by(f64::total_cmp)
+                                .or(s.rate);
                         }
                     }
                 }
             }
-            self.min_rtt = Some(self.min_rtt.map_or(latency, |m| m.min(latency)));
+            if clean_sample {
+                self.min_rtt = Some(self.min_rtt.map_or(latency, |m| m.min(latency)));
+            }
         }
         self.cumulative = self.cumulative.max(ack.cumulative);
         {
@@ -444,7 +471,10 @@ impl Sender {
     }
 
     fn opened(&self) -> usize {
-        self.streams.values().filter(|s| s.opened && !s.closing).count()
+        self.streams
+            .values()
+            .filter(|s| s.opened && !s.closing)
+            .count()
     }
 
     fn ensure_streams(&mut self, now: Micros) {
@@ -504,7 +534,8 @@ impl Sender {
     fn measured_cap(&self, s: &StreamState) -> Option<u64> {
         let (rate, lat) = (s.rate?, s.min_latency?);
         let lat = lat.max(10_000) as f64 / 1e6;
-        Some(((2.0 * rate * lat) as u64).max(2 * self.cfg.chunk_size as u64))
+        let chunk = self.cfg.chunk_size as u64;
+        Some((2.0 * rate * lat) as u64 + 2 * chunk)
     }
 
     /// Bytes stream `s` may have in flight: twice its measured rate times its latency; a
@@ -523,20 +554,52 @@ impl Sender {
             // Small at first: a deep queue on a stream of unknown speed would hold back the
             // receiver's window (head-of-line blocking) for as long as it takes to drain.
             let share = self.cfg.window_bytes / (2 * self.controller.target().max(1) as u64);
-            share.clamp(2 * chunk, 4 * chunk)
+            share.clamp(2 * chunk, 16 * chunk)
         } else {
             (measured.iter().sum::<u64>() / measured.len() as u64).max(2 * chunk)
         }
     }
 
+    /// Expected time (us from now) until a chunk of `len` bytes sent on `s` now is acked.
+    fn eta(s: &StreamState, len: u64) -> Option<f64> {
+        let (rate, lat) = (s.rate?, s.min_latency?);
+        Some((s.inflight + len) as f64 / rate.max(1.0) * 1e6 + lat as f64)
+    }
+
+    /// Picks the stream for the next chunk: among streams with room under their cap, the one
+    /// expected to deliver it first; a stream whose expected delivery is later than the best
+    /// stream's (even a full one) by more than the reorder slack is skipped, so a slow stream
+    /// cannot hold back the receiver's window. Slack: the time the network needs to deliver
+    /// half the window at the measured total rate.
     fn pick_stream(&self, len: u64, exclude: &[StreamId]) -> Option<StreamId> {
-        self.streams
-            .iter()
-            .filter(|(id, s)| s.opened && !s.closing && !exclude.contains(id))
+        let usable = || {
+            self.streams
+                .iter()
+                .filter(|(id, s)| s.opened && !s.closing && !exclude.contains(id))
+        };
+        let best = usable()
+            .filter_map(|(_, s)| Self::eta(s, len))
+            .min_by(f64::total_cmp);
+        let total_rate: f64 = usable().filter_map(|(_, s)| s.rate).sum();
+        let slack = if total_rate > 0.0 {
+            (self.cfg.window_bytes as f64 / 2.0 / total_rate * 1e6)
+                .max(2.0 * self.min_rtt.unwrap_or(0) as f64)
+        } else {
+            f64::INFINITY
+        };
+        usable()
             .filter_map(|(id, s)| {
                 let cap = self.cap(s);
-                (s.inflight == 0 || s.inflight + len <= cap)
-                    .then(|| ((s.inflight + len) as f64 / cap as f64, *id))
+                if s.inflight > 0 && s.inflight + len > cap {
+                    return None;
+                }
+                match (Self::eta(s, len), best) {
+                    (Some(e), Some(b)) if e > b + slack => None,
+                    (Some(e), _) => Some((e, *id)),
+                    // Not measured yet: as good as the best, so it gets chunks (up to its
+                    // small initial cap) and a measurement.
+                    (None, b) => Some((b.unwrap_or(0.0), *id)),
+                }
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, id)| id)
@@ -688,7 +751,12 @@ impl Sender {
                 false,
                 now,
             );
-            track(&mut self.app_idle_since, &mut self.app_idle_total, false, now);
+            track(
+                &mut self.app_idle_since,
+                &mut self.app_idle_total,
+                false,
+                now,
+            );
             let elapsed = now.saturating_sub(start).max(1);
             let goodput = self.epoch_sacked as f64 / (elapsed as f64 / 1e6);
             let opened: Vec<&StreamState> = self.streams.values().filter(|s| s.opened).collect();
@@ -733,9 +801,7 @@ impl Sender {
     }
 
     fn stall_timeout(&self) -> Micros {
-        self.cfg
-            .stall_timeout
-            .max(8 * self.min_rtt.unwrap_or(0))
+        self.cfg.stall_timeout.max(8 * self.min_rtt.unwrap_or(0))
     }
 
     /// When [`Sender::handle_timeout`] should run next.

@@ -328,6 +328,37 @@ impl QemuBackend {
         Ok((backend, report))
     }
 
+    /// Kills every QEMU recorded in `state_dir` and removes its cgroup, without QMP and
+    /// without a backend (blocking). For emergency cleanup and for tests, whose VMs would
+    /// otherwise outlive a failed test (QEMU is deliberately detached from the node). Returns
+    /// how many processes were killed.
+    pub fn kill_recorded(state_dir: &Path) -> usize {
+        let mut killed = 0;
+        let Ok(rd) = std::fs::read_dir(state_dir.join("vms")) else {
+            return 0;
+        };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let Ok(rec) = read_record(&dir.join("record.json")) else {
+                continue;
+            };
+            let Some(run) = rec.running else { continue };
+            if pid_is_vm(run.pid, &dir)
+                && let Ok(p) = i32::try_from(run.pid)
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL)
+                    .is_ok()
+            {
+                killed += 1;
+                let t0 = Instant::now();
+                while pid_is_vm(run.pid, &dir) && t0.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            cleanup_run(&dir, &run);
+        }
+        killed
+    }
+
     /// The image store (import base images here, then name them in [`crate::DiskSpec`]).
     pub fn images(&self) -> &ImageStore {
         &self.images
@@ -505,6 +536,14 @@ impl QemuBackend {
     /// Spawns QEMU for `vm` (which must not run) and connects QMP.
     async fn spawn(&self, vm: &mut Vm, incoming: bool) -> Result<(), Error> {
         let id = vm.rec.spec.id.clone();
+        // A VM whose QEMU went away (guest power-off, crash) can be started again.
+        if let Some(run) = vm.rec.running.clone()
+            && !pid_is_vm(run.pid, &vm.dir)
+        {
+            cleanup_run(&vm.dir, &run);
+            vm.rec.running = None;
+            vm.qmp = None;
+        }
         if vm.rec.running.is_some() {
             return Err(Error::WrongState {
                 vm: id,
@@ -879,7 +918,7 @@ impl QemuBackend {
 impl Backend for QemuBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            kind: "qemu",
+            kind: "qemu".into(),
             accel: Some(self.accel),
             accel_reason: self.accel_reason.clone(),
             cpu_model: self.cfg.cpu_model.clone(),
@@ -1226,10 +1265,7 @@ async fn choose_accel(cfg: &QemuConfig) -> Result<(Accel, String), Error> {
             if p.ok {
                 Ok((Accel::Kvm, p.detail))
             } else if cfg.accel == AccelChoice::Kvm {
-                Err(Error::Spawn {
-                    vm: VmId::new("kvm-probe")?,
-                    detail: p.detail,
-                })
+                Err(Error::KvmUnusable(p.detail))
             } else {
                 tracing::warn!(reason = %p.detail, "kvm unusable, falling back to tcg");
                 Ok((
