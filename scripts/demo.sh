@@ -37,6 +37,22 @@ echo; echo "== dwcp-cli cluster health"
 "$BIN/dwcp-cli" --api "$API" cluster health || true
 echo; echo "== Prometheus: $METRICS/metrics (excerpt)"
 curl -s "$METRICS/metrics" | grep -E '^dwcp_(cluster|gossip_messages|net_peers)' || true
+echo; echo "== a VM on node 0: the test guest (Debian cloud kernel + busybox) under QEMU"
+scripts/build-guest.sh >/dev/null
+. "${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/guest/guest.env"
+VM=$("$BIN/dwcp-cli" --api "$API" --output json vm create --name demo-guest --cpu 1 --memory 128M \
+      --kernel "$KERNEL" --initrd "$INITRD" --append "$CMDLINE" \
+      | python3 -c "import json,sys;print(json.load(sys.stdin)['id'])")
+"$BIN/dwcp-cli" --api "$API" vm list
+for _ in $(seq 60); do
+  "$BIN/dwcp-cli" --api "$API" vm console --vm "$VM" | grep -q 'tick 3' && break; sleep 1
+done
+echo "-- serial console:"; "$BIN/dwcp-cli" --api "$API" vm console --vm "$VM" | grep -E 'DWCP-GUEST-READY|tick' | tail -4
+echo "-- a VM larger than the donated share is refused:"
+"$BIN/dwcp-cli" --api "$API" vm create --name too-big --cpu 64 --memory 1G \
+  --kernel "$KERNEL" --initrd "$INITRD" || true
+"$BIN/dwcp-cli" --api "$API" vm delete --vm "$VM"
+
 echo; echo "== one node killed with SIGKILL; the others notice"
 PID=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1]['pid'])" "$DIR/testnet.json")
 kill -9 "$PID"; sleep 7

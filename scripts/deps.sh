@@ -4,8 +4,8 @@
 set -euo pipefail
 want=(pkg-config libvirt-dev)                     # build: the libvirt backend links libvirt
 case "${1:-test}" in
-  test) want+=(qemu-system-x86 busybox-static cpio iperf3 zstd lz4 iproute2 iputils-ping) ;;
-  demo) want+=(qemu-system-x86 busybox-static cpio) ;;
+  test) want+=(qemu-system-x86 qemu-utils busybox-static cpio iperf3 zstd lz4 iproute2 iputils-ping) ;;
+  demo) want+=(qemu-system-x86 qemu-utils busybox-static cpio) ;;
   build) ;;
 esac
 missing=()

@@ -283,7 +283,7 @@ pub fn rebalance(
 }
 
 /// Window size for re-solving in [`rebalance`].
-const WINDOW: usize = 18;
+const WINDOW: usize = 12;
 
 /// Hosts to re-solve together: the most lopsided (largest spread between their free shares
 /// across CPU and memory) and the lightest, not tried before.

@@ -7,12 +7,14 @@
 use clap::Subcommand;
 
 // --- each subsystem adds `#[cfg(feature = "bench-x")] pub(crate) mod x;` below ---
+#[cfg(feature = "bench-encoding")]
+pub(crate) mod encoding;
 #[cfg(feature = "bench-placement")]
 pub(crate) mod placement;
 #[cfg(feature = "bench-prediction")]
 pub(crate) mod prediction;
-#[cfg(feature = "bench-encoding")]
-pub(crate) mod encoding;
+#[cfg(feature = "bench-transport")]
+pub(crate) mod transport;
 
 /// The benchmarks.
 #[derive(Debug, Subcommand)]
@@ -27,6 +29,9 @@ pub(crate) enum BenchCmd {
     /// HDE encoding: our encoder (default, adaptive), zstd -1/-3 and lz4 per memory image.
     #[cfg(feature = "bench-encoding")]
     Encoding(encoding::Args),
+    /// AMST transport: adaptive multi-stream vs one connection and iperf3 on emulated WAN links.
+    #[cfg(feature = "bench-transport")]
+    Transport(transport::Args),
 }
 
 impl BenchCmd {
@@ -39,6 +44,8 @@ impl BenchCmd {
             Self::Prediction(a) => prediction::run(a),
             #[cfg(feature = "bench-encoding")]
             Self::Encoding(a) => encoding::run(a),
+            #[cfg(feature = "bench-transport")]
+            Self::Transport(a) => transport::run(a),
         }
     }
 }
