@@ -63,8 +63,8 @@
 //!   would be 1.7 MB, over the 1 MiB protocol limit, hence the bounded change batches.
 //! - Steady traffic: 264-436 B/node/s when idle (probes). With every node writing a heartbeat
 //!   every 10 s it is dominated by change bytes delivered several times over (epidemic
-//!   redundancy; each change also lists its dependencies' hashes): about 9-10 KB/node/s at 30
-//!   nodes; see the README for 100 nodes. Heartbeats should therefore be written into the
+//!   redundancy; each change also lists its dependencies' hashes): 9.8 KB/node/s at 30
+//!   nodes, 61 KB/node/s at 100 nodes (push-only baseline: 14.7 and 92 KB/node/s). Heartbeats should therefore be written into the
 //!   document rarely (status changes, or every minute); liveness travels in gossip heartbeats.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]

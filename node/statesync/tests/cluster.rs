@@ -454,6 +454,29 @@ fn persistence_round_trip_and_restart_catches_up() {
         LoadError::BadMagic
     );
     assert!(ClusterDoc::load(fake_node_key(2), "sim", &saved[..saved.len() / 2]).is_err());
+    // Restart node 2 from its saved bytes while the others moved on; it catches up by sync.
+    for i in 0..2 {
+        let now = Timestamp(sim.now());
+        sim.engines[i]
+            .write_heartbeat(now, &heartbeat(5, now.0))
+            .unwrap();
+        sim.drain(i);
+    }
+    sim.run_until(sim.now() + 500);
+    let restarted = ClusterDoc::load(fake_node_key(2), "sim", &saved).unwrap();
+    sim.set_doc(2, restarted, &committee.verifier());
+    assert!(
+        sim.run_until_pred(250, 20_000, |s| s.converged(&[0, 1, 2]))
+            .is_some()
+    );
+    assert_eq!(
+        sim.engines[2]
+            .doc()
+            .node(&sim.ids[0])
+            .unwrap()
+            .heartbeat_seq,
+        5
+    );
     // The loaded node relays the signatures it persisted: a fresh node can sync from it alone.
     let mut fresh = ClusterDoc::new(fake_node_key(7), "sim", 1).unwrap();
     let changes = loaded.automerge().get_changes(&[]);
