@@ -566,6 +566,13 @@ impl Receiver {
         }
         stats.pages += items as u64;
         stats.bytes_out += out_bytes;
+        // Only the new pages (at the front of the body) are referenced later: drop the
+        // control and literal bytes so memory stays bounded by the unique-page limit.
+        let kept = &mut chunks[this as usize];
+        kept.truncate(pages_len);
+        if kept.capacity() - kept.len() > (1 << 20) {
+            kept.shrink_to_fit();
+        }
         chunks.extend(held_chunks);
         Ok(())
     }

@@ -10,13 +10,12 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use dwcp_encoding::level::{LevelSample, choose_level, compress_sample};
 use dwcp_encoding::loopback::{Wire, pump};
 use dwcp_encoding::{
-    DictionaryConfig, Limits, MemoryPageStore, PAGE_SIZE, PageHash, Receiver, ReceiverEvent, Sender, SenderConfig,
-    SenderOutput, TransferStats,
+    DictionaryConfig, Limits, MemoryPageStore, PAGE_SIZE, PageHash, Receiver, ReceiverEvent,
+    Sender, SenderConfig, SenderOutput, Sink, TransferStats,
 };
 use serde::Serialize;
 
@@ -47,6 +46,12 @@ pub(crate) struct Args {
     /// Pages per batch for every encoder row (default: the encoder's default).
     #[arg(long)]
     batch_pages: Option<usize>,
+    /// zstd window log for every encoder row (default: the encoder's default).
+    #[arg(long)]
+    window_log: Option<u32>,
+    /// Turn on zstd long-distance matching for every encoder row.
+    #[arg(long)]
+    ldm: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,7 +132,7 @@ fn mb_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn is_stream(data: &[u8]) -> bool {
-    data.starts_with(b"QEVM") || data.len() % PAGE_SIZE != 0
+    data.starts_with(b"QEVM") || !data.len().is_multiple_of(PAGE_SIZE)
 }
 
 struct Encoded {
@@ -168,38 +173,60 @@ fn encode(data: &[u8], stream: bool, cfg: SenderConfig) -> anyhow::Result<Encode
     })
 }
 
-/// Decodes into a buffer the size of the input, as a receiver writing guest memory would.
+/// Writes decoded data into a buffer the size of the input, as a receiver writing guest
+/// memory (or feeding QEMU) would.
+struct ImageSink {
+    out: Vec<u8>,
+    at: usize,
+    overflow: bool,
+}
+
+impl Sink for ImageSink {
+    fn page(&mut self, page_number: u64, data: &[u8]) {
+        let off = usize::try_from(page_number)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(PAGE_SIZE);
+        match self.out.get_mut(off..off.saturating_add(PAGE_SIZE)) {
+            Some(dst) => dst.copy_from_slice(data),
+            None => self.overflow = true,
+        }
+    }
+    fn stream(&mut self, bytes: &[u8]) {
+        match self.out.get_mut(self.at..self.at + bytes.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                self.at += bytes.len();
+            }
+            None => self.overflow = true,
+        }
+    }
+}
+
 fn decode(frames: &[Vec<u8>], len: usize) -> anyhow::Result<(Vec<u8>, Duration)> {
     let t = Timer::start();
     let mut r = Receiver::new(Limits::default())?;
-    let mut out = vec![0u8; len];
-    let mut at = 0usize;
+    let mut sink = ImageSink {
+        out: vec![0u8; len],
+        at: 0,
+        overflow: false,
+    };
     let mut finished = false;
     for f in frames {
-        for ev in r.handle_frame(f)? {
-            match ev {
-                ReceiverEvent::Pages { page_numbers, data } => {
-                    for (i, n) in page_numbers.iter().enumerate() {
-                        let off = usize::try_from(*n)? * PAGE_SIZE;
-                        ensure!(off + PAGE_SIZE <= len, "page {n} outside the image");
-                        out[off..off + PAGE_SIZE].copy_from_slice(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
-                    }
-                }
-                ReceiverEvent::Stream(b) => {
-                    ensure!(at + b.len() <= len, "stream longer than the input");
-                    out[at..at + b.len()].copy_from_slice(&b);
-                    at += b.len();
-                }
-                ReceiverEvent::Finished => finished = true,
-                ReceiverEvent::Reply(_) => bail!("one-way transfer got a reply"),
-            }
-        }
+        let h = r.handle_frame_into(f, &mut sink)?;
+        ensure!(h.reply.is_none(), "one-way transfer got a reply");
+        finished |= h.finished;
     }
     ensure!(finished, "no end frame");
-    Ok((out, t.elapsed()))
+    ensure!(!sink.overflow, "decoded data outside the image");
+    Ok((sink.out, t.elapsed()))
 }
 
-fn hde_row(name: String, data: &[u8], stream: bool, cfg: SenderConfig) -> anyhow::Result<(Row, TransferStats)> {
+fn hde_row(
+    name: String,
+    data: &[u8],
+    stream: bool,
+    cfg: SenderConfig,
+) -> anyhow::Result<(Row, TransferStats)> {
     let e = encode(data, stream, cfg)?;
     let out_bytes: u64 = e.frames.iter().map(|f| f.len() as u64).sum();
     let (back, dt) = decode(&e.frames, data.len())?;
@@ -266,7 +293,10 @@ fn lz4_row(data: &[u8]) -> anyhow::Result<Row> {
 /// Up to `max` bytes of non-zero pages spread evenly over the image: what calibration
 /// compresses.
 fn nonzero_sample(data: &[u8], max: usize) -> Vec<u8> {
-    let nonzero: Vec<&[u8]> = data.chunks_exact(PAGE_SIZE).filter(|p| p.iter().any(|&b| b != 0)).collect();
+    let nonzero: Vec<&[u8]> = data
+        .chunks_exact(PAGE_SIZE)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .collect();
     let every = nonzero.len().div_ceil(max / PAGE_SIZE).max(1);
     let mut s = Vec::with_capacity(max);
     for p in nonzero.iter().step_by(every) {
@@ -358,18 +388,35 @@ fn cdc_dup(data: &[u8]) -> (f64, u64) {
     (dup_bytes as f64 / data.len().max(1) as f64, chunks)
 }
 
-static BATCH_PAGES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+/// Encoder settings overridden from the command line for every encoder row.
+static OVERRIDES: std::sync::OnceLock<(Option<usize>, Option<u32>, bool)> =
+    std::sync::OnceLock::new();
 
 fn default_cfg() -> SenderConfig {
-    match BATCH_PAGES.get() {
-        Some(&n) => SenderConfig::default().with_batch_pages(n),
-        None => SenderConfig::default(),
+    let mut c = SenderConfig::default();
+    if let Some(&(batch, window, ldm)) = OVERRIDES.get() {
+        if let Some(n) = batch {
+            c = c.with_batch_pages(n);
+        }
+        if let Some(w) = window {
+            c.window_log = w;
+        }
+        if ldm {
+            c = c.with_long_distance(true);
+        }
     }
+    c
 }
 
-fn cross_transfer(first: &[u8], second: &[u8], stream: bool, level: i32) -> anyhow::Result<(u64, u64, u64, bool)> {
-    let store: Box<dyn dwcp_encoding::PageStore + Send> =
-        Box::new(MemoryPageStore::new(dwcp_encoding::store::DEFAULT_CAPACITY_BYTES));
+fn cross_transfer(
+    first: &[u8],
+    second: &[u8],
+    stream: bool,
+    level: i32,
+) -> anyhow::Result<(u64, u64, u64, bool)> {
+    let store: Box<dyn dwcp_encoding::PageStore + Send> = Box::new(MemoryPageStore::new(
+        dwcp_encoding::store::DEFAULT_CAPACITY_BYTES,
+    ));
     let mut store = Some(store);
     let mut totals = Vec::new();
     let mut ok = true;
@@ -377,18 +424,27 @@ fn cross_transfer(first: &[u8], second: &[u8], stream: bool, level: i32) -> anyh
     for (i, data) in [first, second].into_iter().enumerate() {
         let st = store.take().context("store")?;
         let mut r = Receiver::with_store(Limits::default(), st)?;
-        let cfg = default_cfg().with_level(level).with_offers(true).with_transfer_id(i as u64);
+        let cfg = default_cfg()
+            .with_level(level)
+            .with_offers(true)
+            .with_transfer_id(i as u64);
         let mut s = Sender::new(cfg)?;
         let mut wire = Wire::default();
         let mut rebuilt = vec![0u8; data.len()];
         let mut at = 0usize;
         let mut bad = false;
         let mut sink = |ev: ReceiverEvent| match ev {
-            ReceiverEvent::Pages { page_numbers, data: d } => {
+            ReceiverEvent::Pages {
+                page_numbers,
+                data: d,
+            } => {
                 for (k, n) in page_numbers.iter().enumerate() {
-                    let off = *n as usize * PAGE_SIZE;
-                    if off + PAGE_SIZE <= rebuilt.len() {
-                        rebuilt[off..off + PAGE_SIZE].copy_from_slice(&d[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+                    let off = usize::try_from(*n)
+                        .unwrap_or(usize::MAX)
+                        .saturating_mul(PAGE_SIZE);
+                    if off.saturating_add(PAGE_SIZE) <= rebuilt.len() {
+                        rebuilt[off..off + PAGE_SIZE]
+                            .copy_from_slice(&d[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
                     } else {
                         bad = true;
                     }
@@ -429,7 +485,9 @@ fn partner_of(path: &Path, all: &[PathBuf]) -> Option<PathBuf> {
     let (stem, ext) = name.rsplit_once('.')?;
     let base = stem.strip_suffix("-2")?;
     let want = format!("{base}-1.{ext}");
-    all.iter().find(|p| p.file_name().and_then(|n| n.to_str()) == Some(want.as_str())).cloned()
+    all.iter()
+        .find(|p| p.file_name().and_then(|n| n.to_str()) == Some(want.as_str()))
+        .cloned()
 }
 
 fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport> {
@@ -445,7 +503,8 @@ fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport>
         calibrate(page_view)?
     };
     let link = args.link_mbit * 1e6 / 8.0;
-    let adaptive = choose_level(&calibration, link, args.cores, 1.2).unwrap_or(dwcp_encoding::sender::DEFAULT_LEVEL);
+    let adaptive = choose_level(&calibration, link, args.cores, 1.2)
+        .unwrap_or(dwcp_encoding::sender::DEFAULT_LEVEL);
 
     let mut rows = Vec::new();
     let (row, st) = hde_row(
@@ -455,16 +514,36 @@ fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport>
         default_cfg(),
     )?;
     rows.push(row);
-    let (row, _) = hde_row(format!("hde adaptive (L{adaptive})"), &data, stream, default_cfg().with_level(adaptive))?;
+    let (row, _) = hde_row(
+        format!("hde adaptive (L{adaptive})"),
+        &data,
+        stream,
+        default_cfg().with_level(adaptive),
+    )?;
     rows.push(row);
     if args.variants {
         for level in [1, 3] {
-            let (row, _) = hde_row(format!("hde L{level}"), &data, stream, default_cfg().with_level(level))?;
+            let (row, _) = hde_row(
+                format!("hde L{level}"),
+                &data,
+                stream,
+                default_cfg().with_level(level),
+            )?;
             rows.push(row);
         }
-        let (row, _) = hde_row("hde default + dictionary".into(), &data, stream, default_cfg().with_dictionary(DictionaryConfig::manual()))?;
+        let (row, _) = hde_row(
+            "hde default + dictionary".into(),
+            &data,
+            stream,
+            default_cfg().with_dictionary(DictionaryConfig::manual()),
+        )?;
         rows.push(row);
-        let (row, _) = hde_row("hde default + LDM".into(), &data, stream, default_cfg().with_long_distance(true))?;
+        let (row, _) = hde_row(
+            "hde default + LDM".into(),
+            &data,
+            stream,
+            default_cfg().with_long_distance(true),
+        )?;
         rows.push(row);
     }
     rows.push(zstd_row(&data, 1)?);
@@ -489,8 +568,10 @@ fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport>
     };
     let cross = match partner_of(path, &args.files) {
         Some(first) => {
-            let a = std::fs::read(&first).with_context(|| format!("reading {}", first.display()))?;
-            let (fb, sb, hits, ok) = cross_transfer(&a, &data, stream, dwcp_encoding::sender::DEFAULT_LEVEL)?;
+            let a =
+                std::fs::read(&first).with_context(|| format!("reading {}", first.display()))?;
+            let (fb, sb, hits, ok) =
+                cross_transfer(&a, &data, stream, dwcp_encoding::sender::DEFAULT_LEVEL)?;
             ensure!(ok, "cross transfer round trip differs");
             Some(CrossTransfer {
                 first: first.display().to_string(),
@@ -503,7 +584,10 @@ fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport>
         }
         None => None,
     };
-    let z3 = rows.iter().find(|r| r.codec.starts_with("zstd -3")).map_or(1, |r| r.out_bytes);
+    let z3 = rows
+        .iter()
+        .find(|r| r.codec.starts_with("zstd -3"))
+        .map_or(1, |r| r.out_bytes);
     Ok(ImageReport {
         file: path.display().to_string(),
         shape: if stream { "stream" } else { "pages" },
@@ -548,7 +632,11 @@ fn print(r: &ImageReport, args: &Args) {
     println!(
         "out(hde default) / out(zstd -3) = {:.3}  (target <= 0.8: {})",
         r.target_out_vs_zstd3,
-        if r.target_out_vs_zstd3 <= 0.8 { "met" } else { "NOT met" }
+        if r.target_out_vs_zstd3 <= 0.8 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     println!(
         "dictionary {} bytes, gain on its first batch {}; adaptive level {} for {} Mbit/s x {} cores",
@@ -564,14 +652,18 @@ fn print(r: &ImageReport, args: &Args) {
             .iter()
             .map(|(l, s, o)| format!("L{l} {s:.0} MB/s {:.2}x", 1.0 / o))
             .collect();
-        println!("calibration (4 MiB of non-zero pages, 1 core): {}", cal.join(", "));
+        println!(
+            "calibration (4 MiB of non-zero pages, 1 core): {}",
+            cal.join(", ")
+        );
     }
     println!(
         "dedup of non-zero 4 KiB units: aligned blocks {:.1}%, our pages {:.1}%{}",
         r.scan.aligned_4k_dup_of_nonzero * 100.0,
         r.scan.lifted_or_page_dup_of_nonzero * 100.0,
         match (r.scan.cdc_dup_bytes_fraction, r.scan.cdc_chunks) {
-            (Some(f), Some(n)) => format!(", CDC (4 KiB avg) {:.1}% of bytes in {n} chunks", f * 100.0),
+            (Some(f), Some(n)) =>
+                format!(", CDC (4 KiB avg) {:.1}% of bytes in {n} chunks", f * 100.0),
             _ => String::new(),
         }
     );
@@ -582,16 +674,18 @@ fn print(r: &ImageReport, args: &Args) {
             c.second_bytes,
             c.first_bytes,
             c.second_over_first,
-            if c.second_over_first <= 0.3 { "met" } else { "NOT met" },
+            if c.second_over_first <= 0.3 {
+                "met"
+            } else {
+                "NOT met"
+            },
             c.remote_hits
         );
     }
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(n) = args.batch_pages {
-        BATCH_PAGES.get_or_init(|| n);
-    }
+    OVERRIDES.get_or_init(|| (args.batch_pages, args.window_log, args.ldm));
     let sha = sha_speed();
     let sha_ni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" sha_ni"));
     let mut reports = Vec::new();
