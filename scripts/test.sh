@@ -13,17 +13,25 @@ scripts/deps.sh test
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+step "clippy -D warnings (every feature: the libvirt backend, the ONNX predictor, test helpers)"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "dependency rule: sans-IO cores pull in no runtime, network or hypervisor crate"
-for c in dwcp-protocol dwcp-encoding dwcp-placement dwcp-prediction dwcp-consensus dwcp-reputation dwcp-statesync dwcp-sim; do
-  if cargo tree -p "$c" -e normal --prefix none --locked 2>/dev/null | grep -E '^(tokio|libp2p|virt|mio) ' >/dev/null; then
-    echo "error: $c depends on an I/O crate:" >&2
-    cargo tree -p "$c" -e normal -i tokio --locked >&2 || true
+check_pure() { # crate [cargo tree flags]
+  local c="$1"; shift
+  local tree
+  tree=$(cargo tree -p "$c" -e normal --prefix none --locked "$@")   # fails the script if cargo does
+  if grep -qE '^(tokio|libp2p|virt|mio) ' <<<"$tree"; then
+    echo "error: $c ($*) depends on an I/O crate:" >&2
+    cargo tree -p "$c" -e normal --locked "$@" >&2 || true
     exit 1
   fi
+}
+for c in dwcp-protocol dwcp-encoding dwcp-placement dwcp-prediction dwcp-consensus dwcp-reputation dwcp-statesync dwcp-sim; do
+  check_pure "$c" --all-features
 done
+# AMST keeps its tokio driver in the same crate behind the `io` feature; the core alone is pure.
+check_pure dwcp-transport --no-default-features
 
 step "guest image for the VM tests"
 if [ -x scripts/build-guest.sh ]; then scripts/build-guest.sh; fi
@@ -32,4 +40,4 @@ step "build binaries (the process-level tests run them)"
 cargo build --workspace --bins --locked
 
 step "tests"
-cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run --workspace --all-features --locked --no-fail-fast
