@@ -420,6 +420,7 @@ pub async fn receive<A: Acceptor, W: AsyncWrite + Unpin>(
     let mut tasks = JoinSet::new();
     let mut transfer = expected;
     let mut complete_at: Option<Instant> = None;
+    let mut next_conn: u32 = 0;
     loop {
         // Hand in-order bytes to the sink, then send the acks the core produced.
         while let Some(b) = core.read() {
@@ -468,7 +469,11 @@ pub async fn receive<A: Acceptor, W: AsyncWrite + Unpin>(
                     drop(conn);
                     continue;
                 }
-                tasks.spawn(receiver_stream(conn, identity, ev_tx.clone()));
+                // Streams are keyed by a local connection number, never by what the peer
+                // claims, so one connection cannot pose as another.
+                let local = StreamId(next_conn);
+                next_conn = next_conn.wrapping_add(1);
+                tasks.spawn(receiver_stream(conn, local, identity, ev_tx.clone()));
             }
             ev = ev_rx.recv() => match ev {
                 Some(RecvEvent::Hello { id, transfer: t, identity, acks: tx }) => {
@@ -505,16 +510,16 @@ pub async fn receive<A: Acceptor, W: AsyncWrite + Unpin>(
 
 async fn receiver_stream<I: Send + 'static>(
     conn: Box<dyn Conn>,
+    id: StreamId,
     identity: I,
     ev: mpsc::Sender<RecvEvent<I>>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(conn);
     let mut inbuf = BytesMut::with_capacity(READ_BUF);
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut rd, &mut inbuf)).await;
-    let Ok(Ok(Some(Frame::Hello { transfer, stream }))) = hello else {
+    let Ok(Ok(Some(Frame::Hello { transfer, .. }))) = hello else {
         return;
     };
-    let id = StreamId(stream);
     let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(1024);
     if ev
         .send(RecvEvent::Hello {

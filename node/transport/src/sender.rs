@@ -172,6 +172,8 @@ pub struct Sender {
     epoch_sacked: u64,
     epoch_sent: u64,
     epoch_resent: u64,
+    /// Chunks lost with a dead stream this epoch (hedges are not losses).
+    epoch_lost: u64,
     window_blocked_since: Option<Micros>,
     window_blocked_total: Micros,
     app_idle_since: Option<Micros>,
@@ -213,6 +215,7 @@ impl Sender {
             epoch_sacked: 0,
             epoch_sent: 0,
             epoch_resent: 0,
+            epoch_lost: 0,
             window_blocked_since: None,
             window_blocked_total: 0,
             app_idle_since: None,
@@ -461,6 +464,7 @@ impl Sender {
                 c.on.retain(|x| *x != id);
                 if !c.sacked && c.on.is_empty() {
                     self.resend.insert(seq);
+                    self.epoch_lost += 1;
                 }
             }
         }
@@ -628,9 +632,15 @@ impl Sender {
         }
         self.hedge(now);
         // Bookkeeping for the controller: was the window or the source the limit?
-        let has_room = self.pick_stream(self.cfg.chunk_size as u64, &[]).is_some();
-        let window_blocked = has_room && self.chunks.contains_key(&self.next_unsent);
-        let app_idle = has_room && !self.chunks.contains_key(&self.next_unsent) && !self.fin_cut;
+        // Data waiting while a stream has room under its cap means the receiver window or
+        // the reorder slack held it back: more streams would not help.
+        let chunk = self.cfg.chunk_size as u64;
+        let cap_room = self.streams.values().any(|s| {
+            s.opened && !s.closing && (s.inflight == 0 || s.inflight + chunk <= self.cap(s))
+        });
+        let pending = self.chunks.contains_key(&self.next_unsent) || !self.resend.is_empty();
+        let window_blocked = cap_room && pending;
+        let app_idle = cap_room && !pending && !self.fin_cut;
         track(
             &mut self.window_blocked_since,
             &mut self.window_blocked_total,
@@ -765,7 +775,7 @@ impl Sender {
             } else {
                 opened.iter().map(|s| s.path_loss).sum::<f64>() / opened.len() as f64
             };
-            let resend_loss = self.epoch_resent as f64 / self.epoch_sent.max(1) as f64;
+            let resend_loss = self.epoch_lost as f64 / self.epoch_sent.max(1) as f64;
             let sample = EpochSample {
                 goodput,
                 min_rtt_ms: opened
@@ -787,6 +797,7 @@ impl Sender {
             self.epoch_sacked = 0;
             self.epoch_sent = 0;
             self.epoch_resent = 0;
+            self.epoch_lost = 0;
             self.window_blocked_total = 0;
             self.app_idle_total = 0;
             if self.window_blocked_since.is_some() {
