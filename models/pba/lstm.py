@@ -1,11 +1,16 @@
-"""LSTM forecaster in JAX, with the ONNX gate layout (i, o, f, c) so export is a copy."""
-import jax
-import jax.numpy as jnp
+"""LSTM forecaster in JAX, with the ONNX gate layout (i, o, f, c) so export is a copy.
+
+JAX is imported inside the training functions only, so the golden tests need just numpy
+and onnx.
+"""
 import numpy as np
 
 
 def init_params(key, n_in, hidden, n_out):
     """hidden: list of layer widths, e.g. [64] or [64, 32]."""
+    import jax
+    import jax.numpy as jnp
+
     params = {"layers": []}
     d = n_in
     for h in hidden:
@@ -27,6 +32,9 @@ def init_params(key, n_in, hidden, n_out):
 
 def lstm_layer(layer, xs):
     """xs: [T, B, D] -> hs [T, B, H]."""
+    import jax
+    import jax.numpy as jnp
+
     W, R, b = layer["W"], layer["R"], layer["b"]
     H = R.shape[1]
     B = xs.shape[1]
@@ -50,6 +58,8 @@ def lstm_layer(layer, xs):
 
 def forward(params, x):
     """x: [B, T, C] -> y [B, n_out]."""
+    import jax.numpy as jnp
+
     hs = jnp.transpose(x, (1, 0, 2))
     for layer in params["layers"]:
         hs = lstm_layer(layer, hs)
@@ -57,6 +67,8 @@ def forward(params, x):
 
 
 def to_numpy(params):
+    import jax
+
     return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
 
 

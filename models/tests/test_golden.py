@@ -56,6 +56,23 @@ class FeatureGolden(unittest.TestCase):
         np.testing.assert_allclose(got, g["bins"], atol=1e-12)
 
 
+class NodeSamples(unittest.TestCase):
+    def test_store_format_is_read_and_split_at_gaps(self):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "samples-00000000000000000000.csv")
+            rows = ["t_unix_ms,mbps,rtt_ms,loss"]
+            rows += [f"{1000 + i * 5000},{i + 1.5},40.5,0" for i in range(5)]
+            rows += [f"{1000 + 60000 + i * 5000},{i},," for i in range(3)]  # after a 40 s gap
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(rows) + "\n")
+            t = data.read_node_samples(path)
+            self.assertEqual([len(v) for v in t.values()], [5, 3])
+            self.assertEqual(list(t.values())[0][0], 1.5)
+            self.assertEqual(data.source_of(list(t)[0]), "node")
+
+
 class ModelGolden(unittest.TestCase):
     def test_numpy_forward_of_exported_weights(self):
         g = load("model.json")

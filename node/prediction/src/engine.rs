@@ -16,7 +16,8 @@
 //! The p10 is calibrated on the link's own resolved forecasts (split conformal):
 //! `lower * exp(q10)`, with `lower` the model's p10 (conformalised quantile regression) or
 //! a baseline's mean, and `q10` the 10th percentile of recent `ln(actual / lower)` at that
-//! horizon. Before `min_resolved` records the model's own p10 is used as is, and a
+//! horizon. For the model the result is capped at its own p10 (calibration may lower it,
+//! never raise it). Before `min_resolved` records the model's own p10 is used as is, and a
 //! baseline's p10 is `mean * default_p10_factor`.
 
 use std::collections::VecDeque;
@@ -419,7 +420,9 @@ impl Engine {
             None
         };
         let p = match (q, own_p10) {
-            (Some(q), Some(p)) => p * q.exp(),
+            // Online calibration may only lower the model's own p10, never raise it:
+            // over-estimating is what stalls a migration.
+            (Some(q), Some(p)) => (p * q.exp()).min(p),
             (Some(q), None) => mean * q.exp(),
             (None, Some(p)) => p,
             (None, None) => mean * self.cfg.default_p10_factor,
@@ -628,8 +631,9 @@ mod tests {
         let f = good.forecast(t).unwrap();
         for h in Horizon::ALL {
             assert_eq!(f.get(h).source, MODEL);
-            // the fake's p10 (8) was always 25 % under the actual (10): calibration lifts it
-            assert!((f.get(h).p10_mbps - 10.0).abs() < 1e-9);
+            // the fake's p10 (8) was always 25 % under the actual (10); calibration may only
+            // lower a model's p10, so it stays at 8
+            assert!((f.get(h).p10_mbps - 8.0).abs() < 1e-9);
         }
         assert_eq!(good.accuracy(t), Some(1.0));
         assert_eq!(bad.accuracy(t), Some(1.0)); // the answering baseline is exact
@@ -667,6 +671,23 @@ mod tests {
         let h = f.get(Horizon::S30);
         assert!(h.p10_mbps < h.mean_mbps);
         assert!(h.p10_mbps > 0.5 * h.mean_mbps, "{h:?}");
+    }
+
+    #[test]
+    fn model_p10_is_lowered_but_never_raised() {
+        let mut e = Engine::new(cfg(), Some(Box::new(FakeModel(1.0))), None).unwrap();
+        // before min_resolved: the model's own p10
+        assert_eq!(e.calibrated_p10(MODEL, Horizon::S30, 10.0, Some(8.0)), 8.0);
+        for _ in 0..20 {
+            // actual 6 under a p10 of 8: the p10 was too high
+            e.tracker
+                .record(MODEL, Horizon::S30, Resolved::new(10.0, Some(8.0), 6.0));
+            // actual 10 above a p10 of 8 at another horizon: too low, but kept
+            e.tracker
+                .record(MODEL, Horizon::S60, Resolved::new(10.0, Some(8.0), 10.0));
+        }
+        assert!((e.calibrated_p10(MODEL, Horizon::S30, 10.0, Some(8.0)) - 6.0).abs() < 1e-9);
+        assert_eq!(e.calibrated_p10(MODEL, Horizon::S60, 10.0, Some(8.0)), 8.0);
     }
 
     #[test]

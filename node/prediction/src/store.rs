@@ -218,7 +218,11 @@ mod tests {
         LinkSample {
             at_ms: 1_700_000_000_000 + i * 5000,
             mbps: 10.0 + i as f64,
-            rtt_ms: if i % 2 == 0 { Some(40.5) } else { None },
+            rtt_ms: if i.is_multiple_of(2) {
+                Some(40.5)
+            } else {
+                None
+            },
             loss: Some(0.0),
         }
     }

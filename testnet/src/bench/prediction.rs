@@ -60,9 +60,14 @@ struct Timing {
 }
 
 fn read_limited(p: &Path) -> anyhow::Result<String> {
-    let len = std::fs::metadata(p).with_context(|| format!("stat {}", p.display()))?.len();
+    let len = std::fs::metadata(p)
+        .with_context(|| format!("stat {}", p.display()))?
+        .len();
     if len > MAX_FILE_BYTES {
-        bail!("{}: {len} bytes is over the {MAX_FILE_BYTES} byte limit", p.display());
+        bail!(
+            "{}: {len} bytes is over the {MAX_FILE_BYTES} byte limit",
+            p.display()
+        );
     }
     std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))
 }
@@ -72,13 +77,16 @@ fn load_traces(files: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<f64>)>> {
     for f in files {
         let text = read_limited(f)?;
         if text.starts_with("trace,t_start_s,mbps") {
-            out.extend(trace::parse_derived_csv(&text).with_context(|| format!("parse {}", f.display()))?);
+            out.extend(
+                trace::parse_derived_csv(&text)
+                    .with_context(|| format!("parse {}", f.display()))?,
+            );
         } else {
             let raw = trace::parse_raw(&text).with_context(|| format!("parse {}", f.display()))?;
-            let dir = f
-                .parent()
-                .and_then(|p| p.file_name())
-                .map_or_else(|| "unknown".to_string(), |s| s.to_string_lossy().into_owned());
+            let dir = f.parent().and_then(|p| p.file_name()).map_or_else(
+                || "unknown".to_string(),
+                |s| s.to_string_lossy().into_owned(),
+            );
             let name = f
                 .file_name()
                 .map_or_else(|| "trace".to_string(), |s| s.to_string_lossy().into_owned());
@@ -120,13 +128,17 @@ fn record(acc: &mut BTreeMap<Key, Acc>, key: Key, pred: f64, p10: Option<f64>, a
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let model_bytes = std::fs::read(&args.model).with_context(|| format!("read model {}", args.model.display()))?;
+    let model_bytes = std::fs::read(&args.model)
+        .with_context(|| format!("read model {}", args.model.display()))?;
     let model_size = model_bytes.len();
     let model = OnnxPredictor::from_bytes(&model_bytes).context("load model")?;
     let mut traces = load_traces(&args.files)?;
     if let Some(only) = &args.only {
-        let keep: std::collections::BTreeSet<String> =
-            read_limited(only)?.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+        let keep: std::collections::BTreeSet<String> = read_limited(only)?
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
         traces.retain(|(n, _)| keep.contains(n));
     }
     if traces.is_empty() {
@@ -146,12 +158,21 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         if n < MIN_HISTORY + Horizon::S30.steps() {
             continue;
         }
-        let mut engine = Engine::new(Default::default(), Some(Box::new(OnnxPredictor::from_bytes(&model_bytes)?)), None)
-            .context("engine")?;
-        for p in 0..n {
+        let mut engine = Engine::new(
+            Default::default(),
+            Some(Box::new(OnnxPredictor::from_bytes(&model_bytes)?)),
+            None,
+        )
+        .context("engine")?;
+        for (p, &mbps) in bw.iter().enumerate() {
             let at_ms = p as u64 * 5000;
             engine
-                .handle_sample(LinkSample { at_ms, mbps: bw[p], rtt_ms: None, loss: None })
+                .handle_sample(LinkSample {
+                    at_ms,
+                    mbps,
+                    rtt_ms: None,
+                    loss: None,
+                })
                 .with_context(|| format!("{name}: sample {p}"))?;
             if p + 1 < MIN_HISTORY || p + Horizon::S30.steps() >= n || p % stride != 0 {
                 continue;
@@ -164,26 +185,42 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             };
             for pr in &preds {
                 let t0 = Instant::now();
-                let f = pr.forecast(hist, None).with_context(|| format!("{name}: {}", pr.name()))?;
+                let f = pr
+                    .forecast(hist, None)
+                    .with_context(|| format!("{name}: {}", pr.name()))?;
                 let dt = t0.elapsed().as_nanos();
                 let t = timing.entry(pr.name()).or_default();
                 t.calls += 1;
                 t.nanos += dt;
                 for h in Horizon::ALL {
                     if let Some(a) = actual(h) {
-                        record(&mut acc, (src.clone(), h, pr.name()), f.mean_mbps(h), f.p10_mbps(h), a);
+                        record(
+                            &mut acc,
+                            (src.clone(), h, pr.name()),
+                            f.mean_mbps(h),
+                            f.p10_mbps(h),
+                            a,
+                        );
                     }
                 }
             }
             let t0 = Instant::now();
-            let f = engine.forecast(at_ms).with_context(|| format!("{name}: engine"))?;
+            let f = engine
+                .forecast(at_ms)
+                .with_context(|| format!("{name}: engine"))?;
             let t = timing.entry(ENGINE).or_default();
             t.calls += 1;
             t.nanos += t0.elapsed().as_nanos();
             for h in Horizon::ALL {
                 if let Some(a) = actual(h) {
                     let hf = f.get(h);
-                    record(&mut acc, (src.clone(), h, ENGINE), hf.mean_mbps, Some(hf.p10_mbps), a);
+                    record(
+                        &mut acc,
+                        (src.clone(), h, ENGINE),
+                        hf.mean_mbps,
+                        Some(hf.p10_mbps),
+                        a,
+                    );
                 }
             }
         }
@@ -238,20 +275,28 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     }
     println!(" {:>12} {:>7}", "best-base", "gain");
     let get = |src: &str, h: Horizon, p: &str| -> Option<&serde_json::Value> {
-        rows.iter().find(|r| r["source"] == src && r["horizon_s"] == h.seconds() && r["predictor"] == p)
+        rows.iter()
+            .find(|r| r["source"] == src && r["horizon_s"] == h.seconds() && r["predictor"] == p)
     };
-    let sources: std::collections::BTreeSet<String> = acc.keys().map(|(s, _, _)| s.clone()).collect();
+    let sources: std::collections::BTreeSet<String> =
+        acc.keys().map(|(s, _, _)| s.clone()).collect();
     for src in &sources {
         for h in Horizon::ALL {
-            let Some(first) = get(src, h, "lstm") else { continue };
+            let Some(first) = get(src, h, "lstm") else {
+                continue;
+            };
             print!("{:<14} {:>5} {:>7}", src, h.seconds(), first["n"]);
             for p in &order {
                 let v = get(src, h, p).and_then(|r| r["median_ape"].as_f64());
-                print!(" {:>10}", v.map_or("-".into(), |v| format!("{:.3}", v)));
+                print!(" {:>10}", v.map_or("-".into(), |v| format!("{v:.3}")));
             }
             let best = baseline_names
                 .iter()
-                .filter_map(|b| get(src, h, b).and_then(|r| r["median_ape"].as_f64()).map(|v| (*b, v)))
+                .filter_map(|b| {
+                    get(src, h, b)
+                        .and_then(|r| r["median_ape"].as_f64())
+                        .map(|v| (*b, v))
+                })
                 .min_by(|a, b| a.1.total_cmp(&b.1));
             let lstm = first["median_ape"].as_f64().unwrap_or(f64::NAN);
             match best {
@@ -261,7 +306,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("Per predictor: p90 APE / over-estimation rate (>10 %, target <= 15 %) / p10 coverage (target 10 +- 3 %)");
+    println!(
+        "Per predictor: p90 APE / over-estimation rate (>10 %, target <= 15 %) / p10 coverage (target 10 +- 3 %)"
+    );
     print!("{:<14} {:>5}", "source", "h(s)");
     for p in &order {
         print!(" {p:>20}");
@@ -275,7 +322,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             print!("{:<14} {:>5}", src, h.seconds());
             for p in &order {
                 let cell = get(src, h, p).map_or("-".to_string(), |r| {
-                    let cov = r["p10_coverage"].as_f64().map_or("-".to_string(), |c| format!("{:.3}", c));
+                    let cov = r["p10_coverage"]
+                        .as_f64()
+                        .map_or("-".to_string(), |c| format!("{c:.3}"));
                     format!(
                         "{:.2}/{:.2}/{}",
                         r["p90_ape"].as_f64().unwrap_or(f64::NAN),
@@ -292,7 +341,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     println!("Mean time per forecast call (one core; the engine row includes its baselines):");
     for p in &order {
         if let Some(t) = timing.get(p) {
-            println!("  {:<12} {:>9.1} us over {} calls", p, t.nanos as f64 / t.calls.max(1) as f64 / 1000.0, t.calls);
+            println!(
+                "  {:<12} {:>9.1} us over {} calls",
+                p,
+                t.nanos as f64 / t.calls.max(1) as f64 / 1000.0,
+                t.calls
+            );
         }
     }
     Ok(())
