@@ -277,7 +277,9 @@ pub(crate) mod serde_bytes_compat {
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_bytes(V)
+        // `deserialize_byte_buf`: ciborium refuses byte strings longer than its 4 KiB scratch
+        // buffer through `deserialize_bytes`.
+        d.deserialize_byte_buf(V)
     }
 
     /// Serialises a byte vector as a CBOR byte string (not an array of integers).

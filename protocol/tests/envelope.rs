@@ -234,3 +234,20 @@ proptest! {
         prop_assert!(SignedEnvelope::decode_verified::<Heartbeat>(&bytes[..bytes.len() - cut]).is_err());
     }
 }
+
+#[test]
+fn payloads_larger_than_4_kib_round_trip() {
+    // ciborium's borrowed-bytes path stops at 4 KiB; envelopes must not.
+    let mut a = announcement();
+    a.listen_addrs = (0..16)
+        .map(|i| format!("/dns4/{}.example/tcp/{i}", "h".repeat(230)))
+        .collect();
+    let bytes = SignedEnvelope::sign(&key(1), &a).encode();
+    assert!(
+        bytes.len() > 4096 + 128,
+        "payload must exceed 4 KiB, got {}",
+        bytes.len()
+    );
+    let v = SignedEnvelope::decode_verified::<NodeAnnouncement>(&bytes).unwrap();
+    assert_eq!(v.message(), &a);
+}

@@ -96,11 +96,17 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
     }
     let byzantine = a.byzantine.unwrap_or(f);
     if byzantine > f {
-        eprintln!("warning: {byzantine} Byzantine nodes exceed f = {f}; PBFT's guarantees do not hold");
+        eprintln!(
+            "warning: {byzantine} Byzantine nodes exceed f = {f}; PBFT's guarantees do not hold"
+        );
     }
     let fixed: Option<Strategy> = match a.strategy.as_str() {
         "all" => None,
-        s => Some(s.parse::<Strategy>().map_err(anyhow::Error::msg).context("--strategy")?),
+        s => Some(
+            s.parse::<Strategy>()
+                .map_err(anyhow::Error::msg)
+                .context("--strategy")?,
+        ),
     };
     let seeds: Vec<u64> = match a.reproduce {
         Some(s) => vec![s],
@@ -111,14 +117,15 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         let mut s = Scenario::chaos(a.nodes, byzantine, strategy, seed);
         s.fault_phase_ms = a.fault_s * 1_000;
         s.liveness_phase_ms = a.liveness_s * 1_000;
-        s.drain_ms = (a.liveness_s * 1_000 / 2).min(300_000);
+        // Clients keep submitting for 60 s after the faults stop, then the run drains.
+        s.drain_ms = s.liveness_phase_ms.saturating_sub(60_000);
         s
     };
     let started = Instant::now();
     let mut reports: Vec<Report> = Vec::new();
     let mut failures = Vec::new();
     for seed in &seeds {
-        let r = dwcp_sim::run(&scenario(*seed));
+        let r = dwcp_sim::run(&scenario(*seed)).context("simulator")?;
         if !r.passed() {
             failures.push(format!(
                 "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --reproduce {seed}",
@@ -128,7 +135,11 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         reports.push(r);
     }
     let determinism = if a.self_check {
-        Some(dwcp_sim::self_check(&scenario(seeds[0])).is_ok())
+        Some(match dwcp_sim::self_check(&scenario(seeds[0])) {
+            Ok(_) => true,
+            Err(dwcp_sim::SimError::Nondeterministic(..)) => false,
+            Err(e) => return Err(e).context("simulator"),
+        })
     } else {
         None
     };
@@ -136,7 +147,10 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
     let safety: usize = reports.iter().map(|r| r.violations.len()).sum();
     let unsafe_seeds = reports.iter().filter(|r| !r.violations.is_empty()).count();
     let not_live = reports.iter().filter(|r| !r.live).count();
-    let lat: Vec<u64> = reports.iter().flat_map(|r| r.consensus_latency_ms.iter().copied()).collect();
+    let lat: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.consensus_latency_ms.iter().copied())
+        .collect();
     let quarantined: usize = reports.iter().map(|r| r.quarantined_byzantine).sum();
     let offenders: usize = reports.iter().map(|r| r.offenders).sum();
     let summary = serde_json::json!({
@@ -161,14 +175,34 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!("sim consensus: n={} byzantine={} strategy={} seeds={}", a.nodes, byzantine, a.strategy, seeds.len());
+        println!(
+            "sim consensus: n={} byzantine={} strategy={} seeds={}",
+            a.nodes,
+            byzantine,
+            a.strategy,
+            seeds.len()
+        );
         println!("  safety violations   {safety} (in {unsafe_seeds} seeds)");
         println!("  liveness failures   {not_live}");
         println!("  offenders quarantined {quarantined}/{offenders}");
-        println!("  consensus latency   p50 {} ms, p99 {} ms (proposal -> commit, chaos links)", pct(&lat, 0.5), pct(&lat, 0.99));
-        println!("  forged msgs dropped {}", summary["rejected_forged_messages"]);
+        println!(
+            "  consensus latency   p50 {} ms, p99 {} ms (proposal -> commit, chaos links)",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        );
+        println!(
+            "  forged msgs dropped {}",
+            summary["rejected_forged_messages"]
+        );
         if let Some(d) = determinism {
-            println!("  determinism         {}", if d { "same trace hash twice" } else { "TRACE HASHES DIFFER" });
+            println!(
+                "  determinism         {}",
+                if d {
+                    "same trace hash twice"
+                } else {
+                    "TRACE HASHES DIFFER"
+                }
+            );
         }
         println!("  wall time           {wall:.1} s");
         for f in &failures {
@@ -187,7 +221,7 @@ fn measure(a: &ConsensusArgs) -> anyhow::Result<()> {
     s.consensus.max_batch = a.max_batch;
     let active_ms = (s.liveness_phase_ms - s.drain_ms) as f64;
     let started = Instant::now();
-    let r = dwcp_sim::run(&s);
+    let r = dwcp_sim::run(&s).context("simulator")?;
     let wall = started.elapsed().as_secs_f64();
     let tput = r.requests_committed as f64 / (active_ms / 1_000.0);
     let out = serde_json::json!({
@@ -226,7 +260,11 @@ fn measure(a: &ConsensusArgs) -> anyhow::Result<()> {
         );
     }
     if !r.passed() {
-        bail!("measurement run failed: {:?} {}", r.violations, r.liveness_detail);
+        bail!(
+            "measurement run failed: {:?} {}",
+            r.violations,
+            r.liveness_detail
+        );
     }
     Ok(())
 }

@@ -24,6 +24,9 @@ pub struct Config {
     pub view_change_timeout_ms: u64,
     /// Most requests the primary puts in one batch.
     pub max_batch: usize,
+    /// Most bytes of signed requests in one batch (keeps proposals well under the 256 KiB
+    /// consensus payload limit).
+    pub max_batch_bytes: usize,
     /// Most batches the primary keeps in flight (proposed, not executed); requests that arrive
     /// while the window is full wait and go out together in the next batch.
     pub max_inflight: u64,
@@ -44,6 +47,7 @@ impl Default for Config {
             log_window: 200,
             view_change_timeout_ms: 10_000,
             max_batch: 256,
+            max_batch_bytes: 96 * 1024,
             max_inflight: 4,
             resend_interval_ms: 1_000,
             max_pending: 10_000,
@@ -74,6 +78,11 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "log_window must be a multiple of checkpoint_interval, at most 1024",
+            ));
+        }
+        if self.max_batch_bytes < 1024 || self.max_batch_bytes > 192 * 1024 {
+            return Err(ConfigError::Invalid(
+                "max_batch_bytes must be 1 KiB..=192 KiB",
             ));
         }
         if self.max_batch == 0 || self.max_batch > MAX_BATCH {
@@ -225,6 +234,9 @@ struct ValidVc {
     prepared: BTreeMap<u64, (u64, PrePrepare, Vec<Verified<Request>>)>,
 }
 
+/// One slot of `O`: digest, the original batch time (none for a null request) and batch.
+type Reproposal = (Digest, Option<Timestamp>, Vec<Verified<Request>>);
+
 /// The new view's `O`, computed from `V`.
 #[derive(Debug)]
 struct Reproposals {
@@ -232,7 +244,7 @@ struct Reproposals {
     min_state: Digest,
     min_proof: Vec<SignedEnvelope>,
     /// seq -> (digest, time, batch); empty batch is the null request.
-    slots: BTreeMap<u64, (Digest, Option<Timestamp>, Vec<Verified<Request>>)>,
+    slots: BTreeMap<u64, Reproposal>,
 }
 
 /// Requests one client had executed: every nonce up to `floor`, and those in `above`.
@@ -524,6 +536,7 @@ impl Engine {
             let mut batch = Vec::new();
             let mut keys = Vec::new();
             let mut i = 0;
+            let mut bytes = 0;
             while i < self.pending_order.len() && batch.len() < self.cfg.max_batch {
                 let k = self.pending_order[i];
                 i += 1;
@@ -531,6 +544,12 @@ impl Engine {
                     continue;
                 }
                 if let Some(r) = self.pending.get(&k) {
+                    // Envelope overhead (key, signature, framing) is under 200 bytes.
+                    let size = r.op.len() + 200;
+                    if !batch.is_empty() && bytes + size > self.cfg.max_batch_bytes {
+                        break;
+                    }
+                    bytes += size;
                     batch.push(r.clone());
                     keys.push(k);
                 }
@@ -735,17 +754,19 @@ impl Engine {
         let entry = self.log.entry(slot.seq).or_default();
         entry.headers.insert(slot.view, (header.clone(), pp));
         entry.batches.insert(slot.digest, batch);
-        if self.committee.primary(slot.view) != self.me && self.is_member()
-            && let Some(p) = self.sign(ConsensusMsg::Prepare { slot, header }) {
-                self.out.push_back(Command::Broadcast(p.clone()));
-                let entry = self.log.entry(slot.seq).or_default();
-                entry.my_prepare = Some((slot.view, p.clone()));
-                entry
-                    .prepares
-                    .entry((slot.view, slot.digest))
-                    .or_default()
-                    .insert(self.me, p);
-            }
+        if self.committee.primary(slot.view) != self.me
+            && self.is_member()
+            && let Some(p) = self.sign(ConsensusMsg::Prepare { slot, header })
+        {
+            self.out.push_back(Command::Broadcast(p.clone()));
+            let entry = self.log.entry(slot.seq).or_default();
+            entry.my_prepare = Some((slot.view, p.clone()));
+            entry
+                .prepares
+                .entry((slot.view, slot.digest))
+                .or_default()
+                .insert(self.me, p);
+        }
         self.check_slot(slot.seq, slot.view, slot.digest);
     }
 
@@ -885,20 +906,24 @@ impl Engine {
                 ));
             }
             let sent = entry.my_commit.as_ref().is_some_and(|(v, _)| *v >= view);
-            if member && !sent && view == self.view && self.active
-                && let Some(c) = self.sign(ConsensusMsg::Commit(pp.slot)) {
-                    let entry = self.log.entry(seq).or_default();
-                    entry.my_commit = Some((view, c.clone()));
-                    entry
-                        .first_vote
-                        .insert((KIND_COMMIT, view, me), (digest, c.clone()));
-                    entry
-                        .commits
-                        .entry((view, digest))
-                        .or_default()
-                        .insert(me, c.clone());
-                    self.out.push_back(Command::Broadcast(c));
-                }
+            if member
+                && !sent
+                && view == self.view
+                && self.active
+                && let Some(c) = self.sign(ConsensusMsg::Commit(pp.slot))
+            {
+                let entry = self.log.entry(seq).or_default();
+                entry.my_commit = Some((view, c.clone()));
+                entry
+                    .first_vote
+                    .insert((KIND_COMMIT, view, me), (digest, c.clone()));
+                entry
+                    .commits
+                    .entry((view, digest))
+                    .or_default()
+                    .insert(me, c.clone());
+                self.out.push_back(Command::Broadcast(c));
+            }
         }
         let Some(entry) = self.log.get_mut(&seq) else {
             return;
@@ -1187,20 +1212,23 @@ impl Engine {
                     }
                     if primary
                         && let Some((h, pp)) = e.headers.get(&view)
-                            && let Some(b) = e.batches.get(&pp.slot.digest) {
-                                resend.push(ConsensusMsg::Proposal {
-                                    header: h.clone(),
-                                    batch: envelopes(b),
-                                });
-                            }
+                        && let Some(b) = e.batches.get(&pp.slot.digest)
+                    {
+                        resend.push(ConsensusMsg::Proposal {
+                            header: h.clone(),
+                            batch: envelopes(b),
+                        });
+                    }
                     if let Some((v, p)) = &e.my_prepare
-                        && *v == view {
-                            self.out.push_back(Command::Broadcast(p.clone()));
-                        }
+                        && *v == view
+                    {
+                        self.out.push_back(Command::Broadcast(p.clone()));
+                    }
                     if let Some((v, c)) = &e.my_commit
-                        && *v == view {
-                            self.out.push_back(Command::Broadcast(c.clone()));
-                        }
+                        && *v == view
+                    {
+                        self.out.push_back(Command::Broadcast(c.clone()));
+                    }
                 }
                 for m in resend {
                     if let Some(p) = self.sign(m) {
@@ -1334,12 +1362,14 @@ impl Engine {
         if v < self.view || (v == self.view && self.active) {
             // A late view change for the view we lead: resend our new-view to its sender.
             if let Some((nv_view, nv)) = &self.new_view_sent
-                && *nv_view == self.view && v == self.view {
-                    self.out.push_back(Command::Send {
-                        to: from,
-                        envelope: nv.clone(),
-                    });
-                }
+                && *nv_view == self.view
+                && v == self.view
+            {
+                self.out.push_back(Command::Send {
+                    to: from,
+                    envelope: nv.clone(),
+                });
+            }
             return;
         }
         if self.vcs.get(&from).is_some_and(|(old, _)| *old >= v) {
@@ -1352,9 +1382,10 @@ impl Engine {
         self.vcs.insert(from, (v, valid));
         self.after_vc(now);
         if let Some((p, nv, asked)) = self.pending_nv.take()
-            && nv.view >= self.view {
-                self.on_new_view(now, p, nv, asked);
-            }
+            && nv.view >= self.view
+        {
+            self.on_new_view(now, p, nv, asked);
+        }
     }
 
     fn after_vc(&mut self, now: Timestamp) {
@@ -1495,13 +1526,12 @@ impl Engine {
         }
         if missing {
             // We lack some of V: keep the new view and ask its primary for them.
-            if !asked
-                && let Some(f) = self.sign(ConsensusMsg::FetchViewChanges { view: nv.view }) {
-                    self.out.push_back(Command::Send {
-                        to: from,
-                        envelope: f,
-                    });
-                }
+            if !asked && let Some(f) = self.sign(ConsensusMsg::FetchViewChanges { view: nv.view }) {
+                self.out.push_back(Command::Send {
+                    to: from,
+                    envelope: f,
+                });
+            }
             self.pending_nv = Some((from, nv, true));
             return;
         }

@@ -43,10 +43,30 @@
 //!   reputation; everything else is a local observation.
 //! * Committees are a pure function of committed state ([`committee::select`]).
 //!
-//! # What is measured
+//! # What is measured (dwcp-sim, which runs this engine unchanged; details in its README)
 //!
-//! Safety, liveness, latency and throughput are measured by the deterministic simulator in
-//! `testnet/sim` (dwcp-sim), which runs this engine unchanged; figures are in its README.
+//! * Commit latency with 50 ms one-way links: 150 ms p50 and p99 from proposal to commit at
+//!   n = 4, 16 and 64 (exactly 3 one-way delays); 200 / 206 / 249 ms p50 from a client's
+//!   submission to commit at that client.
+//! * Throughput at n = 16: 72 req/s with one outstanding request per client, 1,782 req/s with
+//!   32 (batching at unchanged latency), 33 req/s with batching off.
+//! * Chaos sweeps (loss, partitions, crashes, f Byzantine of 3f+1 with eight strategies):
+//!   0 safety violations (n = 4: 24 seeds, n = 7: 32, n = 16: 6); every seed live after faults
+//!   stop except one n = 16 seed, where view changes outgrew the payload limit (below).
+//!
+//! # Decisions
+//!
+//! * The pre-prepare header is signed on its own and quoted in prepares, so a primary that
+//!   sends different batches to different backups is caught with two of its own signatures.
+//! * New-view messages name view changes by digest instead of embedding them (replicas fetch
+//!   missing ones with `FetchViewChanges`), so a new view stays small.
+//! * Batches are capped at 256 requests and 96 KiB. View-change messages still carry a
+//!   prepared certificate (with its batch) per prepared slot above the stable checkpoint, as
+//!   in the paper: with K = 100 and large committees they can outgrow the 256 KiB payload
+//!   limit. Digest-only view changes with proof fetching (the paper's TOCS variant) are the
+//!   fix; not done yet.
+//! * The request timer restarts on every execution while requests wait (per-request timers
+//!   would also catch a primary that starves one client while serving others).
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 

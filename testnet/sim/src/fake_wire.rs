@@ -50,7 +50,10 @@ mod byte_buf {
 const REAL_PATH_MAX_PAYLOAD: usize = 4000;
 
 /// Decodes and verifies `bytes` as a `T`.
-pub(crate) fn fake_decode_verified<T: Message>(bytes: &[u8], keys: &BTreeMap<NodeId, NodeKey>) -> Option<Verified<T>> {
+pub(crate) fn fake_decode_verified<T: Message>(
+    bytes: &[u8],
+    keys: &BTreeMap<NodeId, NodeKey>,
+) -> Option<Verified<T>> {
     if bytes.len() <= REAL_PATH_MAX_PAYLOAD {
         return SignedEnvelope::decode_verified::<T>(bytes).ok();
     }

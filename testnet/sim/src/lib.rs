@@ -26,8 +26,8 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod invariants;
 mod fake_wire;
+pub mod invariants;
 mod link;
 mod strategy;
 
@@ -86,8 +86,8 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// A chaos scenario: regional latencies, network faults, 60 s of faults then 10 minutes
-    /// to recover.
+    /// A chaos scenario: regional latencies, network faults for 60 s, then 10 minutes to
+    /// recover; clients keep submitting for the first 60 s after the faults stop.
     pub fn chaos(nodes: usize, byzantine: usize, strategy: Strategy, seed: u64) -> Self {
         Self {
             nodes,
@@ -97,7 +97,7 @@ impl Scenario {
             network_faults: true,
             fault_phase_ms: 60_000,
             liveness_phase_ms: 600_000,
-            drain_ms: 300_000,
+            drain_ms: 540_000,
             link: LinkModel::Regions,
             consensus: dwcp_consensus::Config::default(),
             client_window: 1,
@@ -107,7 +107,13 @@ impl Scenario {
     }
 
     /// A measurement scenario: uniform one-way latency, no faults, no Byzantine nodes.
-    pub fn measure(nodes: usize, one_way_ms: u64, seed: u64, duration_ms: u64, client_window: usize) -> Self {
+    pub fn measure(
+        nodes: usize,
+        one_way_ms: u64,
+        seed: u64,
+        duration_ms: u64,
+        client_window: usize,
+    ) -> Self {
         Self {
             nodes,
             byzantine: 0,
@@ -163,6 +169,8 @@ pub struct Report {
     pub offenders: usize,
     /// Byzantine nodes quarantined by every honest node.
     pub quarantined_byzantine: usize,
+    /// Byzantine nodes penalised (by committed evidence) at every honest node.
+    pub penalised_byzantine: usize,
     /// SHA-256 over the whole trace.
     pub trace_hash: String,
 }
@@ -208,6 +216,8 @@ struct Node {
     outstanding: BTreeMap<u64, (u64, SignedEnvelope)>,
     evidence_sent: BTreeSet<Vec<u8>>,
     evidence_nonce: u64,
+    /// Evidence requests not yet committed: nonce -> offender (one per offender at a time).
+    evidence_inflight: BTreeMap<u64, NodeId>,
     region: usize,
     stash: Vec<Bytes>,
 }
@@ -244,20 +254,40 @@ struct Sim {
     rejected: u64,
     byz_nonce: u64,
     fault_end_submitted: BTreeSet<(usize, u64)>,
+    penalised: BTreeSet<(usize, usize)>,
+}
+
+/// A scenario that cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The committee cannot be formed (e.g. no nodes).
+    #[error("committee: {0}")]
+    Committee(#[from] dwcp_consensus::committee::CommitteeError),
+    /// The engine configuration is invalid.
+    #[error("consensus config: {0}")]
+    Config(#[from] dwcp_consensus::ConfigError),
+    /// The two runs of a self-check differ.
+    #[error("nondeterminism: trace {0} then {1}")]
+    Nondeterministic(String, String),
 }
 
 /// Runs one scenario to completion.
-pub fn run(s: &Scenario) -> Report {
-    let mut sim = Sim::new(s.clone());
+pub fn run(s: &Scenario) -> Result<Report, SimError> {
+    let mut sim = Sim::new(s.clone())?;
     sim.run();
-    sim.report()
+    Ok(sim.report())
 }
 
-/// Runs `s` twice and compares the trace hashes.
-pub fn self_check(s: &Scenario) -> Result<String, (String, String)> {
-    let a = run(s).trace_hash;
-    let b = run(s).trace_hash;
-    if a == b { Ok(a) } else { Err((a, b)) }
+/// Runs `s` twice and compares the trace hashes; returns the hash.
+pub fn self_check(s: &Scenario) -> Result<String, SimError> {
+    let a = run(s)?.trace_hash;
+    let b = run(s)?.trace_hash;
+    if a == b {
+        Ok(a)
+    } else {
+        Err(SimError::Nondeterministic(a, b))
+    }
 }
 
 fn derive_key(seed: u64, i: usize) -> NodeKey {
@@ -269,38 +299,35 @@ fn derive_key(seed: u64, i: usize) -> NodeKey {
 }
 
 impl Sim {
-    fn new(s: Scenario) -> Self {
+    fn new(s: Scenario) -> Result<Self, SimError> {
         let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-        let n = s.nodes.max(1);
+        let n = s.nodes;
         let keys: Vec<NodeKey> = (0..n).map(|i| derive_key(s.seed, i)).collect();
         let candidates: Vec<Candidate> = keys
             .iter()
-            .map(|k| Candidate { node: k.node_id(), ready: true, quarantined: false, reputation: 1.0, uptime_s: 3_600 })
+            .map(|k| Candidate {
+                node: k.node_id(),
+                ready: true,
+                quarantined: false,
+                reputation: 1.0,
+                uptime_s: 3_600,
+            })
             .collect();
-        let seed_digest = committee::epoch_seed(&Digest::of("dwcp-sim/genesis", &[&s.seed.to_be_bytes()]), 0);
+        let seed_digest =
+            committee::epoch_seed(&Digest::of("dwcp-sim/genesis", &[&s.seed.to_be_bytes()]), 0);
         let committee = committee::select(0, &candidates, &seed_digest, n, &Eligibility::default())
             .or_else(|_| Committee::new(0, keys.iter().map(NodeKey::node_id).collect()));
-        let committee = match committee {
-            Ok(c) => c,
-            Err(_) => unreachable_committee(),
-        };
+        let committee = committee?;
         let mut byz_idx: BTreeSet<usize> = BTreeSet::new();
         while byz_idx.len() < s.byzantine.min(n) {
             byz_idx.insert(rng.random_range(0..n));
         }
-        let mut cfg = s.consensus.clone();
-        if cfg.clone().validate().is_err() {
-            cfg = dwcp_consensus::Config::default();
-        }
-        let nodes: Vec<Node> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| Node {
+        let cfg = s.consensus.clone().validate()?;
+        let mut nodes: Vec<Node> = Vec::with_capacity(n);
+        for (i, k) in keys.iter().enumerate() {
+            nodes.push(Node {
                 key: k.clone(),
-                engine: match Engine::new(cfg.clone(), k.clone(), committee.clone()) {
-                    Ok(e) => e,
-                    Err(_) => unreachable_engine(),
-                },
+                engine: Engine::new(cfg.clone(), k.clone(), committee.clone())?,
                 rep: reputation::Engine::new(reputation::Config::default()),
                 byz: byz_idx.contains(&i),
                 crashed: false,
@@ -309,12 +336,17 @@ impl Sim {
                 outstanding: BTreeMap::new(),
                 evidence_sent: BTreeSet::new(),
                 evidence_nonce: 1 << 62,
+                evidence_inflight: BTreeMap::new(),
                 region: rng.random_range(0..link::REGIONS),
                 stash: Vec::new(),
-            })
-            .collect();
+            });
+        }
         let keys_by_id = keys.iter().map(|k| (k.node_id(), k.clone())).collect();
-        let ids = nodes.iter().enumerate().map(|(i, nd)| (nd.key.node_id(), i)).collect();
+        let ids = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, nd)| (nd.key.node_id(), i))
+            .collect();
         let honest: Vec<bool> = nodes.iter().map(|nd| !nd.byz).collect();
         let end_at = s.fault_phase_ms + s.liveness_phase_ms;
         let clients_stop_at = end_at.saturating_sub(s.drain_ms);
@@ -349,10 +381,11 @@ impl Sim {
             rejected: 0,
             byz_nonce: 1 << 61,
             fault_end_submitted: BTreeSet::new(),
+            penalised: BTreeSet::new(),
             s,
         };
         sim.schedule_start();
-        sim
+        Ok(sim)
     }
 
     fn push(&mut self, at: u64, ev: Event) {
@@ -387,7 +420,12 @@ impl Sim {
                     group.insert(self.rng.random_range(0..n));
                 }
                 let dur = self.rng.random_range(2_000..20_000);
-                self.push(at, Event::Partition { group: group.into_iter().collect() });
+                self.push(
+                    at,
+                    Event::Partition {
+                        group: group.into_iter().collect(),
+                    },
+                );
                 self.push((at + dur).min(fp), Event::Heal);
             }
             for _ in 0..self.rng.random_range(0..3u32) {
@@ -424,7 +462,11 @@ impl Sim {
                 self.trace.update((*to as u64).to_be_bytes());
                 self.trace.update(Sha256::digest(&msg.1));
             }
-            Event::Timer { node } | Event::Submit { node } | Event::Claim { node } | Event::Crash { node } | Event::Restart { node } => {
+            Event::Timer { node }
+            | Event::Submit { node }
+            | Event::Claim { node }
+            | Event::Crash { node }
+            | Event::Restart { node } => {
                 self.trace.update([1]);
                 self.trace.update((*node as u64).to_be_bytes());
             }
@@ -466,7 +508,9 @@ impl Sim {
             }
             Event::Submit { node } => self.submit(node),
             Event::Retry { node, nonce } => {
-                let Some((_, env)) = self.nodes[node].outstanding.get(&nonce).cloned() else { return };
+                let Some((_, env)) = self.nodes[node].outstanding.get(&nonce).cloned() else {
+                    return;
+                };
                 if !self.nodes[node].crashed {
                     self.broadcast_raw(node, &env, 0);
                 }
@@ -493,7 +537,8 @@ impl Sim {
                         self.push(self.now, Event::Timer { node: i });
                     }
                     if !self.nodes[i].byz {
-                        let outstanding: Vec<u64> = self.nodes[i].outstanding.keys().copied().collect();
+                        let outstanding: Vec<u64> =
+                            self.nodes[i].outstanding.keys().copied().collect();
                         for nonce in outstanding {
                             self.fault_end_submitted.insert((i, nonce));
                         }
@@ -512,15 +557,19 @@ impl Sim {
         if from == to || self.nodes[from].crashed {
             return;
         }
-        if let Some(p) = &self.partition {
-            if p.contains(&from) != p.contains(&to) {
-                return;
-            }
+        if let Some(p) = &self.partition
+            && p.contains(&from) != p.contains(&to)
+        {
+            return;
         }
         if self.loss > 0.0 && self.rng.random_bool(self.loss) {
             return;
         }
-        let delay = self.s.link.delay(&mut self.rng, self.nodes[from].region, self.nodes[to].region);
+        let delay = self.s.link.delay(
+            &mut self.rng,
+            self.nodes[from].region,
+            self.nodes[to].region,
+        );
         let at = self.now + delay + extra_delay;
         self.push(at, Event::Deliver { from, to, msg });
     }
@@ -539,22 +588,26 @@ impl Sim {
         // The kind is the envelope's first field: `{"k": code, ...}`.
         let d = match kind_of(&msg.1) {
             Some(k) if k == MessageKind::Consensus.code() => {
-                fake_wire::fake_decode_verified::<ConsensusMsg>(&msg.1, &self.keys).map(Decoded::Consensus)
+                fake_wire::fake_decode_verified::<ConsensusMsg>(&msg.1, &self.keys)
+                    .map(Decoded::Consensus)
             }
             Some(k) if k == MessageKind::ConsensusRequest.code() => {
                 fake_wire::fake_decode_verified::<Request>(&msg.1, &self.keys).map(Decoded::Request)
             }
             _ => None,
         };
-        if self.cache.len() > 200_000 {
-            let keep = self.cache.split_off(&(self.next_msg_id.saturating_sub(50_000)));
+        if self.cache.len() > 20_000 {
+            // Messages are delivered within seconds of being sent; older entries are cold.
+            let keep = self
+                .cache
+                .split_off(&(self.next_msg_id.saturating_sub(5_000)));
             self.cache = keep;
         }
         self.cache.insert(msg.0, d.clone());
         d
     }
 
-    fn deliver(&mut self, from: usize, to: usize, msg: Bytes) {
+    fn deliver(&mut self, _from: usize, to: usize, msg: Bytes) {
         if self.nodes[to].crashed {
             return;
         }
@@ -563,10 +616,12 @@ impl Sim {
             // Forged or corrupted: dropped before any core sees it; the peer manager of a real
             // node would penalise the transport peer `from` locally.
             self.rejected += 1;
-            let _ = from;
             return;
         };
-        if self.nodes[to].byz && self.s.strategy == Strategy::Replay && self.nodes[to].stash.len() < 256 {
+        if self.nodes[to].byz
+            && self.s.strategy == Strategy::Replay
+            && self.nodes[to].stash.len() < 256
+        {
             self.nodes[to].stash.push(msg.clone());
         }
         let input = match decoded {
@@ -588,28 +643,39 @@ impl Sim {
         let nonce = self.nodes[node].next_nonce;
         self.nodes[node].next_nonce += 1;
         let op: Vec<u8> = (0..16).map(|_| self.rng.random::<u8>()).collect();
-        let Ok(req) = Verified::sign(&self.nodes[node].key, Request { nonce, op }) else { return };
+        let Ok(req) = Verified::sign(&self.nodes[node].key, Request { nonce, op }) else {
+            return;
+        };
         self.validity.submitted(req.signer(), nonce);
         let env = req.envelope().clone();
-        self.nodes[node].outstanding.insert(nonce, (self.now, env.clone()));
+        self.nodes[node]
+            .outstanding
+            .insert(nonce, (self.now, env.clone()));
         if self.faults_over {
             self.fault_end_submitted.insert((node, nonce));
         }
-        self.nodes[node].engine.handle(Timestamp(self.now), Input::Request(req));
+        self.nodes[node]
+            .engine
+            .handle(Timestamp(self.now), Input::Request(req));
         self.broadcast_raw(node, &env, 0);
         self.drain(node);
         let at = self.now + self.s.client_retry_ms;
         self.push(at, Event::Retry { node, nonce });
     }
 
-    fn submit_op(&mut self, node: usize, op: Vec<u8>) {
+    fn submit_op(&mut self, node: usize, op: Vec<u8>) -> u64 {
         let nonce = self.nodes[node].evidence_nonce;
         self.nodes[node].evidence_nonce += 1;
-        let Ok(req) = Verified::sign(&self.nodes[node].key, Request { nonce, op }) else { return };
+        let Ok(req) = Verified::sign(&self.nodes[node].key, Request { nonce, op }) else {
+            return nonce;
+        };
         self.validity.submitted(req.signer(), nonce);
         let env = req.envelope().clone();
-        self.nodes[node].engine.handle(Timestamp(self.now), Input::Request(req));
+        self.nodes[node]
+            .engine
+            .handle(Timestamp(self.now), Input::Request(req));
         self.broadcast_raw(node, &env, 0);
+        nonce
     }
 
     fn drain(&mut self, i: usize) {
@@ -629,7 +695,9 @@ impl Sim {
                     }
                 }
                 Command::Send { to, envelope } => {
-                    let Some(&j) = self.ids.get(&to) else { continue };
+                    let Some(&j) = self.ids.get(&to) else {
+                        continue;
+                    };
                     if self.nodes[i].byz {
                         self.byz_send(i, envelope, Some(j));
                     } else {
@@ -647,14 +715,19 @@ impl Sim {
                         self.on_report(i, peer, offence);
                     }
                 }
-                Command::ViewChangeStarted { .. } | Command::NewViewInstalled { .. } | Command::StableCheckpoint { .. } => {}
+                Command::ViewChangeStarted { .. }
+                | Command::NewViewInstalled { .. }
+                | Command::StableCheckpoint { .. } => {}
             }
         }
         let view = self.nodes[i].engine.view();
         if let Err(v) = self.views.check(self.now, i, view) {
             self.violation(v);
         }
-        let t = self.nodes[i].engine.poll_timeout().map(|t| t.0.max(self.now));
+        let t = self.nodes[i]
+            .engine
+            .poll_timeout()
+            .map(|t| t.0.max(self.now));
         if t.is_some() && t != self.nodes[i].timer_at {
             self.nodes[i].timer_at = t;
             if let Some(t) = t {
@@ -667,14 +740,21 @@ impl Sim {
         if self.nodes[i].byz {
             return;
         }
-        let Ok(v) = env.clone().verify::<ConsensusMsg>() else { return };
-        if let ConsensusMsg::Proposal { header, .. } = v.message() {
-            if let Some(pp) = header.clone().verify::<ConsensusMsg>().ok().and_then(|h| match h.message() {
-                ConsensusMsg::PrePrepare(pp) => Some(*pp),
-                _ => None,
-            }) {
-                self.proposal_time.entry(pp.slot.seq).or_insert(self.now);
-            }
+        let Ok(v) = env.clone().verify::<ConsensusMsg>() else {
+            return;
+        };
+        if let ConsensusMsg::Proposal { header, .. } = v.message()
+            && let Some(pp) =
+                header
+                    .clone()
+                    .verify::<ConsensusMsg>()
+                    .ok()
+                    .and_then(|h| match h.message() {
+                        ConsensusMsg::PrePrepare(pp) => Some(*pp),
+                        _ => None,
+                    })
+        {
+            self.proposal_time.entry(pp.slot.seq).or_insert(self.now);
         }
     }
 
@@ -693,77 +773,120 @@ impl Sim {
         if let Some(t0) = self.proposal_time.get(&d.seq) {
             self.consensus_latency.push(self.now - t0);
         }
-        let voters: Vec<NodeId> = d.certificate.commits.iter().map(SignedEnvelope::claimed_signer).collect();
+        let voters: Vec<NodeId> = d
+            .certificate
+            .commits
+            .iter()
+            .map(SignedEnvelope::claimed_signer)
+            .collect();
         let committee = self.committee.clone();
         let rep = &mut self.nodes[i].rep;
         rep.on_certificate(d.time, &voters);
         for r in &d.requests {
-            if r.op.first() == Some(&reputation::EVIDENCE_OP_TAG) {
-                if let Ok(ev) = Evidence::decode(&r.op) {
-                    let _ = rep.on_evidence(d.time, &committee, &ev);
+            if r.op.first() == Some(&reputation::EVIDENCE_OP_TAG)
+                && let Ok(ev) = Evidence::decode(&r.op)
+            {
+                // Evidence that does not verify changes nothing (the reputation engine checks
+                // it again); a Byzantine submitter gains nothing by committing garbage.
+                if rep.on_evidence(d.time, &committee, &ev).is_err() {
+                    self.trace.update(b"evidence-refused");
                 }
             }
         }
         rep.on_time(d.time);
         let view = self.nodes[i].engine.view();
         while let Some(out) = self.nodes[i].rep.poll_output() {
-            if let reputation::Output::Quarantined { node, .. } = out {
-                if let Some(&j) = self.ids.get(&node) {
-                    if let Err(v) = self.quarantine.quarantined(self.now, i, j, view) {
+            match out {
+                reputation::Output::Quarantined { node, .. } => {
+                    if let Some(&j) = self.ids.get(&node)
+                        && let Err(v) = self.quarantine.quarantined(self.now, i, j, view)
+                    {
                         self.violation(v);
                     }
                 }
+                reputation::Output::Penalised { node, .. } => {
+                    if let Some(&j) = self.ids.get(&node) {
+                        self.penalised.insert((i, j));
+                    }
+                }
+                reputation::Output::Released { .. } => {}
             }
         }
         let me = self.nodes[i].key.node_id();
         for r in &d.requests {
             if r.signer() == me {
-                if let Some((t0, _)) = self.nodes[i].outstanding.remove(&r.nonce) {
-                    self.client_latency.push(self.now - t0);
-                    self.requests_committed += 1;
-                    self.fault_end_submitted.remove(&(i, r.nonce));
-                    self.push(self.now, Event::Submit { node: i });
-                }
+                self.nodes[i].evidence_inflight.remove(&r.nonce);
+            }
+            if r.signer() == me
+                && let Some((t0, _)) = self.nodes[i].outstanding.remove(&r.nonce)
+            {
+                self.client_latency.push(self.now - t0);
+                self.requests_committed += 1;
+                self.fault_end_submitted.remove(&(i, r.nonce));
+                self.push(self.now, Event::Submit { node: i });
             }
         }
     }
 
-    fn on_report(&mut self, i: usize, _peer: NodeId, offence: Offence) {
+    fn on_report(&mut self, i: usize, peer: NodeId, offence: Offence) {
+        // Node policy: evidence against a node this node already quarantined adds nothing.
+        // One evidence request per offender in flight: the offender's next offence is reported
+        // once this one committed (bounds the load a flood of bad votes can cause).
+        if self.nodes[i].rep.is_quarantined(&peer)
+            || self.nodes[i].evidence_inflight.values().any(|p| *p == peer)
+        {
+            return;
+        }
         let ev = match offence {
             Offence::Equivocation { first, second } => Evidence::Equivocation { first, second },
-            Offence::ContradictsCertificate { vote, proof } => Evidence::ContradictsCertificate { vote, proof: *proof },
+            Offence::ContradictsCertificate { vote, proof } => Evidence::ContradictsCertificate {
+                vote,
+                proof: *proof,
+            },
             Offence::Invalid(_) => return,
         };
         let op = ev.encode();
         if self.nodes[i].evidence_sent.insert(op.clone()) {
-            self.submit_op(i, op);
+            let nonce = self.submit_op(i, op);
+            self.nodes[i].evidence_inflight.insert(nonce, peer);
         }
     }
 
     fn report(mut self) -> Report {
         let mut live = true;
         let mut detail = String::new();
-        let honest: Vec<usize> = (0..self.nodes.len()).filter(|i| !self.nodes[*i].byz).collect();
+        let honest: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| !self.nodes[*i].byz)
+            .collect();
         if let Some((node, nonce)) = self.fault_end_submitted.iter().next() {
             live = false;
-            detail = format!("request {nonce} of honest client {node} never committed after faults stopped");
+            detail = format!(
+                "request {nonce} of honest client {node} never committed after faults stopped"
+            );
         }
-        let execs: BTreeSet<u64> = honest.iter().map(|i| self.nodes[*i].engine.last_executed()).collect();
+        let execs: BTreeSet<u64> = honest
+            .iter()
+            .map(|i| self.nodes[*i].engine.last_executed())
+            .collect();
         if live && execs.len() > 1 {
             live = false;
             detail = format!("honest nodes stopped at different sequence numbers: {execs:?}");
         }
-        if live {
-            if let Err(v) = self.quarantine.check_end(self.now) {
-                self.violation(v);
-            }
+        if live && let Err(v) = self.quarantine.check_end(self.now) {
+            self.violation(v);
         }
         let quarantined_byzantine = (0..self.nodes.len())
             .filter(|b| self.nodes[*b].byz)
             .filter(|b| {
                 let id = self.nodes[*b].key.node_id();
-                honest.iter().all(|h| self.nodes[*h].rep.is_quarantined(&id))
+                honest
+                    .iter()
+                    .all(|h| self.nodes[*h].rep.is_quarantined(&id))
             })
+            .count();
+        let penalised_byzantine = (0..self.nodes.len())
+            .filter(|b| self.nodes[*b].byz)
+            .filter(|b| honest.iter().all(|h| self.penalised.contains(&(*h, *b))))
             .count();
         let hash = self.trace.clone().finalize();
         Report {
@@ -771,7 +894,11 @@ impl Sim {
             nodes: self.s.nodes,
             byzantine: self.s.byzantine,
             strategy: self.s.strategy.name(),
-            violations: self.violations.iter().map(|v| format!("{} at {} ms: {}", v.invariant, v.at_ms, v.detail)).collect(),
+            violations: self
+                .violations
+                .iter()
+                .map(|v| format!("{} at {} ms: {}", v.invariant, v.at_ms, v.detail))
+                .collect(),
             live,
             liveness_detail: detail,
             committed_seqs: self.agreement.highest(),
@@ -784,6 +911,7 @@ impl Sim {
             max_view: self.views.max(),
             offenders: self.quarantine.offenders(),
             quarantined_byzantine,
+            penalised_byzantine,
             trace_hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
         }
     }
@@ -795,23 +923,6 @@ fn kind_of(bytes: &[u8]) -> Option<u16> {
     match bytes {
         [0xa4, 0x61, b'k', code, ..] if *code < 24 => Some(u16::from(*code)),
         _ => None,
-    }
-}
-
-#[cold]
-fn unreachable_committee() -> Committee {
-    // A committee of n >= 1 distinct derived keys always forms; keep a total function anyway.
-    match Committee::new(0, vec![derive_key(0, 0).node_id()]) {
-        Ok(c) => c,
-        Err(_) => std::process::abort(),
-    }
-}
-
-#[cold]
-fn unreachable_engine() -> Engine {
-    match Engine::new(dwcp_consensus::Config::default(), derive_key(0, 0), unreachable_committee()) {
-        Ok(e) => e,
-        Err(_) => std::process::abort(),
     }
 }
 

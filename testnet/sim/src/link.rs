@@ -12,7 +12,7 @@ const REGION_MS: [[u64; REGIONS]; REGIONS] = [[8, 45, 110], [45, 8, 80], [110, 8
 /// How long a message takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkModel {
-    /// Nodes spread over three regions; latency from [`REGION_MS`] plus up to 20% jitter.
+    /// Nodes spread over three regions; latency from a fixed eu/us/asia table (8-110 ms) plus up to 20% jitter.
     Regions,
     /// The same one-way latency on every link, no jitter.
     Uniform {

@@ -62,9 +62,11 @@ impl Strategy {
         }
     }
 
-    /// Whether its offences are provable, so its nodes must end up quarantined.
+    /// Whether its offences are provable and outweigh the rewards for its correct votes, so
+    /// its nodes must end up quarantined. (A capacity liar votes correctly otherwise: each lie
+    /// costs 0.10 but its correct votes earn 0.01 each, so it is penalised, not quarantined.)
     pub fn provable(self) -> bool {
-        matches!(self, Self::Equivocate | Self::ConflictingDigest | Self::LieCapacity)
+        matches!(self, Self::Equivocate | Self::ConflictingDigest)
     }
 }
 
@@ -72,10 +74,13 @@ impl FromStr for Strategy {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|x| x.name()).collect();
-            format!("unknown strategy `{s}`; one of {}", names.join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|x| x.name()).collect();
+                format!("unknown strategy `{s}`; one of {}", names.join(", "))
+            })
     }
 }
 
@@ -117,7 +122,9 @@ const TRUE_UPLINK_MBPS: u32 = 100;
 
 impl Sim {
     fn sign_as(&self, i: usize, m: ConsensusMsg) -> Option<SignedEnvelope> {
-        Verified::sign(&self.nodes[i].key, m).ok().map(|v| v.envelope().clone())
+        Verified::sign(&self.nodes[i].key, m)
+            .ok()
+            .map(|v| v.envelope().clone())
     }
 
     fn targets(&self, i: usize, to: Option<usize>) -> Vec<usize> {
@@ -130,7 +137,11 @@ impl Sim {
     /// Sends `env` from Byzantine node `i` (to `to`, or to everyone) the way its strategy says.
     pub(crate) fn byz_send(&mut self, i: usize, env: SignedEnvelope, to: Option<usize>) {
         let targets = self.targets(i, to);
-        let msg = env.clone().verify::<ConsensusMsg>().ok().map(Verified::into_message);
+        let msg = env
+            .clone()
+            .verify::<ConsensusMsg>()
+            .ok()
+            .map(Verified::into_message);
         match self.s.strategy {
             crate::Strategy::Silence => {}
             crate::Strategy::Delay => {
@@ -149,7 +160,10 @@ impl Sim {
                 }
             }
             crate::Strategy::VoteAgainst => {
-                if matches!(msg, Some(ConsensusMsg::Prepare { .. } | ConsensusMsg::Commit(_))) {
+                if matches!(
+                    msg,
+                    Some(ConsensusMsg::Prepare { .. } | ConsensusMsg::Commit(_))
+                ) {
                     return;
                 }
                 let bytes = self.encode(&env);
@@ -160,12 +174,18 @@ impl Sim {
             crate::Strategy::ConflictingDigest => {
                 let out = match msg {
                     Some(ConsensusMsg::Prepare { slot, header }) => {
-                        let slot = Slot { digest: Digest(self.rng.random()), ..slot };
+                        let slot = Slot {
+                            digest: Digest(self.rng.random()),
+                            ..slot
+                        };
                         self.sign_as(i, ConsensusMsg::Prepare { slot, header })
                     }
                     Some(ConsensusMsg::Commit(slot)) => {
                         self.quarantine.offence(i, slot.view);
-                        let slot = Slot { digest: Digest(self.rng.random()), ..slot };
+                        let slot = Slot {
+                            digest: Digest(self.rng.random()),
+                            ..slot
+                        };
                         self.sign_as(i, ConsensusMsg::Commit(slot))
                     }
                     _ => Some(env),
@@ -178,16 +198,16 @@ impl Sim {
                 }
             }
             crate::Strategy::Equivocate => {
-                if let Some(ConsensusMsg::Proposal { header, batch }) = &msg {
-                    if let Some(alt) = self.equivocal_proposal(i, header, batch) {
-                        let a = self.encode(&env);
-                        let b = self.encode(&alt);
-                        let half = targets.len() / 2;
-                        for (k, j) in targets.into_iter().enumerate() {
-                            self.send_bytes(i, j, if k < half { b.clone() } else { a.clone() }, 0);
-                        }
-                        return;
+                if let Some(ConsensusMsg::Proposal { header, batch }) = &msg
+                    && let Some(alt) = self.equivocal_proposal(i, header, batch)
+                {
+                    let a = self.encode(&env);
+                    let b = self.encode(&alt);
+                    let half = targets.len() / 2;
+                    for (k, j) in targets.into_iter().enumerate() {
+                        self.send_bytes(i, j, if k < half { b.clone() } else { a.clone() }, 0);
                     }
+                    return;
                 }
                 let bytes = self.encode(&env);
                 for j in targets {
@@ -216,30 +236,63 @@ impl Sim {
     }
 
     /// A second proposal for the same `(v, n)` with another batch, signed by node `i`.
-    fn equivocal_proposal(&mut self, i: usize, header: &SignedEnvelope, batch: &[SignedEnvelope]) -> Option<SignedEnvelope> {
+    fn equivocal_proposal(
+        &mut self,
+        i: usize,
+        header: &SignedEnvelope,
+        batch: &[SignedEnvelope],
+    ) -> Option<SignedEnvelope> {
         let h = header.clone().verify::<ConsensusMsg>().ok()?;
-        let ConsensusMsg::PrePrepare(pp) = h.message() else { return None };
+        let ConsensusMsg::PrePrepare(pp) = h.message() else {
+            return None;
+        };
         let mut alt: Vec<SignedEnvelope> = batch.to_vec();
         if alt.len() > 1 {
             alt.pop();
         } else {
             self.byz_nonce += 1;
-            let r = Verified::sign(&self.nodes[i].key, Request { nonce: self.byz_nonce, op: vec![0xBA; 8] }).ok()?;
+            let r = Verified::sign(
+                &self.nodes[i].key,
+                Request {
+                    nonce: self.byz_nonce,
+                    op: vec![0xBA; 8],
+                },
+            )
+            .ok()?;
             self.validity.submitted(r.signer(), self.byz_nonce);
             alt.push(r.envelope().clone());
         }
-        let slot = Slot { digest: Digest::of_batch(&alt), ..pp.slot };
-        let h2 = self.sign_as(i, ConsensusMsg::PrePrepare(PrePrepare { slot, time: pp.time }))?;
+        let slot = Slot {
+            digest: Digest::of_batch(&alt),
+            ..pp.slot
+        };
+        let h2 = self.sign_as(
+            i,
+            ConsensusMsg::PrePrepare(PrePrepare {
+                slot,
+                time: pp.time,
+            }),
+        )?;
         self.quarantine.offence(i, slot.view);
-        self.sign_as(i, ConsensusMsg::Proposal { header: h2, batch: alt })
+        self.sign_as(
+            i,
+            ConsensusMsg::Proposal {
+                header: h2,
+                batch: alt,
+            },
+        )
     }
 
     /// A forged copy of `env`: either claims an honest signer or has a corrupted signature.
     fn forge(&mut self, i: usize, env: &SignedEnvelope) -> Vec<u8> {
         let bytes = env.encode();
-        let Ok(mut raw) = ciborium::from_reader::<RawEnvelope, _>(bytes.as_slice()) else { return bytes };
+        let Ok(mut raw) = ciborium::from_reader::<RawEnvelope, _>(bytes.as_slice()) else {
+            return bytes;
+        };
         if self.rng.random_bool(0.5) {
-            let honest: Vec<usize> = (0..self.nodes.len()).filter(|j| !self.nodes[*j].byz && *j != i).collect();
+            let honest: Vec<usize> = (0..self.nodes.len())
+                .filter(|j| !self.nodes[*j].byz && *j != i)
+                .collect();
             if let Some(&h) = honest.get(self.rng.random_range(0..honest.len().max(1))) {
                 raw.s = self.nodes[h].key.node_id();
             }
@@ -255,7 +308,12 @@ impl Sim {
 
     /// Vote-against: ask for a view change to the next view at every tick.
     pub(crate) fn byz_spurious_view_change(&mut self, i: usize) {
-        let vc = ViewChange { new_view: self.nodes[i].engine.view() + 1, stable_seq: 0, stable_proof: vec![], prepared: vec![] };
+        let vc = ViewChange {
+            new_view: self.nodes[i].engine.view() + 1,
+            stable_seq: 0,
+            stable_proof: vec![],
+            prepared: vec![],
+        };
         if let Some(env) = self.sign_as(i, ConsensusMsg::ViewChange(vc)) {
             self.broadcast_raw(i, &env, 0);
         }
@@ -274,28 +332,50 @@ impl Sim {
             issued_at: Timestamp(self.now),
             region: "sim".into(),
             version: "3.0.0".into(),
-            resources: Resources { vcpus: 8, memory_mib: 16_384, disk_gib: 100, gpus: vec![] },
-            donated: DonatedShare { vcpus: 4, memory_mib: 8_192, disk_gib: 50, uplink_mbps: TRUE_UPLINK_MBPS * 100 },
+            resources: Resources {
+                vcpus: 8,
+                memory_mib: 16_384,
+                disk_gib: 100,
+                gpus: vec![],
+            },
+            donated: DonatedShare {
+                vcpus: 4,
+                memory_mib: 8_192,
+                disk_gib: 50,
+                uplink_mbps: TRUE_UPLINK_MBPS * 100,
+            },
             listen_addrs: vec![],
         };
-        self.quarantine.offence(i, self.nodes[i].engine.view());
-        let Ok(claim) = Verified::sign(&self.nodes[i].key, claim) else { return };
+        let Ok(claim) = Verified::sign(&self.nodes[i].key, claim) else {
+            return;
+        };
         let subject = self.nodes[i].key.node_id();
         let f = self.committee.f();
-        let honest: Vec<usize> = (0..self.nodes.len()).filter(|j| !self.nodes[*j].byz).collect();
+        let honest: Vec<usize> = (0..self.nodes.len())
+            .filter(|j| !self.nodes[*j].byz)
+            .collect();
         let measurements: Vec<SignedEnvelope> = honest
             .iter()
             .take(f + 1)
             .filter_map(|j| {
-                let m = BandwidthMeasurement { subject, measured_mbps: TRUE_UPLINK_MBPS, at: Timestamp(self.now) };
-                Verified::sign(&self.nodes[*j].key, m).ok().map(|v| v.envelope().clone())
+                let m = BandwidthMeasurement {
+                    subject,
+                    measured_mbps: TRUE_UPLINK_MBPS,
+                    at: Timestamp(self.now),
+                };
+                Verified::sign(&self.nodes[*j].key, m)
+                    .ok()
+                    .map(|v| v.envelope().clone())
             })
             .collect();
-        let ev = Evidence::ClaimContradicted { claim: claim.envelope().clone(), measurements };
+        let ev = Evidence::ClaimContradicted {
+            claim: claim.envelope().clone(),
+            measurements,
+        };
         let op = ev.encode();
         for j in honest {
             if !self.nodes[j].crashed && self.nodes[j].evidence_sent.insert(op.clone()) {
-                self.submit_op(j, op.clone());
+                let _nonce = self.submit_op(j, op.clone());
                 self.drain(j);
             }
         }

@@ -6,30 +6,58 @@ use super::*;
 fn short(mut s: Scenario) -> Scenario {
     s.fault_phase_ms = 20_000;
     s.liveness_phase_ms = 200_000;
-    s.drain_ms = 120_000;
+    s.drain_ms = 180_000;
     s
 }
 
 #[test]
 fn ci_seeds_n4_every_strategy_are_safe_and_live() {
     for (k, strategy) in Strategy::ALL.into_iter().enumerate() {
-        let r = run(&short(Scenario::chaos(4, 1, strategy, 100 + k as u64)));
-        assert!(r.passed(), "n=4 {strategy:?} seed {}: {:?} {}", r.seed, r.violations, r.liveness_detail);
+        let r = run(&short(Scenario::chaos(4, 1, strategy, 100 + k as u64))).unwrap();
+        assert!(
+            r.passed(),
+            "n=4 {strategy:?} seed {}: {:?} {}",
+            r.seed,
+            r.violations,
+            r.liveness_detail
+        );
         assert!(r.requests_committed > 0);
         if strategy.provable() {
-            assert_eq!(r.quarantined_byzantine, 1, "{strategy:?}: offender not quarantined");
+            assert_eq!(
+                r.quarantined_byzantine, 1,
+                "{strategy:?}: offender not quarantined"
+            );
+        }
+        if strategy == Strategy::LieCapacity {
+            assert_eq!(r.penalised_byzantine, 1, "capacity liar not penalised");
         }
         if strategy == Strategy::Forge {
-            assert!(r.rejected_messages > 0, "forged messages must be rejected at decoding");
+            assert!(
+                r.rejected_messages > 0,
+                "forged messages must be rejected at decoding"
+            );
         }
     }
 }
 
 #[test]
 fn ci_seeds_n7_are_safe_and_live() {
-    for (k, strategy) in [Strategy::Equivocate, Strategy::Silence, Strategy::ConflictingDigest].into_iter().enumerate() {
-        let r = run(&short(Scenario::chaos(7, 2, strategy, 200 + k as u64)));
-        assert!(r.passed(), "n=7 {strategy:?} seed {}: {:?} {}", r.seed, r.violations, r.liveness_detail);
+    for (k, strategy) in [
+        Strategy::Equivocate,
+        Strategy::Silence,
+        Strategy::ConflictingDigest,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = run(&short(Scenario::chaos(7, 2, strategy, 200 + k as u64))).unwrap();
+        assert!(
+            r.passed(),
+            "n=7 {strategy:?} seed {}: {:?} {}",
+            r.seed,
+            r.violations,
+            r.liveness_detail
+        );
     }
 }
 
@@ -37,16 +65,27 @@ fn ci_seeds_n7_are_safe_and_live() {
 fn same_seed_same_trace() {
     let s = short(Scenario::chaos(4, 1, Strategy::Equivocate, 7));
     let a = self_check(&s).unwrap();
-    let other = run(&short(Scenario::chaos(4, 1, Strategy::Equivocate, 8))).trace_hash;
+    let other = run(&short(Scenario::chaos(4, 1, Strategy::Equivocate, 8)))
+        .unwrap()
+        .trace_hash;
     assert_ne!(a, other, "different seeds give different traces");
 }
 
 #[test]
 fn fault_free_latency_is_about_four_one_way_delays() {
-    let r = run(&Scenario::measure(4, 50, 1, 20_000, 1));
+    let r = run(&Scenario::measure(4, 50, 1, 20_000, 1)).unwrap();
     assert!(r.passed());
     let mut l = r.consensus_latency_ms.clone();
     l.sort_unstable();
     // Proposal -> prepare -> commit: 3 one-way delays (150 ms) at 50 ms links.
     assert_eq!(l[l.len() / 2], 150);
+}
+
+#[test]
+fn impossible_scenarios_are_errors_not_panics() {
+    let mut s = Scenario::chaos(0, 0, Strategy::Silence, 1);
+    assert!(matches!(run(&s), Err(SimError::Committee(_))));
+    s = Scenario::chaos(4, 1, Strategy::Silence, 1);
+    s.consensus.checkpoint_interval = 0;
+    assert!(matches!(run(&s), Err(SimError::Config(_))));
 }

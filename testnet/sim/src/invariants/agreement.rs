@@ -14,7 +14,13 @@ pub struct Agreement {
 
 impl Agreement {
     /// Records that honest node `node` committed `digest` at `seq`.
-    pub fn check(&mut self, at_ms: u64, node: usize, seq: u64, digest: Digest) -> Result<(), Violation> {
+    pub fn check(
+        &mut self,
+        at_ms: u64,
+        node: usize,
+        seq: u64,
+        digest: Digest,
+    ) -> Result<(), Violation> {
         match self.decided.get(&seq) {
             None => {
                 self.decided.insert(seq, (digest, node));
@@ -23,7 +29,9 @@ impl Agreement {
             Some((d, _)) if *d == digest => Ok(()),
             Some((d, first)) => Err(Violation {
                 invariant: "agreement",
-                detail: format!("seq {seq}: node {first} committed {d:?}, node {node} committed {digest:?}"),
+                detail: format!(
+                    "seq {seq}: node {first} committed {d:?}, node {node} committed {digest:?}"
+                ),
                 at_ms,
             }),
         }

@@ -20,7 +20,12 @@ pub struct Quarantine {
 impl Quarantine {
     /// `honest[i]` says whether node `i` is honest; `k_views` is the deadline.
     pub fn new(honest: Vec<bool>, k_views: u64) -> Self {
-        Self { k_views, first_offence: BTreeMap::new(), quarantined: BTreeMap::new(), honest }
+        Self {
+            k_views,
+            first_offence: BTreeMap::new(),
+            quarantined: BTreeMap::new(),
+            honest,
+        }
     }
 
     /// A Byzantine node committed a detectable offence in `view`.
@@ -29,9 +34,19 @@ impl Quarantine {
     }
 
     /// Honest node `by` quarantined `node` at `view`. Quarantining an honest node is a violation.
-    pub fn quarantined(&mut self, at_ms: u64, by: usize, node: usize, view: u64) -> Result<(), Violation> {
+    pub fn quarantined(
+        &mut self,
+        at_ms: u64,
+        by: usize,
+        node: usize,
+        view: u64,
+    ) -> Result<(), Violation> {
         if self.honest.get(node).copied().unwrap_or(false) {
-            return Err(Violation { invariant: "quarantine", detail: format!("honest node {node} quarantined by {by}"), at_ms });
+            return Err(Violation {
+                invariant: "quarantine",
+                detail: format!("honest node {node} quarantined by {by}"),
+                at_ms,
+            });
         }
         self.quarantined.entry((by, node)).or_insert(view);
         Ok(())
@@ -47,10 +62,23 @@ impl Quarantine {
                 }
                 match self.quarantined.get(&(by, bad)) {
                     None => {
-                        return Err(Violation { invariant: "quarantine", detail: format!("offender {bad} (first offence in view {v0}) never quarantined by {by}"), at_ms });
+                        return Err(Violation {
+                            invariant: "quarantine",
+                            detail: format!(
+                                "offender {bad} (first offence in view {v0}) never quarantined by {by}"
+                            ),
+                            at_ms,
+                        });
                     }
                     Some(v) if v.saturating_sub(v0) > self.k_views => {
-                        return Err(Violation { invariant: "quarantine", detail: format!("offender {bad} quarantined by {by} in view {v}, {} views after its offence", v - v0), at_ms });
+                        return Err(Violation {
+                            invariant: "quarantine",
+                            detail: format!(
+                                "offender {bad} quarantined by {by} in view {v}, {} views after its offence",
+                                v - v0
+                            ),
+                            at_ms,
+                        });
                     }
                     Some(_) => {}
                 }
@@ -77,7 +105,10 @@ mod tests {
         assert!(q.check_end(0).is_err(), "node 1 never quarantined it");
         q.quarantined(0, 1, 2, 9).unwrap();
         assert!(q.check_end(0).is_err(), "too late");
-        assert!(q.quarantined(0, 0, 1, 1).is_err(), "honest node quarantined");
+        assert!(
+            q.quarantined(0, 0, 1, 1).is_err(),
+            "honest node quarantined"
+        );
         let mut ok = Quarantine::new(vec![true, false], 3);
         ok.offence(1, 0);
         ok.quarantined(0, 0, 1, 2).unwrap();

@@ -22,12 +22,24 @@ impl Validity {
 
     /// Checks a decision delivered by an honest node. `verify_cert` makes it check the
     /// certificate's signatures too (done once per sequence number: it is costly).
-    pub fn check(&self, at_ms: u64, node: usize, d: &Decision, committee: &Committee, verify_cert: bool) -> Result<(), Violation> {
+    pub fn check(
+        &self,
+        at_ms: u64,
+        node: usize,
+        d: &Decision,
+        committee: &Committee,
+        verify_cert: bool,
+    ) -> Result<(), Violation> {
         for r in &d.requests {
             if !self.submitted.contains(&(r.signer(), r.nonce)) {
                 return Err(Violation {
                     invariant: "validity",
-                    detail: format!("node {node} seq {}: request ({:?}, {}) was never submitted", d.seq, r.signer(), r.nonce),
+                    detail: format!(
+                        "node {node} seq {}: request ({:?}, {}) was never submitted",
+                        d.seq,
+                        r.signer(),
+                        r.nonce
+                    ),
                     at_ms,
                 });
             }
@@ -36,10 +48,18 @@ impl Validity {
             match d.certificate.verify(committee) {
                 Ok(cb) if cb.slot.seq == d.seq && cb.slot.digest == d.digest => {}
                 Ok(_) => {
-                    return Err(Violation { invariant: "validity", detail: format!("seq {}: certificate for another slot", d.seq), at_ms });
+                    return Err(Violation {
+                        invariant: "validity",
+                        detail: format!("seq {}: certificate for another slot", d.seq),
+                        at_ms,
+                    });
                 }
                 Err(e) => {
-                    return Err(Violation { invariant: "validity", detail: format!("seq {}: certificate does not verify: {e}", d.seq), at_ms });
+                    return Err(Violation {
+                        invariant: "validity",
+                        detail: format!("seq {}: certificate does not verify: {e}", d.seq),
+                        at_ms,
+                    });
                 }
             }
         }

@@ -18,7 +18,11 @@ impl ViewMonotonic {
     pub fn check(&mut self, at_ms: u64, node: usize, view: u64) -> Result<(), Violation> {
         let last = &mut self.last[node];
         if view < *last {
-            return Err(Violation { invariant: "view-monotonic", detail: format!("node {node}: view {last} -> {view}"), at_ms });
+            return Err(Violation {
+                invariant: "view-monotonic",
+                detail: format!("node {node}: view {last} -> {view}"),
+                at_ms,
+            });
         }
         *last = view;
         Ok(())
