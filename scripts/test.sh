@@ -37,7 +37,7 @@ step "guest image for the VM tests"
 if [ -x scripts/build-guest.sh ]; then scripts/build-guest.sh; fi
 
 step "build binaries (the process-level tests run them)"
-cargo build --workspace --bins --locked
+cargo build --workspace --bins --all-features --locked   # same features as the tests: one build
 
 step "tests"
 cargo nextest run --workspace --all-features --locked --no-fail-fast
