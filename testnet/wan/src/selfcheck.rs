@@ -143,7 +143,11 @@ pub fn iperf_client(
 /// Measures the UDP echo RTT from host 0 to host 1 (median of the replies), in ms, and the
 /// number of probes answered.
 pub fn udp_rtt_ms(emu: &Emulator, probes: u32) -> Result<(f64, u32), SelfCheckError> {
-    let server_addr = SocketAddr::from((host_addr(1), 7777));
+    // A fresh port per call: the echo server of an earlier call (e.g. one whose probes a
+    // partition dropped, "stop" included) may still hold its port until its read timeout.
+    static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(7777);
+    let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let server_addr = SocketAddr::from((host_addr(1), port));
     let echo = in_namespace(emu.namespace(1), move || -> std::io::Result<()> {
         let s = UdpSocket::bind(server_addr)?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
