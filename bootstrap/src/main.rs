@@ -83,21 +83,6 @@ impl Metrics {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.data_dir)
         .with_context(|| format!("creating {}", cli.data_dir.display()))?;
@@ -150,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut addrs: Vec<String> = Vec::new();
     let mut stats = tokio::time::interval(Duration::from_secs(2));
-    let shutdown = shutdown_signal();
+    let shutdown = dwcp_node::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -22,3 +22,21 @@ pub mod membership;
 pub mod metrics;
 pub mod store;
 pub mod vms;
+
+/// Resolves on SIGTERM or SIGINT: how the daemons (`dwcp-node`, `dwcp-bootstrap`) learn to
+/// stop. Without signal handlers (they could not be installed) it never resolves and the
+/// process can only be killed.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

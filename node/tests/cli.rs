@@ -3,17 +3,12 @@
 // Tests may unwrap: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use std::{net::TcpListener, process::Command, time::Duration};
+mod common;
 
-use dwcp_node::{config::NodeConfig, daemon, identity};
+use std::{process::Command, time::Duration};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{RunningNode, loopback_config};
+use dwcp_node::config::NodeConfig;
 
 fn cli(api: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
@@ -27,41 +22,10 @@ fn cli(api: &str, args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_talks_to_a_running_node_and_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let (api_port, metrics_port, p2p) = (free_port(), free_port(), free_port());
-    let mut c = NodeConfig::default();
-    c.cluster.id = "cli-test".into();
+    let mut c = loopback_config("cli-test");
     c.node.region = "test-region".into();
-    c.network.listen = vec![format!("/ip4/127.0.0.1/tcp/{p2p}")];
-    c.api.rest.bind = format!("127.0.0.1:{api_port}").parse().unwrap();
-    c.monitoring.prometheus.bind = format!("127.0.0.1:{metrics_port}").parse().unwrap();
-    let c = c.validate().unwrap();
-    let key = identity::load_or_create(&dir.path().join("identity.key")).unwrap();
-    let id = key.node_id();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(daemon::run(
-        daemon::NodeSetup {
-            config: c,
-            key,
-            data_dir: dir.path().to_path_buf(),
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let api = format!("http://127.0.0.1:{api_port}");
-    // Wait for the API.
-    let mut up = false;
-    for _ in 0..100 {
-        if reqwest::get(format!("{api}/v1/cluster/status"))
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "node API did not come up");
+    let node = RunningNode::start(c, dir.path()).await;
+    let (id, api) = (node.id, node.api.clone());
 
     let out = tokio::task::spawn_blocking({
         let api = api.clone();
@@ -113,7 +77,7 @@ async fn cli_talks_to_a_running_node_and_fails_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim(), "error: unknown node deadbeefdeadbeef");
 
-    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+    let metrics = reqwest::get(format!("{}/metrics", node.metrics))
         .await
         .unwrap()
         .text()
@@ -124,12 +88,7 @@ async fn cli_talks_to_a_running_node_and_fails_clearly() {
         "{metrics}"
     );
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), node)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    node.stop().await;
 
     // The node is gone: one clear line, non-zero exit.
     let out = tokio::task::spawn_blocking(move || cli(&api, &["cluster", "status"]))

@@ -5,25 +5,16 @@
 // Tests may unwrap: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::{
-    net::TcpListener,
     process::Command,
     time::{Duration, Instant},
 };
 
+use common::{RunningNode, loopback_config};
 use dwcp_hypervisor::test_guest::{TestGuest, last_tick, ticks};
-use dwcp_node::{
-    config::{AccelSetting, NodeConfig},
-    daemon, identity,
-};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use dwcp_node::config::{AccelSetting, NodeConfig};
 
 fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
@@ -86,46 +77,17 @@ async fn a_real_guest_through_the_node_api() {
     let guest = TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let _cleanup = KillLeftovers(dir.path().to_path_buf());
-    let (api_port, metrics_port, p2p) = (free_port(), free_port(), free_port());
-    let mut c = NodeConfig::default();
-    c.cluster.id = "vm-test".into();
-    c.network.listen = vec![format!("/ip4/127.0.0.1/tcp/{p2p}")];
-    c.api.rest.bind = format!("127.0.0.1:{api_port}").parse().unwrap();
-    c.monitoring.prometheus.bind = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let mut c = loopback_config("vm-test");
     c.hypervisor.accel = AccelSetting::Tcg;
     // Lend exactly 1 vCPU and 512 MiB, whatever the host has.
     c.node.resources.cpu = 2;
     c.node.resources.memory_mib = 1024;
     c.node.donated.cpu_percent = 50;
     c.node.donated.memory_percent = 50;
-    let c = c.validate().unwrap();
     let cfg_path = dir.path().join("node.yaml");
     std::fs::write(&cfg_path, c.to_yaml().unwrap()).unwrap();
-    let key = identity::load_or_create(&dir.path().join("identity.key")).unwrap();
-    let id = key.node_id().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(daemon::run(
-        daemon::NodeSetup {
-            config: c,
-            key,
-            data_dir: dir.path().to_path_buf(),
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let api = format!("http://127.0.0.1:{api_port}");
-    let start = Instant::now();
-    while reqwest::get(format!("{api}/v1/cluster/status"))
-        .await
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "node API did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let node = RunningNode::start(c, dir.path()).await;
+    let (id, api) = (node.id.to_string(), node.api.clone());
 
     // Larger than the donated share: refused with a clear error, nothing started.
     let (ok, _, err) = cli_async(
@@ -241,7 +203,7 @@ async fn a_real_guest_through_the_node_api() {
         count = cli_async(&api, &["vm", "count", "--node", &id]).await.1;
     }
     assert_eq!(count.trim(), "1");
-    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+    let metrics = reqwest::get(format!("{}/metrics", node.metrics))
         .await
         .unwrap()
         .text()
@@ -257,42 +219,14 @@ async fn a_real_guest_through_the_node_api() {
     );
 
     // The node restarts; the guest keeps running and the node re-attaches to it.
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), node)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    node.stop().await;
     assert!(
         std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "node shutdown killed the guest"
     );
     let before =
         last_tick(&std::fs::read_to_string(serial_log(dir.path(), &vm)).unwrap_or_default());
-    let c = NodeConfig::load(&cfg_path).unwrap();
-    let key = identity::load(&dir.path().join("identity.key")).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(daemon::run(
-        daemon::NodeSetup {
-            config: c,
-            key,
-            data_dir: dir.path().to_path_buf(),
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let start = Instant::now();
-    while reqwest::get(format!("{api}/v1/cluster/status"))
-        .await
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "node API did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let node = RunningNode::start(NodeConfig::load(&cfg_path).unwrap(), dir.path()).await;
     let (ok, out, err) = cli_async(&api, &["--output", "json", "vm", "inspect", "--vm", &vm]).await;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -328,12 +262,7 @@ async fn a_real_guest_through_the_node_api() {
         .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), node)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    node.stop().await;
 }
 
 /// The serial log file of a VM, found under the node's hypervisor state dir.

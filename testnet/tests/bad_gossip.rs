@@ -102,8 +102,7 @@ async fn malformed_oversized_and_forged_messages_are_rejected_and_counted() {
         .await
         .unwrap();
     assert!(st.status().is_success());
-    // And the sender's gossip score went negative at the node, as seen from our side is not
-    // observable; the node's own view is: it still lists exactly the 2 real nodes as members.
+    // The attacker's messages never made it a member: the node lists only the 2 real nodes.
     let members = local::node_list(&target.api).await.unwrap();
     assert_eq!(members.len(), 2, "the attacker never became a member");
     local::down(dir.path()).await.unwrap();

@@ -185,22 +185,6 @@ fn init_logging(c: &NodeConfig) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the node can only be killed; keep running.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -267,7 +251,7 @@ fn main() -> anyhow::Result<()> {
                     key,
                     data_dir,
                 },
-                shutdown_signal(),
+                dwcp_node::shutdown_signal(),
             ))
         }
     }

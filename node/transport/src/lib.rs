@@ -54,6 +54,8 @@
 
 pub mod adapt;
 #[cfg(feature = "io")]
+pub mod fault;
+#[cfg(feature = "io")]
 pub mod io;
 pub mod receiver;
 pub mod sender;

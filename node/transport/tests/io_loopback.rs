@@ -2,14 +2,11 @@
 //! killed midway, and a refused sender.
 #![cfg(feature = "io")]
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 
-use dwcp_transport::io::{self, Acceptor, Conn, Connector, TcpAcceptor, TcpConnector};
+use dwcp_transport::fault::KillFirstConnection;
+use dwcp_transport::io::{self, Acceptor, Connector, TcpAcceptor, TcpConnector};
 use dwcp_transport::{Config, TransferError};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 fn data(len: usize) -> Vec<u8> {
     let mut x = 0x1234_5678_9abc_def0u64;
@@ -87,80 +84,18 @@ async fn unknown_congestion_controller_is_an_error_not_a_panic() {
 }
 
 /// A connection that fails after a byte budget (one stream's connection killed midway).
-struct FakeDyingConn {
-    inner: Box<dyn Conn>,
-    left: usize,
-}
-
-impl AsyncRead for FakeDyingConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for FakeDyingConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if self.left == 0 {
-            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
-        }
-        let n = buf.len().min(self.left);
-        let r = Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
-        if let Poll::Ready(Ok(k)) = &r {
-            self.left -= k;
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Kills the first connection after 1 MiB; the others are healthy.
-struct FakeKillFirstConnector {
-    tcp: TcpConnector,
-    opened: AtomicUsize,
-}
-
-impl Connector for FakeKillFirstConnector {
-    fn connect(&self) -> io::BoxFuture<'static, std::io::Result<Box<dyn Conn>>> {
-        let n = self.opened.fetch_add(1, Ordering::SeqCst);
-        let f = self.tcp.connect();
-        Box::pin(async move {
-            let c = f.await?;
-            if n == 0 {
-                Ok(Box::new(FakeDyingConn {
-                    inner: c,
-                    left: 1 << 20,
-                }) as Box<dyn Conn>)
-            } else {
-                Ok(c)
-            }
-        })
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_connection_midway_still_gives_bit_exact_data() {
     let (acc, addr) = listener().await;
     let src = data(16 << 20);
-    let conn = Arc::new(FakeKillFirstConnector {
-        tcp: TcpConnector {
+    let conn = Arc::new(KillFirstConnection::new(
+        TcpConnector {
             addr,
             congestion: None,
         },
-        opened: AtomicUsize::new(0),
-    });
+        1 << 20,
+    ));
     let (tx, rx, sink) = transfer(conn, acc, cfg(), src.clone()).await;
     assert_eq!(tx.unwrap().bytes, src.len() as u64);
     rx.unwrap();

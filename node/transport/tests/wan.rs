@@ -2,78 +2,13 @@
 //! delayed link that drops for two seconds while one connection is killed midway.
 #![cfg(feature = "io")]
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use dwcp_transport::Config;
-use dwcp_transport::io::{self, Conn, Connector, TcpAcceptor, TcpConnector};
+use dwcp_transport::fault::KillFirstConnection;
+use dwcp_transport::io::{self, TcpAcceptor, TcpConnector};
 use dwcp_wan::{Emulator, EmulatorConfig, Profile, host_addr, in_namespace};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-struct FakeDyingConn {
-    inner: Box<dyn Conn>,
-    left: usize,
-}
-
-impl AsyncRead for FakeDyingConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for FakeDyingConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if self.left == 0 {
-            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
-        }
-        let n = buf.len().min(self.left);
-        let r = Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
-        if let Poll::Ready(Ok(k)) = &r {
-            self.left -= k;
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-struct FakeKillFirstConnector {
-    tcp: TcpConnector,
-    opened: AtomicUsize,
-}
-
-impl Connector for FakeKillFirstConnector {
-    fn connect(&self) -> io::BoxFuture<'static, std::io::Result<Box<dyn Conn>>> {
-        let n = self.opened.fetch_add(1, Ordering::SeqCst);
-        let f = self.tcp.connect();
-        Box::pin(async move {
-            let c = f.await?;
-            Ok(if n == 0 {
-                Box::new(FakeDyingConn {
-                    inner: c,
-                    left: 1 << 20,
-                }) as Box<dyn Conn>
-            } else {
-                c
-            })
-        })
-    }
-}
 
 fn data(len: usize) -> Vec<u8> {
     let mut x = 0xDEAD_BEEF_u64;
@@ -127,13 +62,13 @@ fn survives_a_killed_connection_and_a_link_outage_on_an_emulated_wan() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let conn = Arc::new(FakeKillFirstConnector {
-                tcp: TcpConnector {
+            let conn = Arc::new(KillFirstConnection::new(
+                TcpConnector {
                     addr,
                     congestion: Some("bbr".into()),
                 },
-                opened: AtomicUsize::new(0),
-            });
+                1 << 20,
+            ));
             io::send(conn, cfg, [5; 16], &s2[..], None)
                 .await
                 .map(|r| r.progress)

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use dwcp_transport::Config;
+use dwcp_transport::fault::KillFirstConnection;
 use dwcp_transport::io::{self, TcpAcceptor, TcpConnector};
 use dwcp_wan::{Emulator, EmulatorConfig, Profile, host_addr, in_namespace};
 use serde::Serialize;
@@ -493,71 +494,6 @@ fn print_targets(all: &[LinkResult]) {
     }
 }
 
-/// Kills the first connection it opens after `budget` bytes were written on it.
-struct KillFirstAfter {
-    tcp: TcpConnector,
-    budget: usize,
-    opened: std::sync::atomic::AtomicUsize,
-}
-
-struct DyingConn {
-    inner: Box<dyn io::Conn>,
-    left: usize,
-}
-
-impl AsyncRead for DyingConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for DyingConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if self.left == 0 {
-            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
-        }
-        let n = buf.len().min(self.left);
-        let r = Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
-        if let Poll::Ready(Ok(k)) = &r {
-            self.left -= k;
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl io::Connector for KillFirstAfter {
-    fn connect(&self) -> io::BoxFuture<'static, std::io::Result<Box<dyn io::Conn>>> {
-        let n = self.opened.fetch_add(1, Ordering::SeqCst);
-        let budget = self.budget;
-        let f = self.tcp.connect();
-        Box::pin(async move {
-            let c = f.await?;
-            Ok(if n == 0 {
-                Box::new(DyingConn {
-                    inner: c,
-                    left: budget,
-                }) as Box<dyn io::Conn>
-            } else {
-                c
-            })
-        })
-    }
-}
-
 #[derive(Debug, Serialize)]
 struct ResilienceResult {
     link: String,
@@ -626,14 +562,13 @@ fn resilience(args: &Args, mib: u64) -> anyhow::Result<()> {
             .enable_all()
             .build()?;
         rt.block_on(async move {
-            let conn = Arc::new(KillFirstAfter {
-                tcp: TcpConnector {
+            let conn = Arc::new(KillFirstConnection::new(
+                TcpConnector {
                     addr,
                     congestion: Some("bbr".into()),
                 },
-                budget: usize::try_from(kill_after).unwrap_or(usize::MAX),
-                opened: std::sync::atomic::AtomicUsize::new(0),
-            });
+                usize::try_from(kill_after).unwrap_or(usize::MAX),
+            ));
             Ok(io::send(
                 conn,
                 Config::default(),

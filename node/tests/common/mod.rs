@@ -1,0 +1,90 @@
+//! Shared by the node's integration tests: a real node daemon started in this process on
+//! ports chosen by the OS.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use dwcp_node::{config::NodeConfig, daemon, identity};
+use dwcp_protocol::NodeId;
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The default config with a cluster id and fresh loopback ports for libp2p, API and metrics.
+pub(crate) fn loopback_config(cluster: &str) -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.cluster.id = cluster.into();
+    c.network.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", free_port())];
+    c.api.rest.bind = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    c.monitoring.prometheus.bind = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    c
+}
+
+/// A node daemon running in this process.
+pub(crate) struct RunningNode {
+    pub(crate) id: NodeId,
+    pub(crate) api: String,
+    pub(crate) metrics: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningNode {
+    /// Starts the daemon with `config` and the identity in `data_dir` (created if absent), and
+    /// waits until its API answers.
+    pub(crate) async fn start(config: NodeConfig, data_dir: &Path) -> Self {
+        let config = config.validate().unwrap();
+        let key = identity::load_or_create(&data_dir.join(identity::IDENTITY_FILE)).unwrap();
+        let id = key.node_id();
+        let api = format!("http://{}", config.api.rest.bind);
+        let metrics = format!("http://{}", config.monitoring.prometheus.bind);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(daemon::run(
+            daemon::NodeSetup {
+                config,
+                key,
+                data_dir: data_dir.to_path_buf(),
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let start = Instant::now();
+        while reqwest::get(format!("{api}/v1/cluster/status"))
+            .await
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "node API did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            id,
+            api,
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the daemon (as SIGTERM would) and waits for a clean exit.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
