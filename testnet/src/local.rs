@@ -314,19 +314,29 @@ pub async fn wait_ready(t: &Testnet, expect: usize, timeout: Duration) -> anyhow
     let start = Instant::now();
     loop {
         let mut worst = usize::MAX;
-        for n in &t.nodes {
+        let mut slowest = 0;
+        for (i, n) in t.nodes.iter().enumerate() {
             let ready = node_list(&n.api)
                 .await
                 .map(|l| l.iter().filter(|r| r.status == PeerStatus::Ready).count())
                 .unwrap_or(0);
-            worst = worst.min(ready);
+            if ready < worst {
+                worst = ready;
+                slowest = i;
+            }
         }
         if worst >= expect {
             return Ok(start.elapsed());
         }
         if start.elapsed() > timeout {
             bail!(
-                "after {timeout:?} the slowest node lists {worst} of {expect} nodes as ready; logs are in the testnet dir"
+                "after {timeout:?} the slowest node ({slowest}, process {}, log {}) lists {worst} of {expect} nodes as ready",
+                if is_ours(t.nodes[slowest].pid) {
+                    "running"
+                } else {
+                    "gone"
+                },
+                t.nodes[slowest].log.display()
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -26,7 +26,6 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-mod fake_wire;
 pub mod invariants;
 mod link;
 mod strategy;
@@ -232,7 +231,6 @@ struct Sim {
     next_msg_id: u64,
     nodes: Vec<Node>,
     ids: BTreeMap<NodeId, usize>,
-    keys: BTreeMap<NodeId, NodeKey>,
     committee: Committee,
     cache: BTreeMap<u64, Option<Decoded>>,
     loss: f64,
@@ -341,7 +339,6 @@ impl Sim {
                 stash: Vec::new(),
             });
         }
-        let keys_by_id = keys.iter().map(|k| (k.node_id(), k.clone())).collect();
         let ids = nodes
             .iter()
             .enumerate()
@@ -361,7 +358,6 @@ impl Sim {
             quarantine: Quarantine::new(honest, k),
             nodes,
             ids,
-            keys: keys_by_id,
             committee,
             cache: BTreeMap::new(),
             loss: 0.0,
@@ -588,11 +584,14 @@ impl Sim {
         // The kind is the envelope's first field: `{"k": code, ...}`.
         let d = match kind_of(&msg.1) {
             Some(k) if k == MessageKind::Consensus.code() => {
-                fake_wire::fake_decode_verified::<ConsensusMsg>(&msg.1, &self.keys)
+                SignedEnvelope::decode_verified::<ConsensusMsg>(&msg.1)
+                    .ok()
                     .map(Decoded::Consensus)
             }
             Some(k) if k == MessageKind::ConsensusRequest.code() => {
-                fake_wire::fake_decode_verified::<Request>(&msg.1, &self.keys).map(Decoded::Request)
+                SignedEnvelope::decode_verified::<Request>(&msg.1)
+                    .ok()
+                    .map(Decoded::Request)
             }
             _ => None,
         };
