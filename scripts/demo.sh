@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: builds DWCP, brings up a local testnet (one bootstrap peer and N real
-# dwcp-node processes on 127.0.0.1), shows the mesh through dwcp-cli and the Prometheus
-# endpoint, runs the deterministic PBFT simulator, then keeps the testnet up until Ctrl-C
-# (or exits at once with --no-wait) and stops every process it started.
+# dwcp-node processes on loopback), shows the mesh, the replicated cluster document (ASS) and
+# PBFT agreement with reputation (ACP) through dwcp-cli and the Prometheus endpoint, places and
+# boots a real guest (ITP + QEMU), runs the deterministic PBFT simulator, then keeps the
+# testnet up until Ctrl-C (or exits at once with --no-wait) and stops every process it started.
 #
 #   scripts/demo.sh [--nodes N] [--dir DIR] [--no-wait]
 set -euo pipefail
@@ -35,23 +36,39 @@ echo; echo "== dwcp-cli cluster status"
 "$BIN/dwcp-cli" --api "$API" cluster status
 echo; echo "== dwcp-cli cluster health"
 "$BIN/dwcp-cli" --api "$API" cluster health || true
+echo; echo "== the replicated cluster document (Automerge, synced peer to peer)"
+"$BIN/dwcp-cli" --api "$API" state-sync lag-status
+"$BIN/dwcp-cli" --api "$API" state-sync verify || true
+echo; echo "== PBFT committee (genesis committee written by the testnet)"
+"$BIN/dwcp-cli" --api "$API" consensus quorum-status || true
+APIS=($(python3 -c "import json,sys;[print(n['api']) for n in json.load(open(sys.argv[1]))['nodes']]" "$DIR/testnet.json"))
+LAST=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1]['id'])" "$DIR/testnet.json")
+echo "-- two nodes vote, through consensus, to quarantine the last node (f+1 = 2 votes needed):"
+"$BIN/dwcp-cli" --api "${APIS[1]}" reputation quarantine --node "$LAST" --reason demo || true
+"$BIN/dwcp-cli" --api "${APIS[2]}" reputation quarantine --node "$LAST" --reason demo || true
+sleep 3
+"$BIN/dwcp-cli" --api "$API" reputation list || true
 echo; echo "== Prometheus: $METRICS/metrics (excerpt)"
-curl -s "$METRICS/metrics" | grep -E '^dwcp_(cluster|gossip_messages|net_peers)' || true
-echo; echo "== a VM on node 0: the test guest (Debian cloud kernel + busybox) under QEMU"
+curl -s "$METRICS/metrics" | grep -E '^dwcp_(cluster_workers|gossip_messages_received|net_peers|state_sync_max_lag|consensus_decisions|reputation_quarantined|pbft_view)' || true
+echo; echo "== a VM placed by node 0 (ITP) and booted under QEMU: the test guest (Debian cloud kernel + busybox)"
 scripts/build-guest.sh >/dev/null
 . "${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/guest/guest.env"
-VM=$("$BIN/dwcp-cli" --api "$API" --output json vm create --name demo-guest --cpu 1 --memory 128M \
-      --kernel "$KERNEL" --initrd "$INITRD" --append "$CMDLINE" \
-      | python3 -c "import json,sys;print(json.load(sys.stdin)['id'])")
-"$BIN/dwcp-cli" --api "$API" vm list
+PLACED=$("$BIN/dwcp-cli" --api "$API" --format json vm create --name demo-guest --cpu 1 --memory 128M \
+      --kernel "$KERNEL" --initrd "$INITRD" --append "$CMDLINE")
+VM=$(python3 -c "import json,sys;print(json.load(sys.stdin)['id'])" <<<"$PLACED")
+HOST=$(python3 -c "import json,sys;print(json.load(sys.stdin)['placement']['node'])" <<<"$PLACED")
+echo "-- placement: $(python3 -c "import json,sys;print(json.load(sys.stdin)['placement']['summary'])" <<<"$PLACED")"
+HOST_API=$(python3 -c "import json,sys;print([n['api'] for n in json.load(open(sys.argv[1]))['nodes'] if n['id']==sys.argv[2]][0])" "$DIR/testnet.json" "$HOST")
+"$BIN/dwcp-cli" --api "$HOST_API" vm list
 for _ in $(seq 60); do
-  "$BIN/dwcp-cli" --api "$API" vm console --vm "$VM" | grep -q 'tick 3' && break; sleep 1
+  "$BIN/dwcp-cli" --api "$HOST_API" vm console --vm "$VM" | grep -q 'tick 3' && break; sleep 1
 done
-echo "-- serial console:"; "$BIN/dwcp-cli" --api "$API" vm console --vm "$VM" | grep -E 'DWCP-GUEST-READY|tick' | tail -4
-echo "-- a VM larger than the donated share is refused:"
+echo "-- serial console:"; "$BIN/dwcp-cli" --api "$HOST_API" vm console --vm "$VM" | grep -E 'DWCP-GUEST-READY|tick' | tail -4
+echo "-- a VM larger than any node's donated share is refused, with the reasons:"
 "$BIN/dwcp-cli" --api "$API" vm create --name too-big --cpu 64 --memory 1G \
   --kernel "$KERNEL" --initrd "$INITRD" || true
-"$BIN/dwcp-cli" --api "$API" vm delete --vm "$VM"
+"$BIN/dwcp-cli" --api "$HOST_API" vm delete --vm "$VM"
+"$BIN/dwcp-cli" --api "$API" placement solver-stats || true
 
 echo; echo "== one node killed with SIGKILL; the others notice"
 PID=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1]['pid'])" "$DIR/testnet.json")

@@ -44,7 +44,9 @@ OUT="$(cd "$OUT" && pwd)"
 log() { echo "corpus: $*" >&2; }
 
 # The kernel and busybox initramfs come from the shared guest builder.
-GUEST_DIR="$("$HERE/build-guest.sh")"
+# Its last stdout line is the directory (apt-get, when it installs packages, also prints there).
+GUEST_DIR="$("$HERE/build-guest.sh" | tail -n 1)"
+[ -f "$GUEST_DIR/guest.env" ] || { log "build-guest.sh did not report a guest directory"; exit 1; }
 # shellcheck disable=SC1091
 . "$GUEST_DIR/guest.env"
 command -v python3 >/dev/null || { log "python3 is needed for QMP"; exit 1; }

@@ -7,15 +7,20 @@
 //! * odd: the rest is `[flips, (pos_lo, pos_hi, xor) * flips, data...]`: `data` goes
 //!   through a real sender (pages or stream), the frames must decode bit-exactly, then the
 //!   flips are applied (CRCs fixed up again) and the receiver must reject or accept them
-//!   without panicking.
+//!   without panicking. With bit 6 of the mode byte set, `data` is first sent (with hash
+//!   offers, a receiver page store and a sender reference store) and then sent again with
+//!   every 61st byte changed, so the second transfer carries held pages, XOR deltas and
+//!   patches; its frames are checked and corrupted the same way, against a receiver that
+//!   holds the first transfer.
 //!
 //! Errors are the expected outcome; any panic, hang or oversized allocation is a bug.
 #![no_main]
 
 use dwcp_encoding::frame::{HEADER_LEN, peek_frame_len};
+use dwcp_encoding::loopback::{Wire, pump};
 use dwcp_encoding::{
-    DictionaryConfig, Limits, MemoryPageStore, Message, PAGE_SIZE, Receiver, ReceiverEvent, Sender,
-    SenderConfig, SenderOutput,
+    DictionaryConfig, Limits, MemoryPageStore, Message, PAGE_SIZE, PageStore, Receiver,
+    ReceiverEvent, Sender, SenderConfig, SenderOutput,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -83,6 +88,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let (flip_bytes, payload) = rest.split_at(nflips * 3);
     let stream = mode & 2 != 0;
+    if mode & 0x40 != 0 {
+        second_transfer(mode, flip_bytes, payload);
+        return;
+    }
     let cfg = SenderConfig::default()
         .with_batch_pages(usize::from(mode >> 2).max(1))
         .with_dictionary(DictionaryConfig::Off);
@@ -141,3 +150,138 @@ fuzz_target!(|data: &[u8]| {
         feed(&frames);
     }
 });
+
+/// Sends `data` and then a changed copy through a real sender with offers and stores,
+/// checks both round trips, and returns the second transfer's frames.
+fn two_transfers(mode: u8, data: &[u8]) -> Vec<Vec<u8>> {
+    let stream = mode & 2 != 0;
+    let pages_len = data.len() - data.len() % PAGE_SIZE;
+    let first: Vec<u8> = if stream {
+        data.to_vec()
+    } else {
+        data[..pages_len].to_vec()
+    };
+    let mut second = first.clone();
+    for b in second.iter_mut().step_by(61) {
+        *b ^= 0x5a;
+    }
+    let cfg = SenderConfig::default()
+        .with_batch_pages(usize::from((mode >> 2) & 0x0f).max(1))
+        .with_offers(true)
+        .with_vm_id(7)
+        .with_dictionary(DictionaryConfig::Off);
+    let mut store: Option<Box<dyn PageStore + Send>> =
+        Some(Box::new(MemoryPageStore::new(16 << 20)));
+    let mut reference = None;
+    let mut second_frames = Vec::new();
+    for (i, input) in [&first, &second].into_iter().enumerate() {
+        let mut r = Receiver::with_store(limits(), store.take().expect("store")).expect("receiver");
+        let s = Sender::new(cfg.clone()).expect("valid config");
+        let mut s = match reference.take() {
+            Some(rf) => s.with_reference(rf),
+            None => s.with_reference_store(Box::new(MemoryPageStore::new(16 << 20))),
+        };
+        let mut out = Vec::new();
+        let mut sink = |ev: ReceiverEvent| match ev {
+            ReceiverEvent::Pages { data, .. } => out.extend_from_slice(&data),
+            ReceiverEvent::Stream(b) => out.extend_from_slice(&b),
+            _ => {}
+        };
+        // Record the frames the sender emits; replies go back to it. Push a page at a
+        // time so the in-flight bound is never hit.
+        let mut frames = Vec::new();
+        for (k, chunk) in input.chunks(PAGE_SIZE).enumerate() {
+            if stream {
+                s.push_stream(chunk).expect("push");
+            } else {
+                s.push_pages(k as u64, chunk).expect("push");
+            }
+            pump_recording(&mut s, &mut r, &mut frames, &mut sink);
+        }
+        s.finish().expect("finish");
+        pump_recording(&mut s, &mut r, &mut frames, &mut sink);
+        assert_eq!(&out, input, "round trip {i} differs");
+        if i == 1 {
+            second_frames = frames;
+        }
+        store = r.into_store();
+        reference = s.take_reference();
+    }
+    second_frames
+}
+
+fn pump_recording(
+    s: &mut Sender,
+    r: &mut Receiver,
+    frames: &mut Vec<Vec<u8>>,
+    sink: &mut dyn FnMut(ReceiverEvent),
+) {
+    while let Some(o) = s.poll_output() {
+        match o {
+            SenderOutput::Compress(j) => s
+                .handle_compressed(j.run().expect("compress"))
+                .expect("in order"),
+            SenderOutput::Send(f) => {
+                for ev in r.handle_frame(&f).expect("valid frames decode") {
+                    match ev {
+                        ReceiverEvent::Reply(reply) => s.handle_reply(&reply).expect("reply"),
+                        other => sink(other),
+                    }
+                }
+                frames.push(f);
+            }
+        }
+    }
+}
+
+fn second_transfer(mode: u8, flip_bytes: &[u8], data: &[u8]) {
+    let mut frames = two_transfers(mode, data);
+    if flip_bytes.is_empty() || frames.is_empty() {
+        return;
+    }
+    for f in flip_bytes.chunks_exact(3) {
+        let total: usize = frames.iter().map(Vec::len).sum();
+        let mut pos = usize::from(u16::from_le_bytes([f[0], f[1]])) % total.max(1);
+        for fr in &mut frames {
+            if pos < fr.len() {
+                fr[pos] ^= f[2].max(1);
+                break;
+            }
+            pos -= fr.len();
+        }
+    }
+    for f in &mut frames {
+        fix_crc(f);
+    }
+    // A receiver holding the first transfer (sent again, unmodified, to rebuild its
+    // store) decodes the corrupted second transfer: errors are fine, panics are not.
+    let stream = mode & 2 != 0;
+    let pages_len = data.len() - data.len() % PAGE_SIZE;
+    let first: &[u8] = if stream { data } else { &data[..pages_len] };
+    let cfg = SenderConfig::default()
+        .with_batch_pages(usize::from((mode >> 2) & 0x0f).max(1))
+        .with_offers(true)
+        .with_vm_id(7)
+        .with_dictionary(DictionaryConfig::Off);
+    let mut r =
+        Receiver::with_store(limits(), Box::new(MemoryPageStore::new(16 << 20))).expect("receiver");
+    let mut s = Sender::new(cfg).expect("valid config");
+    let mut ignore = |_: ReceiverEvent| {};
+    let mut wire = Wire::default();
+    for (k, chunk) in first.chunks(PAGE_SIZE).enumerate() {
+        if stream {
+            s.push_stream(chunk).expect("push");
+        } else {
+            s.push_pages(k as u64, chunk).expect("push");
+        }
+        pump(&mut s, &mut r, &mut wire, &mut ignore).expect("first transfer");
+    }
+    s.finish().expect("finish");
+    pump(&mut s, &mut r, &mut wire, &mut ignore).expect("first transfer");
+    let mut r = Receiver::with_store(limits(), r.into_store().expect("store")).expect("receiver");
+    for f in &frames {
+        if r.handle_frame(f).is_err() {
+            break;
+        }
+    }
+}

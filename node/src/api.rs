@@ -14,6 +14,12 @@
 //! | `POST /v1/vms/{id}/{pause,resume,stop,start}` | [`VmView`] |
 //! | `DELETE /v1/vms/{id}` | 204 |
 //! | `GET /v1/vms/{id}/console?bytes=N` | [`VmConsole`] |
+//! | `POST /v1/placement/vms` | [`PlacedVmCreateRequest`] -> [`PlacedVm`]: placed on a ready node (or the pinned `node`), created there, with the explanation (422 when no node can take it) |
+//! | `GET /v1/placement/stats` | [`PlacementStats`] (`placement solver-stats`) |
+//! | `GET /v1/placement/constraints?type=T` | `[ConstraintView]` (`placement list-constraints`; T: builtin, avoid, affinity, anti-affinity) |
+//! | `GET /v1/placement/avoid` | `[AvoidView]` |
+//! | `POST /v1/placement/avoid` | [`AvoidNodeRequest`] -> [`AvoidView`] (`placement avoid-node`; local to this node) |
+//! | `POST /v1/placement/solver` | [`SetSolverRequest`] -> [`SolverSettingsView`] (`placement set-solver`) |
 //! | `GET /metrics` (metrics port) | Prometheus text |
 
 use std::sync::Arc;
@@ -28,13 +34,15 @@ use axum::{
 use dwcp_protocol::{
     NodeId,
     api::{
-        ApiError, ClusterHealth, ClusterStatus, NodeInfo, NodeMetrics, VmConsole, VmCreateRequest,
-        VmView,
+        ApiError, AvoidNodeRequest, AvoidView, ClusterHealth, ClusterStatus, ConstraintView,
+        NodeInfo, NodeMetrics, PlacedVm, PlacedVmCreateRequest, PlacementStats, SetSolverRequest,
+        SolverSettingsView, VmConsole, VmCreateRequest, VmView,
     },
 };
 
 use crate::{
     daemon::Shared,
+    placement::PlaceFailure,
     vms::{VmAction, VmError},
 };
 
@@ -63,6 +71,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/vms/{id}", get(vm_get).delete(vm_delete))
         .route("/v1/vms/{id}/console", get(vm_console))
         .route("/v1/vms/{id}/{action}", post(vm_action))
+        .route("/v1/placement/vms", post(placement_create))
+        .route("/v1/placement/stats", get(placement_stats))
+        .route("/v1/placement/constraints", get(placement_constraints))
+        .route(
+            "/v1/placement/avoid",
+            get(placement_avoided).post(placement_avoid),
+        )
+        .route("/v1/placement/solver", post(placement_solver))
+        .merge(crate::statesync::routes())
+        .merge(crate::consensus::routes())
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(shared)
 }
@@ -221,4 +239,92 @@ async fn vm_console(
     Ok(Json(
         s.vms.console(&id, q.bytes.unwrap_or(16 * 1024)).await?,
     ))
+}
+
+impl IntoResponse for PlaceFailure {
+    fn into_response(self) -> Response {
+        match self {
+            PlaceFailure::Local(e) => e.into_response(),
+            PlaceFailure::BadRequest(m) => err(StatusCode::BAD_REQUEST, m),
+            PlaceFailure::NoNode(m) => err(StatusCode::UNPROCESSABLE_ENTITY, m),
+            PlaceFailure::Refused(m) => err(StatusCode::BAD_GATEWAY, m),
+        }
+    }
+}
+
+async fn placement_create(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<PlacedVmCreateRequest>,
+) -> Response {
+    let pinned = match req.node.as_deref().map(|n| resolve(&s, n)) {
+        None => None,
+        Some(Ok(row)) if row.status == dwcp_protocol::api::PeerStatus::Ready => Some(row.id),
+        Some(Ok(row)) => {
+            return err(
+                StatusCode::CONFLICT,
+                format!("node {} is unreachable: its heartbeats stopped", row.id),
+            );
+        }
+        Some(Err(e)) => return e.into_response(),
+    };
+    match s.placement.create(&s, req.vm, pinned).await {
+        Ok((vm, placement)) => {
+            (StatusCode::CREATED, Json(PlacedVm { vm, placement })).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn placement_stats(State(s): State<Arc<Shared>>) -> Json<PlacementStats> {
+    Json(s.placement.stats())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConstraintQuery {
+    #[serde(rename = "type")]
+    of_type: Option<String>,
+}
+
+async fn placement_constraints(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<ConstraintQuery>,
+) -> Response {
+    match s.placement.constraints(&s.metrics, q.of_type.as_deref()) {
+        Ok(c) => Json::<Vec<ConstraintView>>(c).into_response(),
+        Err(e) => err(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn placement_avoided(State(s): State<Arc<Shared>>) -> Json<Vec<AvoidView>> {
+    Json(s.placement.avoided(&s.metrics))
+}
+
+async fn placement_avoid(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<AvoidNodeRequest>,
+) -> Response {
+    let row = match resolve(&s, &req.node) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match s.placement.avoid(
+        &s.metrics,
+        row.id,
+        std::time::Duration::from_millis(req.duration_ms),
+        req.mode,
+    ) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => err(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn placement_solver(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<SetSolverRequest>,
+) -> Response {
+    match s.placement.set_solver(&req) {
+        Ok(v) => Json::<SolverSettingsView>(v).into_response(),
+        Err(e) => err(StatusCode::BAD_REQUEST, e),
+    }
 }

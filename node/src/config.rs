@@ -24,6 +24,16 @@
 //! monitoring:
 //!   prometheus: { enabled: true, bind: 127.0.0.1:8084 }
 //!   log: { level: info, format: text }
+//! ass:                             # state sync (manual 2.2.4)
+//!   gossip: { fanout: 6, interval: 1s }
+//!   consistency: { max_staleness: 10s }  # our heartbeat is written into the document this often
+//!   persist_interval: 5s
+//! placement:                      # ITP (manual 2.2.5)
+//!   constraints: { max_vms_per_node: 100, min_free_memory_percent: 10 }
+//!   solver: { target_optimality: 1.0 }  # max_time: 5s bounds re-plans
+//! acp:                             # agreement (manual 2.2.6)
+//!   committee: [<node id>, ...]    # genesis committee, 3f+1 ids, same on every node; empty: off
+//!   pbft: { checkpoint_interval: 100, view_change_timeout: 10s }
 //! hypervisor:
 //!   enabled: true
 //!   accel: auto                    # auto | kvm | tcg
@@ -57,6 +67,157 @@ pub struct NodeConfig {
     pub monitoring: MonitoringSection,
     /// The hypervisor that runs lent VMs.
     pub hypervisor: HypervisorSection,
+    /// State sync of the cluster document.
+    pub ass: AssSection,
+    /// Agreement: PBFT committee and reputation.
+    pub acp: AcpSection,
+    /// VM placement (ITP, manual section 2.2.5).
+    pub placement: PlacementSection,
+}
+
+/// `placement:` (manual sections 2.2.5 and 3.2): how this node places the VMs it is asked to
+/// create. The manual's `algorithm: genetic` is not a setting here: online placement uses
+/// the ITP engine's best-fit-with-scores placer (see `node/placement`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementSection {
+    /// Limits every host keeps (manual `itp.constraints`).
+    pub constraints: PlacementConstraints,
+    /// Solver settings (`dwcp-cli placement set-solver` changes them at run time).
+    pub solver: PlacementSolver,
+}
+
+/// `placement.constraints:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConstraints {
+    /// At most this many VMs per node (manual: 100).
+    pub max_vms_per_node: u32,
+    /// Percent of a node's donated memory kept free by placement (manual: 10 %).
+    pub min_free_memory_percent: u8,
+}
+
+impl Default for PlacementConstraints {
+    fn default() -> Self {
+        Self {
+            max_vms_per_node: 100,
+            min_free_memory_percent: 10,
+        }
+    }
+}
+
+/// `placement.solver:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementSolver {
+    /// Time budget of a re-plan (unbounded when absent).
+    #[serde(with = "humantime_serde")]
+    pub max_time: Option<Duration>,
+    /// Re-plans stop improving once `lower bound / hosts used` reaches this, in (0, 1].
+    pub target_optimality: f64,
+}
+
+impl Default for PlacementSolver {
+    fn default() -> Self {
+        Self {
+            max_time: None,
+            target_optimality: 1.0,
+        }
+    }
+}
+
+/// `acp:` (manual section 2.2.6): PBFT and reputation. The manual's `mode`/`raft` keys belong
+/// to its controller design and are not accepted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcpSection {
+    /// The genesis committee: node ids (hex), 3f+1 of them, the same list on every node.
+    /// Empty: consensus is off on this node.
+    pub committee: Vec<String>,
+    /// PBFT parameters.
+    pub pbft: PbftSection,
+}
+
+/// `acp.pbft:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PbftSection {
+    /// A checkpoint every this many sequence numbers.
+    pub checkpoint_interval: u64,
+    /// View-change timeout (doubles per failed view change).
+    #[serde(with = "humantime_serde")]
+    pub view_change_timeout: Duration,
+}
+
+impl Default for PbftSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: 100,
+            view_change_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `ass:` (manual section 2.2.4): the Automerge cluster document and its sync.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssSection {
+    /// Anti-entropy.
+    pub gossip: AssGossip,
+    /// Staleness bounds.
+    pub consistency: AssConsistency,
+    /// How often the document is saved to sled when it changed (and always at shutdown).
+    #[serde(with = "humantime_serde")]
+    pub persist_interval: Duration,
+}
+
+impl Default for AssSection {
+    fn default() -> Self {
+        Self {
+            gossip: AssGossip::default(),
+            consistency: AssConsistency::default(),
+            persist_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `ass.gossip:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssGossip {
+    /// Peers contacted per anti-entropy round.
+    pub fanout: usize,
+    /// Anti-entropy interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for AssGossip {
+    fn default() -> Self {
+        Self {
+            fanout: 6,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `ass.consistency:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssConsistency {
+    /// The node writes its heartbeat into the document at least this often (and at once when
+    /// its health status changes), so peers' views of it are never older than this plus the
+    /// sync delay. Liveness itself travels in gossip heartbeats.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+}
+
+impl Default for AssConsistency {
+    fn default() -> Self {
+        Self {
+            max_staleness: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `hypervisor:` (manual section 3.2.3).
@@ -426,6 +587,52 @@ impl NodeConfig {
         if self.network.target_peers == 0 {
             bail!("network.target_peers must be at least 1");
         }
+        let a = &self.ass;
+        if a.gossip.fanout == 0 || a.gossip.fanout > 64 {
+            bail!("ass.gossip.fanout must be 1 to 64, got {}", a.gossip.fanout);
+        }
+        if a.gossip.interval < Duration::from_millis(50) {
+            bail!("ass.gossip.interval must be at least 50ms");
+        }
+        if a.consistency.max_staleness < a.gossip.interval {
+            bail!("ass.consistency.max_staleness must be at least ass.gossip.interval");
+        }
+        if a.persist_interval.is_zero() {
+            bail!("ass.persist_interval must be positive");
+        }
+        let p = &self.acp.pbft;
+        if p.checkpoint_interval == 0 {
+            bail!("acp.pbft.checkpoint_interval must be positive");
+        }
+        if p.view_change_timeout < Duration::from_millis(100) {
+            bail!("acp.pbft.view_change_timeout must be at least 100ms");
+        }
+        for id in &self.acp.committee {
+            id.parse::<dwcp_protocol::NodeId>()
+                .map_err(|e| anyhow::anyhow!("acp.committee: `{id}` is not a node id: {e}"))?;
+        }
+        let p = &self.placement;
+        if p.constraints.max_vms_per_node == 0 || p.constraints.max_vms_per_node > 10_000 {
+            bail!(
+                "placement.constraints.max_vms_per_node must be 1 to 10000, got {}",
+                p.constraints.max_vms_per_node
+            );
+        }
+        if p.constraints.min_free_memory_percent > 90 {
+            bail!(
+                "placement.constraints.min_free_memory_percent must be at most 90, got {}",
+                p.constraints.min_free_memory_percent
+            );
+        }
+        if !(p.solver.target_optimality > 0.0 && p.solver.target_optimality <= 1.0) {
+            bail!(
+                "placement.solver.target_optimality must be in (0, 1], got {}",
+                p.solver.target_optimality
+            );
+        }
+        if p.solver.max_time.is_some_and(|d| d.is_zero()) {
+            bail!("placement.solver.max_time must be positive");
+        }
         Ok(self)
     }
 }
@@ -479,6 +686,43 @@ mod tests {
                 .to_string()
                 .contains("unreachable_after")
         );
+    }
+
+    #[test]
+    fn placement_section_parses_and_bad_values_are_named() {
+        let c = NodeConfig::from_yaml(
+            "placement:\n  constraints: { max_vms_per_node: 80, min_free_memory_percent: 5 }\n  \
+             solver: { max_time: 5s, target_optimality: 0.9 }\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.placement.constraints.max_vms_per_node, 80);
+        assert_eq!(c.placement.solver.max_time, Some(Duration::from_secs(5)));
+        assert_eq!(
+            NodeConfig::default()
+                .placement
+                .constraints
+                .min_free_memory_percent,
+            10
+        );
+        for (yaml, field) in [
+            (
+                "placement:\n  solver: { target_optimality: 1.5 }\n",
+                "target_optimality",
+            ),
+            (
+                "placement:\n  constraints: { max_vms_per_node: 0 }\n",
+                "max_vms_per_node",
+            ),
+            (
+                "placement:\n  constraints: { min_free_memory_percent: 95 }\n",
+                "min_free_memory",
+            ),
+        ] {
+            let e = NodeConfig::from_yaml(yaml).unwrap().validate().unwrap_err();
+            assert!(e.to_string().contains(field), "{e}");
+        }
     }
 
     #[test]

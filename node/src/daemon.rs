@@ -12,6 +12,7 @@
 //! ```
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -19,7 +20,7 @@ use std::{
 };
 
 use anyhow::Context;
-use dwcp_net::{Event, GossipMessage, NetStats, Validation};
+use dwcp_net::{Event, GossipMessage, NetStats, PeerId, Service, Validation};
 use dwcp_protocol::{
     DonatedShare, Gpu, Health, HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey,
     Resources, Timestamp, Verified,
@@ -35,6 +36,7 @@ use crate::{
     host,
     membership::{Membership, Update},
     metrics::Metrics,
+    statesync::{self, StateSync},
     store::Store,
 };
 
@@ -46,6 +48,11 @@ pub struct Shared {
     pub metrics: Metrics,
     /// This node's VMs.
     pub vms: crate::vms::Vms,
+    /// This node's placement service (ITP).
+    pub placement: crate::placement::Placement,
+    client: dwcp_net::Client,
+    statesync: Option<StateSync>,
+    consensus: Option<crate::consensus::Consensus>,
     id: NodeId,
     cluster_id: String,
     started: Instant,
@@ -62,6 +69,62 @@ struct Inner {
 }
 
 impl Shared {
+    /// The network client.
+    pub fn client(&self) -> &dwcp_net::Client {
+        &self.client
+    }
+
+    /// The consensus driver, when a committee is configured.
+    pub fn consensus(&self) -> Option<&crate::consensus::Consensus> {
+        self.consensus.as_ref()
+    }
+
+    /// The state-sync driver, when it runs.
+    pub fn statesync(&self) -> Option<&StateSync> {
+        self.statesync.as_ref()
+    }
+
+    /// Whether a peer's signed announcement is known (it is a member of our cluster).
+    pub fn is_member(&self, id: &NodeId) -> bool {
+        self.lock().membership.announcement(id).is_some()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The cluster id.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Ready nodes for placement, this node first (its allocation is left to the caller,
+    /// who reads the VM table).
+    pub fn placement_view(&self) -> Vec<crate::placement::NodeSnapshot> {
+        let rows = self.node_rows();
+        let g = self.lock();
+        rows.into_iter()
+            .filter(|r| r.status == dwcp_protocol::api::PeerStatus::Ready)
+            // Quarantined nodes never host VMs.
+            .filter(|r| !self.consensus().is_some_and(|c| c.is_quarantined(&r.id)))
+            .map(|r| {
+                let hb = g.membership.heartbeat(&r.id);
+                crate::placement::NodeSnapshot {
+                    id: r.id,
+                    is_self: r.is_self,
+                    announced: r.is_self || g.membership.announcement(&r.id).is_some(),
+                    region: r.region,
+                    resources: r.resources,
+                    donated: r.donated,
+                    status: r.health,
+                    allocated: hb.and_then(|h| h.health.allocated),
+                    heartbeat_seq: hb.map_or(0, |h| h.seq),
+                }
+            })
+            .collect()
+    }
+
     /// Milliseconds since the node started (the membership table's clock).
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -280,6 +343,11 @@ pub struct NodeSetup {
 
 struct Daemon {
     shared: Arc<Shared>,
+    sync: StateSync,
+    /// Peers with an open connection.
+    connected: BTreeSet<PeerId>,
+    /// Members the state-sync engine was told are connected.
+    sync_peers: BTreeSet<NodeId>,
     client: dwcp_net::Client,
     store: Store,
     topics: Topics,
@@ -366,6 +434,8 @@ impl Daemon {
     async fn announce(&mut self) -> anyhow::Result<()> {
         let a = self.announcement()?;
         let bytes = a.envelope().encode();
+        self.sync
+            .offer(statesync::Input::Announcement(a.message().clone()));
         self.shared.lock().me = a;
         let topic = self.topics.announce.clone();
         // Retried on the next heartbeat until it reaches at least one peer.
@@ -394,6 +464,7 @@ impl Daemon {
             memory_used_mib: host::memory_used_mib(),
             vms_running: running,
             peers_connected: net.connected_peers.len() as u32,
+            allocated: self.shared.vms.allocation().await,
         };
         {
             let mut g = self.shared.lock();
@@ -407,6 +478,7 @@ impl Daemon {
             uptime_s: self.shared.started.elapsed().as_secs(),
             health,
         };
+        self.sync.offer(statesync::Input::Heartbeat(hb.clone()));
         let bytes = Verified::sign(&self.key, hb)?.envelope().encode();
         let topic = self.topics.heartbeat.clone();
         let _ = self.publish(&topic, bytes).await;
@@ -415,6 +487,31 @@ impl Daemon {
     }
 
     async fn on_gossip(&mut self, m: GossipMessage) {
+        if m.topic == self.topics.consensus {
+            let fallback = m.clone();
+            let taken = self
+                .shared
+                .consensus()
+                .is_some_and(|c| c.offer(crate::consensus::DriverInput::Gossip(m)));
+            if !taken {
+                let _ = self
+                    .client
+                    .report_validation(&fallback, Validation::Ignore)
+                    .await;
+            }
+            return;
+        }
+        if m.topic == self.topics.statesync {
+            // The driver validates nudges itself and reports the verdict.
+            let fallback = m.clone();
+            if !self.sync.offer(statesync::Input::Nudge(m)) {
+                let _ = self
+                    .client
+                    .report_validation(&fallback, Validation::Ignore)
+                    .await;
+            }
+            return;
+        }
         let now = self.shared.now();
         let verdict: Result<(), (Validation, &'static str)> =
             match classify(&m, &self.topics, &self.config.cluster.id) {
@@ -429,6 +526,7 @@ impl Daemon {
                     let update = self.shared.lock().membership.on_announcement(now, v);
                     match update {
                         Update::Applied => {
+                            self.sync_peer_up(saved.signer());
                             if let Err(e) = self.store.save_announcement(&saved) {
                                 warn!(error = %e, "persisting an announcement failed");
                             }
@@ -470,11 +568,83 @@ impl Daemon {
         }
     }
 
+    /// Tells state sync about a member with an open connection (once).
+    fn sync_peer_up(&mut self, id: NodeId) {
+        let Ok(pid) = id.to_peer_id() else { return };
+        if id != self.shared.id
+            && self.connected.contains(&pid)
+            && self.shared.is_member(&id)
+            && self.sync_peers.insert(id)
+        {
+            self.sync.offer(statesync::Input::Connected(id));
+        }
+    }
+
+    fn on_request(&mut self, r: dwcp_net::InboundRequest) {
+        match r.service {
+            Service::Sync => {
+                let member = NodeId::from_peer_id(&r.peer)
+                    .map(|id| self.shared.is_member(&id))
+                    .unwrap_or(false);
+                let sync = self.sync.clone();
+                let client = self.client.clone();
+                // A checksum query waits for the driver; never block the event loop on it.
+                tokio::spawn(async move {
+                    sync.on_request(&client, r.peer, member, r.data, r.reply)
+                        .await;
+                });
+            }
+            Service::Control => crate::control::on_request(self.shared.clone(), r),
+            Service::Consensus => {
+                // One-way: acknowledge at once (empty), then hand the envelope to the driver,
+                // which verifies it. Nodes without a replica drop it.
+                let client = self.client.clone();
+                let c = self.shared.consensus().cloned();
+                let dwcp_net::InboundRequest {
+                    peer, data, reply, ..
+                } = r;
+                let ok = c
+                    .is_some_and(|c| c.offer(crate::consensus::DriverInput::Direct { peer, data }));
+                tokio::spawn(async move {
+                    let _ = client
+                        .respond(reply, if ok { Vec::new() } else { vec![0xff] })
+                        .await;
+                });
+            }
+        }
+    }
+
     fn on_event(&mut self, ev: Event) -> Option<GossipMessage> {
         match ev {
             Event::Gossip(m) => return Some(m),
+            Event::Request(r) => self.on_request(r),
+            Event::PeerDisconnected(p) => {
+                self.connected.remove(&p);
+                if let Ok(id) = NodeId::from_peer_id(&p)
+                    && self.sync_peers.remove(&id)
+                {
+                    self.sync.offer(statesync::Input::Disconnected(id));
+                }
+            }
             Event::PeerConnected(p) => {
                 debug!(peer = %p, "peer connected");
+                if let Ok(id) = NodeId::from_peer_id(&p)
+                    && self
+                        .shared
+                        .consensus()
+                        .is_some_and(|c| c.is_quarantined(&id))
+                {
+                    // The peer manager keeps quarantined nodes out.
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let _ = client.disconnect(p).await;
+                    });
+                    return None;
+                }
+                self.connected.insert(p);
+                if let Ok(id) = NodeId::from_peer_id(&p) {
+                    self.sync_peer_up(id);
+                }
                 // Newcomers learn about us sooner than the next periodic announcement.
                 self.announce_due = true;
             }
@@ -526,7 +696,12 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
-    net.topics = vec![topics.announce.clone(), topics.heartbeat.clone()];
+    net.topics = vec![
+        topics.announce.clone(),
+        topics.heartbeat.clone(),
+        topics.statesync.clone(),
+        topics.consensus.clone(),
+    ];
     net.target_peers = config.network.target_peers;
     net.max_connections = config.network.max_connections;
     net.agent_version = format!("dwcp-node/{}", env!("CARGO_PKG_VERSION"));
@@ -584,9 +759,36 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
             ])
             .set(1);
     }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (sync, sync_task) = statesync::spawn(statesync::SyncSetup {
+        cfg: &config.ass,
+        key: key.clone(),
+        cluster_id: &config.cluster.id,
+        tree: store.tree("statesync")?,
+        client: client.clone(),
+        topic: topics.statesync.clone(),
+        registry: &metrics.registry,
+        stop: stop_rx.clone(),
+    })?;
+    let acp = crate::consensus::spawn(crate::consensus::AcpSetup {
+        cfg: &config.acp,
+        key: key.clone(),
+        client: client.clone(),
+        topic: topics.consensus.clone(),
+        registry: &metrics.registry,
+        stop: stop_rx.clone(),
+    })?;
+    let (consensus, acp_task) = match acp {
+        Some((c, t)) => (Some(c), Some(t)),
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         metrics,
         vms,
+        placement: crate::placement::Placement::new(&config.placement),
+        client: client.clone(),
+        statesync: Some(sync.clone()),
+        consensus,
         id,
         cluster_id: config.cluster.id.clone(),
         started: Instant::now(),
@@ -600,12 +802,12 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
                 memory_used_mib: 0,
                 vms_running: 0,
                 peers_connected: 0,
+                allocated: None,
             },
             net: NetStats::default(),
         }),
     });
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let api = tokio::net::TcpListener::bind(config.api.rest.bind)
         .await
         .with_context(|| format!("binding the API on {}", config.api.rest.bind))?;
@@ -641,6 +843,9 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
 
     let mut d = Daemon {
         shared: shared.clone(),
+        sync,
+        connected: BTreeSet::new(),
+        sync_peers: BTreeSet::new(),
         client,
         store,
         topics,
@@ -677,6 +882,10 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
     let _ = tokio::time::timeout(Duration::from_secs(1), d.heartbeat(HealthStatus::Draining)).await;
     let _ = stop_tx.send(true);
     let _ = api_task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), sync_task).await;
+    if let Some(t) = acp_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

@@ -9,17 +9,23 @@
 //! - [`metrics`]: one Prometheus registry per node.
 //! - [`store`]: sled persistence.
 //! - [`vms`]: the VMs this node hosts (QEMU backend of `dwcp-hypervisor`).
+//! - [`placement`]: the ITP driver: where a VM goes, and the `/v1/placement` controls.
+//! - [`control`]: the node-to-node control service (forwarded VM creates).
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
 pub mod config;
+pub mod consensus;
+pub mod control;
 pub mod daemon;
 pub mod gossip;
 pub mod host;
 pub mod identity;
 pub mod membership;
 pub mod metrics;
+pub mod placement;
+pub mod statesync;
 pub mod store;
 pub mod vms;
 

@@ -187,6 +187,7 @@ mod tests {
                     memory_used_mib: 0,
                     vms_running: 0,
                     peers_connected: 0,
+                    allocated: None,
                 },
             },
         )

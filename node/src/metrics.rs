@@ -3,7 +3,10 @@
 //! and `dwcp_<subsystem>_<what>_<unit>` otherwise. Every metric is documented in
 //! `docs/metrics.md`.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 /// All metrics of one node.
 #[derive(Debug, Clone)]
@@ -45,6 +48,23 @@ pub struct Metrics {
     /// `dwcp_hypervisor_info{accel,cpu_model,cgroup}`: 1 when the hypervisor runs, with the
     /// accelerator in use (`kvm` or `tcg`).
     pub hypervisor_info: IntGaugeVec,
+    /// `dwcp_itp_decisions_total{result}`: placement decisions (`placed`, `rejected`).
+    pub itp_decisions: IntCounterVec,
+    /// `dwcp_itp_decision_duration_seconds`: wall time of one placement decision.
+    pub itp_decision_seconds: Histogram,
+    /// `dwcp_itp_optimality_gap`: the last decision's gap to the lower bound.
+    pub itp_optimality_gap: Gauge,
+    /// `dwcp_itp_constraint_eval_share`: share of the last decision's evaluations that were
+    /// constraint checks.
+    pub itp_constraint_eval_share: Gauge,
+    /// `dwcp_itp_hosts_filtered_total{reason}`: nodes left out of decisions, by reason.
+    pub itp_filtered: IntCounterVec,
+    /// `dwcp_itp_forwarded_total{result}`: creates forwarded to the chosen node.
+    pub itp_forwarded: IntCounterVec,
+    /// `dwcp_itp_control_requests_total{result}`: forwarded creates received.
+    pub itp_control_requests: IntCounterVec,
+    /// `dwcp_itp_avoided_nodes`: nodes this node's placement avoids now.
+    pub itp_avoided_nodes: IntGauge,
 }
 
 impl Metrics {
@@ -135,6 +155,50 @@ impl Metrics {
             "Hypervisor in use (1): accelerator, guest CPU model, cgroup mode",
             &["accel", "cpu_model", "cgroup"],
         )?;
+        let itp_decisions = cv(
+            "dwcp_itp_decisions_total",
+            "Placement decisions by result (placed, rejected)",
+            &["result"],
+        )?;
+        let itp_decision_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "dwcp_itp_decision_duration_seconds",
+                "Wall time of one placement decision, measured by the node",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5,
+            ]),
+        )?;
+        registry.register(Box::new(itp_decision_seconds.clone()))?;
+        let itp_optimality_gap = Gauge::new(
+            "dwcp_itp_optimality_gap",
+            "Last placement decision: (nodes used - lower bound) / nodes used",
+        )?;
+        registry.register(Box::new(itp_optimality_gap.clone()))?;
+        let itp_constraint_eval_share = Gauge::new(
+            "dwcp_itp_constraint_eval_share",
+            "Last placement decision: share of evaluations that were constraint checks",
+        )?;
+        registry.register(Box::new(itp_constraint_eval_share.clone()))?;
+        let itp_filtered = cv(
+            "dwcp_itp_hosts_filtered_total",
+            "Nodes left out of placement decisions, by reason",
+            &["reason"],
+        )?;
+        let itp_forwarded = cv(
+            "dwcp_itp_forwarded_total",
+            "VM creates forwarded to the node placement chose, by result",
+            &["result"],
+        )?;
+        let itp_control_requests = cv(
+            "dwcp_itp_control_requests_total",
+            "Forwarded VM creates received from other nodes, by result",
+            &["result"],
+        )?;
+        let itp_avoided_nodes = g(
+            "dwcp_itp_avoided_nodes",
+            "Nodes this node's placement avoids now (placement avoid-node)",
+        )?;
         Ok(Self {
             registry,
             workers_ready,
@@ -153,6 +217,14 @@ impl Metrics {
             build_info,
             vm_count,
             hypervisor_info,
+            itp_decisions,
+            itp_decision_seconds,
+            itp_optimality_gap,
+            itp_constraint_eval_share,
+            itp_filtered,
+            itp_forwarded,
+            itp_control_requests,
+            itp_avoided_nodes,
         })
     }
 

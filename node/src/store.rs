@@ -52,6 +52,13 @@ impl Store {
         (good, bad)
     }
 
+    /// A named tree of the node's database (e.g. `statesync` for the cluster document).
+    pub fn tree(&self, name: &str) -> anyhow::Result<sled::Tree> {
+        self.db
+            .open_tree(name)
+            .with_context(|| format!("opening the {name} tree"))
+    }
+
     /// The tree mapping VM ids to the names they were created with.
     pub fn vm_names(&self) -> anyhow::Result<sled::Tree> {
         Ok(self.db.open_tree("vm_names")?)

@@ -341,6 +341,20 @@ impl Vms {
         })
     }
 
+    /// What the defined VMs (running or not) hold of the donated share: heartbeats carry it
+    /// and placement reads it. `None` when this node runs no hypervisor.
+    pub async fn allocation(&self) -> Option<dwcp_protocol::Allocation> {
+        let b = self.qemu.as_ref()?;
+        let vms = b.list().await.map(|l| l.len()).unwrap_or(0);
+        let u = b.usage();
+        Some(dwcp_protocol::Allocation {
+            vcpus: u.vcpus,
+            memory_mib: u.memory_mib,
+            disk_mib: u.disk_mib,
+            vms: u32::try_from(vms).unwrap_or(u32::MAX),
+        })
+    }
+
     /// VMs per state, for `dwcp_vm_count_total` and heartbeats.
     pub async fn counts(&self) -> Vec<(String, usize)> {
         let Some(b) = &self.qemu else {

@@ -29,7 +29,7 @@ async fn cli_talks_to_a_running_node_and_fails_clearly() {
 
     let out = tokio::task::spawn_blocking({
         let api = api.clone();
-        move || cli(&api, &["node", "list", "--output", "json"])
+        move || cli(&api, &["node", "list", "--format", "json"])
     })
     .await
     .unwrap();

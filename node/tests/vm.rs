@@ -115,7 +115,7 @@ async fn a_real_guest_through_the_node_api() {
     let (ok, out, err) = cli_async(
         &api,
         &[
-            "--output",
+            "--format",
             "json",
             "vm",
             "create",
@@ -227,7 +227,7 @@ async fn a_real_guest_through_the_node_api() {
     let before =
         last_tick(&std::fs::read_to_string(serial_log(dir.path(), &vm)).unwrap_or_default());
     let node = RunningNode::start(NodeConfig::load(&cfg_path).unwrap(), dir.path()).await;
-    let (ok, out, err) = cli_async(&api, &["--output", "json", "vm", "inspect", "--vm", &vm]).await;
+    let (ok, out, err) = cli_async(&api, &["--format", "json", "vm", "inspect", "--vm", &vm]).await;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["state"], "running");
@@ -254,7 +254,7 @@ async fn a_real_guest_through_the_node_api() {
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "qemu {pid} survived"
     );
-    let (_, list, _) = cli_async(&api, &["--output", "json", "vm", "list"]).await;
+    let (_, list, _) = cli_async(&api, &["--format", "json", "vm", "list"]).await;
     assert_eq!(list.trim(), "[]");
     let leftovers: Vec<_> = walk(&dir.path().join("hypervisor"))
         .into_iter()

@@ -179,3 +179,309 @@ pub struct VmConsole {
     /// The last bytes of the VM's serial console.
     pub text: String,
 }
+
+/// One node's row in `GET /v1/state-sync/lag`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncLagRow {
+    /// The node whose entry this is.
+    pub node: NodeId,
+    /// Milliseconds between now and the newest heartbeat of that node in our cluster
+    /// document (`None`: its entry holds no heartbeat yet). Uses the author's clock.
+    pub lag_ms: Option<u64>,
+}
+
+/// `GET /v1/state-sync/lag`: how old this node's view of every node is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncLagStatus {
+    /// The answering node.
+    pub node: NodeId,
+    /// Document epoch.
+    pub epoch: u64,
+    /// Nodes in the document.
+    pub nodes: usize,
+    /// VM records in the document.
+    pub vms: usize,
+    /// Current heads (hex change hashes).
+    pub heads: Vec<String>,
+    /// Every node's lag, largest first.
+    pub rows: Vec<SyncLagRow>,
+    /// Keys with concurrent values: node entries, VM records, quarantine records.
+    pub conflicts: [usize; 3],
+    /// Engine counters (frames and bytes sent and received, changes applied and refused...).
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// A node's state checksum (`GET /v1/state-sync/checksum`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncChecksum {
+    /// The node.
+    pub node: NodeId,
+    /// Document epoch.
+    pub epoch: u64,
+    /// Hex SHA-256 of the canonical cluster view and epoch.
+    pub checksum: String,
+    /// Hex heads the checksum was computed at.
+    pub heads: Vec<String>,
+}
+
+/// How a peer's state compares with ours in `state-sync verify`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncVerdict {
+    /// Same checksum as ours.
+    Same,
+    /// Same heads but another checksum: the views diverged although the histories agree.
+    Differs,
+    /// Other heads and another checksum: still syncing (or partitioned).
+    Syncing,
+    /// It did not answer.
+    Unreachable,
+}
+
+/// One row of `POST /v1/state-sync/verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncVerifyRow {
+    /// The node asked.
+    pub node: NodeId,
+    /// The verdict.
+    pub verdict: SyncVerdict,
+    /// Its answer, if any.
+    pub checksum: Option<SyncChecksum>,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// `POST /v1/state-sync/verify`: this node's checksum against every ready node's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncVerifyReport {
+    /// Ours.
+    pub local: SyncChecksum,
+    /// Every other ready node.
+    pub rows: Vec<SyncVerifyRow>,
+}
+
+/// `POST /v1/state-sync/force-sync` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForceSyncRequest {
+    /// Nodes to sync with now (empty: every connected peer).
+    pub nodes: Vec<NodeId>,
+}
+
+/// One state-sync session in `GET /v1/gossip/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSessionRow {
+    /// The peer.
+    pub peer: NodeId,
+    /// Connected now.
+    pub connected: bool,
+    /// Its last known heads equal ours.
+    pub in_sync: bool,
+    /// Waiting for its reply.
+    pub in_flight: bool,
+    /// Milliseconds since we last sent to it.
+    pub last_sent_ms_ago: Option<u64>,
+    /// Milliseconds since we last heard from it.
+    pub last_received_ms_ago: Option<u64>,
+}
+
+/// `GET /v1/gossip/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GossipStatus {
+    /// Gossipsub mesh peers per topic.
+    pub mesh: Vec<(String, usize)>,
+    /// Gossipsub scores of connected peers (peer id, score).
+    pub peer_scores: Vec<(String, f64)>,
+    /// State-sync sessions.
+    pub sessions: Vec<SyncSessionRow>,
+    /// Anti-entropy fanout and interval in use.
+    pub fanout: usize,
+    /// Interval, milliseconds.
+    pub interval_ms: u64,
+}
+
+/// `POST /v1/placement/vms`: a VM to create somewhere in the cluster. Without `node`, the
+/// answering node runs online placement over the cluster's ready nodes and creates the VM on
+/// the chosen one (itself, or another node through the control service).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacedVmCreateRequest {
+    /// The VM. Paths in it (image, kernel, initrd) are resolved on the node that creates it.
+    pub vm: VmCreateRequest,
+    /// Pin: create it on this node (hex id, peer id or unique hex prefix), no placement.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+/// A node a placement decision left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilteredNode {
+    /// The node.
+    pub node: NodeId,
+    /// Why (e.g. `too-small:memory: needs 512, placeable 0`).
+    pub reason: String,
+}
+
+/// Why a VM went where it went (the answer of `vm create` carries it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementExplanation {
+    /// The node that now hosts the VM.
+    pub node: NodeId,
+    /// The VM was created by the answering node itself (not forwarded).
+    pub local: bool,
+    /// The node was given with `--node` (no placement decision).
+    pub pinned: bool,
+    /// Score of the chosen node (lower is better), when placement chose it.
+    pub score: Option<f64>,
+    /// Ready nodes the decision considered (the answering node included).
+    pub nodes_considered: usize,
+    /// Nodes that passed every check and were scored.
+    pub nodes_scored: usize,
+    /// Nodes filtered out, counted by reason (`too-small:memory`, `avoided`, ...).
+    pub filtered: std::collections::BTreeMap<String, usize>,
+    /// Filtered nodes with their reason (at most a few).
+    pub examples: Vec<FilteredNode>,
+    /// Soft rules the placement breaks.
+    pub soft_violations: Vec<String>,
+    /// Chosen nodes that refused or could not be reached before the VM landed, and why.
+    pub refused: Vec<FilteredNode>,
+    /// Wall time of the placement decisions, milliseconds (creation not included).
+    pub decision_ms: f64,
+    /// One line for humans.
+    pub summary: String,
+}
+
+/// `POST /v1/placement/vms` answer: the VM (same fields as [`VmView`]) plus `placement`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacedVm {
+    /// The VM as its host reports it.
+    #[serde(flatten)]
+    pub vm: VmView,
+    /// Where it went and why.
+    pub placement: PlacementExplanation,
+}
+
+/// Shares of constraint checks by kind (`placement solver-stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ConstraintKindShare {
+    /// Capacity and VM-count checks.
+    pub resource: f64,
+    /// GPU model, region, latency and host-rule checks.
+    pub eligibility: f64,
+    /// Anti-affinity checks.
+    pub anti_affinity: f64,
+}
+
+/// Statistics of the last placement solve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SolverStatsView {
+    /// Which solver ran (`online`).
+    pub solver: String,
+    /// Wall time of the solve measured by the node, milliseconds.
+    pub elapsed_ms: f64,
+    /// Nodes holding VMs after the decision (as reported plus the new VM).
+    pub hosts_used: usize,
+    /// Lower bound on the nodes the cluster's allocated demand needs (fractional).
+    pub lower_bound: f64,
+    /// `(hosts_used - lower_bound) / hosts_used`: how far from optimal at most.
+    pub optimality_gap: f64,
+    /// Share of evaluations that were constraint checks (the rest are scores); counts, not
+    /// time.
+    pub constraint_eval_share: f64,
+    /// Constraint checks by kind.
+    pub constraint_kind_share: ConstraintKindShare,
+    /// Constraint checks plus scores evaluated.
+    pub evaluations: u64,
+}
+
+/// Solver settings (`placement set-solver`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SolverSettingsView {
+    /// Time budget of a re-plan, milliseconds (none: unbounded).
+    pub max_time_ms: Option<u64>,
+    /// Re-plans stop once `lower_bound / hosts_used` reaches this.
+    pub target_optimality: f64,
+}
+
+/// `GET /v1/placement/stats` (`placement solver-stats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementStats {
+    /// Placement decisions that chose a node.
+    pub decisions: u64,
+    /// Decisions that found no node.
+    pub rejections: u64,
+    /// VM creates forwarded to another node.
+    pub forwarded: u64,
+    /// Forwarded creates the chosen node refused or could not be asked.
+    pub forward_failures: u64,
+    /// Mean decision time, milliseconds.
+    pub mean_decision_ms: f64,
+    /// Largest decision time, milliseconds.
+    pub max_decision_ms: f64,
+    /// The last decision's statistics.
+    pub last: Option<SolverStatsView>,
+    /// Current solver settings.
+    pub settings: SolverSettingsView,
+}
+
+/// One constraint (`placement list-constraints`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConstraintView {
+    /// Identifier (`builtin:max-vms-per-node`, `avoid:<node>`, or a rule id).
+    pub id: String,
+    /// `builtin`, `avoid`, `affinity` or `anti-affinity`.
+    pub kind: String,
+    /// Hard (never broken) or soft (broken only when nothing else fits).
+    pub hard: bool,
+    /// What it says.
+    pub description: String,
+}
+
+/// Hard or soft avoidance of a node (`placement avoid-node --mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AvoidMode {
+    /// Never placed on until the avoidance expires.
+    Hard,
+    /// Placed on only when no other node can take the VM.
+    Soft,
+}
+
+/// `POST /v1/placement/avoid` (`placement avoid-node`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvoidNodeRequest {
+    /// Node id, peer id or unique hex prefix.
+    pub node: String,
+    /// For how long, milliseconds (1 ms to 30 days).
+    pub duration_ms: u64,
+    /// Hard or soft (default hard).
+    #[serde(default = "default_avoid_mode")]
+    pub mode: AvoidMode,
+}
+
+fn default_avoid_mode() -> AvoidMode {
+    AvoidMode::Hard
+}
+
+/// An avoided node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvoidView {
+    /// The node.
+    pub node: NodeId,
+    /// Hard or soft.
+    pub mode: AvoidMode,
+    /// Milliseconds until it ends.
+    pub remaining_ms: u64,
+}
+
+/// `POST /v1/placement/solver` (`placement set-solver`): fields left out keep their value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetSolverRequest {
+    /// Re-plan time budget, milliseconds (positive).
+    #[serde(default)]
+    pub max_time_ms: Option<u64>,
+    /// Target optimality in (0, 1].
+    #[serde(default)]
+    pub target_optimality: Option<f64>,
+}

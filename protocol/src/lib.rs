@@ -22,6 +22,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+pub mod control;
 pub mod envelope;
 pub mod ids;
 pub mod messages;
@@ -30,6 +31,6 @@ pub mod version;
 pub use envelope::{DecodeError, Message, MessageKind, SignedEnvelope, Verified};
 pub use ids::{IdError, NodeId, NodeKey, Timestamp, VmId};
 pub use messages::{
-    DonatedShare, Gpu, Health, HealthStatus, Heartbeat, NodeAnnouncement, Resources,
+    Allocation, DonatedShare, Gpu, Health, HealthStatus, Heartbeat, NodeAnnouncement, Resources,
     ValidationError,
 };

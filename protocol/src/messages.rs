@@ -187,6 +187,32 @@ pub struct Health {
     pub vms_running: u32,
     /// Peers the node is connected to.
     pub peers_connected: u32,
+    /// What the node's defined VMs hold of its donated share; absent when the node runs no
+    /// hypervisor (or predates the field). Left out of the encoding when absent, so a
+    /// heartbeat without it is byte-for-byte what older nodes send and sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<Allocation>,
+}
+
+/// Most VMs a heartbeat may report as defined on one node.
+pub const MAX_ALLOCATED_VMS: u32 = 100_000;
+/// Most vCPUs a heartbeat may report as allocated.
+pub const MAX_ALLOCATED_VCPUS: u32 = 1 << 20;
+/// Most memory (MiB, 1 PiB) a heartbeat may report as allocated.
+pub const MAX_ALLOCATED_MEMORY_MIB: u64 = 1 << 30;
+
+/// What the VMs defined on a node (running or not) hold of its donated share: the figures
+/// its hypervisor admits new VMs against. Placement on other nodes reads them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// vCPUs held.
+    pub vcpus: u32,
+    /// Guest memory held, MiB.
+    pub memory_mib: u64,
+    /// Virtual disk held, MiB.
+    pub disk_mib: u64,
+    /// VMs defined.
+    pub vms: u32,
 }
 
 /// A node's periodic sign of life. A peer is `ready` while these keep arriving.
@@ -215,6 +241,87 @@ impl Message for Heartbeat {
                 reason: "must be at most 100000",
             });
         }
+        if let Some(a) = &self.health.allocated
+            && (a.vms > MAX_ALLOCATED_VMS
+                || a.vcpus > MAX_ALLOCATED_VCPUS
+                || a.memory_mib > MAX_ALLOCATED_MEMORY_MIB
+                || a.disk_mib > MAX_ALLOCATED_MEMORY_MIB.saturating_mul(1024))
+        {
+            return Err(ValidationError::OutOfRange {
+                field: "health.allocated",
+                reason: "at most 100000 VMs, 2^20 vCPUs, 1 PiB of memory and 1 EiB of disk",
+            });
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NodeKey, SignedEnvelope, Verified};
+
+    /// `Health` as it was before `allocated`: what older nodes encode and sign.
+    #[derive(Serialize)]
+    struct HealthBefore {
+        status: HealthStatus,
+        cpu_load_permille: u32,
+        memory_used_mib: u64,
+        vms_running: u32,
+        peers_connected: u32,
+    }
+
+    fn health(allocated: Option<Allocation>) -> Health {
+        Health {
+            status: HealthStatus::Healthy,
+            cpu_load_permille: 10,
+            memory_used_mib: 300,
+            vms_running: 1,
+            peers_connected: 2,
+            allocated,
+        }
+    }
+
+    #[test]
+    fn allocation_is_optional_and_old_encodings_are_unchanged() {
+        let old = HealthBefore {
+            status: HealthStatus::Healthy,
+            cpu_load_permille: 10,
+            memory_used_mib: 300,
+            vms_running: 1,
+            peers_connected: 2,
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        ciborium::into_writer(&old, &mut a).unwrap();
+        ciborium::into_writer(&health(None), &mut b).unwrap();
+        assert_eq!(
+            a, b,
+            "a heartbeat without allocation is byte-for-byte the old one"
+        );
+        let back: Health = ciborium::from_reader(&a[..]).unwrap();
+        assert_eq!(back.allocated, None);
+
+        let k = NodeKey::from_secret_bytes([9; 32]);
+        let hb = |allocated| Heartbeat {
+            cluster_id: "c".into(),
+            seq: 1,
+            issued_at: crate::Timestamp(1),
+            uptime_s: 1,
+            health: health(allocated),
+        };
+        let with = Some(Allocation {
+            vcpus: 2,
+            memory_mib: 512,
+            disk_mib: 1024,
+            vms: 1,
+        });
+        let bytes = Verified::sign(&k, hb(with)).unwrap().envelope().encode();
+        let v = SignedEnvelope::decode_verified::<Heartbeat>(&bytes).unwrap();
+        assert_eq!(v.health.allocated, with);
+        let huge = Some(Allocation {
+            vms: MAX_ALLOCATED_VMS + 1,
+            ..Allocation::default()
+        });
+        assert!(Verified::sign(&k, hb(huge)).is_err());
     }
 }

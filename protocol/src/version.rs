@@ -36,6 +36,8 @@ pub const KAD_PROTOCOL: &str = "/dwcp/kad/3.0.0";
 pub const SYNC_PROTOCOL: &str = "/dwcp/sync/3.0.0";
 /// Request-response protocol for consensus catch-up and direct votes.
 pub const CONSENSUS_PROTOCOL: &str = "/dwcp/consensus/3.0.0";
+/// Request-response protocol for node-to-node control (forwarded VM operations).
+pub const CONTROL_PROTOCOL: &str = "/dwcp/control/3.0.0";
 /// Bulk transfer streams (AMST).
 pub const TRANSFER_PROTOCOL: &str = "/dwcp/amst/3.0.0";
 

@@ -51,6 +51,7 @@ fn heartbeat(seq: u64) -> Heartbeat {
             memory_used_mib: 512,
             vms_running: 0,
             peers_connected: 3,
+            allocated: None,
         },
     }
 }
@@ -181,7 +182,7 @@ prop_compose! {
                       HealthStatus::Draining][st as usize];
         Heartbeat { cluster_id: cluster, seq, issued_at: Timestamp(at), uptime_s: up,
             health: Health { status, cpu_load_permille: load, memory_used_mib: mem,
-                             vms_running: vms, peers_connected: peers } }
+                             vms_running: vms, peers_connected: peers, allocated: None } }
     }
 }
 

@@ -142,3 +142,35 @@ pub(crate) fn down(a: DirArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `partition`: cut the testnet into groups.
+#[derive(Debug, Args)]
+pub(crate) struct PartitionArgs {
+    /// The testnet directory.
+    #[arg(long, default_value = "./dwcp-testnet")]
+    dir: PathBuf,
+    /// Groups of node indices separated by `/`, e.g. `0-9/10-19` or `0,2/1,3-4`. The
+    /// bootstrap peer joins the first group.
+    #[arg(long)]
+    groups: String,
+}
+
+pub(crate) fn partition(a: PartitionArgs) -> anyhow::Result<()> {
+    let t = local::read(&a.dir)?;
+    let groups = dwcp_testnet::partition::parse_groups(&a.groups, t.nodes.len())?;
+    dwcp_testnet::partition::install(&t, &groups)?;
+    println!(
+        "partitioned into {} groups (iptables chain {}); undo: dwcp-testnet heal --dir {}",
+        groups.len(),
+        dwcp_testnet::partition::chain_name(&t),
+        a.dir.display()
+    );
+    Ok(())
+}
+
+pub(crate) fn heal(a: DirArgs) -> anyhow::Result<()> {
+    let t = local::read(&a.dir)?;
+    dwcp_testnet::partition::heal(&t)?;
+    println!("partition rules removed");
+    Ok(())
+}

@@ -9,3 +9,4 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod local;
+pub mod partition;

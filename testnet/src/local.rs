@@ -29,6 +29,9 @@ pub struct BootstrapEntry {
     pub pid: u32,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// libp2p port (TCP and QUIC) on 127.0.0.1.
+    #[serde(default)]
+    pub p2p_port: u16,
 }
 
 /// One node of a testnet.
@@ -48,6 +51,15 @@ pub struct NodeEntry {
     pub config: PathBuf,
     /// Log file.
     pub log: PathBuf,
+    /// The node's own loopback address (127.0.1.x): it listens there, so its QUIC packets
+    /// carry it as source address.
+    #[serde(default)]
+    pub ip: String,
+    /// libp2p port (TCP and QUIC) on `ip`. With libp2p's port reuse, the node's outgoing
+    /// connections use it as source port, so packets name their node by port (see
+    /// [`crate::partition`]).
+    #[serde(default)]
+    pub p2p_port: u16,
 }
 
 /// `testnet.json`.
@@ -78,6 +90,8 @@ pub struct UpOptions {
     pub unreachable_after: Duration,
     /// How long to wait for the mesh to form.
     pub timeout: Duration,
+    /// Further `dwcp-node init` overrides for every node, e.g. `["--ass-interval", "1s"]`.
+    pub node_args: Vec<String>,
 }
 
 impl UpOptions {
@@ -91,6 +105,7 @@ impl UpOptions {
             heartbeat_interval: Duration::from_secs(1),
             unreachable_after: Duration::from_secs(5),
             timeout: Duration::from_secs(120),
+            node_args: Vec::new(),
         })
     }
 }
@@ -119,8 +134,26 @@ fn bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 /// A free TCP port on 127.0.0.1 (released before use: a small race, fine on a test machine).
 fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+    free_port_on("127.0.0.1")
+}
+
+/// A free port on `ip` for both TCP and UDP (released before use).
+fn free_port_on(ip: &str) -> anyhow::Result<u16> {
+    for _ in 0..20 {
+        let l =
+            TcpListener::bind((ip, 0)).with_context(|| format!("finding a free port on {ip}"))?;
+        let port = l.local_addr()?.port();
+        if std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both TCP and UDP on {ip}")
+}
+
+/// Node `i`'s own loopback address: 127.0.1.1, 127.0.1.2, ... (250 per /24, then 127.0.2.x).
+/// The whole of 127.0.0.0/8 is routed to `lo` on Linux, so no setup is needed.
+pub fn node_ip(i: usize) -> String {
+    format!("127.0.{}.{}", 1 + i / 250, 1 + i % 250)
 }
 
 fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
@@ -206,6 +239,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         metrics: format!("http://127.0.0.1:{bmetrics}"),
         pid: bpid,
         data_dir: bdir,
+        p2p_port: bport,
     };
     let tcp_boot = baddrs
         .iter()
@@ -222,7 +256,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
     for i in 0..opts.nodes {
         let ndir = opts.dir.join(format!("node-{i:03}"));
         let config = ndir.join("node.yaml");
-        let (p2p, api, metrics) = (free_port()?, free_port()?, free_port()?);
+        let ip = node_ip(i);
+        let (p2p, api, metrics) = (free_port_on(&ip)?, free_port()?, free_port()?);
         let out = Command::new(&node_bin)
             .arg("init")
             .arg("--config")
@@ -232,8 +267,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             .args(["--cluster-id", &opts.cluster_id])
             .args(["--region", &format!("local-{}", i % 3)])
             .args(["--bootstrap", &tcp_boot])
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{p2p}")])
-            .args(["--listen", &format!("/ip4/127.0.0.1/udp/{p2p}/quic-v1")])
+            .args(["--listen", &format!("/ip4/{ip}/tcp/{p2p}")])
+            .args(["--listen", &format!("/ip4/{ip}/udp/{p2p}/quic-v1")])
             .args(["--api-bind", &format!("127.0.0.1:{api}")])
             .args(["--metrics-bind", &format!("127.0.0.1:{metrics}")])
             // No KVM probe per node: the probe boots a tiny guest, ten at once load the host.
@@ -246,6 +281,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
                 "--unreachable-after",
                 &humantime::format_duration(opts.unreachable_after).to_string(),
             ])
+            .args(&opts.node_args)
             .output()
             .context("running dwcp-node init")?;
         if !out.status.success() {
@@ -259,7 +295,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             .find_map(|l| l.strip_prefix("node id:").map(|s| s.trim().to_owned()))
             .ok_or_else(|| anyhow!("dwcp-node init printed no node id"))?;
         let log = opts.dir.join(format!("node-{i:03}.log"));
-        let pid = start_node(&node_bin, &config, &log)?;
+        // Started below, once every node's id is known and the committee is written.
+        let pid = 0;
         nodes.push(NodeEntry {
             id,
             api: format!("http://127.0.0.1:{api}"),
@@ -268,12 +305,49 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             data_dir: ndir,
             config,
             log,
+            ip,
+            p2p_port: p2p,
         });
+    }
+    let committee = genesis_committee(&nodes);
+    for n in &mut nodes {
+        write_committee(&n.config, &committee)?;
+        n.pid = start_node(&node_bin, &n.config, &n.log)?;
     }
     testnet.nodes = nodes;
     write(&opts.dir, &testnet)?;
     wait_ready(&testnet, opts.nodes, opts.timeout).await?;
     Ok(testnet)
+}
+
+/// The testnet's genesis consensus committee: the first 3f+1 nodes, for the largest f the
+/// testnet allows (at most 10, n = 31).
+pub fn genesis_committee(nodes: &[NodeEntry]) -> Vec<String> {
+    let f = (nodes.len().saturating_sub(1) / 3).min(10);
+    nodes.iter().take(3 * f + 1).map(|n| n.id.clone()).collect()
+}
+
+/// Sets `acp.committee` in a node's configuration file.
+fn write_committee(config: &Path, committee: &[String]) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut v: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let root = v
+        .as_mapping_mut()
+        .ok_or_else(|| anyhow!("{} is not a YAML mapping", config.display()))?;
+    let acp = root
+        .entry("acp".into())
+        .or_insert_with(|| serde_yaml_ng::Value::Mapping(Default::default()));
+    let acp = acp
+        .as_mapping_mut()
+        .ok_or_else(|| anyhow!("{}: `acp` is not a mapping", config.display()))?;
+    acp.insert(
+        "committee".into(),
+        serde_yaml_ng::Value::Sequence(committee.iter().map(|s| s.as_str().into()).collect()),
+    );
+    std::fs::write(config, serde_yaml_ng::to_string(&v)?)
+        .with_context(|| format!("writing {}", config.display()))
 }
 
 fn start_node(node_bin: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
@@ -377,10 +451,13 @@ pub fn restart_node(dir: &Path, t: &mut Testnet, i: usize, bin_dir: &Path) -> an
     write(dir, t)
 }
 
-/// Stops every process of the testnet: SIGTERM, then SIGKILL after 5 s. Removes
-/// `testnet.json`; data dirs and logs stay for inspection.
+/// Stops every process of the testnet: SIGTERM, then SIGKILL after 5 s. Removes the
+/// partition rules (if any) and `testnet.json`; data dirs and logs stay for inspection.
 pub async fn down(dir: &Path) -> anyhow::Result<usize> {
     let t = read(dir)?;
+    if let Err(e) = crate::partition::heal(&t) {
+        eprintln!("warning: removing the partition rules failed: {e:#}");
+    }
     let pids: Vec<u32> = t
         .nodes
         .iter()

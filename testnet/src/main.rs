@@ -4,6 +4,8 @@ mod bench;
 mod cmd_local;
 #[cfg(feature = "sim")]
 mod sim;
+#[cfg(feature = "sim")]
+mod sim_statesync;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,10 @@ enum Cmd {
     Status(cmd_local::DirArgs),
     /// Stop every process of the testnet (by pid).
     Down(cmd_local::DirArgs),
+    /// Cut the testnet into groups with iptables DROP rules (root), e.g. --groups 0-9/10-19.
+    Partition(cmd_local::PartitionArgs),
+    /// Remove the partition rules.
+    Heal(cmd_local::DirArgs),
     /// Benchmarks: our engine side by side with its anchors, in one run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -41,6 +47,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up(a) => cmd_local::up(a),
         Cmd::Status(a) => cmd_local::status(a),
         Cmd::Down(a) => cmd_local::down(a),
+        Cmd::Partition(a) => cmd_local::partition(a),
+        Cmd::Heal(a) => cmd_local::heal(a),
         Cmd::Bench(b) => b.run(),
         #[cfg(feature = "sim")]
         Cmd::Sim(s) => s.run(),

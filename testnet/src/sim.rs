@@ -5,7 +5,14 @@
 //! `--measure` runs fault-free with a uniform one-way latency and reports commit latency
 //! p50/p99 and throughput.
 
-use std::time::Instant;
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -16,12 +23,15 @@ use dwcp_sim::{Report, Scenario, Strategy};
 pub(crate) enum SimCmd {
     /// PBFT + reputation under chaos and Byzantine strategies.
     Consensus(ConsensusArgs),
+    /// ASS state sync of many nodes: change spread, steady-state traffic, partition heal.
+    Statesync(crate::sim_statesync::StatesyncArgs),
 }
 
 impl SimCmd {
     pub(crate) fn run(self) -> anyhow::Result<()> {
         match self {
             Self::Consensus(a) => consensus(a),
+            Self::Statesync(a) => crate::sim_statesync::run(a),
         }
     }
 }
@@ -74,6 +84,46 @@ pub(crate) struct ConsensusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Seeds run in parallel (threads; each seed is still one deterministic run).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+}
+
+/// Runs `scenario(seed)` for every seed on `jobs` threads; results in seed order with the
+/// wall time each seed took.
+fn run_seeds(
+    seeds: &[u64],
+    jobs: usize,
+    scenario: &(dyn Fn(u64) -> Scenario + Sync),
+) -> anyhow::Result<Vec<(Report, f64)>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<BTreeMap<usize, Result<(Report, f64), dwcp_sim::SimError>>> =
+        Mutex::new(BTreeMap::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, 64) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(seed) = seeds.get(i) else {
+                        break;
+                    };
+                    let t0 = Instant::now();
+                    let r =
+                        dwcp_sim::run(&scenario(*seed)).map(|r| (r, t0.elapsed().as_secs_f64()));
+                    if let Ok(mut m) = results.lock() {
+                        m.insert(i, r);
+                    }
+                }
+            });
+        }
+    });
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a simulator thread panicked"))?;
+    results
+        .into_values()
+        .map(|r| r.context("simulator"))
+        .collect()
 }
 
 fn pct(v: &[u64], p: f64) -> u64 {
@@ -124,8 +174,14 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut reports: Vec<Report> = Vec::new();
     let mut failures = Vec::new();
-    for seed in &seeds {
-        let r = dwcp_sim::run(&scenario(*seed)).context("simulator")?;
+    let mut per_strategy: BTreeMap<&'static str, (u64, usize, usize, f64)> = BTreeMap::new();
+    for (r, secs) in run_seeds(&seeds, a.jobs, &scenario)? {
+        let seed = r.seed;
+        let e = per_strategy.entry(r.strategy).or_default();
+        e.0 += 1;
+        e.1 += usize::from(!r.violations.is_empty());
+        e.2 += usize::from(!r.live);
+        e.3 += secs;
         if !r.passed() {
             failures.push(format!(
                 "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --reproduce {seed}",
@@ -170,6 +226,22 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         "max_view": reports.iter().map(|r| r.max_view).max().unwrap_or(0),
         "determinism_self_check": determinism,
         "wall_seconds": wall,
+        "jobs": a.jobs,
+        "per_strategy": per_strategy
+            .iter()
+            .map(|(name, (seeds, unsafe_seeds, not_live, secs))| {
+                (
+                    name.to_string(),
+                    serde_json::json!({
+                        "seeds": seeds,
+                        "unsafe_seeds": unsafe_seeds,
+                        "liveness_failures": not_live,
+                        "seed_seconds_total": secs,
+                        "seed_seconds_mean": secs / (*seeds).max(1) as f64,
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<String, serde_json::Value>>(),
         "failures": failures,
     });
     if a.json {
@@ -204,7 +276,13 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
                 }
             );
         }
-        println!("  wall time           {wall:.1} s");
+        for (name, (n, bad, not_live, secs)) in &per_strategy {
+            println!(
+                "  {name:<20} seeds {n:>5}  unsafe {bad}  not live {not_live}  {:.1} s/seed",
+                secs / (*n).max(1) as f64
+            );
+        }
+        println!("  wall time           {wall:.1} s ({} jobs)", a.jobs);
         for f in &failures {
             println!("FAIL {f}");
         }

@@ -75,6 +75,7 @@ async fn malformed_oversized_and_forged_messages_are_rejected_and_counted() {
             memory_used_mib: 0,
             vms_running: 0,
             peers_connected: 1,
+            allocated: None,
         },
     };
     let mut forged = SignedEnvelope::sign(&key, &good).encode();

@@ -6,8 +6,20 @@
 //! the last stable checkpoint and the epoch number ([`epoch_seed`]); the first `size` form the
 //! committee. Nobody can pick their place: the seed is fixed by a checkpoint that 2f+1 replicas
 //! signed before the epoch's candidates were known to be ordered by it.
+//!
+//! # Epochs
+//!
+//! Reconfiguration happens only at epoch boundaries: stable checkpoints whose sequence number
+//! is a multiple of [`EpochRules::epoch_length`]. Joins and leaves are operations committed
+//! through consensus and applied to a [`Membership`] in commit order with the batch time the
+//! primary fixed; the committee of the next epoch is [`next_committee`] of the membership,
+//! reputation and state digest *at the boundary*. Everything it reads is committed, so every
+//! honest node computes the same committee, and an operation committed after the boundary only
+//! counts at the next one: the set never splits.
 
-use dwcp_protocol::NodeId;
+use std::collections::BTreeMap;
+
+use dwcp_protocol::{NodeId, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::messages::{Digest, MAX_VOTES};
@@ -89,6 +101,19 @@ impl Committee {
     /// Whether `node` is a member.
     pub fn contains(&self, node: &NodeId) -> bool {
         self.members.contains(node)
+    }
+
+    /// The position of `node` in the member list (how compact votes name their signer).
+    pub fn index_of(&self, node: &NodeId) -> Option<u16> {
+        self.members
+            .iter()
+            .position(|m| m == node)
+            .and_then(|i| u16::try_from(i).ok())
+    }
+
+    /// The member at position `index`.
+    pub fn member(&self, index: u16) -> Option<NodeId> {
+        self.members.get(usize::from(index)).copied()
     }
 
     /// The primary of `view`.
@@ -179,6 +204,143 @@ pub fn select(
     )
 }
 
+/// A change of membership, committed through consensus as a request's operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipOp {
+    /// A node joins (its uptime counts from the batch time of this operation).
+    Join(NodeId),
+    /// A joined node declares itself ready (or not) to serve.
+    Ready(NodeId, bool),
+    /// A node leaves.
+    Leave(NodeId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MemberRecord {
+    joined_at: Timestamp,
+    ready: bool,
+}
+
+/// The membership registry of a committed prefix: a pure function of the committed
+/// [`MembershipOp`]s in commit order with their batch times.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    nodes: BTreeMap<NodeId, MemberRecord>,
+}
+
+impl Membership {
+    /// Applies a committed operation at its batch time.
+    pub fn apply(&mut self, time: Timestamp, op: &MembershipOp) {
+        match op {
+            MembershipOp::Join(n) => {
+                self.nodes.entry(*n).or_insert(MemberRecord {
+                    joined_at: time,
+                    ready: false,
+                });
+            }
+            MembershipOp::Ready(n, ready) => {
+                if let Some(r) = self.nodes.get_mut(n) {
+                    r.ready = *ready;
+                }
+            }
+            MembershipOp::Leave(n) => {
+                self.nodes.remove(n);
+            }
+        }
+    }
+
+    /// Joined nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether nobody joined.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The candidates at batch time `now`; `reputation(node)` gives its committed score and
+    /// whether it is quarantined.
+    pub fn candidates(
+        &self,
+        now: Timestamp,
+        reputation: &dyn Fn(&NodeId) -> (f64, bool),
+    ) -> Vec<Candidate> {
+        self.nodes
+            .iter()
+            .map(|(n, r)| {
+                let (score, quarantined) = reputation(n);
+                Candidate {
+                    node: *n,
+                    ready: r.ready,
+                    quarantined,
+                    reputation: score,
+                    uptime_s: now.saturating_since(r.joined_at) / 1_000,
+                }
+            })
+            .collect()
+    }
+}
+
+/// When and how committees are recomputed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRules {
+    /// An epoch boundary every this many sequence numbers (a multiple of the checkpoint
+    /// interval, so a boundary is a stable checkpoint).
+    pub epoch_length: u64,
+    /// Committee size wanted (3f+1).
+    pub size: usize,
+    /// Who may serve.
+    pub eligibility: Eligibility,
+}
+
+/// Whether the stable checkpoint at `seq` starts a new epoch.
+pub fn is_epoch_boundary(seq: u64, rules: &EpochRules) -> bool {
+    rules.epoch_length > 0 && seq > 0 && seq.is_multiple_of(rules.epoch_length)
+}
+
+/// The committee of the epoch that starts at the stable checkpoint `boundary_seq`, whose
+/// replicated state digest is `boundary_state` and whose last batch has time `boundary_time`,
+/// from the membership and reputation as of that checkpoint.
+///
+/// Eligible candidates are ranked by [`epoch_seed`] as in [`select`]. With fewer eligible
+/// candidates than `rules.size` the committee is the largest `3f+1` that fits; with none, the
+/// current members carry over into the new epoch (a cluster never loses its committee).
+pub fn next_committee(
+    current: &Committee,
+    boundary_seq: u64,
+    boundary_state: &Digest,
+    boundary_time: Timestamp,
+    membership: &Membership,
+    reputation: &dyn Fn(&NodeId) -> (f64, bool),
+    rules: &EpochRules,
+) -> Committee {
+    let epoch = boundary_seq / rules.epoch_length.max(1);
+    let seed = epoch_seed(boundary_state, epoch);
+    let candidates = membership.candidates(boundary_time, reputation);
+    let eligible = candidates
+        .iter()
+        .filter(|c| {
+            c.ready
+                && !c.quarantined
+                && c.reputation >= rules.eligibility.min_reputation
+                && c.uptime_s >= rules.eligibility.min_uptime_s
+        })
+        .count();
+    let fit = rules.size.min(eligible).min(MAX_VOTES);
+    // The largest 3f+1 <= fit.
+    let size = if fit == 0 { 0 } else { (fit - 1) / 3 * 3 + 1 };
+    if size > 0
+        && let Ok(c) = select(epoch, &candidates, &seed, size, &rules.eligibility)
+    {
+        return c;
+    }
+    Committee {
+        epoch,
+        members: current.members.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +417,160 @@ mod tests {
             Err(CommitteeError::Duplicate(node(1)))
         );
         assert_eq!(Committee::new(0, vec![]), Err(CommitteeError::Empty));
+    }
+
+    #[test]
+    fn epochs_reconfigure_from_committed_state_only() {
+        // A committed stream of (seq, batch time, membership op). Nodes 1..=12 join over the
+        // first epochs, some leave; node 5 is quarantined during epoch 2. Epochs are 100
+        // sequence numbers; committees of 4 (f = 1); 60 s minimum uptime.
+        let rules = EpochRules {
+            epoch_length: 100,
+            size: 4,
+            eligibility: Eligibility {
+                min_reputation: 0.5,
+                min_uptime_s: 60,
+            },
+        };
+        // Batch time of seq s is s seconds.
+        let mut stream: Vec<(u64, MembershipOp)> = Vec::new();
+        for i in 1..=6u8 {
+            stream.push((u64::from(i), MembershipOp::Join(node(i))));
+            stream.push((u64::from(i) + 10, MembershipOp::Ready(node(i), true)));
+        }
+        // Joined at 157..162 s: at the boundary at 200 (200 s) under 60 s up, eligible at 300.
+        for i in 7..=12u8 {
+            let seq = 150 + u64::from(i);
+            stream.push((seq, MembershipOp::Join(node(i))));
+            stream.push((seq + 20, MembershipOp::Ready(node(i), true)));
+        }
+        stream.push((250, MembershipOp::Leave(node(1))));
+        stream.push((260, MembershipOp::Leave(node(2))));
+        // Joined at seq 399, just before the boundary at 400: too young to serve there.
+        stream.push((399, MembershipOp::Join(node(13))));
+        stream.push((399, MembershipOp::Ready(node(13), true)));
+        stream.sort_by_key(|x| x.0);
+        let batch_time = |seq: u64| Timestamp(seq * 1_000);
+        let state_at = |seq: u64| Digest::of("test/state", &[&seq.to_be_bytes()]);
+        // Node 5 is quarantined by committed evidence at seq 220.
+        let reputation = |seq: u64| {
+            move |n: &NodeId| {
+                if *n == node(5) && seq >= 220 {
+                    (0.1, true)
+                } else {
+                    (1.0, false)
+                }
+            }
+        };
+        let genesis = Committee::new(0, (1..=4).map(node).collect()).unwrap();
+
+        // Each observer applies the committed stream in order but in chunks of a different
+        // size (as a lagging node catching up would), recomputing at every boundary it passes.
+        let observe = |chunk: usize| {
+            let mut m = Membership::default();
+            let mut c = genesis.clone();
+            let mut committees = vec![c.clone()];
+            let mut next_op = 0;
+            let mut seq = 0u64;
+            while seq < 500 {
+                let to = (seq + chunk as u64).min(500);
+                for s in seq + 1..=to {
+                    while next_op < stream.len() && stream[next_op].0 == s {
+                        m.apply(batch_time(s), &stream[next_op].1);
+                        next_op += 1;
+                    }
+                    if is_epoch_boundary(s, &rules) {
+                        let rep = reputation(s);
+                        c = next_committee(&c, s, &state_at(s), batch_time(s), &m, &rep, &rules);
+                        committees.push(c.clone());
+                    }
+                }
+                seq = to;
+            }
+            committees
+        };
+        let views: Vec<Vec<Committee>> = [1, 7, 33, 100, 500].map(observe).into();
+        for v in &views[1..] {
+            assert_eq!(*v, views[0], "every observer computes the same committees");
+        }
+        let epochs = &views[0];
+        assert_eq!(epochs.len(), 6, "genesis + boundaries 100..=500");
+        for (e, c) in epochs.iter().enumerate() {
+            assert_eq!(c.epoch(), e as u64);
+            assert_eq!(c.n(), 4);
+        }
+        // Epoch 1 (boundary 100): only nodes 1..=6 joined.
+        assert!(
+            epochs[1]
+                .members()
+                .iter()
+                .all(|n| (1..=6).any(|i| node(i) == *n))
+        );
+        // Node 5 quarantined at seq 220: excluded from epoch 3 (boundary 300) on.
+        for c in &epochs[3..] {
+            assert!(
+                !c.contains(&node(5)),
+                "quarantined node 5 in epoch {}",
+                c.epoch()
+            );
+        }
+        // Nodes 1 and 2 left: gone from epoch 3 on.
+        for c in &epochs[3..] {
+            assert!(!c.contains(&node(1)) && !c.contains(&node(2)));
+        }
+        // Node 13 joined one sequence number before the boundary at 400: not yet eligible.
+        assert!(!epochs[4].contains(&node(13)));
+        // Everyone joined has served or been ranked by a different seed each epoch: the
+        // committees of epochs 3, 4, 5 are drawn from {3, 4, 6, 7..=12} (plus 13 at 500).
+        let pool: Vec<NodeId> = [3, 4, 6, 7, 8, 9, 10, 11, 12, 13].map(node).into();
+        for c in &epochs[3..] {
+            assert!(c.members().iter().all(|n| pool.contains(n)));
+        }
+        // A node whose join is not committed (say, only announced by gossip) is never a
+        // candidate: only committed operations reach `Membership`.
+        let m = Membership::default();
+        let c = next_committee(
+            &genesis,
+            100,
+            &state_at(100),
+            batch_time(100),
+            &m,
+            &reputation(100),
+            &rules,
+        );
+        assert_eq!(
+            c.members(),
+            genesis.members(),
+            "nobody eligible: carry over"
+        );
+        assert_eq!(c.epoch(), 1);
+    }
+
+    #[test]
+    fn too_few_eligible_gives_the_largest_3f_plus_1() {
+        let rules = EpochRules {
+            epoch_length: 100,
+            size: 7,
+            eligibility: Eligibility {
+                min_reputation: 0.5,
+                min_uptime_s: 0,
+            },
+        };
+        let mut m = Membership::default();
+        for i in 1..=6u8 {
+            m.apply(Timestamp(0), &MembershipOp::Join(node(i)));
+            m.apply(Timestamp(0), &MembershipOp::Ready(node(i), true));
+        }
+        let genesis = Committee::new(0, (1..=4).map(node).collect()).unwrap();
+        let c = next_committee(
+            &genesis,
+            200,
+            &Digest([1; 32]),
+            Timestamp(5_000),
+            &m,
+            &|_| (1.0, false),
+            &rules,
+        );
+        assert_eq!((c.epoch(), c.n()), (2, 4), "6 eligible: n = 4 (f = 1)");
     }
 }

@@ -2,14 +2,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use dwcp_protocol::{NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
+use dwcp_protocol::{MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
 
 use crate::{
     certificate::{CommitProof, VoteKind, contradicts},
     committee::Committee,
     messages::{
         CommitCertificate, ConsensusMsg, Digest, MAX_BATCH, MAX_CERTS_PER_REPLY, MAX_PREPARED,
-        NewView, PrePrepare, PreparedProof, Request, Slot, ViewChange, open, open_header,
+        MAX_PROOF_PART_BYTES, NewView, PrePrepare, PreparedProof, RawEnvelope, Request, Slot,
+        ViewChange, ViewChangeProofs, VoteSignature, join, open, open_header, payload_of, split,
     },
 };
 
@@ -205,37 +206,76 @@ struct Entry {
     headers: BTreeMap<u64, (SignedEnvelope, PrePrepare)>,
     /// Batches (requests verified) by digest.
     batches: BTreeMap<Digest, Vec<Verified<Request>>>,
-    /// Prepares by (view, digest) and signer.
-    prepares: BTreeMap<(u64, Digest), BTreeMap<NodeId, SignedEnvelope>>,
+    /// Prepares by (view, digest) and signer, with the header each quotes.
+    prepares: BTreeMap<(u64, Digest), BTreeMap<NodeId, (SignedEnvelope, SignedEnvelope)>>,
     /// Commits by (view, digest) and signer.
     commits: BTreeMap<(u64, Digest), BTreeMap<NodeId, SignedEnvelope>>,
     /// First vote of each kind per (kind, view, signer), to catch equivocation.
     first_vote: BTreeMap<(u8, u64, NodeId), (Digest, SignedEnvelope)>,
     /// Offenders already reported for this entry.
     reported: BTreeSet<(NodeId, u8, u64)>,
-    /// Highest-view prepared certificate.
-    prepared: Option<(u64, PreparedProof)>,
+    /// Highest-view prepared certificate, with its header's content.
+    prepared: Option<(u64, PrePrepare, PreparedProof)>,
     /// Own prepare and commit by view (for retransmission).
     my_prepare: Option<(u64, SignedEnvelope)>,
     my_commit: Option<(u64, SignedEnvelope)>,
     /// Committed-local: the certificate and its verified requests.
-    committed: Option<(CommitCertificate, Vec<Verified<Request>>)>,
+    committed: Option<(CommitCertificate, Vec<Verified<Request>>, PrePrepare)>,
 }
 
-/// A validated view-change message.
-#[derive(Debug, Clone)]
+/// A complete, well-formed view change (head and all its proof parts). Its signatures are
+/// checked lazily, when `O` depends on them: the stable checkpoint proof if its checkpoint is
+/// the highest in `V`, a prepared certificate if its claim is the highest-view one for its
+/// slot. A failed check discards the whole view change. (Checking every certificate of every
+/// view change costs 2f+1 times as much and changes nothing: only the chosen ones shape `O`.)
+#[derive(Debug)]
 struct ValidVc {
     signer: NodeId,
-    envelope: SignedEnvelope,
+    new_view: u64,
+    /// [`Digest::of_envelope`] of the head: how a new view names it.
+    head: Digest,
+    /// The head, then the proof parts (served to replicas that miss them).
+    envelopes: Vec<SignedEnvelope>,
     stable_seq: u64,
-    stable_state: Digest,
+    /// The checkpoint's state digest, once its proof was checked (always for seq 0).
+    stable_state: Option<Digest>,
     stable_proof: Vec<SignedEnvelope>,
-    /// seq -> (view of the pre-prepare, header, verified batch)
-    prepared: BTreeMap<u64, (u64, PrePrepare, Vec<Verified<Request>>)>,
+    /// seq -> claim.
+    prepared: BTreeMap<u64, Claim>,
 }
 
-/// One slot of `O`: digest, the original batch time (none for a null request) and batch.
-type Reproposal = (Digest, Option<Timestamp>, Vec<Verified<Request>>);
+/// A claimed prepared slot and its certificate.
+#[derive(Debug)]
+struct Claim {
+    slot: Slot,
+    proof: PreparedProof,
+    /// Once checked: the header's content and the nodes that vouched for holding the batch.
+    checked: Option<(PrePrepare, Vec<NodeId>)>,
+}
+
+/// A view change being assembled from its head and proof parts.
+#[derive(Debug)]
+struct PartialVc {
+    view: u64,
+    head: Digest,
+    head_msg: Option<(SignedEnvelope, ViewChange)>,
+    /// first index -> (envelope, certificates)
+    parts: BTreeMap<u32, (SignedEnvelope, Vec<PreparedProof>)>,
+}
+
+/// A re-proposed slot whose batch this replica does not hold yet.
+#[derive(Debug)]
+struct MissingBatch {
+    header: SignedEnvelope,
+    pp: PrePrepare,
+    /// Nodes that vouched for holding it, asked in turn.
+    holders: Vec<NodeId>,
+    next: usize,
+}
+
+/// One slot of `O`: digest, the original batch time (none for a null request) and the nodes
+/// known to hold the batch.
+type Reproposal = (Digest, Option<Timestamp>, Vec<NodeId>);
 
 /// The new view's `O`, computed from `V`.
 #[derive(Debug)]
@@ -243,7 +283,7 @@ struct Reproposals {
     min_s: u64,
     min_state: Digest,
     min_proof: Vec<SignedEnvelope>,
-    /// seq -> (digest, time, batch); empty batch is the null request.
+    /// seq -> (digest, time, holders); the empty batch's digest is the null request.
     slots: BTreeMap<u64, Reproposal>,
 }
 
@@ -288,7 +328,16 @@ pub struct Engine {
     executed: BTreeMap<NodeId, ClientWindow>,
     /// Latest valid view change per signer.
     vcs: BTreeMap<NodeId, (u64, ValidVc)>,
-    my_vc: Option<SignedEnvelope>,
+    /// View changes whose head or proof parts are still arriving, per signer.
+    partial_vcs: BTreeMap<NodeId, PartialVc>,
+    /// The last view change per signer found invalid (by head digest), not checked again.
+    rejected_vcs: BTreeMap<NodeId, Digest>,
+    /// Our view change: head and proof parts (retransmitted while the view change lasts).
+    my_vc: Vec<SignedEnvelope>,
+    /// When our view change was sent (it is retransmitted from a resend interval later).
+    vc_started_at: Option<Timestamp>,
+    /// Batches of re-proposed slots being fetched, by sequence number.
+    missing: BTreeMap<u64, MissingBatch>,
     new_view_sent: Option<(u64, SignedEnvelope)>,
     /// The view changes our last new view names (served to replicas missing some).
     new_view_votes: Vec<SignedEnvelope>,
@@ -333,7 +382,11 @@ impl Engine {
             proposed: BTreeSet::new(),
             executed: BTreeMap::new(),
             vcs: BTreeMap::new(),
-            my_vc: None,
+            partial_vcs: BTreeMap::new(),
+            rejected_vcs: BTreeMap::new(),
+            my_vc: Vec::new(),
+            vc_started_at: None,
+            missing: BTreeMap::new(),
             new_view_sent: None,
             new_view_votes: Vec::new(),
             pending_nv: None,
@@ -527,7 +580,9 @@ impl Engine {
     }
 
     fn try_propose(&mut self, now: Timestamp) {
-        if !self.active || !self.is_primary() {
+        // A new primary still fetching batches of its re-proposed slots waits: they may hold
+        // the very requests it would otherwise order a second time.
+        if !self.active || !self.is_primary() || !self.missing.is_empty() {
             return;
         }
         while self.next_seq.saturating_sub(self.last_exec + 1) < self.cfg.max_inflight
@@ -611,6 +666,9 @@ impl Engine {
             ConsensusMsg::Commit(slot) => self.on_commit(from, slot, env),
             ConsensusMsg::Checkpoint { seq, state } => self.on_checkpoint(from, seq, state, env),
             ConsensusMsg::ViewChange(vc) => self.on_view_change(now, from, vc, env),
+            ConsensusMsg::ViewChangeProofs(p) => self.on_vc_proofs(now, from, p, env),
+            ConsensusMsg::FetchBatch { seq, digest } => self.on_fetch_batch(from, seq, digest),
+            ConsensusMsg::Batch { seq, batch } => self.on_batch(seq, batch),
             ConsensusMsg::NewView(nv) => self.on_new_view(now, from, nv, false),
             ConsensusMsg::FetchViewChanges { view } => {
                 if self.new_view_sent.as_ref().is_some_and(|(v, _)| *v == view) {
@@ -756,7 +814,10 @@ impl Engine {
         entry.batches.insert(slot.digest, batch);
         if self.committee.primary(slot.view) != self.me
             && self.is_member()
-            && let Some(p) = self.sign(ConsensusMsg::Prepare { slot, header })
+            && let Some(p) = self.sign(ConsensusMsg::Prepare {
+                slot,
+                header: header.clone(),
+            })
         {
             self.out.push_back(Command::Broadcast(p.clone()));
             let entry = self.log.entry(slot.seq).or_default();
@@ -765,7 +826,7 @@ impl Engine {
                 .prepares
                 .entry((slot.view, slot.digest))
                 .or_default()
-                .insert(self.me, p);
+                .insert(self.me, (p, header));
         }
         self.check_slot(slot.seq, slot.view, slot.digest);
     }
@@ -810,13 +871,13 @@ impl Engine {
         if !self.note_vote(slot.seq, KIND_PREPARE, slot.view, from, slot.digest, &env) {
             return;
         }
-        self.contradiction_check(slot.seq, from, slot, &env);
+        self.contradiction_check(slot.seq, from, slot, &env, VoteKind::Prepare);
         let entry = self.log.entry(slot.seq).or_default();
         entry
             .prepares
             .entry((slot.view, slot.digest))
             .or_default()
-            .insert(from, env);
+            .insert(from, (env, header));
         self.check_slot(slot.seq, slot.view, slot.digest);
     }
 
@@ -827,7 +888,7 @@ impl Engine {
         if !self.note_vote(slot.seq, KIND_COMMIT, slot.view, from, slot.digest, &env) {
             return;
         }
-        self.contradiction_check(slot.seq, from, slot, &env);
+        self.contradiction_check(slot.seq, from, slot, &env, VoteKind::Commit);
         let entry = self.log.entry(slot.seq).or_default();
         entry
             .commits
@@ -838,23 +899,19 @@ impl Engine {
     }
 
     /// A vote against an already committed slot is evidence.
-    fn contradiction_check(&mut self, seq: u64, from: NodeId, slot: Slot, env: &SignedEnvelope) {
+    fn contradiction_check(
+        &mut self,
+        seq: u64,
+        from: NodeId,
+        slot: Slot,
+        env: &SignedEnvelope,
+        kind: VoteKind,
+    ) {
         let Some(entry) = self.log.get_mut(&seq) else {
             return;
         };
-        let Some((cert, _)) = &entry.committed else {
+        let Some((cert, _, pp)) = &entry.committed else {
             return;
-        };
-        let Some((_, pp)) = open_header(&cert.pre_prepare) else {
-            return;
-        };
-        let kind = if matches!(
-            open(env).map(|v| v.into_message()),
-            Some(ConsensusMsg::Commit(_))
-        ) {
-            VoteKind::Commit
-        } else {
-            VoteKind::Prepare
         };
         if contradicts(kind, slot.view, pp.slot.view)
             && slot.digest != pp.slot.digest
@@ -888,20 +945,38 @@ impl Engine {
         let Some(batch) = entry.batches.get(&digest).cloned() else {
             return;
         };
-        let prepares: Vec<SignedEnvelope> = entry
+        // Only prepares quoting the accepted header count: a prepared certificate names one
+        // signed header, and the compact certificate rebuilds each prepare from it.
+        let prepares: Vec<(NodeId, SignedEnvelope)> = entry
             .prepares
             .get(&(view, digest))
-            .map(|m| m.values().cloned().collect())
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, (_, quoted))| *quoted == header)
+                    .map(|(n, (e, _))| (*n, e.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         // prepared(m, v, n, i): the pre-prepare and 2f prepares from distinct backups.
-        if prepares.len() + 1 >= quorum {
-            if entry.prepared.as_ref().is_none_or(|(v, _)| *v < view) {
+        let prepared = prepares.len() + 1 >= quorum;
+        if prepared {
+            if entry.prepared.as_ref().is_none_or(|(v, _, _)| *v < view) {
+                let prepares: Vec<VoteSignature> = prepares
+                    .iter()
+                    .filter_map(|(n, e)| {
+                        Some(VoteSignature {
+                            signer: self.committee.index_of(n)?,
+                            signature: split(e)?.g,
+                        })
+                    })
+                    .take(quorum - 1)
+                    .collect();
                 entry.prepared = Some((
                     view,
+                    pp,
                     PreparedProof {
                         pre_prepare: header.clone(),
-                        batch: envelopes(&batch),
-                        prepares: prepares.into_iter().take(quorum - 1).collect(),
+                        prepares,
                     },
                 ));
             }
@@ -936,14 +1011,16 @@ impl Engine {
             .get(&(view, digest))
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
-        // committed-local: 2f+1 matching commits (a commit certificate).
-        if commits.len() >= quorum {
+        // committed-local(m, v, n, i): prepared(m, v, n, i) and 2f+1 matching commits. Requiring
+        // prepared here (as the paper does) means the header this replica commits with is the
+        // one 2f+1 replicas vouched for, so the batch time is the same at every replica.
+        if prepared && commits.len() >= quorum {
             let cert = CommitCertificate {
                 pre_prepare: header,
                 batch: envelopes(&batch),
                 commits: commits.into_iter().take(quorum).collect(),
             };
-            entry.committed = Some((cert, batch));
+            entry.committed = Some((cert, batch, pp));
             self.after_commit(seq);
             self.execute_ready();
         }
@@ -954,10 +1031,7 @@ impl Engine {
         let Some(entry) = self.log.get_mut(&seq) else {
             return;
         };
-        let Some((cert, _)) = &entry.committed else {
-            return;
-        };
-        let Some((_, pp)) = open_header(&cert.pre_prepare) else {
+        let Some((cert, _, pp)) = &entry.committed else {
             return;
         };
         let proof = cert.proof();
@@ -986,10 +1060,8 @@ impl Engine {
     fn execute_ready(&mut self) {
         loop {
             let seq = self.last_exec + 1;
-            let Some((cert, batch)) = self.log.get(&seq).and_then(|e| e.committed.clone()) else {
-                break;
-            };
-            let Some((_, pp)) = open_header(&cert.pre_prepare) else {
+            let Some((cert, batch, pp)) = self.log.get(&seq).and_then(|e| e.committed.clone())
+            else {
                 break;
             };
             self.state = Digest::of(
@@ -997,6 +1069,7 @@ impl Engine {
                 &[&self.state.0, &seq.to_be_bytes(), &pp.slot.digest.0],
             );
             self.last_exec = seq;
+            self.missing.remove(&seq);
             self.progressed_since_tick = true;
             let mut requests = Vec::new();
             for v in batch {
@@ -1105,6 +1178,7 @@ impl Engine {
         self.log = self.log.split_off(&(seq + 1));
         self.checkpoints = self.checkpoints.split_off(&(seq + 1));
         self.exec_states = self.exec_states.split_off(&seq);
+        self.missing = self.missing.split_off(&(seq + 1));
         self.out.push_back(Command::StableCheckpoint { seq, state });
     }
 
@@ -1172,8 +1246,12 @@ impl Engine {
             let Ok(cb) = cert.verify(&self.committee) else {
                 continue;
             };
+            let pp = PrePrepare {
+                slot: cb.slot,
+                time: cb.time,
+            };
             let entry = self.log.entry(seq).or_default();
-            entry.committed = Some((cert, cb.requests));
+            entry.committed = Some((cert, cb.requests, pp));
         }
         self.execute_ready();
         let ready: Vec<u64> = self
@@ -1190,6 +1268,7 @@ impl Engine {
     // ----- timers -------------------------------------------------------------------------
 
     fn tick(&mut self, now: Timestamp) {
+        self.fetch_missing();
         let progressed = std::mem::replace(&mut self.progressed_since_tick, false);
         let outstanding = !self.is_member()
             || !self.pending.is_empty()
@@ -1235,8 +1314,13 @@ impl Engine {
                         self.out.push_back(Command::Broadcast(p));
                     }
                 }
-            } else if let Some(vc) = self.my_vc.clone() {
-                self.out.push_back(Command::Broadcast(vc));
+            } else if self
+                .vc_started_at
+                .is_some_and(|t| now.0 >= t.0 + self.cfg.resend_interval_ms)
+            {
+                for vc in self.my_vc.clone() {
+                    self.out.push_back(Command::Broadcast(vc));
+                }
             }
             if let Some(c) = self.my_checkpoint.clone() {
                 self.out.push_back(Command::Broadcast(c));
@@ -1257,98 +1341,257 @@ impl Engine {
         self.progress_deadline = None;
         self.vc_deadline = None;
         self.proposed.clear();
-        let prepared: Vec<PreparedProof> = self
-            .log
-            .range(self.low + 1..)
-            .filter_map(|(_, e)| e.prepared.as_ref().map(|(_, p)| p.clone()))
-            .collect();
-        let vc = ViewChange {
+        self.missing.clear();
+        let mut claims = Vec::new();
+        let mut proofs = Vec::new();
+        let mut own = BTreeMap::new();
+        for (seq, e) in self.log.range(self.low + 1..=self.low + self.claim_span()) {
+            if let Some((_, pp, proof)) = &e.prepared {
+                if claims.len() == MAX_PREPARED {
+                    break;
+                }
+                claims.push(pp.slot);
+                own.insert(
+                    *seq,
+                    Claim {
+                        slot: pp.slot,
+                        proof: proof.clone(),
+                        checked: Some((*pp, holders(&self.committee, self.me, pp, proof))),
+                    },
+                );
+                proofs.push(proof.clone());
+            }
+        }
+        // P's certificates go in parts under MAX_PROOF_PART_BYTES each, so no message of a
+        // view change outgrows the payload limit whatever the committee size.
+        let mut parts: Vec<Vec<PreparedProof>> = Vec::new();
+        let mut size = 0;
+        for p in proofs {
+            let len = payload_size(&p);
+            match parts.last_mut() {
+                Some(last) if size + len <= MAX_PROOF_PART_BYTES => last.push(p),
+                _ => {
+                    size = 0;
+                    parts.push(vec![p]);
+                }
+            }
+            size += len;
+        }
+        let head = ViewChange {
             new_view: view,
             stable_seq: self.low,
             stable_proof: self.stable_proof.clone(),
-            prepared,
+            prepared: claims,
+            proof_parts: u32::try_from(parts.len()).unwrap_or(u32::MAX),
         };
         self.out.push_back(Command::ViewChangeStarted { view });
-        let Some(env) = self.sign(ConsensusMsg::ViewChange(vc.clone())) else {
+        let Some(head_env) = self.sign(ConsensusMsg::ViewChange(head)) else {
             return;
         };
-        self.my_vc = Some(env.clone());
-        self.out.push_back(Command::Broadcast(env.clone()));
-        if let Some(valid) = self.validate_vc(&vc, env) {
-            self.vcs.insert(self.me, (view, valid));
+        let head_digest = Digest::of_envelope(&head_env);
+        let mut envs = vec![head_env];
+        let mut first = 0u32;
+        for proofs in parts {
+            let count = u32::try_from(proofs.len()).unwrap_or(u32::MAX);
+            if let Some(e) = self.sign(ConsensusMsg::ViewChangeProofs(ViewChangeProofs {
+                new_view: view,
+                head: head_digest,
+                first,
+                proofs,
+            })) {
+                envs.push(e);
+            }
+            first = first.saturating_add(count);
         }
+        for e in &envs {
+            self.out.push_back(Command::Broadcast(e.clone()));
+        }
+        self.my_vc = envs.clone();
+        self.vc_started_at = Some(now);
+        let valid = ValidVc {
+            signer: self.me,
+            new_view: view,
+            head: head_digest,
+            envelopes: envs,
+            stable_seq: self.low,
+            stable_state: Some(self.stable_state),
+            stable_proof: self.stable_proof.clone(),
+            prepared: own,
+        };
+        self.vcs.insert(self.me, (view, valid));
         self.after_vc(now);
     }
 
-    fn validate_vc(&self, vc: &ViewChange, envelope: SignedEnvelope) -> Option<ValidVc> {
-        let quorum = self.committee.quorum();
-        let k = self.cfg.checkpoint_interval;
-        if !vc.stable_seq.is_multiple_of(k) {
+    /// How far above its stable checkpoint a replica may have prepared slots: it accepts
+    /// pre-prepares up to `L` above a stable checkpoint it knows of, which may be up to `4L`
+    /// above its own.
+    fn claim_span(&self) -> u64 {
+        5 * self.cfg.log_window
+    }
+
+    /// Checks a complete view change's form (no signatures: see [`ValidVc`]).
+    fn validate_vc(
+        &self,
+        vc: &ViewChange,
+        head_env: SignedEnvelope,
+        parts: Vec<(SignedEnvelope, Vec<PreparedProof>)>,
+    ) -> Option<ValidVc> {
+        if !vc.stable_seq.is_multiple_of(self.cfg.checkpoint_interval)
+            || (vc.stable_seq == 0) != vc.stable_proof.is_empty()
+            || (vc.stable_seq > 0 && vc.stable_proof.len() < self.committee.quorum())
+        {
             return None;
         }
-        let mut stable_state = Digest::default();
-        if vc.stable_seq > 0 {
-            let mut signers = BTreeSet::new();
-            let mut state = None;
-            for c in &vc.stable_proof {
-                let v = open(c)?;
-                match v.message() {
-                    ConsensusMsg::Checkpoint { seq, state: s } if *seq == vc.stable_seq => {
-                        if *state.get_or_insert(*s) != *s || !self.committee.contains(&v.signer()) {
-                            return None;
-                        }
-                        signers.insert(v.signer());
-                    }
-                    _ => return None,
-                }
-            }
-            if signers.len() < quorum {
-                return None;
-            }
-            stable_state = state?;
-        } else if !vc.stable_proof.is_empty() {
+        let mut envelopes = vec![head_env.clone()];
+        let mut proofs = Vec::with_capacity(vc.prepared.len());
+        for (env, ps) in parts {
+            envelopes.push(env);
+            proofs.extend(ps);
+        }
+        if proofs.len() != vc.prepared.len() {
             return None;
         }
         let mut prepared = BTreeMap::new();
-        for p in &vc.prepared {
-            let (primary, pp) = open_header(&p.pre_prepare)?;
-            let slot = pp.slot;
-            if primary != self.committee.primary(slot.view)
-                || slot.view >= vc.new_view
-                || slot.seq <= vc.stable_seq
-                || slot.seq > vc.stable_seq + self.cfg.log_window
-                || Digest::of_batch(&p.batch) != slot.digest
+        let mut last_seq = vc.stable_seq;
+        for (claim, proof) in vc.prepared.iter().zip(proofs) {
+            if claim.view >= vc.new_view
+                || claim.seq <= last_seq
+                || claim.seq > vc.stable_seq + self.claim_span()
+                || proof.prepares.len() + 1 < self.committee.quorum()
             {
                 return None;
             }
-            let mut signers = BTreeSet::new();
-            for pr in &p.prepares {
-                let v = open(pr)?;
-                match v.message() {
-                    ConsensusMsg::Prepare { slot: s, .. } if *s == slot => {}
-                    _ => return None,
-                }
-                if v.signer() == primary || !self.committee.contains(&v.signer()) {
-                    return None;
-                }
-                signers.insert(v.signer());
-            }
-            if signers.len() + 1 < quorum {
-                return None;
-            }
-            let batch = verify_batch(&p.batch)?;
-            if prepared.insert(slot.seq, (slot.view, pp, batch)).is_some() {
-                return None;
-            }
+            last_seq = claim.seq;
+            prepared.insert(
+                claim.seq,
+                Claim {
+                    slot: *claim,
+                    proof,
+                    checked: None,
+                },
+            );
         }
         Some(ValidVc {
-            signer: envelope.claimed_signer(),
-            envelope,
+            signer: head_env.claimed_signer(),
+            new_view: vc.new_view,
+            head: Digest::of_envelope(&head_env),
+            envelopes,
             stable_seq: vc.stable_seq,
-            stable_state,
+            stable_state: (vc.stable_seq == 0).then(Digest::default),
             stable_proof: vc.stable_proof.clone(),
             prepared,
         })
+    }
+
+    /// Checks a stable checkpoint proof: 2f+1 members signed one state for `seq`.
+    fn check_stable_proof(&self, seq: u64, proof: &[SignedEnvelope]) -> Option<Digest> {
+        let mut signers = BTreeSet::new();
+        let mut state = None;
+        for c in proof {
+            let v = open(c)?;
+            match v.message() {
+                ConsensusMsg::Checkpoint { seq: s, state: d } if *s == seq => {
+                    if *state.get_or_insert(*d) != *d || !self.committee.contains(&v.signer()) {
+                        return None;
+                    }
+                    signers.insert(v.signer());
+                }
+                _ => return None,
+            }
+        }
+        if signers.len() >= self.committee.quorum() {
+            state
+        } else {
+            None
+        }
+    }
+
+    /// Checks a compact prepared certificate for `claim` in a view change to `new_view`: the
+    /// header is the primary's for the claimed slot, and 2f distinct backups' prepare
+    /// signatures verify (each prepare envelope is rebuilt from the header and checked).
+    fn check_claim(
+        &self,
+        reporter: NodeId,
+        new_view: u64,
+        claim: &Slot,
+        p: &PreparedProof,
+    ) -> Option<(PrePrepare, Vec<NodeId>)> {
+        let (primary, pp) = open_header(&p.pre_prepare)?;
+        let slot = pp.slot;
+        if slot != *claim || primary != self.committee.primary(slot.view) || slot.view >= new_view {
+            return None;
+        }
+        let payload = payload_of(&ConsensusMsg::Prepare {
+            slot,
+            header: p.pre_prepare.clone(),
+        })?;
+        let mut signers = BTreeSet::new();
+        for vote in &p.prepares {
+            let signer = self.committee.member(vote.signer)?;
+            if signer == primary || !signers.insert(signer) {
+                return None;
+            }
+            let env = join(&RawEnvelope {
+                k: MessageKind::Consensus.code(),
+                s: signer,
+                p: payload.clone(),
+                g: vote.signature.clone(),
+            })?;
+            open(&env)?;
+        }
+        if signers.len() + 1 < self.committee.quorum() {
+            return None;
+        }
+        Some((pp, holders(&self.committee, reporter, &pp, p)))
+    }
+
+    /// The checked content of `signer`'s claim at `seq` (checking it now if needed).
+    fn checked_claim(&mut self, signer: NodeId, seq: u64) -> Option<(PrePrepare, Vec<NodeId>)> {
+        let (_, vc) = self.vcs.get(&signer)?;
+        let c = vc.prepared.get(&seq)?;
+        if let Some(done) = &c.checked {
+            return Some(done.clone());
+        }
+        let done = self.check_claim(signer, vc.new_view, &c.slot, &c.proof)?;
+        if let Some(c) = self
+            .vcs
+            .get_mut(&signer)
+            .and_then(|(_, vc)| vc.prepared.get_mut(&seq))
+        {
+            c.checked = Some(done.clone());
+        }
+        Some(done)
+    }
+
+    /// The checked state digest of `signer`'s stable checkpoint (checking it now if needed).
+    fn checked_stable(&mut self, signer: NodeId) -> Option<Digest> {
+        let (_, vc) = self.vcs.get(&signer)?;
+        if let Some(d) = vc.stable_state {
+            return Some(d);
+        }
+        let d = self.check_stable_proof(vc.stable_seq, &vc.stable_proof)?;
+        if let Some((_, vc)) = self.vcs.get_mut(&signer) {
+            vc.stable_state = Some(d);
+        }
+        Some(d)
+    }
+
+    /// Discards `signer`'s view change after a failed check, remembering it as invalid.
+    fn reject_vc(&mut self, signer: NodeId) {
+        if let Some((_, vc)) = self.vcs.remove(&signer) {
+            self.rejected_vcs.insert(signer, vc.head);
+        }
+        self.report(
+            signer,
+            Offence::Invalid("view change with an invalid proof"),
+        );
+    }
+
+    /// Whether a view-change message for `view` from `from` is still of use.
+    fn wants_vc(&self, from: NodeId, view: u64) -> bool {
+        !(view < self.view
+            || (view == self.view && self.active)
+            || self.vcs.get(&from).is_some_and(|(old, _)| *old >= view))
     }
 
     fn on_view_change(
@@ -1372,14 +1615,107 @@ impl Engine {
             }
             return;
         }
-        if self.vcs.get(&from).is_some_and(|(old, _)| *old >= v) {
+        if !self.wants_vc(from, v) {
             return;
         }
-        let Some(valid) = self.validate_vc(&vc, env) else {
-            self.report(from, Offence::Invalid("view change with an invalid proof"));
+        let head = Digest::of_envelope(&env);
+        if self.rejected_vcs.get(&from) == Some(&head) {
+            return;
+        }
+        match self.partial_vcs.get(&from) {
+            Some(p) if p.view > v => return,
+            // One head per signer and view: the first one wins.
+            Some(p) if p.view == v && p.head_msg.is_some() => return,
+            // Proof parts for this head arrived first.
+            Some(p) if p.view == v && p.head == head => {}
+            _ => {
+                self.partial_vcs.insert(
+                    from,
+                    PartialVc {
+                        view: v,
+                        head,
+                        head_msg: None,
+                        parts: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+        if let Some(p) = self.partial_vcs.get_mut(&from) {
+            p.head_msg = Some((env, vc));
+        }
+        self.try_complete_vc(now, from);
+    }
+
+    fn on_vc_proofs(
+        &mut self,
+        now: Timestamp,
+        from: NodeId,
+        part: ViewChangeProofs,
+        env: SignedEnvelope,
+    ) {
+        let v = part.new_view;
+        if !self.wants_vc(from, v) || self.rejected_vcs.get(&from) == Some(&part.head) {
+            return;
+        }
+        let p = self.partial_vcs.entry(from).or_insert_with(|| PartialVc {
+            view: v,
+            head: part.head,
+            head_msg: None,
+            parts: BTreeMap::new(),
+        });
+        if p.view > v {
+            return;
+        }
+        if p.view < v || (p.head != part.head && p.head_msg.is_none()) {
+            *p = PartialVc {
+                view: v,
+                head: part.head,
+                head_msg: None,
+                parts: BTreeMap::new(),
+            };
+        }
+        let held: usize = p.parts.values().map(|(_, x)| x.len()).sum();
+        if p.head != part.head
+            || p.parts.contains_key(&part.first)
+            || held + part.proofs.len() > MAX_PREPARED
+        {
+            return;
+        }
+        p.parts.insert(part.first, (env, part.proofs));
+        self.try_complete_vc(now, from);
+    }
+
+    /// Validates `from`'s view change once its head and every proof part are in.
+    fn try_complete_vc(&mut self, now: Timestamp, from: NodeId) {
+        let Some(p) = self.partial_vcs.get(&from) else {
             return;
         };
-        self.vcs.insert(from, (v, valid));
+        let Some((_, head)) = &p.head_msg else {
+            return;
+        };
+        let mut next = 0usize;
+        for (first, (_, proofs)) in &p.parts {
+            if *first as usize != next {
+                return;
+            }
+            next += proofs.len();
+        }
+        if next != head.prepared.len() || p.parts.len() != head.proof_parts as usize {
+            return;
+        }
+        let Some(p) = self.partial_vcs.remove(&from) else {
+            return;
+        };
+        let Some((head_env, head)) = p.head_msg else {
+            return;
+        };
+        let parts = p.parts.into_values().collect();
+        let Some(valid) = self.validate_vc(&head, head_env, parts) else {
+            self.rejected_vcs.insert(from, p.head);
+            self.report(from, Offence::Invalid("malformed view change"));
+            return;
+        };
+        self.vcs.insert(from, (head.new_view, valid));
         self.after_vc(now);
         if let Some((p, nv, asked)) = self.pending_nv.take()
             && nv.view >= self.view
@@ -1413,60 +1749,93 @@ impl Engine {
             return;
         }
         let view = self.view;
-        let votes: Vec<ValidVc> = self
-            .vcs
-            .values()
-            .filter(|(v, _)| *v == view)
-            .map(|(_, vc)| vc.clone())
-            .collect();
-        if votes.len() >= self.committee.quorum() && self.vc_deadline.is_none() {
+        let quorum = self.committee.quorum();
+        let count = self.vcs.values().filter(|(v, _)| *v == view).count();
+        if count >= quorum && self.vc_deadline.is_none() {
             self.vc_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
         }
-        if votes.len() >= self.committee.quorum()
-            && self.committee.primary(view) == self.me
-            && self.new_view_sent.as_ref().is_none_or(|(v, _)| *v < view)
+        if self.committee.primary(view) != self.me
+            || self.new_view_sent.as_ref().is_some_and(|(v, _)| *v >= view)
         {
-            self.send_new_view(now, view, votes);
+            return;
+        }
+        loop {
+            let votes: Vec<NodeId> = self
+                .vcs
+                .iter()
+                .filter(|(_, (v, _))| *v == view)
+                .map(|(n, _)| *n)
+                .collect();
+            if votes.len() < quorum {
+                return;
+            }
+            match self.compute_o(&votes) {
+                Ok(o) => return self.send_new_view(now, view, &votes, o),
+                // A view change whose chosen proof failed: drop it and try without it.
+                Err(bad) => self.reject_vc(bad),
+            }
         }
     }
 
-    fn compute_o(&self, votes: &[ValidVc]) -> Reproposals {
-        let best = votes.iter().max_by_key(|v| v.stable_seq);
-        let (min_s, min_state, min_proof) = best
-            .map(|v| (v.stable_seq, v.stable_state, v.stable_proof.clone()))
-            .unwrap_or_default();
-        let max_s = votes
-            .iter()
-            .flat_map(|v| v.prepared.keys().copied())
-            .max()
-            .unwrap_or(min_s)
-            .max(min_s);
-        let mut slots = BTreeMap::new();
-        for n in min_s + 1..=max_s {
-            // The pre-prepare with the highest view among the prepared certificates for n.
-            let chosen = votes
-                .iter()
-                .filter_map(|v| v.prepared.get(&n))
-                .max_by_key(|(view, pp, _)| (*view, pp.slot.digest));
-            match chosen {
-                Some((_, pp, batch)) => {
-                    slots.insert(n, (pp.slot.digest, Some(pp.time), batch.clone()))
-                }
-                None => slots.insert(n, (Digest::of_batch(&[]), None, Vec::new())),
+    /// Computes `O` from the view changes of `votes` (section 4.4), checking the proofs it
+    /// relies on; `Err(signer)` names a view change whose chosen proof does not hold.
+    fn compute_o(&mut self, votes: &[NodeId]) -> Result<Reproposals, NodeId> {
+        // min-s: the highest stable checkpoint in V (the last of equals, in V's order).
+        let mut best: Option<(u64, NodeId)> = None;
+        let mut max_s = 0;
+        for n in votes {
+            let Some((_, vc)) = self.vcs.get(n) else {
+                return Err(*n);
             };
+            if best.is_none_or(|(s, _)| vc.stable_seq >= s) {
+                best = Some((vc.stable_seq, *n));
+            }
+            max_s = max_s.max(vc.prepared.keys().next_back().copied().unwrap_or(0));
         }
-        Reproposals {
+        let Some((min_s, best)) = best else {
+            return Err(self.me);
+        };
+        let min_state = self.checked_stable(best).ok_or(best)?;
+        let min_proof = self
+            .vcs
+            .get(&best)
+            .map(|(_, vc)| vc.stable_proof.clone())
+            .unwrap_or_default();
+        let max_s = max_s.max(min_s);
+        let mut slots = BTreeMap::new();
+        let null = Digest::of_batch(&[]);
+        for seq in min_s + 1..=max_s {
+            // The claim with the highest view for seq (the last of equals, in V's order).
+            let mut top: Option<((u64, Digest), NodeId)> = None;
+            for n in votes {
+                if let Some(c) = self.vcs.get(n).and_then(|(_, vc)| vc.prepared.get(&seq)) {
+                    let key = (c.slot.view, c.slot.digest);
+                    if top.is_none_or(|(k, _)| key >= k) {
+                        top = Some((key, *n));
+                    }
+                }
+            }
+            match top {
+                Some((_, n)) => {
+                    let (pp, holders) = self.checked_claim(n, seq).ok_or(n)?;
+                    slots.insert(seq, (pp.slot.digest, Some(pp.time), holders));
+                }
+                None => {
+                    slots.insert(seq, (null, None, Vec::new()));
+                }
+            }
+        }
+        Ok(Reproposals {
             min_s,
             min_state,
             min_proof,
             slots,
-        }
+        })
     }
 
-    fn send_new_view(&mut self, now: Timestamp, view: u64, votes: Vec<ValidVc>) {
-        let o = self.compute_o(&votes);
-        let mut proposals = Vec::new();
-        for (seq, (digest, time, batch)) in &o.slots {
+    fn send_new_view(&mut self, now: Timestamp, view: u64, votes: &[NodeId], o: Reproposals) {
+        let mut headers = Vec::new();
+        for (seq, (digest, time, _)) in &o.slots {
             let pp = PrePrepare {
                 slot: Slot {
                     view,
@@ -1478,26 +1847,25 @@ impl Engine {
             let Some(h) = self.sign(ConsensusMsg::PrePrepare(pp)) else {
                 return;
             };
-            proposals.push((h, batch.clone()));
+            headers.push((h, pp));
         }
+        let vcs: Vec<&ValidVc> = votes
+            .iter()
+            .filter_map(|n| self.vcs.get(n).map(|(_, vc)| vc))
+            .collect();
         let nv = NewView {
             view,
-            view_changes: votes
-                .iter()
-                .map(|v| (v.signer, Digest::of_envelope(&v.envelope)))
-                .collect(),
-            proposals: proposals
-                .iter()
-                .map(|(h, b)| (h.clone(), envelopes(b)))
-                .collect(),
+            view_changes: vcs.iter().map(|v| (v.signer, v.head)).collect(),
+            proposals: headers.iter().map(|(h, _)| h.clone()).collect(),
         };
+        let served: Vec<SignedEnvelope> = vcs.iter().flat_map(|v| v.envelopes.clone()).collect();
         let Some(env) = self.sign(ConsensusMsg::NewView(nv)) else {
             return;
         };
         self.new_view_sent = Some((view, env.clone()));
-        self.new_view_votes = votes.iter().map(|v| v.envelope.clone()).collect();
+        self.new_view_votes = served;
         self.out.push_back(Command::Broadcast(env));
-        self.install_new_view(now, view, o, proposals);
+        self.install_new_view(now, view, o, headers);
     }
 
     fn on_new_view(&mut self, now: Timestamp, from: NodeId, nv: NewView, asked: bool) {
@@ -1518,8 +1886,8 @@ impl Engine {
                 );
             }
             match self.vcs.get(signer) {
-                Some((v, vc)) if *v == nv.view && Digest::of_envelope(&vc.envelope) == *digest => {
-                    votes.push(vc.clone());
+                Some((v, vc)) if *v == nv.view && vc.head == *digest => {
+                    votes.push(*signer);
                 }
                 _ => missing = true,
             }
@@ -1539,12 +1907,19 @@ impl Engine {
             return self.report(from, Offence::Invalid("new view without a quorum"));
         }
         // Recompute O and compare (section 4.4).
-        let o = self.compute_o(&votes);
+        let o = match self.compute_o(&votes) {
+            Ok(o) => o,
+            Err(bad) => {
+                // The primary built O on a proof that does not hold.
+                self.reject_vc(bad);
+                return self.report(from, Offence::Invalid("new view on an invalid view change"));
+            }
+        };
         if o.slots.len() != nv.proposals.len() {
             return self.report(from, Offence::Invalid("new view with a wrong O"));
         }
-        let mut proposals = Vec::with_capacity(o.slots.len());
-        for ((seq, (digest, time, verified)), (h, batch)) in o.slots.iter().zip(&nv.proposals) {
+        let mut headers = Vec::with_capacity(o.slots.len());
+        for ((seq, (digest, time, _)), h) in o.slots.iter().zip(&nv.proposals) {
             let Some((signer, pp)) = open_header(h) else {
                 return self.report(from, Offence::Invalid("new view with a bad pre-prepare"));
             };
@@ -1555,14 +1930,13 @@ impl Engine {
                         seq: *seq,
                         digest: *digest,
                     }
-                && time.is_none_or(|t| t == pp.time)
-                && Digest::of_batch(batch) == *digest;
+                && time.is_none_or(|t| t == pp.time);
             if !ok {
                 return self.report(from, Offence::Invalid("new view with a wrong O"));
             }
-            proposals.push((h.clone(), verified.clone()));
+            headers.push((h.clone(), pp));
         }
-        self.install_new_view(now, nv.view, o, proposals);
+        self.install_new_view(now, nv.view, o, headers);
     }
 
     fn install_new_view(
@@ -1570,16 +1944,18 @@ impl Engine {
         now: Timestamp,
         view: u64,
         o: Reproposals,
-        proposals: Vec<(SignedEnvelope, Vec<Verified<Request>>)>,
+        headers: Vec<(SignedEnvelope, PrePrepare)>,
     ) {
         self.view = view;
         self.active = true;
         self.vc_deadline = None;
         self.vc_attempts = 0;
-        self.my_vc = None;
+        self.my_vc.clear();
         self.pending_nv = None;
         self.proposed.clear();
+        self.missing.clear();
         self.vcs.retain(|_, (v, _)| *v > view);
+        self.partial_vcs.retain(|_, p| p.view > view);
         if o.min_s > self.low {
             if self.last_exec >= o.min_s && self.exec_states.get(&o.min_s) == Some(&o.min_state) {
                 self.make_stable(o.min_s, o.min_state, o.min_proof);
@@ -1589,30 +1965,154 @@ impl Engine {
             }
         }
         let max_s = o.slots.keys().copied().max().unwrap_or(o.min_s);
-        for (h, batch) in proposals {
-            let Some((_, pp)) = open_header(&h) else {
-                continue;
-            };
+        let null = Digest::of_batch(&[]);
+        let primary = self.committee.primary(view);
+        for (h, pp) in headers {
             let slot = pp.slot;
             if !self.in_window(slot.seq) {
                 continue;
             }
             let entry = self.log.entry(slot.seq).or_default();
-            entry.first_vote.insert(
-                (KIND_HEADER, view, self.committee.primary(view)),
-                (slot.digest, h.clone()),
+            entry
+                .first_vote
+                .insert((KIND_HEADER, view, primary), (slot.digest, h.clone()));
+            let batch = if slot.digest == null {
+                Some(Vec::new())
+            } else {
+                entry.batches.get(&slot.digest).cloned()
+            };
+            if let Some(batch) = batch {
+                self.accept_pre_prepare(h, pp, batch);
+                continue;
+            }
+            // The batch is not here: record the header (so votes for it count) and fetch the
+            // batch from the nodes that vouched for holding it.
+            entry.headers.insert(view, (h.clone(), pp));
+            let mut holders: Vec<NodeId> = o
+                .slots
+                .get(&slot.seq)
+                .map(|s| s.2.clone())
+                .unwrap_or_default();
+            holders.retain(|n| *n != self.me);
+            if holders.is_empty() {
+                holders = self
+                    .committee
+                    .members()
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != self.me)
+                    .collect();
+            }
+            self.missing.insert(
+                slot.seq,
+                MissingBatch {
+                    header: h,
+                    pp,
+                    holders,
+                    next: 0,
+                },
             );
-            self.accept_pre_prepare(h, pp, batch);
         }
+        self.fetch_missing();
         self.next_seq = (max_s + 1).max(self.last_exec + 1);
-        self.out.push_back(Command::NewViewInstalled {
-            view,
-            primary: self.committee.primary(view),
-        });
+        self.out
+            .push_back(Command::NewViewInstalled { view, primary });
         if !self.pending.is_empty() {
             self.progress_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
         }
         self.try_propose(now);
+    }
+
+    // ----- batch fetching (re-proposed slots) ---------------------------------------------
+
+    /// Asks the next holder of every missing batch.
+    fn fetch_missing(&mut self) {
+        let mut asks = Vec::new();
+        for (seq, m) in &mut self.missing {
+            if m.holders.is_empty() {
+                continue;
+            }
+            let to = m.holders[m.next % m.holders.len()];
+            m.next = m.next.wrapping_add(1);
+            asks.push((to, *seq, m.pp.slot.digest));
+        }
+        for (to, seq, digest) in asks {
+            if let Some(f) = self.sign(ConsensusMsg::FetchBatch { seq, digest }) {
+                self.out.push_back(Command::Send { to, envelope: f });
+            }
+        }
+    }
+
+    fn on_fetch_batch(&mut self, from: NodeId, seq: u64, digest: Digest) {
+        let batch = self
+            .log
+            .get(&seq)
+            .and_then(|e| e.batches.get(&digest))
+            .map(|b| envelopes(b))
+            .or_else(|| {
+                self.certs
+                    .get(&seq)
+                    .filter(|c| {
+                        open_header(&c.pre_prepare).is_some_and(|(_, pp)| pp.slot.digest == digest)
+                    })
+                    .map(|c| c.batch.clone())
+            });
+        if let Some(batch) = batch
+            && let Some(env) = self.sign(ConsensusMsg::Batch { seq, batch })
+        {
+            self.out.push_back(Command::Send {
+                to: from,
+                envelope: env,
+            });
+        }
+    }
+
+    fn on_batch(&mut self, seq: u64, batch: Vec<SignedEnvelope>) {
+        let Some(m) = self.missing.get(&seq) else {
+            return;
+        };
+        if Digest::of_batch(&batch) != m.pp.slot.digest {
+            return;
+        }
+        let Some(verified) = verify_batch(&batch) else {
+            return;
+        };
+        let Some(m) = self.missing.remove(&seq) else {
+            return;
+        };
+        if m.pp.slot.view != self.view || !self.active {
+            return;
+        }
+        self.accept_pre_prepare(m.header, m.pp, verified);
+    }
+}
+
+/// The nodes that vouched for holding the batch of a prepared certificate: the one reporting
+/// it, the primary that proposed it and the backups that prepared it.
+fn holders(
+    committee: &Committee,
+    reporter: NodeId,
+    pp: &PrePrepare,
+    proof: &PreparedProof,
+) -> Vec<NodeId> {
+    let mut out = vec![reporter, committee.primary(pp.slot.view)];
+    for v in &proof.prepares {
+        if let Some(n) = committee.member(v.signer)
+            && !out.contains(&n)
+        {
+            out.push(n);
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Encoded size of a prepared certificate.
+fn payload_size(p: &PreparedProof) -> usize {
+    let mut bytes = Vec::new();
+    match ciborium::into_writer(p, &mut bytes) {
+        Ok(()) => bytes.len(),
+        Err(_) => MAX_PROOF_PART_BYTES,
     }
 }
 

@@ -214,6 +214,8 @@ struct Net {
     delivered: Vec<Vec<(u64, Digest)>>,
     reports: Vec<(NodeId, Offence)>,
     down: Vec<bool>,
+    /// (sender, message name) of every message sent.
+    sent: Vec<(usize, &'static str)>,
 }
 
 impl Net {
@@ -226,6 +228,7 @@ impl Net {
             delivered: vec![Vec::new(); n],
             reports: Vec::new(),
             down: vec![false; n],
+            sent: Vec::new(),
         }
     }
 
@@ -240,6 +243,11 @@ impl Net {
             let mut msgs = Vec::new();
             for i in 0..self.engines.len() {
                 while let Some(c) = self.engines[i].poll_command() {
+                    if let Command::Broadcast(env) | Command::Send { envelope: env, .. } = &c
+                        && let Ok(m) = env.clone().verify::<ConsensusMsg>()
+                    {
+                        self.sent.push((i, m.message().name()));
+                    }
                     match c {
                         Command::Broadcast(env) => {
                             for j in 0..self.engines.len() {
@@ -401,9 +409,21 @@ fn timeout_starts_view_change_with_prepared_certificates_section_4_4() {
         (vc.new_view, vc.stable_seq, vc.stable_proof.len()),
         (1, 0, 0)
     );
-    assert_eq!(vc.prepared.len(), 1);
-    assert_eq!(vc.prepared[0].pre_prepare, h);
-    assert_eq!(vc.prepared[0].prepares.len(), 2);
+    // P travels as claims in the head and certificates in one proof part: the header and the
+    // 2f = 2 prepare signatures (the backup's own and replica 2's), without the batch.
+    assert_eq!(vc.prepared, vec![slot]);
+    assert_eq!(vc.proof_parts, 1);
+    let ConsensusMsg::ViewChangeProofs(part) = broadcast(&cmds[2]) else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!((part.new_view, part.first), (1, 0));
+    let Command::Broadcast(head_env) = &cmds[1] else {
+        unreachable!()
+    };
+    assert_eq!(part.head, Digest::of_envelope(head_env));
+    assert_eq!(part.proofs.len(), 1);
+    assert_eq!(part.proofs[0].pre_prepare, h);
+    assert_eq!(part.proofs[0].prepares.len(), 2);
     assert!(!b.is_view_active());
 }
 
@@ -476,6 +496,7 @@ fn f_plus_one_view_changes_make_a_replica_join_section_4_5_2() {
                 stable_seq: 0,
                 stable_proof: vec![],
                 prepared: vec![],
+                proof_parts: 0,
             }),
         )
     };
@@ -618,4 +639,300 @@ fn large_messages_round_trip_through_the_envelope() {
     let bytes = m.envelope().encode();
     let back = SignedEnvelope::decode_verified::<ConsensusMsg>(&bytes);
     assert!(back.is_ok(), "{} bytes: {:?}", bytes.len(), back.err());
+}
+
+#[test]
+fn new_primary_fetches_a_batch_it_never_saw_section_4_4() {
+    // The primary of view 0 sends its proposal only to replicas 2 and 3; they prepare it (the
+    // slot is prepared there) and the primary dies before anything commits. The new primary
+    // (replica 1) never saw the batch: the view changes carry only the header and prepare
+    // signatures, so it re-proposes the digest and fetches the batch from a replica that
+    // vouched for it; everyone then executes the original batch at n = 1.
+    let mut net = Net::new(4, cfg());
+    let r = request(9, 1);
+    net.engines[0].handle(t(0), Input::Request(r.clone()));
+    let cmds = drain(&mut net.engines[0]);
+    let Command::Broadcast(prop) = &cmds[0] else {
+        panic!("{cmds:?}")
+    };
+    for j in [2, 3] {
+        net.engines[j].handle(t(1), Input::Message(open(prop)));
+    }
+    // Deliver the prepares of 2 and 3 to each other and to 1; drop every commit.
+    let mut prepares = Vec::new();
+    for j in [2, 3] {
+        for c in drain(&mut net.engines[j]) {
+            if let Command::Broadcast(env) = c
+                && matches!(open(&env).message(), ConsensusMsg::Prepare { .. })
+            {
+                prepares.push((j, env));
+            }
+        }
+    }
+    for (from, env) in &prepares {
+        for j in [1, 2, 3] {
+            if j != *from {
+                net.engines[j].handle(t(2), Input::Message(open(env)));
+            }
+        }
+    }
+    for j in 1..4 {
+        drain(&mut net.engines[j]);
+        // Every backup has the request waiting (so its request timer runs).
+        net.engines[j].handle(t(3), Input::Request(r.clone()));
+        drain(&mut net.engines[j]);
+    }
+    assert!((1..4).all(|j| net.engines[j].last_executed() == 0));
+    net.down[0] = true;
+    net.timeout_all(t(10_003));
+    for i in 1..4 {
+        assert_eq!(net.engines[i].view(), 1, "replica {i}");
+        assert_eq!(net.engines[i].last_executed(), 1, "replica {i}");
+    }
+    let digest = Digest::of_batch(std::slice::from_ref(r.envelope()));
+    for i in 1..4 {
+        assert_eq!(net.delivered[i], vec![(1, digest)], "replica {i}");
+    }
+    assert!(
+        net.sent
+            .iter()
+            .any(|(from, name)| *from == 1 && *name == "fetch-batch"),
+        "the new primary fetched the batch: {:?}",
+        net.sent
+    );
+}
+
+#[test]
+fn worst_case_view_change_at_n64_stays_under_the_payload_limit() {
+    // n = 64 (f = 21), default K = 100 and L = 200: replica 2 has every slot of the window
+    // prepared (200 prepared certificates of 42 prepares each) and nothing stable, the
+    // largest P it can hold. Its view change (head and proof parts) and the new view built
+    // from it must each fit, and the new primary must accept the certificates.
+    const N: usize = 64;
+    let cfg = Config::default();
+    let window = cfg.log_window;
+    let committee = committee(N);
+    let q = committee.quorum();
+    let limit = dwcp_protocol::MessageKind::Consensus.max_envelope();
+    let mut b = Engine::new(cfg.clone(), key(2), committee.clone()).unwrap();
+    let waiting = request(200, 0);
+    b.handle(t(0), Input::Request(waiting.clone()));
+    for seq in 1..=window {
+        let r = request(200, seq);
+        let (prop, h, slot) = proposal(0, 0, seq, std::slice::from_ref(&r), 0);
+        b.handle(t(0), Input::Message(prop));
+        // 2f - 1 prepares from other backups (its own is the 2f-th).
+        for i in (3..N).take(q - 2) {
+            let p = signed(
+                i,
+                ConsensusMsg::Prepare {
+                    slot,
+                    header: h.clone(),
+                },
+            );
+            b.handle(t(0), Input::Message(p));
+        }
+    }
+    drain(&mut b);
+    b.handle_timeout(t(cfg.view_change_timeout_ms));
+    let vc: Vec<SignedEnvelope> = drain(&mut b)
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Broadcast(env) => Some(env),
+            _ => None,
+        })
+        .collect();
+    let ConsensusMsg::ViewChange(head) = open(&vc[0]).into_message() else {
+        panic!("no view change")
+    };
+    assert_eq!(head.prepared.len(), window as usize);
+    // The head and its parts, each broadcast once.
+    assert_eq!(head.proof_parts as usize, vc.len() - 1);
+    let mut proofs = 0;
+    for env in &vc {
+        let len = env.encode().len();
+        // Comfortably under the limit: at most 5/8 of it.
+        assert!(len <= limit * 5 / 8, "{len} bytes of {limit}");
+        if let ConsensusMsg::ViewChangeProofs(p) = open(env).into_message() {
+            assert_eq!(p.first as usize, proofs);
+            proofs += p.proofs.len();
+            assert!(p.proofs.iter().all(|c| c.prepares.len() == q - 1));
+        }
+    }
+    assert_eq!(proofs, window as usize);
+
+    // The primary of view 1 (replica 1) gets it and 2f empty view changes, accepts them all
+    // and sends a new view re-proposing the 200 digests; it lacks every batch and asks for
+    // them.
+    let mut p1 = Engine::new(cfg.clone(), key(1), committee.clone()).unwrap();
+    p1.handle(t(0), Input::Request(waiting));
+    drain(&mut p1);
+    for env in &vc {
+        p1.handle(t(1), Input::Message(open(env)));
+    }
+    let mut out = drain(&mut p1);
+    for i in (3..N).take(q - 1) {
+        let m = ConsensusMsg::ViewChange(crate::ViewChange {
+            new_view: 1,
+            stable_seq: 0,
+            stable_proof: vec![],
+            prepared: vec![],
+            proof_parts: 0,
+        });
+        p1.handle(t(1), Input::Message(signed(i, m)));
+        out.extend(drain(&mut p1));
+    }
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::ReportPeer { .. })),
+        "{out:?}"
+    );
+    let nv = out
+        .iter()
+        .find_map(|c| match c {
+            Command::Broadcast(env) => match open(env).into_message() {
+                ConsensusMsg::NewView(nv) => Some((env.encode().len(), nv)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("a new view");
+    assert!(nv.0 <= limit / 2, "new view of {} bytes", nv.0);
+    assert_eq!(nv.1.proposals.len(), window as usize);
+    let fetches = out
+        .iter()
+        .filter(|c| {
+            matches!(c, Command::Send { envelope, .. }
+                if matches!(open(envelope).message(), ConsensusMsg::FetchBatch { .. }))
+        })
+        .count();
+    assert_eq!(fetches, window as usize);
+}
+
+#[test]
+fn largest_view_change_head_fits_for_any_committee() {
+    // The head's size does not depend on n beyond its checkpoint proof: 1024 claims and a
+    // 256-member checkpoint proof (the most a message may carry) stay under half the limit.
+    let claims: Vec<Slot> = (1..=crate::messages::MAX_PREPARED as u64)
+        .map(|seq| Slot {
+            view: u64::MAX / 2,
+            seq,
+            digest: Digest([0xAB; 32]),
+        })
+        .collect();
+    let proof: Vec<SignedEnvelope> = (0..crate::messages::MAX_VOTES)
+        .map(|i| {
+            signed(
+                i % 250,
+                ConsensusMsg::Checkpoint {
+                    seq: u64::MAX / 2,
+                    state: Digest([7; 32]),
+                },
+            )
+            .envelope()
+            .clone()
+        })
+        .collect();
+    let head = signed(
+        0,
+        ConsensusMsg::ViewChange(crate::ViewChange {
+            new_view: u64::MAX / 2,
+            stable_seq: u64::MAX / 2,
+            stable_proof: proof,
+            prepared: claims,
+            proof_parts: 1024,
+        }),
+    );
+    let len = head.envelope().encode().len();
+    let limit = dwcp_protocol::MessageKind::Consensus.max_envelope();
+    assert!(len <= limit / 2, "{len} bytes of {limit}");
+}
+
+#[test]
+fn view_change_with_a_bad_certificate_is_dropped_when_o_needs_it_section_4_4() {
+    // Replica 3 (Byzantine) claims slot 1 prepared in view 0 with a real header of primary
+    // 0 but forged prepare signatures. The new primary (1) checks that certificate because
+    // the claim is the highest for slot 1, drops replica 3's view change, reports it, and
+    // sends its new view only once 2f+1 good view changes are in, with no trace of the claim.
+    let mut p1 = engine(1, 4);
+    let empty = |i: usize| {
+        signed(
+            i,
+            ConsensusMsg::ViewChange(crate::ViewChange {
+                new_view: 1,
+                stable_seq: 0,
+                stable_proof: vec![],
+                prepared: vec![],
+                proof_parts: 0,
+            }),
+        )
+    };
+    let (h, slot) = header(0, 0, 1, &[request(9, 1)], 0);
+    let bad_head = signed(
+        3,
+        ConsensusMsg::ViewChange(crate::ViewChange {
+            new_view: 1,
+            stable_seq: 0,
+            stable_proof: vec![],
+            prepared: vec![slot],
+            proof_parts: 1,
+        }),
+    );
+    let forged = crate::VoteSignature {
+        signer: 2,
+        signature: vec![7; 64],
+    };
+    let bad_part = signed(
+        3,
+        ConsensusMsg::ViewChangeProofs(crate::ViewChangeProofs {
+            new_view: 1,
+            head: Digest::of_envelope(bad_head.envelope()),
+            first: 0,
+            proofs: vec![crate::PreparedProof {
+                pre_prepare: h,
+                prepares: vec![
+                    forged.clone(),
+                    crate::VoteSignature {
+                        signer: 3,
+                        ..forged
+                    },
+                ],
+            }],
+        }),
+    );
+    p1.handle(t(0), Input::Message(empty(2)));
+    p1.handle(t(0), Input::Message(bad_head));
+    p1.handle(t(0), Input::Message(bad_part));
+    let cmds = drain(&mut p1);
+    // f+1 view changes: replica 1 joins view 1; with its own that is 2f+1, but the chosen
+    // certificate is forged: no new view, replica 3 reported.
+    assert!(
+        matches!(cmds[0], Command::ViewChangeStarted { view: 1 }),
+        "{cmds:?}"
+    );
+    assert!(cmds.iter().any(|c| matches!(c,
+        Command::ReportPeer { peer, offence: Offence::Invalid(_) } if *peer == key(3).node_id())));
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| matches!(c, Command::Broadcast(e) if matches!(open(e).message(), ConsensusMsg::NewView(_)))),
+        "{cmds:?}"
+    );
+    p1.handle(t(1), Input::Message(empty(0)));
+    let cmds = drain(&mut p1);
+    let nv = cmds
+        .iter()
+        .find_map(|c| match c {
+            Command::Broadcast(e) => match open(e).into_message() {
+                ConsensusMsg::NewView(nv) => Some(nv),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("a new view");
+    assert!(
+        nv.proposals.is_empty(),
+        "the forged claim left no slot in O"
+    );
+    assert!(nv.view_changes.iter().all(|(n, _)| *n != key(3).node_id()));
+    assert!(p1.is_view_active());
 }

@@ -24,6 +24,9 @@ pub const MAX_OP_LEN: usize = 32 * 1024;
 pub const MAX_VOTES: usize = 256;
 /// Most prepared certificates in one view-change message (the watermark window).
 pub const MAX_PREPARED: usize = 1024;
+/// Largest encoded size of the certificates in one [`ViewChangeProofs`] part; with the
+/// envelope around it a part stays under 160 KiB, well below the 256 KiB payload limit.
+pub const MAX_PROOF_PART_BYTES: usize = 144 * 1024;
 /// Most commit certificates in one catch-up reply.
 pub const MAX_CERTS_PER_REPLY: usize = 64;
 
@@ -142,16 +145,29 @@ pub struct PrePrepare {
     pub time: Timestamp,
 }
 
-/// A prepared certificate (section 4.4, the paper's `P_m`): a pre-prepare and 2f matching
-/// prepares from distinct backups, with the batch so a new primary can propose it again.
+/// One backup's prepare in compact form: its index in the committee and its signature. The
+/// signed message is `Prepare { slot, header }` with the slot and header of the
+/// [`PreparedProof`] it sits in, so the envelope is rebuilt from those and checked as usual.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteSignature {
+    /// Index of the signer in the committee's member list.
+    #[serde(rename = "i")]
+    pub signer: u16,
+    /// The ed25519 signature of the signer's prepare envelope.
+    #[serde(rename = "g", with = "serde_bytes_vec")]
+    pub signature: Vec<u8>,
+}
+
+/// A prepared certificate (section 4.4, the paper's `P_m`) in compact form: the primary's
+/// signed pre-prepare header and 2f prepare signatures from distinct backups, without the
+/// batch (replicas that lack the batch fetch it with [`ConsensusMsg::FetchBatch`]). At n = 64
+/// it is about 3 KB.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparedProof {
     /// The primary's signed [`ConsensusMsg::PrePrepare`].
     pub pre_prepare: SignedEnvelope,
-    /// The batch whose digest the header names.
-    pub batch: Vec<SignedEnvelope>,
-    /// 2f signed [`ConsensusMsg::Prepare`] from distinct backups.
-    pub prepares: Vec<SignedEnvelope>,
+    /// 2f signatures of [`ConsensusMsg::Prepare`] quoting exactly `pre_prepare`.
+    pub prepares: Vec<VoteSignature>,
 }
 
 /// A commit certificate: 2f+1 signed commits for one `(v, n, d)`, with the pre-prepare header
@@ -167,7 +183,10 @@ pub struct CommitCertificate {
     pub commits: Vec<SignedEnvelope>,
 }
 
-/// `<VIEW-CHANGE, v+1, n, C, P, i>` (section 4.4).
+/// `<VIEW-CHANGE, v+1, n, C, P, i>` (section 4.4), split so that every message stays far
+/// below the 256 KiB consensus payload limit whatever the committee size: this head carries
+/// `P` as the list of prepared slots `(v, n, d)`, and [`ViewChangeProofs`] messages carry the
+/// prepared certificates for them, in order, each part under [`MAX_PROOF_PART_BYTES`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewChange {
     /// The view being moved to.
@@ -176,8 +195,24 @@ pub struct ViewChange {
     pub stable_seq: u64,
     /// `C`: 2f+1 signed checkpoint messages proving it (empty for the genesis checkpoint 0).
     pub stable_proof: Vec<SignedEnvelope>,
-    /// `P`: a prepared certificate for every slot above `n` prepared at the sender.
-    pub prepared: Vec<PreparedProof>,
+    /// `P` as claims: the slot of every prepared certificate above `n`, by increasing sequence
+    /// number.
+    pub prepared: Vec<Slot>,
+    /// How many [`ViewChangeProofs`] parts carry the certificates for `prepared`.
+    pub proof_parts: u32,
+}
+
+/// Prepared certificates for a [`ViewChange`] head, `proofs[i]` proving `prepared[first + i]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewChangeProofs {
+    /// The view being moved to.
+    pub new_view: u64,
+    /// [`Digest::of_envelope`] of the signed head these belong to.
+    pub head: Digest,
+    /// Index into the head's `prepared` of the first certificate here.
+    pub first: u32,
+    /// The certificates.
+    pub proofs: Vec<PreparedProof>,
 }
 
 /// `<NEW-VIEW, v+1, V, O>` (section 4.4).
@@ -190,9 +225,10 @@ pub struct NewView {
     /// replica multicasts its own) and fetch missing ones from the new primary, so a new view
     /// stays small however large the view changes are.
     pub view_changes: Vec<(NodeId, Digest)>,
-    /// `O`: the new primary's pre-prepares (signed headers) with their batches, one per slot
-    /// from min-s+1 to max-s.
-    pub proposals: Vec<(SignedEnvelope, Vec<SignedEnvelope>)>,
+    /// `O`: the new primary's pre-prepares (signed headers), one per slot from min-s+1 to
+    /// max-s. Batches are not carried: replicas use the batch they hold for the digest or fetch
+    /// it ([`ConsensusMsg::FetchBatch`]); the empty batch is the null request.
+    pub proposals: Vec<SignedEnvelope>,
 }
 
 /// Every consensus message. Signed as [`MessageKind::Consensus`].
@@ -223,14 +259,30 @@ pub enum ConsensusMsg {
         /// Digest of the state after executing `seq`.
         state: Digest,
     },
-    /// View change (section 4.4).
+    /// View change head (section 4.4).
     ViewChange(ViewChange),
+    /// Prepared certificates of a view change.
+    ViewChangeProofs(ViewChangeProofs),
     /// New view (section 4.4).
     NewView(NewView),
     /// Asks the primary of `view` for the view-change messages its new view names.
     FetchViewChanges {
         /// The view.
         view: u64,
+    },
+    /// Asks a replica for the batch with `digest` at `seq` (direct request).
+    FetchBatch {
+        /// Sequence number.
+        seq: u64,
+        /// Batch digest.
+        digest: Digest,
+    },
+    /// Reply to [`ConsensusMsg::FetchBatch`]: a batch of signed requests.
+    Batch {
+        /// Sequence number.
+        seq: u64,
+        /// The signed requests.
+        batch: Vec<SignedEnvelope>,
     },
     /// Catch-up: asks for commit certificates from `from_seq` on.
     Fetch {
@@ -251,6 +303,9 @@ impl ConsensusMsg {
             Self::Commit(_) => "commit",
             Self::Checkpoint { .. } => "checkpoint",
             Self::ViewChange(_) => "view-change",
+            Self::ViewChangeProofs(_) => "view-change-proofs",
+            Self::FetchBatch { .. } => "fetch-batch",
+            Self::Batch { .. } => "batch",
             Self::NewView(_) => "new-view",
             Self::Fetch { .. } => "fetch",
             Self::FetchViewChanges { .. } => "fetch-view-changes",
@@ -275,25 +330,27 @@ impl Message for ConsensusMsg {
             | Self::Commit(_)
             | Self::Checkpoint { .. }
             | Self::Fetch { .. }
-            | Self::FetchViewChanges { .. } => Ok(()),
-            Self::Proposal { batch, .. } => count("batch", batch.len(), MAX_BATCH),
+            | Self::FetchViewChanges { .. }
+            | Self::FetchBatch { .. } => Ok(()),
+            Self::Proposal { batch, .. } | Self::Batch { batch, .. } => {
+                count("batch", batch.len(), MAX_BATCH)
+            }
             Self::Prepare { .. } => Ok(()),
             Self::ViewChange(vc) => {
                 count("stable_proof", vc.stable_proof.len(), MAX_VOTES)?;
                 count("prepared", vc.prepared.len(), MAX_PREPARED)?;
-                for p in &vc.prepared {
-                    count("batch", p.batch.len(), MAX_BATCH)?;
+                count("proof_parts", vc.proof_parts as usize, MAX_PREPARED)
+            }
+            Self::ViewChangeProofs(p) => {
+                count("proofs", p.proofs.len(), MAX_PREPARED)?;
+                for p in &p.proofs {
                     count("prepares", p.prepares.len(), MAX_VOTES)?;
                 }
                 Ok(())
             }
             Self::NewView(nv) => {
                 count("view_changes", nv.view_changes.len(), MAX_VOTES)?;
-                count("proposals", nv.proposals.len(), MAX_PREPARED)?;
-                for (_, b) in &nv.proposals {
-                    count("batch", b.len(), MAX_BATCH)?;
-                }
-                Ok(())
+                count("proposals", nv.proposals.len(), MAX_PREPARED)
             }
             Self::Decided(certs) => {
                 count("certificates", certs.len(), MAX_CERTS_PER_REPLY)?;
@@ -319,6 +376,39 @@ pub(crate) fn open_header(env: &SignedEnvelope) -> Option<(NodeId, PrePrepare)> 
         ConsensusMsg::PrePrepare(pp) => Some((v.signer(), *pp)),
         _ => None,
     }
+}
+
+/// The wire layout of a [`SignedEnvelope`] (`{k, s, p, g}`), to take an envelope apart into
+/// its signed payload and signature and to put a compact vote back together. The result of
+/// [`join`] goes through [`SignedEnvelope::decode`], so a layout mismatch yields `None`, never
+/// a wrong envelope.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct RawEnvelope {
+    pub(crate) k: u16,
+    pub(crate) s: NodeId,
+    #[serde(with = "serde_bytes_vec")]
+    pub(crate) p: Vec<u8>,
+    #[serde(with = "serde_bytes_vec")]
+    pub(crate) g: Vec<u8>,
+}
+
+/// Splits an envelope into its wire fields.
+pub(crate) fn split(env: &SignedEnvelope) -> Option<RawEnvelope> {
+    ciborium::from_reader(env.encode().as_slice()).ok()
+}
+
+/// Rebuilds an envelope from its wire fields (unverified).
+pub(crate) fn join(raw: &RawEnvelope) -> Option<SignedEnvelope> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(raw, &mut bytes).ok()?;
+    SignedEnvelope::decode(&bytes).ok()
+}
+
+/// The signed payload of a consensus message, as [`SignedEnvelope::sign`] produces it.
+pub(crate) fn payload_of(msg: &ConsensusMsg) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(msg, &mut bytes).ok()?;
+    Some(bytes)
 }
 
 /// Serialises `Vec<u8>` as a CBOR byte string.

@@ -4,7 +4,7 @@
 //!  0        4     5      6          8                12               16
 //!  +--------+-----+------+----------+----------------+----------------+--------------
 //!  | magic  | ver | kind | flags    | payload length | CRC-32         | payload ...
-//!  | "DWHE" | =1  | u8   | u16 LE=0 | u32 LE         | u32 LE         | (length bytes)
+//!  | "DWHE" | =2  | u8   | u16 LE=0 | u32 LE         | u32 LE         | (length bytes)
 //!  +--------+-----+------+----------+----------------+----------------+--------------
 //! ```
 //!
@@ -25,7 +25,12 @@ use crate::error::DecodeError;
 /// The four magic bytes at the start of every frame.
 pub const MAGIC: [u8; 4] = *b"DWHE";
 /// The frame format version this crate writes and reads.
-pub const VERSION: u8 = 1;
+///
+/// * 1: the first format.
+/// * 2: `Start` carries a VM id, offers carry page keys, `Missing` replies name delta
+///   bases, batch ops are `kind | operand << 3` with kind 4 = XOR delta page (see
+///   [`crate::message`]). Version 1 frames are rejected.
+pub const VERSION: u8 = 2;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 

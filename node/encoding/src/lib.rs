@@ -26,6 +26,18 @@
 //!   [`PageStore`] and pins the pages it holds. The sender keeps hashing and offering the
 //!   next batches while replies are outstanding (up to `max_in_flight` batches), so a
 //!   round trip does not stall the stream. Held pages become references too.
+//! * Changed pages (frame version 2): offers carry page keys (page numbers; lifted RAM
+//!   addresses for streams) and the VM id is in the start frame. The receiver's store
+//!   indexes pages by (VM, key) as well as by hash, and for a missing page names the
+//!   page it holds at the same key as a *base*. A sender with a reference store of what
+//!   it sent before ([`Sender::with_reference_store`], QEMU's XBZRLE cache made
+//!   content-addressed) sends such a page as an XOR against the base when that leaves
+//!   less than half the bytes non-zero; zstd then squeezes the zero runs with the rest
+//!   of the batch. Pages that hold shifted copies of parts of earlier pages (database
+//!   page images in a freed process heap) are found by content-defined anchors in the
+//!   sender's feature index, proposed by hash in the offer, pinned by the receiver if
+//!   held, and sent as a per-page zstd *patch* with those pages as its dictionary. The
+//!   receiver verifies every rebuilt page against the offered SHA-256.
 //! * The batch body (new pages, then a control section, then stream literal bytes) is
 //!   compressed by a [`CompressJob`]. The caller runs jobs inline or on as many threads
 //!   as the node allows; [`Sender::handle_compressed`] puts the frames back in batch
@@ -48,7 +60,8 @@
 //! Corpus: `scripts/guest-memory-corpus.sh` boots real guests under QEMU 7.2 TCG with
 //! Debian's 6.1 cloud kernel: a 256 MiB busybox guest left idle and a 768 MiB Debian
 //! bookworm userland that loads a 300k-row SQLite database into tmpfs, each captured
-//! twice 120 s apart as raw RAM (`pmemsave`) and as a QEMU migration stream. Figures from
+//! twice 120 s apart as raw RAM (`pmemsave`) and as a QEMU migration stream (figures
+//! below from the corpus regenerated on 2026-12-03). Figures from
 //! `dwcp-testnet bench encoding <files> --cdc` (release, one core, CPU time of the bench
 //! thread because the 2-core machine was shared with load ~15); the full table is in
 //! this crate's `README.md`.
@@ -62,7 +75,7 @@
 //! round-trips bit-exactly even if the parse is wrong.
 //!
 //! **Default level 1, no LDM.** Idle busybox image (268 MB): level 1 gives 27.98 MB
-//! (0.725 × `zstd -3`) at 978 MB/s per core; level 3 gives 26.58 MB at ~700 MB/s;
+//! (0.725 × `zstd -3`) at 1.1-1.3 GB/s per core; level 3 gives 26.58 MB at ~790 MB/s;
 //! long-distance matching changed the size by < 0.1 % at ~20 % less speed within 16 MiB
 //! batches. The speed targets (1 GB/s idle, 250 MB/s on non-zero pages) need level 1;
 //! the adaptive level buys ratio when the link is slower than the compressors (at
@@ -75,24 +88,30 @@
 //! loss) with 1 MiB batches. Dictionaries help small independent messages; 16 MiB batches
 //! carry their own context. [`DictionaryConfig::manual`] turns them on.
 //!
-//! **Cross-transfer dedup.** The second capture of the idle guest (2 min later) sent to a
-//! receiver holding the first: 0.6 MB instead of 28.5 MB (0.021 ×) for the raw image and
-//! 0.024 × for the migration stream.
+//! **Cross-transfer dedup, deltas and patches.** The second capture of the idle guest
+//! (2 min later) sent to a receiver holding the first: 0.57 MB instead of 27.5 MB
+//! (0.021 ×) for the raw image and 0.024 × for the migration stream: almost every page
+//! is held. The Debian/SQLite guest rewrites every 10th row between its captures, so
+//! held pages alone gave 0.49 ×; XOR deltas against the page held at the same page key
+//! (8,598 pages) brought it to 0.295 ×, and zstd patches against two similar held pages
+//! found by content-defined anchors (7,969 pages: copies of database pages in the freed
+//! heap of the process that ran the update, shifted by the allocator's header, so no
+//! aligned block matches) to **0.130 ×** (raw) and 0.134 × (stream). Of the 10.1 MB
+//! second transfer, 2.3 MB are the 32-byte hash offers.
 //!
 //! **SHA-NI.** `sha2` 0.11 selects its `x86_sha` backend through `cpufeatures` (CPUID
 //! `sha` + `sse4.1`); `perf` on the benchmark shows `sha2::sha256::x86_sha::compress`,
 //! and 4 KiB pages hash at 1.3-1.4 GB/s per core.
 //!
 //! **Where the targets are not met:** the Debian/SQLite image compresses to 1.07-1.08 ×
-//! `zstd -3` at level 1 (0.99 × at level 3; larger 64 MiB batches with a 64 MiB window
-//! and LDM reached only 1.04 × at level 1): it has fewer repeated pages (19.6 %) and
-//! much of it is incompressible (random SQLite payloads, the freed gzip initramfs), so
-//! dedup has less to remove than zstd's own matching finds. Its second capture sends
-//! 0.49 × the first (not 0.3 ×): the workload rewrites every 10th row between the
-//! captures, which dirties nearly every database page; a delta against the page the
-//! receiver already holds at that page number would be the next step. Decode of streams
-//! and of the Debian image runs at 700-840 MB/s (`zstd -3` decodes the streams at
-//! 700-900 MB/s), short of 1 GB/s; the idle raw images decode at 1.23-1.26 GB/s.
+//! `zstd -3` at level 1 (0.99 × at level 3). Its unique non-zero pages (203 MB) are
+//! random SQLite payloads (`randomblob(48)` per row), machine code and compressed
+//! files; cross-page context barely helps (each page alone at level 1: 86.9 MB, in
+//! batches: 78.1 MB), and on those 203 MB level 3 + LDM in one 2^27 window reaches
+//! 0.947 ×, `zstd -19 --long=27` 0.802 × at ~1 MB/s. The target is out of reach at the
+//! speed targets on this guest; it is met on the idle guest (0.725 ×). Decode of the
+//! streams and of the Debian images runs at 740-940 MB/s (`zstd -3` decodes the streams
+//! at 850-950 MB/s), short of 1 GB/s; the idle raw images decode at 1.0-1.14 GB/s.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 

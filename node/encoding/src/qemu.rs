@@ -53,8 +53,23 @@ const SECTION_FOOTER: u8 = 0x7e;
 pub enum Piece {
     /// This many bytes that are not a lifted page.
     Literal(usize),
-    /// A 4096-byte page payload.
-    Page,
+    /// A 4096-byte page payload, with its page key: the page's offset in its RAM block
+    /// / 4096 in the low 44 bits and a 20-bit hash of the block name above (so pages of
+    /// different blocks rarely share a key; a shared key only costs a delta).
+    Page {
+        /// The page key (see above).
+        key: u64,
+    },
+}
+
+/// FNV-1a of a RAM block name, folded to 20 bits: the tag in the high bits of a key.
+fn block_tag(name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in name {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h ^ (h >> 20) ^ (h >> 40)) & 0xf_ffff
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -84,6 +99,8 @@ pub struct LiftStats {
 pub struct StreamLifter {
     state: State,
     ram_section: Option<u32>,
+    /// Tag of the RAM block of the last record that named one.
+    block: u64,
     stats: LiftStats,
 }
 
@@ -96,7 +113,7 @@ impl Default for StreamLifter {
 enum Step {
     /// Consumed this many bytes as the given pieces.
     Lit(usize),
-    Page(usize),
+    Page(usize, u64),
     NeedMore,
     Lost,
 }
@@ -123,6 +140,7 @@ impl StreamLifter {
         Self {
             state: State::Header,
             ram_section: None,
+            block: 0,
             stats: LiftStats::default(),
         }
     }
@@ -157,9 +175,9 @@ impl StreamLifter {
                     push_lit(out, n);
                     pos += n;
                 }
-                Step::Page(hdr) => {
+                Step::Page(hdr, key) => {
                     push_lit(out, hdr);
-                    out.push(Piece::Page);
+                    out.push(Piece::Page { key });
                     self.stats.pages += 1;
                     pos += hdr + PAGE;
                 }
@@ -262,11 +280,16 @@ impl StreamLifter {
             return self.mem_size(b, h & !0xfff);
         }
         let mut n = 8;
+        let mut block = self.block;
         if flags & FLAG_CONTINUE == 0 {
             let Some(&len) = b.get(8) else {
                 return Step::NeedMore;
             };
             n += 1 + len as usize;
+            let Some(name) = b.get(9..n) else {
+                return Step::NeedMore;
+            };
+            block = block_tag(name);
         }
         let kind = flags & !FLAG_CONTINUE;
         let need = match kind {
@@ -274,7 +297,9 @@ impl StreamLifter {
                 if b.len() < n + PAGE {
                     return Step::NeedMore;
                 }
-                return Step::Page(n);
+                self.block = block;
+                let page = (h >> 12) & ((1 << 44) - 1);
+                return Step::Page(n, page | (block << 44));
             }
             FLAG_ZERO => n + 1,
             FLAG_XBZRLE => {
@@ -297,6 +322,7 @@ impl StreamLifter {
         if kind == FLAG_ZERO {
             self.stats.zero_records += 1;
         }
+        self.block = block;
         Step::Lit(need)
     }
 
@@ -414,7 +440,7 @@ pub(crate) mod tests {
         for p in pieces {
             match p {
                 Piece::Literal(n) => pos += n,
-                Piece::Page => {
+                Piece::Page { .. } => {
                     v.push(s[pos..pos + PAGE].to_vec());
                     pos += PAGE;
                 }
@@ -447,7 +473,7 @@ pub(crate) mod tests {
             .iter()
             .map(|p| match p {
                 Piece::Literal(n) => *n,
-                Piece::Page => PAGE,
+                Piece::Page { .. } => PAGE,
             })
             .sum();
         assert_eq!(total, s.len());

@@ -71,10 +71,25 @@ impl Sink for Collect {
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
+// Batch control op kinds (`kind | operand << KIND_SHIFT`, see `crate::message`).
+const KIND_SHIFT: u32 = 3;
+const KIND_MASK: u64 = 7;
+const KIND_ZERO: u64 = 0;
+const KIND_NEW: u64 = 1;
+const KIND_REF: u64 = 2;
+const KIND_HELD: u64 = 3;
+const KIND_DELTA: u64 = 4;
+const KIND_PATCH: u64 = 5;
+
 #[derive(Debug)]
 struct PendingOffer {
     hashes: Vec<PageHash>,
     held: Vec<Option<Vec<u8>>>,
+    /// Delta bases named in the reply (pinned content), per offered page, in order:
+    /// same-key base, then held proposals.
+    bases: Vec<Vec<Vec<u8>>>,
+    /// Page keys from the offer (needed for the stream shape's key index).
+    keys: Option<Vec<u64>>,
 }
 
 /// The receiving state machine for one transfer. Owns the optional page store while the
@@ -90,8 +105,15 @@ pub struct Receiver {
     chunks: Vec<Vec<u8>>,
     /// Unique page n of the transfer: (chunk, byte offset).
     unique: Vec<(u32, u32)>,
+    /// Hash of unique page n (kept only with a store, for the page-key index).
+    unique_hashes: Vec<PageHash>,
+    vm_id: u64,
+    /// Decompresses kind-5 patches (raw-content dictionary = the page's bases).
+    patch_dctx: zstd::zstd_safe::DCtx<'static>,
     unique_bytes: u64,
     offers: BTreeMap<u64, PendingOffer>,
+    /// Page bytes copied out of the store for pending offers.
+    pinned_bytes: u64,
     next_batch: u64,
     ended: bool,
     stats: ReceiveStats,
@@ -145,8 +167,12 @@ impl Receiver {
             with_dict: None,
             chunks: Vec::new(),
             unique: Vec::new(),
+            unique_hashes: Vec::new(),
+            vm_id: 0,
+            patch_dctx: zstd::zstd_safe::DCtx::create(),
             unique_bytes: 0,
             offers: BTreeMap::new(),
+            pinned_bytes: 0,
             next_batch: 0,
             ended: false,
             stats: ReceiveStats::default(),
@@ -223,7 +249,7 @@ impl Receiver {
             });
         }
         match msg {
-            Message::Start(Start { shape, .. }) => {
+            Message::Start(Start { shape, vm_id, .. }) => {
                 if self.shape.is_some() {
                     return Err(DecodeError::Unexpected {
                         what: "start",
@@ -231,6 +257,7 @@ impl Receiver {
                     });
                 }
                 self.shape = Some(shape);
+                self.vm_id = vm_id;
                 Ok(Handled::default())
             }
             Message::Dict(d) => self.on_dict(d).map(|()| Handled::default()),
@@ -282,20 +309,78 @@ impl Receiver {
                 limit: self.limits.max_pending_offers as u64,
             });
         }
+        if let Some(k) = &o.keys
+            && k.len() != o.hashes.len()
+        {
+            return Err(malformed("offer", "key count differs from hash count"));
+        }
         let mut held = Vec::with_capacity(o.hashes.len());
         let mut missing = Vec::with_capacity(o.hashes.len());
-        for h in &o.hashes {
+        let mut bases: Vec<Vec<Vec<u8>>> = Vec::with_capacity(o.hashes.len());
+        let mut base_hashes = Vec::with_capacity(o.hashes.len());
+        let mut proposals_held = Vec::with_capacity(o.proposals.len());
+        let mut props = o.proposals.iter().peekable();
+        let budget = self.limits.max_pinned_bytes;
+        let mut pinned = self.pinned_bytes;
+        let room = |pinned: &mut u64| {
+            if *pinned + PAGE_SIZE as u64 > budget {
+                return false;
+            }
+            *pinned += PAGE_SIZE as u64;
+            true
+        };
+        for (i, h) in o.hashes.iter().enumerate() {
             // Pin held pages now, so eviction before the batch arrives cannot break it.
             let page = match &mut self.store {
-                Some(s) => s.get(h)?,
-                None => None,
+                Some(s) if room(&mut pinned) => s.get(h)?,
+                _ => None,
             };
-            missing.push(page.is_none());
+            // A missing page whose key we know: pin the page held there as a delta base.
+            let mut base = None;
+            if page.is_none()
+                && let (Some(s), Some(keys)) = (&mut self.store, &o.keys)
+                && let Some(bh) = s.hash_at(self.vm_id, keys[i])?
+                && bh != *h
+                && room(&mut pinned)
+                && let Some(content) = s.get(&bh)?
+            {
+                base = Some((bh, content));
+            }
+            let is_missing = page.is_none();
+            missing.push(is_missing);
             held.push(page);
+            let mut mine = Vec::new();
+            match base {
+                Some((bh, content)) => {
+                    base_hashes.push(Some(bh));
+                    mine.push(content);
+                }
+                None => base_hashes.push(None),
+            }
+            // Proposed similar pages of this candidate: pin those held (missing pages
+            // only; a proposal equal to the page itself is useless).
+            while let Some((pi, ph)) = props.next_if(|(pi, _)| *pi as usize == i) {
+                let _ = pi;
+                let content = match &mut self.store {
+                    Some(s) if is_missing && ph != h && room(&mut pinned) => s.get(ph)?,
+                    _ => None,
+                };
+                proposals_held.push(content.is_some());
+                mine.extend(content);
+            }
+            bases.push(mine);
         }
+        if props.next().is_some() {
+            return Err(malformed("offer", "proposals out of order"));
+        }
+        // Count what was actually copied (a failed lookup reserved room for nothing).
+        let copied = held.iter().flatten().count() + bases.iter().map(Vec::len).sum::<usize>();
+        self.pinned_bytes += (copied * PAGE_SIZE) as u64;
         let reply = Message::Missing(Missing {
             batch: o.batch,
             missing,
+            bases: base_hashes,
+            proposals_held,
         })
         .encode()?;
         self.offers.insert(
@@ -303,6 +388,8 @@ impl Receiver {
             PendingOffer {
                 hashes: o.hashes,
                 held,
+                bases,
+                keys: o.keys,
             },
         );
         Ok(reply)
@@ -334,6 +421,7 @@ impl Receiver {
                 limit: self.limits.max_transfer_unique_bytes,
             });
         }
+        let patch_len = b.patch_len as usize;
         let (seq, shape, items, new_pages, control_len, literal_len) = (
             b.seq,
             b.shape,
@@ -348,7 +436,12 @@ impl Receiver {
             b.body
         };
         let offer = self.offers.remove(&seq);
+        if let Some(o) = &offer {
+            let n = o.held.iter().flatten().count() + o.bases.iter().map(Vec::len).sum::<usize>();
+            self.pinned_bytes = self.pinned_bytes.saturating_sub((n * PAGE_SIZE) as u64);
+        }
         let unique_before = self.unique.len();
+        let hashes_before = self.unique_hashes.len();
         let chunks_before = self.chunks.len();
         let r = self.rebuild(
             seq,
@@ -357,6 +450,7 @@ impl Receiver {
             new_pages,
             control_len,
             literal_len,
+            patch_len,
             raw,
             offer,
             sink,
@@ -364,6 +458,7 @@ impl Receiver {
         if r.is_err() {
             // Forget the failed batch's pages, so state matches what the sender knows.
             self.unique.truncate(unique_before);
+            self.unique_hashes.truncate(hashes_before);
             self.chunks.truncate(chunks_before);
         }
         r?;
@@ -414,18 +509,60 @@ impl Receiver {
         new_pages: usize,
         control_len: usize,
         literal_len: usize,
-        raw: Vec<u8>,
+        patch_len: usize,
+        mut raw: Vec<u8>,
         offer: Option<PendingOffer>,
         sink: &mut dyn Sink,
     ) -> Result<(), DecodeError> {
+        let pages_len = new_pages * PAGE_SIZE;
+        // Pass 1: read the control section and undo the XOR deltas in place, so every
+        // new page's content is final before anything refers to it.
+        let mut ops = Vec::with_capacity(items);
+        {
+            let mut r = Reader::new(&raw[pages_len..pages_len + control_len]);
+            for _ in 0..items {
+                let pos = r.varint("control position")?;
+                let op = r.varint("control op")?;
+                ops.push((pos, op));
+            }
+            r.expect_end("control section")?;
+        }
+        let (mut new_i, mut cand) = (0usize, 0usize);
+        for &(_, op) in &ops {
+            match op & KIND_MASK {
+                KIND_NEW | KIND_DELTA => {
+                    if new_i >= new_pages {
+                        return Err(malformed("control", "more new pages than the header says"));
+                    }
+                    if op & KIND_MASK == KIND_DELTA {
+                        let base = offer
+                            .as_ref()
+                            .and_then(|o| o.bases.get(cand))
+                            .and_then(|b| b.first());
+                        let Some(base) = base else {
+                            return Err(malformed("control", "delta page without a named base"));
+                        };
+                        let at = new_i * PAGE_SIZE;
+                        for (p, b) in raw[at..at + PAGE_SIZE].iter_mut().zip(base) {
+                            *p ^= b;
+                        }
+                    }
+                    new_i += 1;
+                    cand += 1;
+                }
+                KIND_HELD | KIND_PATCH => cand += 1,
+                _ => {}
+            }
+        }
         // The body stays alive in `chunks`: later references point into it, no copy.
         let this =
             u32::try_from(self.chunks.len()).map_err(|_| malformed("batch", "too many batches"))?;
-        let pages_len = new_pages * PAGE_SIZE;
         self.chunks.push(raw);
+        let vm = self.vm_id;
         let Self {
             chunks,
             unique,
+            unique_hashes,
             unique_bytes,
             store,
             stats,
@@ -433,17 +570,17 @@ impl Receiver {
         } = self;
         let mut held_chunks: Vec<Vec<u8>> = Vec::new();
         let raw = &chunks[this as usize];
-        let control = &raw[pages_len..pages_len + control_len];
         let literal = &raw[pages_len + control_len..pages_len + control_len + literal_len];
-        let mut r = Reader::new(control);
+        let patches = &raw[pages_len + control_len + literal_len..][..patch_len];
+        let mut patch_pos = 0usize;
+        let dctx = &mut self.patch_dctx;
         let mut prev: Option<u64> = None;
         let mut lit_pos = 0usize;
         let mut new_i = 0usize;
         let mut cand = 0usize;
         let mut out_bytes = 0u64;
         let mut held_iter = offer.as_ref().map(|o| o.held.iter());
-        for _ in 0..items {
-            let pos = r.varint("control position")?;
+        for &(pos, op) in &ops {
             let mut page_no = 0;
             match shape {
                 Shape::Pages => {
@@ -462,21 +599,33 @@ impl Receiver {
                     lit_pos += gap;
                 }
             }
-            let op = r.varint("control op")?;
-            let operand = op >> 2;
-            let page: &[u8] = match op & 3 {
-                0 => {
+            let operand = op >> KIND_SHIFT;
+            // The page key: the page number, or for streams the key the offer gave this
+            // candidate (stream pages that are not candidates have no known key).
+            let key = match shape {
+                Shape::Pages => Some(page_no),
+                Shape::Stream => offer
+                    .as_ref()
+                    .and_then(|o| o.keys.as_ref())
+                    .and_then(|k| k.get(cand))
+                    .copied()
+                    .filter(|_| {
+                        matches!(
+                            op & KIND_MASK,
+                            KIND_NEW | KIND_DELTA | KIND_HELD | KIND_PATCH
+                        )
+                    }),
+            };
+            let (page, hash): (&[u8], Option<PageHash>) = match op & KIND_MASK {
+                KIND_ZERO => {
                     if operand != 0 {
                         return Err(malformed("control", "zero page with an operand"));
                     }
-                    &ZERO_PAGE
+                    (&ZERO_PAGE, None)
                 }
-                1 => {
+                kind @ (KIND_NEW | KIND_DELTA) => {
                     if operand != 0 {
                         return Err(malformed("control", "new page with an operand"));
-                    }
-                    if new_i >= new_pages {
-                        return Err(malformed("control", "more new pages than the header says"));
                     }
                     let at = new_i * PAGE_SIZE;
                     let page = &raw[at..at + PAGE_SIZE];
@@ -488,6 +637,7 @@ impl Receiver {
                     if let Some(held) = &mut held_iter {
                         held.next();
                     }
+                    let mut hash = None;
                     if let Some(store) = store {
                         let h = PageHash::of(page);
                         if let Some(Some(want)) = offered
@@ -497,29 +647,36 @@ impl Receiver {
                         }
                         store.insert(h, page)?;
                         stats.stored_pages += 1;
+                        unique_hashes.push(h);
+                        hash = Some(h);
+                    }
+                    if kind == KIND_DELTA {
+                        stats.delta_pages += 1;
                     }
                     cand += 1;
                     unique.push((this, at as u32));
                     *unique_bytes += PAGE_SIZE as u64;
-                    page
+                    (page, hash)
                 }
-                2 => {
+                KIND_REF => {
                     let known = unique.len() as u64;
-                    let Some(&(c, off)) = usize::try_from(operand).ok().and_then(|i| unique.get(i))
-                    else {
+                    let idx = usize::try_from(operand).ok();
+                    let Some(&(c, off)) = idx.and_then(|i| unique.get(i)) else {
                         return Err(DecodeError::UnknownPageRef {
                             batch: seq,
                             index: operand,
                             known,
                         });
                     };
+                    let hash = idx.and_then(|i| unique_hashes.get(i)).copied();
                     let off = off as usize;
-                    match chunks.get(c as usize) {
+                    let page = match chunks.get(c as usize) {
                         Some(ch) => &ch[off..off + PAGE_SIZE],
                         None => &held_chunks[c as usize - chunks.len()][off..off + PAGE_SIZE],
-                    }
+                    };
+                    (page, hash)
                 }
-                _ => {
+                KIND_HELD => {
                     let held = held_iter
                         .as_mut()
                         .and_then(|h| h.next())
@@ -530,27 +687,84 @@ impl Receiver {
                             index: operand,
                         });
                     };
+                    let hash = offer.as_ref().and_then(|o| o.hashes.get(cand)).copied();
+                    if store.is_some()
+                        && let Some(h) = hash
+                    {
+                        unique_hashes.push(h);
+                    }
                     cand += 1;
                     stats.held_pages += 1;
                     let c = (chunks.len() + held_chunks.len()) as u32;
                     held_chunks.push(page.clone());
                     unique.push((c, 0));
                     *unique_bytes += PAGE_SIZE as u64;
-                    page
+                    (page.as_slice(), hash)
+                }
+                KIND_PATCH => {
+                    let len = usize::try_from(operand).unwrap_or(usize::MAX);
+                    if len > patches.len() - patch_pos {
+                        return Err(malformed("control", "patch past the patch section"));
+                    }
+                    let frame = &patches[patch_pos..patch_pos + len];
+                    patch_pos += len;
+                    let bases = offer.as_ref().and_then(|o| o.bases.get(cand));
+                    let Some(bases) = bases.filter(|b| !b.is_empty()) else {
+                        return Err(malformed("control", "patched page without a held base"));
+                    };
+                    let dict: Vec<u8> = bases.concat();
+                    let mut out = Vec::with_capacity(PAGE_SIZE);
+                    let n = dctx
+                        .decompress_using_dict(&mut out, frame, &dict)
+                        .map_err(|code| DecodeError::Decompress {
+                            batch: seq,
+                            detail: format!("patch: {}", zstd::zstd_safe::get_error_name(code)),
+                        })?;
+                    if n != PAGE_SIZE || out.len() != PAGE_SIZE {
+                        return Err(malformed("patch", "does not rebuild exactly one page"));
+                    }
+                    let want = offer.as_ref().and_then(|o| o.hashes.get(cand));
+                    let h = PageHash::of(&out);
+                    if want != Some(&h) {
+                        return Err(DecodeError::HashMismatch { batch: seq });
+                    }
+                    if let Some(store) = store {
+                        store.insert(h, &out)?;
+                        stats.stored_pages += 1;
+                        unique_hashes.push(h);
+                    }
+                    if let Some(held) = &mut held_iter {
+                        held.next();
+                    }
+                    cand += 1;
+                    stats.patch_pages += 1;
+                    let c = (chunks.len() + held_chunks.len()) as u32;
+                    held_chunks.push(out);
+                    unique.push((c, 0));
+                    *unique_bytes += PAGE_SIZE as u64;
+                    (&held_chunks[held_chunks.len() - 1][..], Some(h))
+                }
+                other => {
+                    return Err(malformed("control", format!("unknown op kind {other}")));
                 }
             };
+            if let (Some(store), Some(key)) = (&mut *store, key) {
+                store.set_hash_at(vm, key, hash)?;
+            }
             match shape {
                 Shape::Pages => sink.page(page_no, page),
                 Shape::Stream => sink.stream(page),
             }
             out_bytes += PAGE_SIZE as u64;
         }
-        r.expect_end("control section")?;
         if new_i != new_pages {
             return Err(malformed(
                 "batch",
                 format!("{new_pages} new pages in the header, {new_i} used"),
             ));
+        }
+        if patch_pos != patch_len {
+            return Err(malformed("batch", "patch section not used up"));
         }
         if let Some(o) = &offer
             && cand != o.hashes.len()

@@ -26,11 +26,59 @@ use std::sync::Arc;
 use zstd::zstd_safe::CParameter;
 
 use crate::error::{ConfigError, EncodeError};
-use crate::message::{Batch, Dict, End, Limits, Message, Missing, Offer, Shape, Start};
+use crate::message::{
+    Batch, Dict, End, Limits, MAX_PROPOSALS_PER_PAGE, Message, Missing, Offer, Shape, Start,
+};
 use crate::page::{PAGE_SIZE, PageHash, is_zero};
 use crate::qemu::{Piece, StreamLifter};
 use crate::stats::TransferStats;
+use crate::store::PageStore;
 use crate::wire::put_varint;
+
+/// A delta is sent only when the XOR against the base has fewer non-zero bytes than
+/// this (half a page): past it, the plain page compresses as well or better.
+pub const DELTA_MAX_NONZERO: usize = PAGE_SIZE / 2;
+
+/// A patch (kind 5) is sent only when it is smaller than this; otherwise the page goes
+/// whole into the batch, where zstd's shared context may do as well.
+pub const PATCH_MAX_BYTES: usize = PAGE_SIZE / 4;
+
+/// Content features indexed per page the sender remembers (the smallest anchors).
+const FEATURES_PER_PAGE: usize = 6;
+/// Bound of the feature index, in entries per page of the reference store's capacity.
+const FEATURE_ENTRIES_PER_PAGE: u64 = FEATURES_PER_PAGE as u64;
+
+/// Gear table for content-defined anchors (xorshift64, fixed seed).
+const GEAR: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut i = 0;
+    while i < 256 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        t[i] = x;
+        i += 1;
+    }
+    t
+};
+
+/// Content-defined anchors of a page: the gear hash (which depends on the last 64
+/// bytes) wherever its top 8 bits are zero, about 16 per page of varied data. The same
+/// bytes give the same anchors wherever they sit, so a page that holds a shifted copy of
+/// parts of other pages shares anchors with them.
+fn anchors(page: &[u8], out: &mut Vec<u64>) {
+    out.clear();
+    let mut h: u64 = 0;
+    for (i, &c) in page.iter().enumerate() {
+        h = (h << 1).wrapping_add(GEAR[c as usize]);
+        if i >= 64 && h >> 56 == 0 {
+            out.push(h);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+}
 
 /// zstd window for a batch: 16 MiB, so a whole default batch is one window.
 pub const DEFAULT_WINDOW_LOG: u32 = 24;
@@ -97,6 +145,9 @@ pub struct SenderConfig {
     pub long_distance: bool,
     /// Most sealed batches not yet sent (awaiting reply, dictionary or compression).
     pub max_in_flight: usize,
+    /// The VM this memory belongs to (carried in the start frame; the receiver keys its
+    /// page-number index by it, for deltas).
+    pub vm_id: u64,
 }
 
 impl Default for SenderConfig {
@@ -111,6 +162,7 @@ impl Default for SenderConfig {
             window_log: DEFAULT_WINDOW_LOG,
             long_distance: false,
             max_in_flight: 64,
+            vm_id: 0,
         }
     }
 }
@@ -142,6 +194,11 @@ impl SenderConfig {
     /// Sets the transfer id.
     pub fn with_transfer_id(mut self, id: u64) -> Self {
         self.transfer_id = id;
+        self
+    }
+    /// Sets the VM id (the receiver's page-number index is per VM).
+    pub fn with_vm_id(mut self, vm_id: u64) -> Self {
+        self.vm_id = vm_id;
         self
     }
     /// Turns zstd long-distance matching on or off.
@@ -243,6 +300,7 @@ pub struct CompressJob {
     new_pages: u32,
     control_len: u32,
     literal_len: u32,
+    patch_len: u32,
     window_log: u32,
     long_distance: bool,
     measure_without_dict: bool,
@@ -341,6 +399,7 @@ impl CompressJob {
             new_pages: self.new_pages,
             control_len: self.control_len,
             literal_len: self.literal_len,
+            patch_len: self.patch_len,
             body: if compressed { body } else { self.raw },
         });
         let frame = msg.encode().map_err(EncodeError::BadReply)?;
@@ -363,11 +422,15 @@ enum Op {
     Ref(u32),
 }
 
+const KIND_SHIFT: u32 = 3;
+
 #[derive(Debug, Default)]
 struct Builder {
     positions: Vec<u64>,
     ops: Vec<Op>,
     hashes: Vec<PageHash>,
+    /// Page key of each candidate (page number for the page shape).
+    cand_keys: Vec<u64>,
     cand_data: Vec<u8>,
     literal: Vec<u8>,
     gap: u64,
@@ -384,6 +447,98 @@ impl Builder {
 struct Sealed {
     b: Builder,
     missing: Option<Vec<bool>>,
+    bases: Vec<Option<PageHash>>,
+    proposals: Vec<(u32, PageHash)>,
+    proposals_held: Vec<bool>,
+}
+
+/// The sender's own page store: what it sent before, by hash, so it can build deltas
+/// against the pages the receiver names as bases, and an index of content features of
+/// those pages, to propose similar pages as bases.
+struct Reference {
+    store: Box<dyn PageStore + Send>,
+    features: BTreeMap<u64, PageHash>,
+    cctx: zstd::zstd_safe::CCtx<'static>,
+    scratch: Vec<u64>,
+}
+
+impl std::fmt::Debug for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reference")
+            .field("pages", &self.store.len())
+            .field("features", &self.features.len())
+            .finish()
+    }
+}
+
+impl Reference {
+    /// True if this page was sent (and remembered) before.
+    fn sent_before(&mut self, hash: &PageHash) -> bool {
+        matches!(self.store.contains(hash), Ok(true))
+    }
+
+    /// True if what was sent at this key last time is a good XOR base for `page`.
+    fn xor_at_key(&mut self, vm: u64, key: u64, page: &[u8]) -> bool {
+        let Ok(Some(old)) = self.store.hash_at(vm, key) else {
+            return false;
+        };
+        match self.store.get(&old) {
+            Ok(Some(base)) => xor_nonzero(page, &base) < DELTA_MAX_NONZERO,
+            _ => false,
+        }
+    }
+
+    /// Remembers a page the sender sends: content by hash, what went at its key, and
+    /// its features. A store failure only costs a later delta.
+    fn remember(&mut self, vm: u64, key: u64, hash: PageHash, page: &[u8]) {
+        if self.store.insert(hash, page).is_err() {
+            return;
+        }
+        let _ = self.store.set_hash_at(vm, key, Some(hash));
+        anchors(page, &mut self.scratch);
+        for &f in self.scratch.iter().take(FEATURES_PER_PAGE) {
+            self.features.insert(f, hash);
+        }
+        let cap = (self.store.capacity_bytes() / PAGE_SIZE as u64) * FEATURE_ENTRIES_PER_PAGE;
+        while self.features.len() as u64 > cap {
+            self.features.pop_first();
+        }
+    }
+
+    /// Up to two remembered pages that share at least two anchors with `page` (most
+    /// shared first), not `page` itself.
+    fn similar(&mut self, own: &PageHash, page: &[u8], out: &mut Vec<PageHash>) {
+        out.clear();
+        if self.features.is_empty() {
+            return;
+        }
+        anchors(page, &mut self.scratch);
+        let mut votes: BTreeMap<PageHash, u32> = BTreeMap::new();
+        for f in &self.scratch {
+            if let Some(h) = self.features.get(f)
+                && h != own
+            {
+                *votes.entry(*h).or_default() += 1;
+            }
+        }
+        let mut v: Vec<(u32, PageHash)> = votes
+            .into_iter()
+            .filter(|(_, n)| *n >= 2)
+            .map(|(h, n)| (n, h))
+            .collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        out.extend(v.iter().take(MAX_PROPOSALS_PER_PAGE).map(|(_, h)| *h));
+    }
+
+    /// A zstd frame of `page` with `dict` (the bases, concatenated) as raw-content
+    /// dictionary, if it is smaller than [`PATCH_MAX_BYTES`].
+    fn patch(&mut self, page: &[u8], dict: &[u8], level: i32) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(page.len()));
+        self.cctx
+            .compress_using_dict(&mut out, page, dict, level)
+            .ok()?;
+        (out.len() < PATCH_MAX_BYTES).then_some(out)
+    }
 }
 
 #[derive(Debug)]
@@ -423,7 +578,39 @@ pub struct Sender {
     lifter: StreamLifter,
     tail: Vec<u8>,
     pieces: Vec<Piece>,
+    reference: Option<Reference>,
 }
+
+/// XORs `base` into `page` if the result has fewer than [`DELTA_MAX_NONZERO`] non-zero
+/// bytes (then returns true); leaves `page` unchanged otherwise.
+fn try_delta(page: &mut [u8], base: &[u8]) -> bool {
+    if base.len() != page.len() || xor_nonzero(page, base) >= DELTA_MAX_NONZERO {
+        return false;
+    }
+    for (p, b) in page.iter_mut().zip(base) {
+        *p ^= b;
+    }
+    true
+}
+
+/// Number of bytes in which `page` and `base` differ (8 bytes at a time).
+fn xor_nonzero(page: &[u8], base: &[u8]) -> usize {
+    page.chunks_exact(8)
+        .zip(base.chunks_exact(8))
+        .map(|(a, b)| {
+            let x = u64::from_ne_bytes(a.try_into().unwrap_or([0; 8]))
+                ^ u64::from_ne_bytes(b.try_into().unwrap_or([0; 8]));
+            // Non-zero bytes of x: set the high bit of each non-zero byte, count them.
+            let t = (x & 0x7f7f_7f7f_7f7f_7f7f).wrapping_add(0x7f7f_7f7f_7f7f_7f7f) | x;
+            (t & 0x8080_8080_8080_8080).count_ones() as usize
+        })
+        .sum()
+}
+
+/// A sender's page store with its content-feature index, carried from one transfer to
+/// the next ([`Sender::take_reference`], [`Sender::with_reference`]).
+#[derive(Debug)]
+pub struct SenderReference(Reference);
 
 fn dict_id(bytes: &[u8]) -> u64 {
     PageHash::of(bytes).short_id().max(1)
@@ -489,7 +676,45 @@ impl Sender {
             lifter: StreamLifter::new(),
             tail: Vec::new(),
             pieces: Vec::new(),
+            reference: None,
         })
+    }
+
+    /// Gives the sender a page store of its own (QEMU's XBZRLE cache, content-addressed):
+    /// every page it sends is added to it, with content features. When the receiver
+    /// names a page it holds at a changed page's key as a delta base, the sender looks
+    /// the base up here and, if found, sends the page as an XOR delta; pages that share
+    /// features with remembered ones are offered with those as proposed bases and may go
+    /// as zstd patches against them. Needs offers on. Keep the sender alive, or pass the
+    /// same store again, across transfers of the same VM
+    /// ([`Sender::take_reference_store`]); the feature index is rebuilt only from pages
+    /// sent while it is attached.
+    pub fn with_reference_store(mut self, store: Box<dyn PageStore + Send>) -> Self {
+        self.reference = Some(Reference {
+            store,
+            features: BTreeMap::new(),
+            cctx: zstd::zstd_safe::CCtx::create(),
+            scratch: Vec::new(),
+        });
+        self
+    }
+
+    /// Like [`Sender::with_reference_store`], but keeps the feature index of an earlier
+    /// sender ([`Sender::take_reference`]).
+    pub fn with_reference(mut self, reference: SenderReference) -> Self {
+        self.reference = Some(reference.0);
+        self
+    }
+
+    /// Takes the sender's own page store back (for the next transfer).
+    pub fn take_reference_store(&mut self) -> Option<Box<dyn PageStore + Send>> {
+        self.reference.take().map(|r| r.store)
+    }
+
+    /// Takes the sender's page store and feature index back, for the next transfer of
+    /// the same VM ([`Sender::with_reference`]).
+    pub fn take_reference(&mut self) -> Option<SenderReference> {
+        self.reference.take().map(SenderReference)
     }
 
     /// Statistics so far (final after [`Sender::is_done`]).
@@ -538,6 +763,7 @@ impl Sender {
                 self.emit(&Message::Start(Start {
                     transfer_id: self.cfg.transfer_id,
                     shape,
+                    vm_id: self.cfg.vm_id,
                 }))?;
                 // A given dictionary is sent in-band once, right after the start frame.
                 if let DictState::Ready(d) = &self.dict {
@@ -600,8 +826,8 @@ impl Sender {
                     self.add_literal(&tail[pos..pos + n])?;
                     pos += n;
                 }
-                Piece::Page => {
-                    self.add_page(0, &tail[pos..pos + PAGE_SIZE])?;
+                Piece::Page { key } => {
+                    self.add_page(key, &tail[pos..pos + PAGE_SIZE])?;
                     pos += PAGE_SIZE;
                 }
             }
@@ -655,6 +881,7 @@ impl Sender {
                 self.unique += 1;
                 b.ops.push(Op::Candidate);
                 b.hashes.push(h);
+                b.cand_keys.push(page_no);
                 if b.cand_data.capacity() == 0 {
                     // Room for a whole batch plus its control section: filling it never
                     // reallocates (untouched capacity costs no memory).
@@ -690,17 +917,45 @@ impl Sender {
         let b = std::mem::take(&mut self.cur);
         let seq = self.next_seq;
         self.next_seq += 1;
+        let mut proposals = Vec::new();
         let missing = if self.cfg.offer_hashes && !b.hashes.is_empty() {
+            // Page numbers for the page shape, lifted RAM addresses for streams.
+            let keys = Some(b.cand_keys.clone());
+            if let Some(r) = &mut self.reference {
+                let mut similar = Vec::new();
+                for (i, h) in b.hashes.iter().enumerate() {
+                    let page = &b.cand_data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                    // No proposals for a page sent before (the receiver likely holds it)
+                    // or one that will go as an XOR delta against what was sent at its
+                    // key: proposals cost 33 bytes each.
+                    if r.sent_before(h) || r.xor_at_key(self.cfg.vm_id, b.cand_keys[i], page) {
+                        continue;
+                    }
+                    r.similar(h, page, &mut similar);
+                    proposals.extend(similar.iter().map(|s| (i as u32, *s)));
+                }
+            }
             let n = self.emit(&Message::Offer(Offer {
                 batch: seq,
                 hashes: b.hashes.clone(),
+                keys,
+                proposals: proposals.clone(),
             }))?;
             self.stats.offer_bytes += n as u64;
             None
         } else {
             Some(vec![true; b.hashes.len()])
         };
-        self.sealed.insert(seq, Sealed { b, missing });
+        self.sealed.insert(
+            seq,
+            Sealed {
+                b,
+                missing,
+                bases: Vec::new(),
+                proposals,
+                proposals_held: Vec::new(),
+            },
+        );
         Ok(())
     }
 
@@ -767,25 +1022,79 @@ impl Sender {
     }
 
     fn build_job(&mut self, seq: u64, s: Sealed) -> CompressJob {
-        let Sealed { b, missing } = s;
+        let Sealed {
+            b,
+            missing,
+            bases,
+            proposals,
+            proposals_held,
+        } = s;
+        let mut patch = Vec::new();
+        let mut held_props = proposals
+            .iter()
+            .zip(proposals_held.iter().chain(std::iter::repeat(&false)))
+            .filter(|(_, h)| **h)
+            .map(|(p, _)| *p)
+            .peekable();
+        let mut base_hashes: Vec<PageHash> = Vec::new();
         let missing = missing.unwrap_or_default();
         let items = b.ops.len();
         let mut control = Vec::with_capacity(items * 2);
         let mut c = 0usize;
         let mut new_idx = Vec::new();
+        let mut raw = b.cand_data;
         for (pos, op) in b.positions.iter().zip(&b.ops) {
             put_varint(&mut control, *pos);
             let code = match op {
                 Op::Zero => 0,
-                Op::Ref(u) => 2 | (u64::from(*u) << 2),
+                Op::Ref(u) => 2 | (u64::from(*u) << KIND_SHIFT),
                 Op::Candidate => {
                     let m = missing.get(c).copied().unwrap_or(true);
+                    // This candidate's bases, in the receiver's order: same-key base,
+                    // then held proposals.
+                    base_hashes.clear();
+                    base_hashes.extend(bases.get(c).copied().flatten());
+                    while let Some((i, h)) = held_props.peek() {
+                        if *i as usize > c {
+                            break;
+                        }
+                        if *i as usize == c {
+                            base_hashes.push(*h);
+                        }
+                        held_props.next();
+                    }
                     let code = if m {
-                        new_idx.push(c);
-                        1
+                        let page = &mut raw[c * PAGE_SIZE..(c + 1) * PAGE_SIZE];
+                        let mut code = 1;
+                        if let Some(r) = &mut self.reference {
+                            // Remember what was sent, for deltas in later transfers.
+                            r.remember(self.cfg.vm_id, b.cand_keys[c], b.hashes[c], page);
+                            let mut dict = Vec::new();
+                            let mut complete = true;
+                            for bh in &base_hashes {
+                                match r.store.get(bh) {
+                                    Ok(Some(p)) => dict.extend_from_slice(&p),
+                                    _ => complete = false,
+                                }
+                            }
+                            if complete && !dict.is_empty() {
+                                if try_delta(page, &dict[..PAGE_SIZE]) {
+                                    self.stats.delta_pages += 1;
+                                    code = 4;
+                                } else if let Some(p) = r.patch(page, &dict, 1) {
+                                    self.stats.patch_pages += 1;
+                                    code = 5 | ((p.len() as u64) << KIND_SHIFT);
+                                    patch.extend_from_slice(&p);
+                                }
+                            }
+                        }
+                        if code & 7 != 5 {
+                            new_idx.push(c);
+                        }
+                        code
                     } else {
                         self.stats.dedup_hits_remote += 1;
-                        3 | ((c as u64) << 2)
+                        3 | ((c as u64) << KIND_SHIFT)
                     };
                     c += 1;
                     code
@@ -795,7 +1104,6 @@ impl Sender {
         }
         // Body: new pages, control, literal. The pages are already in `cand_data`; drop
         // the held ones in place and append the rest, so no page is copied again.
-        let mut raw = b.cand_data;
         if new_idx.len() != b.hashes.len() {
             for (w, &i) in new_idx.iter().enumerate() {
                 if w != i {
@@ -806,6 +1114,7 @@ impl Sender {
         raw.truncate(new_idx.len() * PAGE_SIZE);
         raw.extend_from_slice(&control);
         raw.extend_from_slice(&b.literal);
+        raw.extend_from_slice(&patch);
         self.stats.new_pages += new_idx.len() as u64;
         let dict = match &self.dict {
             DictState::Ready(d) => Some(d.clone()),
@@ -825,6 +1134,7 @@ impl Sender {
             new_pages: new_idx.len() as u32,
             control_len: control.len() as u32,
             literal_len: b.literal.len() as u32,
+            patch_len: patch.len() as u32,
             window_log: self.cfg.window_log,
             long_distance: self.cfg.long_distance,
             measure_without_dict,
@@ -834,7 +1144,12 @@ impl Sender {
     /// Feeds the receiver's reply frame (a `Missing` set).
     pub fn handle_reply(&mut self, frame: &[u8]) -> Result<(), EncodeError> {
         self.stats.reply_bytes += frame.len() as u64;
-        let Message::Missing(Missing { batch, missing }) = Message::decode(frame, &self.limits)?
+        let Message::Missing(Missing {
+            batch,
+            missing,
+            bases,
+            proposals_held,
+        }) = Message::decode(frame, &self.limits)?
         else {
             return Err(EncodeError::BadReply(
                 crate::error::DecodeError::Unexpected {
@@ -851,7 +1166,10 @@ impl Sender {
                 },
             ));
         };
-        if s.missing.is_some() || missing.len() != s.b.hashes.len() {
+        if s.missing.is_some()
+            || missing.len() != s.b.hashes.len()
+            || proposals_held.len() != s.proposals.len()
+        {
             return Err(EncodeError::BadReply(
                 crate::error::DecodeError::Malformed {
                     what: "missing set",
@@ -864,6 +1182,8 @@ impl Sender {
             ));
         }
         s.missing = Some(missing);
+        s.bases = bases;
+        s.proposals_held = proposals_held;
         self.dispatch()
     }
 

@@ -21,8 +21,14 @@ pub struct TransferStats {
     pub dedup_hits_local: u64,
     /// Pages the receiver already held from earlier transfers (sent as a reference).
     pub dedup_hits_remote: u64,
-    /// Pages whose bytes were sent (compressed).
+    /// Pages whose bytes were sent (compressed), including delta pages.
     pub new_pages: u64,
+    /// Of those, pages sent as an XOR delta against a page the receiver held at the
+    /// same key.
+    pub delta_pages: u64,
+    /// Pages sent as a zstd patch against similar pages the receiver held (counted
+    /// apart from `new_pages`: their bytes are in the batch's patch section).
+    pub patch_pages: u64,
     /// Stream bytes that were not lifted pages (headers, device state).
     pub literal_bytes: u64,
     /// Batches sent.
@@ -80,6 +86,10 @@ pub struct ReceiveStats {
     pub held_pages: u64,
     /// Pages added to the page store.
     pub stored_pages: u64,
+    /// Pages rebuilt from an XOR delta against a held base page.
+    pub delta_pages: u64,
+    /// Pages rebuilt from a zstd patch against held similar pages.
+    pub patch_pages: u64,
     /// Batches decoded.
     pub batches: u64,
 }

@@ -5,6 +5,14 @@
 //! receivers) and `SledPageStore` (feature `sled-store`, on by default), which persists
 //! across restarts. Both are bounded by a byte capacity (default 2 GiB, the manual's
 //! `deduplication.cache_size`) and evict the least recently used page first.
+//!
+//! Besides the hash index, a store keeps a **page-key index**: per VM and page key (page
+//! number, or tagged RAM address for streams), the hash of the page last received there.
+//! It lets a receiver name the page it already holds at a changed page's place, so the
+//! sender can send an XOR delta against it (see [`crate::message`]). The key index is
+//! bounded too ([`MAX_KEY_ENTRIES_PER_PAGE`] entries per page of capacity); past the
+//! bound the entries of the lowest VM id are dropped first. An entry whose page was
+//! evicted is harmless: the lookup of its hash fails and the page is sent whole.
 
 use std::collections::BTreeMap;
 
@@ -14,10 +22,18 @@ use crate::page::{PAGE_SIZE, PageHash};
 /// Default store capacity: 2 GiB of page content (the manual's `cache_size: 2GB`).
 pub const DEFAULT_CAPACITY_BYTES: u64 = 2 << 30;
 
+/// Bound of the page-key index: this many entries per page of capacity (zero pages of a
+/// VM have no entry, so a few VMs' worth of keys fit).
+pub const MAX_KEY_ENTRIES_PER_PAGE: u64 = 4;
+
 /// A bounded, content-addressed set of pages held by a receiver.
 pub trait PageStore {
     /// The page with this hash, if held. Counts as a use for eviction order.
     fn get(&mut self, hash: &PageHash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// True if the page with this hash is held (no copy; may count as a use).
+    fn contains(&mut self, hash: &PageHash) -> Result<bool, StoreError> {
+        Ok(self.get(hash)?.is_some())
+    }
     /// Stores a page under its hash (the caller has verified the hash), evicting the
     /// least recently used pages if the capacity is exceeded.
     fn insert(&mut self, hash: PageHash, page: &[u8]) -> Result<(), StoreError>;
@@ -31,6 +47,17 @@ pub trait PageStore {
     fn capacity_bytes(&self) -> u64;
     /// Makes inserted pages durable (no-op for memory).
     fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The hash of the page last recorded at `key` of VM `vm` (page-key index). Stores
+    /// without a key index return `None` (no deltas then).
+    fn hash_at(&mut self, vm: u64, key: u64) -> Result<Option<PageHash>, StoreError> {
+        let _ = (vm, key);
+        Ok(None)
+    }
+    /// Records (or, with `None`, forgets) the page at `key` of VM `vm`.
+    fn set_hash_at(&mut self, vm: u64, key: u64, hash: Option<PageHash>) -> Result<(), StoreError> {
+        let _ = (vm, key, hash);
         Ok(())
     }
 }
@@ -52,6 +79,7 @@ pub struct MemoryPageStore {
     lru: BTreeMap<u64, PageHash>,
     tick: u64,
     capacity_pages: u64,
+    at: BTreeMap<(u64, u64), PageHash>,
 }
 
 impl MemoryPageStore {
@@ -78,6 +106,10 @@ impl PageStore for MemoryPageStore {
     fn get(&mut self, hash: &PageHash) -> Result<Option<Vec<u8>>, StoreError> {
         self.touch(hash);
         Ok(self.pages.get(hash).map(|(p, _)| p.to_vec()))
+    }
+
+    fn contains(&mut self, hash: &PageHash) -> Result<bool, StoreError> {
+        Ok(self.pages.contains_key(hash))
     }
 
     fn insert(&mut self, hash: PageHash, page: &[u8]) -> Result<(), StoreError> {
@@ -108,6 +140,29 @@ impl PageStore for MemoryPageStore {
     fn capacity_bytes(&self) -> u64 {
         self.capacity_pages * PAGE_SIZE as u64
     }
+
+    fn hash_at(&mut self, vm: u64, key: u64) -> Result<Option<PageHash>, StoreError> {
+        Ok(self.at.get(&(vm, key)).copied())
+    }
+
+    fn set_hash_at(&mut self, vm: u64, key: u64, hash: Option<PageHash>) -> Result<(), StoreError> {
+        match hash {
+            None => {
+                self.at.remove(&(vm, key));
+            }
+            Some(h) => {
+                if self.capacity_pages == 0 {
+                    return Ok(());
+                }
+                if self.at.insert((vm, key), h).is_none() {
+                    while self.at.len() as u64 > self.capacity_pages * MAX_KEY_ENTRIES_PER_PAGE {
+                        self.at.pop_first();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(feature = "sled-store")]
@@ -115,7 +170,7 @@ pub use sled_store::SledPageStore;
 
 #[cfg(feature = "sled-store")]
 mod sled_store {
-    use super::{PageStore, check_page};
+    use super::{MAX_KEY_ENTRIES_PER_PAGE, PageStore, check_page};
     use crate::error::StoreError;
     use crate::page::{HASH_LEN, PAGE_SIZE, PageHash};
 
@@ -131,9 +186,18 @@ mod sled_store {
         pages: sled::Tree,
         ticks: sled::Tree,
         lru: sled::Tree,
+        at: sled::Tree,
+        at_len: u64,
         tick: u64,
         len: u64,
         capacity_pages: u64,
+    }
+
+    fn at_key(vm: u64, key: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&vm.to_be_bytes());
+        k[8..].copy_from_slice(&key.to_be_bytes());
+        k
     }
 
     impl SledPageStore {
@@ -142,6 +206,8 @@ mod sled_store {
             let pages = db.open_tree("hde_pages").map_err(backend)?;
             let ticks = db.open_tree("hde_ticks").map_err(backend)?;
             let lru = db.open_tree("hde_lru").map_err(backend)?;
+            let at = db.open_tree("hde_at").map_err(backend)?;
+            let at_len = at.len() as u64;
             let tick = match lru.last().map_err(backend)? {
                 Some((k, _)) => decode_tick(&k)?,
                 None => 0,
@@ -151,6 +217,8 @@ mod sled_store {
                 pages,
                 ticks,
                 lru,
+                at,
+                at_len,
                 tick,
                 len,
                 capacity_pages: capacity_bytes / PAGE_SIZE as u64,
@@ -223,7 +291,56 @@ mod sled_store {
             self.capacity_pages * PAGE_SIZE as u64
         }
 
+        fn contains(&mut self, hash: &PageHash) -> Result<bool, StoreError> {
+            self.pages.contains_key(hash.0).map_err(backend)
+        }
+
+        fn hash_at(&mut self, vm: u64, key: u64) -> Result<Option<PageHash>, StoreError> {
+            match self.at.get(at_key(vm, key)).map_err(backend)? {
+                None => Ok(None),
+                Some(v) => {
+                    let a: [u8; HASH_LEN] = v
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("page-key entry is not 32 bytes"))?;
+                    Ok(Some(PageHash(a)))
+                }
+            }
+        }
+
+        fn set_hash_at(
+            &mut self,
+            vm: u64,
+            key: u64,
+            hash: Option<PageHash>,
+        ) -> Result<(), StoreError> {
+            let k = at_key(vm, key);
+            match hash {
+                None => {
+                    if self.at.remove(k).map_err(backend)?.is_some() {
+                        self.at_len = self.at_len.saturating_sub(1);
+                    }
+                }
+                Some(h) => {
+                    if self.capacity_pages == 0 {
+                        return Ok(());
+                    }
+                    if self.at.insert(k, &h.0).map_err(backend)?.is_none() {
+                        self.at_len += 1;
+                        while self.at_len > self.capacity_pages * MAX_KEY_ENTRIES_PER_PAGE {
+                            if self.at.pop_min().map_err(backend)?.is_none() {
+                                break;
+                            }
+                            self.at_len -= 1;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+
         fn flush(&mut self) -> Result<(), StoreError> {
+            self.at.flush().map_err(backend)?;
             self.pages.flush().map_err(backend)?;
             self.ticks.flush().map_err(backend)?;
             self.lru.flush().map_err(backend)?;
@@ -263,6 +380,27 @@ mod tests {
             store.insert(h4, &[0u8; 10]),
             Err(StoreError::BadPageSize { .. })
         ));
+        // The page-key index: per VM, last writer wins, None forgets.
+        assert_eq!(store.hash_at(7, 100).unwrap(), None);
+        store.set_hash_at(7, 100, Some(h1)).unwrap();
+        store.set_hash_at(8, 100, Some(h4)).unwrap();
+        assert_eq!(store.hash_at(7, 100).unwrap(), Some(h1));
+        store.set_hash_at(7, 100, Some(h4)).unwrap();
+        assert_eq!(store.hash_at(7, 100).unwrap(), Some(h4));
+        assert_eq!(store.hash_at(8, 100).unwrap(), Some(h4));
+        store.set_hash_at(7, 100, None).unwrap();
+        assert_eq!(store.hash_at(7, 100).unwrap(), None);
+        // Bounded: 3 pages of capacity allow 12 key entries; the lowest VM goes first.
+        for k in 0..20 {
+            store.set_hash_at(9, k, Some(h1)).unwrap();
+        }
+        assert_eq!(
+            store.hash_at(8, 100).unwrap(),
+            None,
+            "oldest VM's keys dropped"
+        );
+        assert_eq!(store.hash_at(9, 0).unwrap(), None);
+        assert_eq!(store.hash_at(9, 19).unwrap(), Some(h1));
         store.flush().unwrap();
     }
 

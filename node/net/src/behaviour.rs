@@ -1,9 +1,14 @@
 //! The composed behaviour.
 
 use libp2p::{
-    autonat, connection_limits, gossipsub, identify, kad, ping, relay,
+    autonat, connection_limits, gossipsub, identify, kad, ping, relay, request_response,
     swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
 };
+
+use crate::rpc::FrameCodec;
+
+/// One request-response behaviour; there is one per [`crate::Service`].
+pub(crate) type Rpc = request_response::Behaviour<FrameCodec>;
 
 /// Every protocol a DWCP peer speaks, in one behaviour.
 #[derive(NetworkBehaviour)]
@@ -16,4 +21,7 @@ pub(crate) struct Behaviour {
     pub(crate) autonat: autonat::Behaviour,
     pub(crate) relay_server: Toggle<relay::Behaviour>,
     pub(crate) relay_client: Toggle<relay::client::Behaviour>,
+    pub(crate) sync: Rpc,
+    pub(crate) consensus: Rpc,
+    pub(crate) control: Rpc,
 }

@@ -47,6 +47,10 @@ pub struct NetConfig {
     pub agent_version: String,
     /// Capacity of the command and event channels.
     pub channel_capacity: usize,
+    /// How long a direct request waits for its response.
+    pub request_timeout: Duration,
+    /// Concurrent inbound plus outbound request streams per connection and service.
+    pub max_concurrent_requests: usize,
 }
 
 impl NetConfig {
@@ -71,6 +75,8 @@ impl NetConfig {
             protocol_version: dwcp_protocol::version::identify_version(),
             agent_version: format!("dwcp/{}", env!("CARGO_PKG_VERSION")),
             channel_capacity: 1024,
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_requests: 32,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The event loop that owns the swarm, the [`Client`] that talks to it and the [`Event`]s it
 //! emits.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Duration,
+};
 
 use dwcp_protocol::version::{KAD_PROTOCOL, PeerVersionVerdict, check_peer_version};
 use futures::StreamExt;
@@ -11,6 +14,7 @@ use libp2p::{
     identify, kad,
     multiaddr::Protocol,
     noise, ping, relay,
+    request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
     swarm::{
         SwarmEvent,
         dial_opts::{DialOpts, PeerCondition},
@@ -21,8 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::{
-    NetConfig, NetError, Role,
-    behaviour::{Behaviour, BehaviourEvent},
+    NetConfig, NetError, Role, Service,
+    behaviour::{Behaviour, BehaviourEvent, Rpc},
+    rpc::FrameCodec,
     scoring,
 };
 
@@ -52,12 +57,49 @@ pub enum Validation {
     Ignore,
 }
 
+/// Where to send the answer to an [`InboundRequest`]: pass it to [`Client::respond`]. Dropping
+/// it without answering closes the stream, and the requester sees a failed request.
+pub struct ReplyHandle {
+    service: Service,
+    channel: ResponseChannel<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ReplyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyHandle")
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+/// A request a peer sent us directly.
+#[derive(Debug)]
+pub struct InboundRequest {
+    /// Which service it is for.
+    pub service: Service,
+    /// The authenticated peer that sent it.
+    pub peer: PeerId,
+    /// The request bytes (at most [`Service::max_frame`]).
+    pub data: Vec<u8>,
+    /// Where the response goes.
+    pub reply: ReplyHandle,
+}
+
 /// What the network tells the application.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Event {
     /// A gossip message that needs validation.
     Gossip(GossipMessage),
+    /// A direct request from a peer; answer it with [`Client::respond`].
+    Request(InboundRequest),
+    /// A ping round trip to a connected peer completed.
+    PingRtt {
+        /// The peer.
+        peer: PeerId,
+        /// The measured round-trip time.
+        rtt: Duration,
+    },
     /// A connection to a peer was established (first connection to that peer).
     PeerConnected(PeerId),
     /// The last connection to a peer closed.
@@ -121,6 +163,16 @@ enum Command {
     },
     Stats {
         reply: oneshot::Sender<NetStats>,
+    },
+    Request {
+        service: Service,
+        peer: PeerId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
+    },
+    Respond {
+        handle: ReplyHandle,
+        data: Vec<u8>,
     },
 }
 
@@ -193,6 +245,42 @@ impl Client {
         self.send(Command::Stats { reply }).await?;
         rx.await.map_err(|_| NetError::Stopped)
     }
+
+    /// Sends a request to a peer on a service and waits for its response (at most
+    /// [`NetConfig::request_timeout`]). The peer is dialled if it is not connected and its
+    /// address is known.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        service: Service,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, NetError> {
+        if data.len() > service.max_frame() {
+            return Err(NetError::Request {
+                service: service.as_str(),
+                peer,
+                reason: format!(
+                    "request of {} bytes exceeds the limit of {}",
+                    data.len(),
+                    service.max_frame()
+                ),
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request {
+            service,
+            peer,
+            data,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Answers a request received as [`Event::Request`].
+    pub async fn respond(&self, handle: ReplyHandle, data: Vec<u8>) -> Result<(), NetError> {
+        self.send(Command::Respond { handle, data }).await
+    }
 }
 
 /// Owns the swarm; run it with [`EventLoop::run`].
@@ -204,6 +292,12 @@ pub struct EventLoop {
     bootstrap_peers: Vec<(PeerId, Multiaddr)>,
     listen_addrs: BTreeSet<Multiaddr>,
     events_dropped: u64,
+    pending: HashMap<(Service, OutboundRequestId), PendingRequest>,
+}
+
+struct PendingRequest {
+    peer: PeerId,
+    reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -282,6 +376,21 @@ fn make_behaviour(
         },
     );
 
+    let rpc = |service: Service| -> Rpc {
+        // Bootstrap peers serve none of the application services: they only ever ask.
+        let support = match config.role {
+            Role::Node => ProtocolSupport::Full,
+            Role::Bootstrap => ProtocolSupport::Outbound,
+        };
+        request_response::Behaviour::with_codec(
+            FrameCodec::new(service.max_frame()),
+            [(StreamProtocol::new(service.protocol_name()), support)],
+            request_response::Config::default()
+                .with_request_timeout(config.request_timeout)
+                .with_max_concurrent_streams(config.max_concurrent_requests),
+        )
+    };
+
     let relay_server = match config.role {
         Role::Bootstrap => Some(relay::Behaviour::new(peer_id, relay::Config::default())),
         Role::Node => None,
@@ -296,6 +405,9 @@ fn make_behaviour(
         autonat,
         relay_server: relay_server.into(),
         relay_client: relay_client.into(),
+        sync: rpc(Service::Sync),
+        consensus: rpc(Service::Consensus),
+        control: rpc(Service::Control),
     })
 }
 
@@ -375,6 +487,7 @@ pub(crate) fn build(
         bootstrap_peers,
         listen_addrs: BTreeSet::new(),
         events_dropped: 0,
+        pending: HashMap::new(),
     };
     Ok((client, ev_rx, el))
 }
@@ -520,6 +633,79 @@ impl EventLoop {
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
+            Command::Request {
+                service,
+                peer,
+                data,
+                reply,
+            } => {
+                let id = self.rpc(service).send_request(&peer, data);
+                self.pending
+                    .insert((service, id), PendingRequest { peer, reply });
+            }
+            Command::Respond { handle, data } => {
+                let ReplyHandle { service, channel } = handle;
+                if self.rpc(service).send_response(channel, data).is_err() {
+                    debug!(
+                        service = service.as_str(),
+                        "response dropped: the requester went away"
+                    );
+                }
+            }
+        }
+    }
+
+    fn rpc(&mut self, service: Service) -> &mut Rpc {
+        let b = self.swarm.behaviour_mut();
+        match service {
+            Service::Sync => &mut b.sync,
+            Service::Consensus => &mut b.consensus,
+            Service::Control => &mut b.control,
+        }
+    }
+
+    fn on_rpc(&mut self, service: Service, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
+        use request_response::{Event as E, Message as M};
+        match ev {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => self.emit(Event::Request(InboundRequest {
+                service,
+                peer,
+                data: request,
+                reply: ReplyHandle { service, channel },
+            })),
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(p) = self.pending.remove(&(service, request_id)) {
+                    let _ = p.reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(p) = self.pending.remove(&(service, request_id)) {
+                    let _ = p.reply.send(Err(NetError::Request {
+                        service: service.as_str(),
+                        peer: p.peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                debug!(service = service.as_str(), %peer, %error, "inbound request failed");
+            }
+            E::ResponseSent { .. } => {}
         }
     }
 
@@ -613,6 +799,27 @@ impl EventLoop {
                 if self.config.role == Role::Node {
                     self.fill_connections();
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => self.on_rpc(Service::Sync, e),
+            SwarmEvent::Behaviour(BehaviourEvent::Consensus(e)) => {
+                self.on_rpc(Service::Consensus, e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Control(e)) => self.on_rpc(Service::Control, e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => self.emit(Event::PingRtt { peer, rtt }),
+            // A connection whose pings time out is dead (a partition, a vanished host): close
+            // it, so the peer counts as disconnected and discovery dials again once packets
+            // flow, instead of waiting out TCP's retransmission backoff on a stalled stream.
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            })) if !matches!(e, ping::Failure::Unsupported) => {
+                debug!(%peer, error = %e, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "outgoing connection failed");

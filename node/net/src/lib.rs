@@ -11,6 +11,9 @@
 //!   `validate_messages()`: nothing is forwarded until the application has checked it and called
 //!   [`Client::report_validation`]. Peer scoring (see [`scoring`]) penalises peers that send
 //!   messages the application rejects.
+//! - **Direct requests:** one `request_response` behaviour per [`Service`] (state sync,
+//!   consensus, control), length-prefixed frames with a per-service size limit checked
+//!   before the body is read; [`Client::request`] and [`Event::Request`] / [`Client::respond`].
 //! - **Housekeeping:** identify (with the DWCP version policy: peers of another major version
 //!   are disconnected), ping, AutoNAT, connection limits.
 //!
@@ -27,11 +30,15 @@
 mod behaviour;
 mod config;
 mod event_loop;
+mod rpc;
 pub mod scoring;
 
 pub use config::{NetConfig, Role};
-pub use event_loop::{Client, Event, EventLoop, GossipMessage, NetStats, Validation};
+pub use event_loop::{
+    Client, Event, EventLoop, GossipMessage, InboundRequest, NetStats, ReplyHandle, Validation,
+};
 pub use libp2p::{Multiaddr, PeerId};
+pub use rpc::Service;
 
 /// Why the network could not be started or a command failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +85,17 @@ pub enum NetError {
     Dial {
         /// Address.
         addr: String,
+        /// Cause.
+        reason: String,
+    },
+    /// A request to a peer failed (dial failure, timeout, connection closed, the peer does
+    /// not speak the protocol, or an I/O error such as an oversized frame).
+    #[error("{service} request to {peer} failed: {reason}")]
+    Request {
+        /// Service label.
+        service: &'static str,
+        /// The peer asked.
+        peer: PeerId,
         /// Cause.
         reason: String,
     },

@@ -10,8 +10,13 @@
 //! The engine changes a score only from input that went through consensus, in commit order,
 //! with the batch time the primary fixed, so every honest node computes the same scores:
 //!
-//! * [`Engine::on_certificate`]: the voters of a commit certificate each cast a correct vote
-//!   (+0.01).
+//! * [`Engine::on_participation`]: a [`Participation`] record, i.e. a commit certificate
+//!   (without its batch) that was itself committed as a request: each of its 2f+1 voters cast
+//!   a correct vote (+0.01). A replica's *own* certificate for a slot must not be fed
+//!   directly: each replica keeps the first 2f+1 commits it received, so the voter sets
+//!   differ between replicas and so would the scores. The driver submits a record for one
+//!   slot in every few (the sim: every 10th, by a rotating submitter), so rewards are
+//!   sampled, and equal for everyone.
 //! * [`Engine::on_evidence`]: a piece of [`Evidence`] that was itself committed as a request
 //!   (see [`Evidence::encode`]), checked here again by anyone:
 //!   - equivocation: two signed votes of one kind for one `(view, seq)` with different digests;
@@ -260,6 +265,46 @@ impl Evidence {
     }
 }
 
+/// The first byte of an operation that carries a [`Participation`] record.
+pub const PARTICIPATION_OP_TAG: u8 = 0xE2;
+
+/// A participation record: the commit certificate of one slot, committed through consensus
+/// as a request's operation so that every honest node rewards the same voters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Participation {
+    /// 2f+1 signed commits and the header of the certified slot.
+    pub proof: CommitProof,
+}
+
+impl Participation {
+    /// Encodes as a consensus operation: [`PARTICIPATION_OP_TAG`] then CBOR.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![PARTICIPATION_OP_TAG];
+        if ciborium::into_writer(self, &mut out).is_err() {
+            out.truncate(1);
+        }
+        out
+    }
+
+    /// Decodes an operation produced by [`Participation::encode`], with a size limit.
+    pub fn decode(op: &[u8]) -> Result<Self, EvidenceError> {
+        if op.len() > MAX_EVIDENCE_LEN {
+            return Err(EvidenceError::TooLarge(op.len()));
+        }
+        let Some((&PARTICIPATION_OP_TAG, mut body)) = op.split_first() else {
+            return Err(EvidenceError::Malformed(
+                "not a participation record".into(),
+            ));
+        };
+        let p: Self = ciborium::from_reader(&mut body)
+            .map_err(|e| EvidenceError::Malformed(e.to_string()))?;
+        if !body.is_empty() {
+            return Err(EvidenceError::Malformed("trailing bytes".into()));
+        }
+        Ok(p)
+    }
+}
+
 /// What the engine reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -353,8 +398,28 @@ impl Engine {
         }
     }
 
-    /// A committed certificate at batch time `time`: each voter cast a correct vote. A
-    /// quarantined node earns nothing (its votes no longer count); only decay releases it.
+    /// A committed [`Participation`] record at batch time `time`: checks the certificate
+    /// against `committee` and rewards its voters, once per sequence number. Returns the
+    /// certified sequence number if it was applied.
+    pub fn on_participation(
+        &mut self,
+        time: Timestamp,
+        committee: &Committee,
+        record: &Participation,
+    ) -> Result<Option<u64>, EvidenceError> {
+        let (slot, voters) = record.proof.verify(committee)?;
+        let key = Digest::of("dwcp/v3/participation", &[&slot.seq.to_be_bytes()]);
+        if !self.seen.insert(key) {
+            return Ok(None);
+        }
+        self.on_certificate(time, &voters);
+        Ok(Some(slot.seq))
+    }
+
+    /// Rewards `voters` for a correct vote each at batch time `time`. Only for voter sets
+    /// every honest node has in the same order (from committed input, as
+    /// [`Engine::on_participation`] does). A quarantined node earns nothing (its votes no
+    /// longer count); only decay releases it.
     pub fn on_certificate(&mut self, time: Timestamp, voters: &[NodeId]) {
         for v in voters {
             if self.quarantined.contains(v) {
@@ -612,6 +677,80 @@ mod tests {
             Some(liar)
         );
         assert_eq!(e.score_units(&liar), 9_000);
+    }
+
+    #[test]
+    fn participation_records_reward_their_voters_once() {
+        // The header of slot (0, 7, d) from the primary of view 0 (member 1), three commits.
+        let slot = Slot {
+            view: 0,
+            seq: 7,
+            digest: Digest([3; 32]),
+        };
+        let header = Verified::sign(
+            &key(1),
+            ConsensusMsg::PrePrepare(dwcp_consensus::PrePrepare {
+                slot,
+                time: Timestamp(0),
+            }),
+        )
+        .unwrap()
+        .envelope()
+        .clone();
+        let record = Participation {
+            proof: CommitProof {
+                pre_prepare: header,
+                commits: (1..=3).map(|i| vote(i, 7, 3)).collect(),
+            },
+        };
+        assert_eq!(Participation::decode(&record.encode()).unwrap(), record);
+        let mut e = Engine::new(Config::default());
+        let voter = key(2).node_id();
+        // Start the voter below the cap so the reward shows.
+        e.on_evidence(Timestamp(0), &committee(), &equivocation(2, 1))
+            .unwrap();
+        let before = e.score_units(&voter);
+        let mut q = Engine::new(Config::default());
+        let other = key(4).node_id();
+        assert_eq!(
+            e.on_participation(Timestamp(1), &committee(), &record)
+                .unwrap(),
+            Some(7)
+        );
+        // A quarantined node earns nothing; key 3 voted and is at the cap.
+        assert_eq!(e.score_units(&voter), before);
+        q.on_evidence(
+            Timestamp(0),
+            &committee(),
+            &Evidence::ContradictsCertificate {
+                vote: vote(2, 7, 9),
+                proof: record.proof.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(q.score_units(&voter), 9_000);
+        assert_eq!(
+            q.on_participation(Timestamp(1), &committee(), &record)
+                .unwrap(),
+            Some(7)
+        );
+        assert_eq!(q.score_units(&voter), 9_100, "+0.01 for the correct vote");
+        // The same slot recorded again (by another submitter) counts once.
+        assert_eq!(
+            q.on_participation(Timestamp(2), &committee(), &record)
+                .unwrap(),
+            None
+        );
+        assert_eq!(q.score_units(&voter), 9_100);
+        // Member 4 did not vote: unchanged. A record short of a quorum is refused.
+        assert_eq!(q.score_units(&other), UNIT);
+        let mut short = record.clone();
+        short.proof.commits.truncate(2);
+        assert!(
+            q.on_participation(Timestamp(3), &committee(), &short)
+                .is_err()
+        );
+        assert!(Participation::decode(&[EVIDENCE_OP_TAG, 0]).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `dwcp-cli`: the operator CLI (operations manual, Appendix A). It talks to a node's local
-//! API (`--api`, default the local node) and prints tables or JSON (`--output json`).
+//! API (`--api`, default the local node) and prints tables or JSON (`--format json`).
 
 use std::time::Duration;
 
@@ -10,6 +10,14 @@ use dwcp_protocol::api::{
     VmCreateRequest, VmView,
 };
 use serde::de::DeserializeOwned;
+
+#[path = "cli/acp.rs"]
+mod acp_cmd;
+#[path = "cli/statesync.rs"]
+mod statesync_cmd;
+
+#[path = "cli/placement.rs"]
+mod placement_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,17 +34,21 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     api: String,
-    /// Output format.
+    /// Output format (`--output` names files, as in the manual's `state-sync export --output`).
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    format: Output,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// Human-readable tables.
     Table,
+    /// JSON, for scripts.
     Json,
+    /// Node ids only, one per line (lists that support it; tables elsewhere).
+    Id,
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,12 +62,31 @@ enum Cmd {
     /// VMs on the node behind --api.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// The replicated cluster document (ASS).
+    #[command(subcommand, name = "state-sync")]
+    StateSync(statesync_cmd::StateSyncCmd),
+    /// Gossip and sync sessions.
+    #[command(subcommand)]
+    Gossip(statesync_cmd::GossipCmd),
+    /// PBFT committee and decisions (ACP).
+    #[command(subcommand)]
+    Consensus(acp_cmd::ConsensusCmd),
+    /// Reputation scores and quarantine (ACP).
+    #[command(subcommand)]
+    Reputation(acp_cmd::ReputationCmd),
+    /// VM placement (ITP) on the node behind --api.
+    #[command(subcommand)]
+    Placement(placement_cmd::PlacementCmd),
 }
 
 #[derive(Debug, Subcommand)]
 enum VmCmd {
-    /// Create and start a VM (refused if it does not fit the node's donated share).
+    /// Create and start a VM on the node placement chooses among the ready nodes (or the
+    /// one given with --node); the answer says where and why.
     Create {
+        /// Create it on this node (id, peer id or unique hex prefix): no placement decision.
+        #[arg(long)]
+        node: Option<String>,
         /// A name for it.
         #[arg(long)]
         name: String,
@@ -195,6 +226,33 @@ impl Api {
         self.call(reqwest::Method::GET, path, None).await
     }
 
+    /// A raw body (e.g. an export), with the same error handling as JSON calls.
+    async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.http.get(&url).send().await.map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                anyhow!(
+                    "cannot reach the node API at {}: is dwcp-node running?",
+                    self.base
+                )
+            } else {
+                anyhow!("request to {url} failed: {e}")
+            }
+        })?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .with_context(|| format!("reading the answer of {url}"))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(anyhow!("{msg}"));
+        }
+        Ok(body.to_vec())
+    }
+
     async fn post<T: DeserializeOwned>(
         &self,
         path: &str,
@@ -282,9 +340,14 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let api = Api::new(&cli.api)?;
-    let json = cli.output == Output::Json;
+    let json = cli.format == Output::Json;
     match cli.cmd {
         Cmd::Vm(cmd) => return run_vm(&api, json, cmd).await,
+        Cmd::StateSync(cmd) => return statesync_cmd::run_state_sync(&api, json, cmd).await,
+        Cmd::Gossip(cmd) => return statesync_cmd::run_gossip(&api, json, cmd).await,
+        Cmd::Consensus(cmd) => return acp_cmd::run_consensus(&api, cli.format, cmd).await,
+        Cmd::Reputation(cmd) => return acp_cmd::run_reputation(&api, cli.format, cmd).await,
+        Cmd::Placement(cmd) => return placement_cmd::run_placement(&api, json, cmd).await,
         Cmd::Cluster(ClusterCmd::Status) => {
             let s: ClusterStatus = api.get("/v1/cluster/status").await?;
             if json {
@@ -408,6 +471,7 @@ async fn run_vm(api: &Api, json: bool, cmd: VmCmd) -> anyhow::Result<()> {
     };
     let view = match cmd {
         VmCmd::Create {
+            node,
             name,
             cpu,
             memory,
@@ -427,10 +491,16 @@ async fn run_vm(api: &Api, json: bool, cmd: VmCmd) -> anyhow::Result<()> {
                 initrd,
                 cmdline: append,
             };
-            let v: VmView = api
-                .post("/v1/vms", Some(serde_json::to_value(&req)?))
+            let req = dwcp_protocol::api::PlacedVmCreateRequest { vm: req, node };
+            let placed: dwcp_protocol::api::PlacedVm = api
+                .post("/v1/placement/vms", Some(serde_json::to_value(&req)?))
                 .await?;
-            v
+            if json {
+                return print_json(&placed);
+            }
+            vm_table(std::slice::from_ref(&placed.vm));
+            placement_cmd::print_placement(&placed);
+            return Ok(());
         }
         VmCmd::List => {
             let vms: Vec<VmView> = api.get("/v1/vms").await?;

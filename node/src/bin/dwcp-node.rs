@@ -86,6 +86,13 @@ struct Common {
     /// Silence after which a peer is unreachable, e.g. `5s`.
     #[arg(long, value_parser = humantime::parse_duration)]
     unreachable_after: Option<Duration>,
+    /// State-sync anti-entropy interval (`ass.gossip.interval`), e.g. `1s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ass_interval: Option<Duration>,
+    /// How often our heartbeat is written into the cluster document
+    /// (`ass.consistency.max_staleness`), e.g. `10s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ass_max_staleness: Option<Duration>,
     /// Log filter, e.g. `info` or `dwcp_node=debug`.
     #[arg(long)]
     log_level: Option<String>,
@@ -128,6 +135,12 @@ impl Common {
         }
         if let Some(v) = self.unreachable_after {
             c.network.unreachable_after = v;
+        }
+        if let Some(v) = self.ass_interval {
+            c.ass.gossip.interval = v;
+        }
+        if let Some(v) = self.ass_max_staleness {
+            c.ass.consistency.max_staleness = v;
         }
         if let Some(v) = &self.log_level {
             c.monitoring.log.level = v.clone();

@@ -80,6 +80,7 @@ fn hb(seq: u64, at: u64) -> Heartbeat {
             memory_used_mib: 1000 + seq % 5000,
             vms_running: (seq % 10) as u32,
             peers_connected: 20,
+            allocated: None,
         },
     }
 }

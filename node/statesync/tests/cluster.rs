@@ -53,6 +53,7 @@ fn heartbeat(seq: u64, at: u64) -> Heartbeat {
             memory_used_mib: 1000,
             vms_running: 1,
             peers_connected: 8,
+            allocated: None,
         },
     }
 }

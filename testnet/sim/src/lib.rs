@@ -49,9 +49,13 @@ pub use link::LinkModel;
 pub use strategy::Strategy;
 
 use invariants::{
-    Violation, agreement::Agreement, quarantine::Quarantine, validity::Validity,
-    view_monotonic::ViewMonotonic,
+    Violation, agreement::Agreement, quarantine::Quarantine,
+    reputation_agreement::ReputationAgreement, validity::Validity, view_monotonic::ViewMonotonic,
 };
+
+/// A participation record (the commit certificate of one slot, for rewards) is submitted for
+/// every this many sequence numbers, by the committee member whose turn it is.
+pub const REWARD_EVERY: u64 = 10;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -170,6 +174,9 @@ pub struct Report {
     pub quarantined_byzantine: usize,
     /// Byzantine nodes penalised (by committed evidence) at every honest node.
     pub penalised_byzantine: usize,
+    /// Reputation tables compared between honest nodes after the same sequence number (all
+    /// equal, or a `reputation_agreement` violation is reported).
+    pub reputation_tables_compared: u64,
     /// SHA-256 over the whole trace.
     pub trace_hash: String,
 }
@@ -243,6 +250,7 @@ struct Sim {
     validity: Validity,
     views: ViewMonotonic,
     quarantine: Quarantine,
+    reputation: ReputationAgreement,
     violations: Vec<Violation>,
     proposal_time: BTreeMap<u64, u64>,
     client_latency: Vec<u64>,
@@ -356,6 +364,7 @@ impl Sim {
             next_msg_id: 0,
             views: ViewMonotonic::new(n),
             quarantine: Quarantine::new(honest, k),
+            reputation: ReputationAgreement::default(),
             nodes,
             ids,
             committee,
@@ -736,7 +745,9 @@ impl Sim {
     }
 
     fn note_proposal(&mut self, i: usize, env: &SignedEnvelope) {
-        if self.nodes[i].byz {
+        // Only a primary proposes; skip checking everyone else's broadcasts.
+        let e = &self.nodes[i].engine;
+        if self.nodes[i].byz || e.primary() != e.id() {
             return;
         }
         let Ok(v) = env.clone().verify::<ConsensusMsg>() else {
@@ -772,15 +783,11 @@ impl Sim {
         if let Some(t0) = self.proposal_time.get(&d.seq) {
             self.consensus_latency.push(self.now - t0);
         }
-        let voters: Vec<NodeId> = d
-            .certificate
-            .commits
-            .iter()
-            .map(SignedEnvelope::claimed_signer)
-            .collect();
         let committee = self.committee.clone();
         let rep = &mut self.nodes[i].rep;
-        rep.on_certificate(d.time, &voters);
+        // Reputation changes only from committed operations, in commit order: evidence and
+        // participation records (rewards). The node's own certificate is not used: its voter
+        // set differs from replica to replica.
         for r in &d.requests {
             if r.op.first() == Some(&reputation::EVIDENCE_OP_TAG)
                 && let Ok(ev) = Evidence::decode(&r.op)
@@ -790,9 +797,33 @@ impl Sim {
                 if rep.on_evidence(d.time, &committee, &ev).is_err() {
                     self.trace.update(b"evidence-refused");
                 }
+            } else if r.op.first() == Some(&reputation::PARTICIPATION_OP_TAG)
+                && let Ok(p) = reputation::Participation::decode(&r.op)
+                && rep.on_participation(d.time, &committee, &p).is_err()
+            {
+                self.trace.update(b"participation-refused");
             }
         }
         rep.on_time(d.time);
+        let table = invariants::reputation_agreement::table_digest(
+            rep.scores(),
+            rep.quarantined().iter().copied(),
+        );
+        if let Err(v) = self.reputation.check(self.now, i, d.seq, table) {
+            self.violation(v);
+        }
+        // Node policy: the member whose turn it is records this slot's certificate.
+        let me = self.nodes[i].key.node_id();
+        if d.seq.is_multiple_of(REWARD_EVERY)
+            && self.committee.index_of(&me).map(u64::from)
+                == Some((d.seq / REWARD_EVERY) % self.committee.n() as u64)
+        {
+            let op = reputation::Participation {
+                proof: d.certificate.proof(),
+            }
+            .encode();
+            self.submit_op(i, op);
+        }
         let view = self.nodes[i].engine.view();
         while let Some(out) = self.nodes[i].rep.poll_output() {
             match out {
@@ -811,7 +842,6 @@ impl Sim {
                 reputation::Output::Released { .. } => {}
             }
         }
-        let me = self.nodes[i].key.node_id();
         for r in &d.requests {
             if r.signer() == me {
                 self.nodes[i].evidence_inflight.remove(&r.nonce);
@@ -911,6 +941,7 @@ impl Sim {
             offenders: self.quarantine.offenders(),
             quarantined_byzantine,
             penalised_byzantine,
+            reputation_tables_compared: self.reputation.compared(),
             trace_hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
         }
     }

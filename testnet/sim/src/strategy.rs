@@ -113,8 +113,13 @@ mod raw_bytes {
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
                 Ok(v.to_vec())
             }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
         }
-        d.deserialize_bytes(V)
+        // `deserialize_byte_buf`: ciborium's `deserialize_bytes` refuses byte strings longer
+        // than 4 KiB, which left large messages unforged.
+        d.deserialize_byte_buf(V)
     }
 }
 
@@ -313,6 +318,7 @@ impl Sim {
             stable_seq: 0,
             stable_proof: vec![],
             prepared: vec![],
+            proof_parts: 0,
         };
         if let Some(env) = self.sign_as(i, ConsensusMsg::ViewChange(vc)) {
             self.broadcast_raw(i, &env, 0);

@@ -22,6 +22,8 @@ fn ci_seeds_n4_every_strategy_are_safe_and_live() {
             r.liveness_detail
         );
         assert!(r.requests_committed > 0);
+        // Every honest node's reputation table was compared after each sequence number.
+        assert!(r.reputation_tables_compared > r.committed_seqs);
         if strategy.provable() {
             assert_eq!(
                 r.quarantined_byzantine, 1,

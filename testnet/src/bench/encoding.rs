@@ -52,6 +52,11 @@ pub(crate) struct Args {
     /// Turn on zstd long-distance matching for every encoder row.
     #[arg(long)]
     ldm: bool,
+    /// Write the unique non-zero pages of each raw image, in order, to
+    /// `DIR/<image name>.unique` (what the encoder compresses; for trying other
+    /// compressors on the same bytes, e.g. `zstd -19 --long=27`).
+    #[arg(long, value_name = "DIR")]
+    dump_unique: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +86,11 @@ struct CrossTransfer {
     second_bytes: u64,
     second_over_first: f64,
     remote_hits: u64,
+    delta_pages: u64,
+    patch_pages: u64,
+    second_offer_bytes: u64,
+    second_reply_bytes: u64,
+    second_mb_s_sender_and_receiver: f64,
     round_trip_ok: bool,
 }
 
@@ -413,22 +423,36 @@ fn cross_transfer(
     second: &[u8],
     stream: bool,
     level: i32,
-) -> anyhow::Result<(u64, u64, u64, bool)> {
+) -> anyhow::Result<(u64, u64, u64, u64, u64, (u64, u64), f64, bool)> {
     let store: Box<dyn dwcp_encoding::PageStore + Send> = Box::new(MemoryPageStore::new(
         dwcp_encoding::store::DEFAULT_CAPACITY_BYTES,
     ));
     let mut store = Some(store);
+    // The sender's own store of what it sent (for deltas and patches), kept across
+    // transfers like the receiver's.
+    let mut sent: Option<dwcp_encoding::sender::SenderReference> = None;
     let mut totals = Vec::new();
     let mut ok = true;
     let mut hits = 0;
+    let mut deltas = 0;
+    let mut patches = 0;
+    let mut overhead = (0, 0);
+    let mut speed = 0.0;
     for (i, data) in [first, second].into_iter().enumerate() {
+        let t = Timer::start();
         let st = store.take().context("store")?;
         let mut r = Receiver::with_store(Limits::default(), st)?;
         let cfg = default_cfg()
             .with_level(level)
             .with_offers(true)
+            .with_vm_id(1)
             .with_transfer_id(i as u64);
-        let mut s = Sender::new(cfg)?;
+        let mut s = match sent.take() {
+            Some(reference) => Sender::new(cfg)?.with_reference(reference),
+            None => Sender::new(cfg)?.with_reference_store(Box::new(MemoryPageStore::new(
+                dwcp_encoding::store::DEFAULT_CAPACITY_BYTES,
+            ))),
+        };
         let mut wire = Wire::default();
         let mut rebuilt = vec![0u8; data.len()];
         let mut at = 0usize;
@@ -474,10 +498,17 @@ fn cross_transfer(
         ensure!(r.is_finished(), "cross transfer {i} did not finish");
         ok &= !bad && rebuilt == data;
         hits = s.stats().dedup_hits_remote;
+        deltas = s.stats().delta_pages;
+        patches = s.stats().patch_pages;
+        overhead = (s.stats().offer_bytes, wire.back_bytes);
         totals.push(wire.forward_bytes + wire.back_bytes);
+        speed = mb_s(data.len() as u64, t.elapsed());
         store = r.into_store();
+        sent = s.take_reference();
     }
-    Ok((totals[0], totals[1], hits, ok))
+    Ok((
+        totals[0], totals[1], hits, deltas, patches, overhead, speed, ok,
+    ))
 }
 
 fn partner_of(path: &Path, all: &[PathBuf]) -> Option<PathBuf> {
@@ -494,6 +525,19 @@ fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport>
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let stream = is_stream(&data);
     let page_view: &[u8] = if stream { &[] } else { &data };
+    if let (Some(dir), false) = (&args.dump_unique, stream) {
+        let mut seen = HashSet::new();
+        let mut unique = Vec::new();
+        for p in data.chunks_exact(PAGE_SIZE) {
+            if p.iter().any(|&b| b != 0) && seen.insert(PageHash::of(p).0) {
+                unique.extend_from_slice(p);
+            }
+        }
+        let name = path.file_name().context("image file name")?;
+        let mut out = dir.join(name);
+        out.as_mut_os_string().push(".unique");
+        std::fs::write(&out, &unique).with_context(|| format!("writing {}", out.display()))?;
+    }
     let calibration = if args.no_calibrate {
         Vec::new()
     } else if stream {
@@ -570,7 +614,7 @@ fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport>
         Some(first) => {
             let a =
                 std::fs::read(&first).with_context(|| format!("reading {}", first.display()))?;
-            let (fb, sb, hits, ok) =
+            let (fb, sb, hits, deltas, patches, (offer_bytes, reply_bytes), speed, ok) =
                 cross_transfer(&a, &data, stream, dwcp_encoding::sender::DEFAULT_LEVEL)?;
             ensure!(ok, "cross transfer round trip differs");
             Some(CrossTransfer {
@@ -579,6 +623,11 @@ fn bench_file(path: &Path, args: &Args, sha: f64) -> anyhow::Result<ImageReport>
                 second_bytes: sb,
                 second_over_first: sb as f64 / fb as f64,
                 remote_hits: hits,
+                delta_pages: deltas,
+                patch_pages: patches,
+                second_offer_bytes: offer_bytes,
+                second_reply_bytes: reply_bytes,
+                second_mb_s_sender_and_receiver: speed,
                 round_trip_ok: ok,
             })
         }
@@ -669,7 +718,7 @@ fn print(r: &ImageReport, args: &Args) {
     );
     if let Some(c) = &r.cross {
         println!(
-            "second capture to a receiver holding {}: {} bytes vs {} first = {:.3} (target <= 0.3: {}), {} pages held",
+            "second capture to a receiver holding {}: {} bytes vs {} first = {:.3} (target <= 0.3: {}), {} pages held, {} sent as XOR deltas, {} as patches; of the second transfer's bytes {} were hash offers and {} replies; sender and receiver together (one thread) ran at {:.0} MB/s",
             c.first,
             c.second_bytes,
             c.first_bytes,
@@ -679,7 +728,12 @@ fn print(r: &ImageReport, args: &Args) {
             } else {
                 "NOT met"
             },
-            c.remote_hits
+            c.remote_hits,
+            c.delta_pages,
+            c.patch_pages,
+            c.second_offer_bytes,
+            c.second_reply_bytes,
+            c.second_mb_s_sender_and_receiver
         );
     }
 }

@@ -13,6 +13,8 @@ pub(crate) mod encoding;
 pub(crate) mod placement;
 #[cfg(feature = "bench-prediction")]
 pub(crate) mod prediction;
+#[cfg(feature = "bench-statesync")]
+pub(crate) mod statesync;
 #[cfg(feature = "bench-transport")]
 pub(crate) mod transport;
 
@@ -32,6 +34,9 @@ pub(crate) enum BenchCmd {
     /// AMST transport: adaptive multi-stream vs one connection and iperf3 on emulated WAN links.
     #[cfg(feature = "bench-transport")]
     Transport(transport::Args),
+    /// ASS state sync on a real testnet: change propagation, convergence after a partition.
+    #[cfg(feature = "bench-statesync")]
+    Statesync(statesync::Args),
 }
 
 impl BenchCmd {
@@ -46,6 +51,8 @@ impl BenchCmd {
             Self::Encoding(a) => encoding::run(a),
             #[cfg(feature = "bench-transport")]
             Self::Transport(a) => transport::run(a),
+            #[cfg(feature = "bench-statesync")]
+            Self::Statesync(a) => statesync::run(a),
         }
     }
 }

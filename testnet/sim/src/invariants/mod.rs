@@ -2,6 +2,7 @@
 
 pub mod agreement;
 pub mod quarantine;
+pub mod reputation_agreement;
 pub mod validity;
 pub mod view_monotonic;
 

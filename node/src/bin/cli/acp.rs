@@ -1,0 +1,236 @@
+//! `dwcp-cli consensus ...` and `dwcp-cli reputation ...` (manual, sections 6 and 9.2).
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use dwcp_node::consensus::{QuarantineRequest, QuorumStatus, ReputationRow};
+use dwcp_protocol::{NodeId, api::NodeInfo};
+
+use super::{Api, Output, print_json, table};
+
+/// `consensus` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConsensusCmd {
+    /// The committee, the view, its primary and progress.
+    QuorumStatus,
+    /// One node's part in consensus: committee seat, primary or not, offences on record.
+    Analyze {
+        /// Node id, peer id or unique hex prefix.
+        #[arg(long)]
+        node: String,
+    },
+}
+
+/// Sort order of `reputation list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SortBy {
+    /// Lowest score first.
+    Score,
+    /// By node id.
+    Node,
+}
+
+/// `reputation` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ReputationCmd {
+    /// Scores of every node seen by consensus.
+    List {
+        /// Only nodes below this score.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// Sort order.
+        #[arg(long, value_enum, default_value_t = SortBy::Score)]
+        sort: SortBy,
+    },
+    /// One node's score, offences and quarantine votes.
+    Analyze {
+        /// Node id, peer id or unique hex prefix.
+        #[arg(long)]
+        node: String,
+    },
+    /// Submit a signed vote, through consensus, to quarantine a node. It takes effect when
+    /// f+1 distinct nodes voted (no single node can quarantine another).
+    Quarantine {
+        /// Node id, peer id or unique hex prefix.
+        #[arg(long)]
+        node: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+async fn resolve(api: &Api, node: &str) -> anyhow::Result<NodeId> {
+    if let Ok(id) = node.parse::<NodeId>() {
+        return Ok(id);
+    }
+    let info: NodeInfo = api
+        .get(&format!("/v1/nodes/{node}"))
+        .await
+        .with_context(|| format!("resolving node {node}"))?;
+    Ok(info.id)
+}
+
+fn status_word(r: &ReputationRow) -> &'static str {
+    if r.quarantined {
+        "quarantined"
+    } else if r.score < 0.5 {
+        "suspect"
+    } else {
+        "healthy"
+    }
+}
+
+pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> anyhow::Result<()> {
+    let s: QuorumStatus = api.get("/v1/consensus/status").await?;
+    match cmd {
+        ConsensusCmd::QuorumStatus => {
+            if out == Output::Json {
+                return print_json(&s);
+            }
+            println!(
+                "Committee epoch {}: n={} f={} quorum={} ({} replica here)",
+                s.epoch,
+                s.n,
+                s.f,
+                s.quorum,
+                if s.replica { "a" } else { "no" }
+            );
+            println!(
+                "View {} ({}), primary {}",
+                s.view,
+                if s.view_active { "active" } else { "changing" },
+                s.primary.map(|p| p.short()).unwrap_or_else(|| "-".into())
+            );
+            println!(
+                "Executed up to seq {}, stable checkpoint {}, {} requests pending; {} decisions and {} view changes since start",
+                s.last_executed,
+                s.stable_checkpoint,
+                s.pending_requests,
+                s.decisions,
+                s.view_changes
+            );
+            table(
+                &["MEMBER", "ROLE"],
+                s.members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            format!("{}{}", m.short(), if *m == s.node { "*" } else { "" }),
+                            if Some(*m) == s.primary {
+                                "primary".into()
+                            } else {
+                                "backup".into()
+                            },
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        ConsensusCmd::Analyze { node } => {
+            let id = resolve(api, &node).await?;
+            let r: ReputationRow = api.get(&format!("/v1/reputation/{id}")).await?;
+            let seat = s.members.iter().position(|m| *m == id);
+            if out == Output::Json {
+                return print_json(&serde_json::json!({
+                    "node": id, "committee_index": seat, "primary": s.primary == Some(id),
+                    "reputation": r,
+                }));
+            }
+            println!("Node {id}");
+            match seat {
+                Some(i) => println!(
+                    "Committee seat {i} of {}{}",
+                    s.n,
+                    if s.primary == Some(id) {
+                        ", primary of the current view"
+                    } else {
+                        ""
+                    }
+                ),
+                None => println!("Not in the committee (submits requests, votes on nothing)"),
+            }
+            println!("Score {:.2} ({})", r.score, status_word(&r));
+            if r.offences.is_empty() {
+                println!("No committed offences.");
+            }
+            for (kind, seq) in &r.offences {
+                println!("Offence {kind} committed at seq {seq}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn run_reputation(
+    api: &Api,
+    out: Output,
+    cmd: ReputationCmd,
+) -> anyhow::Result<()> {
+    match cmd {
+        ReputationCmd::List { threshold, sort } => {
+            let mut rows: Vec<ReputationRow> = api.get("/v1/reputation").await?;
+            if let Some(t) = threshold {
+                rows.retain(|r| r.score < t);
+            }
+            match sort {
+                SortBy::Score => rows.sort_by(|a, b| a.score.total_cmp(&b.score)),
+                SortBy::Node => rows.sort_by_key(|r| r.node),
+            }
+            match out {
+                Output::Json => return print_json(&rows),
+                Output::Id => {
+                    for r in &rows {
+                        println!("{}", r.node);
+                    }
+                }
+                Output::Table => table(
+                    &["NODE", "SCORE", "OFFENCES", "VOTES", "STATUS"],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.node.short(),
+                                format!("{:.2}", r.score),
+                                r.offences.len().to_string(),
+                                r.votes.len().to_string(),
+                                status_word(r).into(),
+                            ]
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        ReputationCmd::Analyze { node } => {
+            let id = resolve(api, &node).await?;
+            let r: ReputationRow = api.get(&format!("/v1/reputation/{id}")).await?;
+            if out == Output::Json {
+                return print_json(&r);
+            }
+            println!(
+                "Node {}: score {:.2} ({})",
+                r.node,
+                r.score,
+                status_word(&r)
+            );
+            for (kind, seq) in &r.offences {
+                println!("  offence {kind} (committed at seq {seq})");
+            }
+            for (voter, reason) in &r.votes {
+                println!("  quarantine vote by {}: {reason}", voter.short());
+            }
+        }
+        ReputationCmd::Quarantine { node, reason } => {
+            let id = resolve(api, &node).await?;
+            let body = serde_json::to_value(QuarantineRequest { node: id, reason })?;
+            let v: serde_json::Value = api.post("/v1/reputation/quarantine", Some(body)).await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            println!(
+                "quarantine vote for {} submitted to consensus (request nonce {}); it takes effect once f+1 nodes voted",
+                id.short(),
+                v["nonce"]
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1109 @@
+//! The node's driver of ACP: the PBFT engine (`dwcp-consensus`) and the reputation state
+//! machine (`dwcp-reputation`) on the real mesh, their metrics, and the local API of
+//! `dwcp-cli consensus ...` and `dwcp-cli reputation ...`.
+//!
+//! ```text
+//!  gossip dwcp/3/<cluster>/consensus ─┐                      ┌─> Broadcast: publish on the topic
+//!  /dwcp/consensus/3.0.0 (one-way) ───┼─> decode_verified ──>│   Send: request to one member
+//!  API: reputation quarantine ────────┘   Engine (pure) ─────┼─> Deliver: apply ops in order
+//!                                                            │     evidence -> reputation (pure)
+//!                                                            │     quarantine votes -> quorum rule
+//!                                                            └─> ReportPeer: evidence request
+//! ```
+//!
+//! **Committee.** The genesis committee comes from configuration (`acp.committee`, node ids,
+//! size 3f+1), like a chain's genesis file: every node must be given the same list; the testnet
+//! writes it. A node outside the committee runs no replica: it submits its requests to every
+//! member directly and learns nothing else yet. Epoch reconfiguration (joins and leaves through
+//! committed membership operations, `dwcp_consensus::committee::next_committee`) is not run by
+//! the node yet.
+//!
+//! **Operations** (the first byte of a request's `op`):
+//! * [`dwcp_reputation::EVIDENCE_OP_TAG`]: evidence of an offence the engine reported
+//!   (equivocation, a vote against a certificate), checked again by every replica when applied;
+//! * [`QUARANTINE_VOTE_TAG`]: an operator's signed request to quarantine a node
+//!   (`dwcp-cli reputation quarantine`). One node cannot quarantine another on its own: a node is
+//!   quarantined when votes from f+1 distinct nodes are committed (so at least one honest node
+//!   asked), or when its reputation falls below the threshold from committed evidence.
+//!
+//! Requests are applied with the batch time the primary assigned, the same on every replica,
+//! so every honest node computes the same scores.
+//!
+//! **Not done yet:** persistence of votes across restarts (a restarted replica should only
+//! vote from the next view on; today it starts a fresh engine at sequence 0 and catches up by
+//! `Fetch`), epoch reconfiguration, rewards from participation records, and writing quarantine
+//! records into the state document (they need the state-sync certificate verifier to check
+//! consensus certificates).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use dwcp_consensus::{
+    Command, Committee, ConsensusMsg, Engine, Input, Offence, Request, committee::CommitteeError,
+};
+use dwcp_net::{Client, GossipMessage, PeerId, Service, Validation};
+use dwcp_protocol::{
+    MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified, api::ApiError,
+};
+use dwcp_reputation::{EVIDENCE_OP_TAG, Evidence};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::{config::AcpSection, daemon::Shared};
+
+/// First byte of an operator's quarantine vote operation.
+pub const QUARANTINE_VOTE_TAG: u8 = 0xA1;
+/// Longest reason text in a quarantine vote.
+pub const MAX_REASON_LEN: usize = 256;
+const MAX_IN_FLIGHT: usize = 64;
+/// Decisions remembered for `consensus analyze` / `reputation analyze`.
+const MAX_HISTORY: usize = 256;
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An operator's vote to quarantine a node, carried as a request operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineVote {
+    /// The node to quarantine.
+    pub node: NodeId,
+    /// Why (free text, at most [`MAX_REASON_LEN`] bytes).
+    pub reason: String,
+}
+
+impl QuarantineVote {
+    /// `QUARANTINE_VOTE_TAG || CBOR`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![QUARANTINE_VOTE_TAG];
+        if ciborium::into_writer(self, &mut out).is_err() {
+            out.truncate(1);
+        }
+        out
+    }
+
+    /// Decodes and checks the reason's length.
+    pub fn decode(op: &[u8]) -> Result<Self, &'static str> {
+        let Some((&QUARANTINE_VOTE_TAG, mut body)) = op.split_first() else {
+            return Err("not a quarantine vote");
+        };
+        if body.len() > MAX_REASON_LEN + 128 {
+            return Err("quarantine vote too large");
+        }
+        let v: Self = ciborium::from_reader(&mut body).map_err(|_| "malformed quarantine vote")?;
+        if !body.is_empty() {
+            return Err("trailing bytes after a quarantine vote");
+        }
+        if v.reason.len() > MAX_REASON_LEN {
+            return Err("quarantine reason too long");
+        }
+        Ok(v)
+    }
+}
+
+/// The replicated state the committed operations build: reputation plus operator votes.
+/// Pure: applied in decision order with decision times, it is equal on every honest replica.
+#[derive(Debug)]
+pub struct AcpState {
+    reputation: dwcp_reputation::Engine,
+    /// node -> voters (and their reasons)
+    votes: BTreeMap<NodeId, BTreeMap<NodeId, String>>,
+    /// Nodes quarantined by f+1 operator votes.
+    voted_out: BTreeSet<NodeId>,
+    /// Offences applied per node (kind, decision seq).
+    offences: BTreeMap<NodeId, Vec<(String, u64)>>,
+}
+
+/// What applying one operation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Evidence was applied against a node.
+    Penalised(NodeId),
+    /// A vote was recorded; the node is quarantined when `quarantined`.
+    Vote {
+        /// The node voted on.
+        node: NodeId,
+        /// Distinct voters so far.
+        votes: usize,
+        /// Whether this vote reached f+1.
+        quarantined: bool,
+    },
+    /// Nothing (a repeat, or evidence that does not verify).
+    Nothing(String),
+}
+
+impl AcpState {
+    /// Fresh state with the manual's reputation rules.
+    pub fn new() -> Self {
+        Self {
+            reputation: dwcp_reputation::Engine::new(dwcp_reputation::Config::default()),
+            votes: BTreeMap::new(),
+            voted_out: BTreeSet::new(),
+            offences: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one committed operation from `client` at batch time `time`, decision `seq`.
+    pub fn apply(
+        &mut self,
+        time: Timestamp,
+        seq: u64,
+        committee: &Committee,
+        client: NodeId,
+        op: &[u8],
+    ) -> Applied {
+        self.reputation.on_time(time);
+        match op.first() {
+            Some(&EVIDENCE_OP_TAG) => match Evidence::decode(op) {
+                Ok(ev) => match self.reputation.on_evidence(time, committee, &ev) {
+                    Ok(Some(who)) => {
+                        let kind = match ev {
+                            Evidence::Equivocation { .. } => "equivocation",
+                            Evidence::ContradictsCertificate { .. } => "contradicts_certificate",
+                            Evidence::ClaimContradicted { .. } => "claim_contradicted",
+                        };
+                        self.offences
+                            .entry(who)
+                            .or_default()
+                            .push((kind.to_owned(), seq));
+                        Applied::Penalised(who)
+                    }
+                    Ok(None) => Applied::Nothing("offence already counted".into()),
+                    Err(e) => Applied::Nothing(format!("evidence refused: {e}")),
+                },
+                Err(e) => Applied::Nothing(format!("evidence refused: {e}")),
+            },
+            Some(&QUARANTINE_VOTE_TAG) => match QuarantineVote::decode(op) {
+                Ok(v) => {
+                    let voters = self.votes.entry(v.node).or_default();
+                    voters.entry(client).or_insert(v.reason);
+                    let n = voters.len();
+                    let quarantined = n > committee.f() && self.voted_out.insert(v.node);
+                    if quarantined {
+                        self.offences
+                            .entry(v.node)
+                            .or_default()
+                            .push(("operator_votes".to_owned(), seq));
+                    }
+                    Applied::Vote {
+                        node: v.node,
+                        votes: n,
+                        quarantined,
+                    }
+                }
+                Err(e) => Applied::Nothing(e.to_owned()),
+            },
+            _ => Applied::Nothing("unknown operation".into()),
+        }
+    }
+
+    /// Whether a node is quarantined (by reputation or by votes).
+    pub fn is_quarantined(&self, node: &NodeId) -> bool {
+        self.reputation.is_quarantined(node) || self.voted_out.contains(node)
+    }
+
+    /// A node's score in [0, 1].
+    pub fn score(&self, node: &NodeId) -> f64 {
+        self.reputation.score(node)
+    }
+
+    /// Reputation outputs since the last call.
+    pub fn poll_output(&mut self) -> Option<dwcp_reputation::Output> {
+        self.reputation.poll_output()
+    }
+}
+
+impl Default for AcpState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Inputs of the driver task.
+#[derive(Debug)]
+pub enum DriverInput {
+    /// A message from the consensus gossip topic (the driver reports the verdict).
+    Gossip(GossipMessage),
+    /// An envelope a peer sent directly.
+    Direct {
+        /// Sender.
+        peer: PeerId,
+        /// Envelope bytes.
+        data: Vec<u8>,
+    },
+    /// Submit an operation signed by this node; answers with its nonce.
+    Submit(Vec<u8>, oneshot::Sender<anyhow::Result<u64>>),
+    /// Status for the API.
+    Status(oneshot::Sender<QuorumStatus>),
+    /// Reputation table for the API.
+    Reputation(oneshot::Sender<Vec<ReputationRow>>),
+}
+
+/// `GET /v1/consensus/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuorumStatus {
+    /// This node.
+    pub node: NodeId,
+    /// Whether it runs a replica.
+    pub replica: bool,
+    /// Committee epoch.
+    pub epoch: u64,
+    /// Members.
+    pub members: Vec<NodeId>,
+    /// n, f and the quorum 2f+1.
+    pub n: usize,
+    /// Faults tolerated.
+    pub f: usize,
+    /// Quorum size.
+    pub quorum: usize,
+    /// Current view (replicas only).
+    pub view: u64,
+    /// Primary of the view.
+    pub primary: Option<NodeId>,
+    /// Whether the view is active (not changing).
+    pub view_active: bool,
+    /// Last executed sequence number.
+    pub last_executed: u64,
+    /// Stable checkpoint (low watermark).
+    pub stable_checkpoint: u64,
+    /// Requests waiting to be ordered.
+    pub pending_requests: usize,
+    /// Decisions applied since start.
+    pub decisions: u64,
+    /// View changes started since start.
+    pub view_changes: u64,
+    /// Recent decisions: (seq, view, requests, primary-assigned time ms).
+    pub recent: Vec<(u64, u64, usize, u64)>,
+}
+
+/// One row of `GET /v1/reputation`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReputationRow {
+    /// The node.
+    pub node: NodeId,
+    /// Score in [0, 1].
+    pub score: f64,
+    /// Whether it is quarantined.
+    pub quarantined: bool,
+    /// Offences applied (kind, decision seq).
+    pub offences: Vec<(String, u64)>,
+    /// Operator quarantine votes against it (voter, reason).
+    pub votes: Vec<(NodeId, String)>,
+}
+
+/// `POST /v1/reputation/quarantine` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRequest {
+    /// Node id (hex).
+    pub node: NodeId,
+    /// Reason.
+    pub reason: String,
+}
+
+/// The daemon's handle on the driver.
+#[derive(Debug, Clone)]
+pub struct Consensus {
+    tx: mpsc::Sender<DriverInput>,
+    quarantined: watch::Receiver<BTreeSet<NodeId>>,
+}
+
+impl Consensus {
+    /// Nodes quarantined by committed decisions (excluded from placement, disconnected).
+    pub fn quarantined(&self) -> BTreeSet<NodeId> {
+        self.quarantined.borrow().clone()
+    }
+
+    /// Whether a node is quarantined.
+    pub fn is_quarantined(&self, node: &NodeId) -> bool {
+        self.quarantined.borrow().contains(node)
+    }
+
+    /// Hands an input over without waiting; false when the queue is full.
+    pub fn offer(&self, i: DriverInput) -> bool {
+        self.tx.try_send(i).is_ok()
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> DriverInput,
+    ) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("the consensus driver has stopped"))?;
+        tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .context("the consensus driver did not answer within 10 s")?
+            .map_err(|_| anyhow::anyhow!("the consensus driver has stopped"))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AcpMetrics {
+    latency: Histogram,
+    view_changes: IntCounter,
+    quarantined: IntGauge,
+    score: IntGaugeVec,
+    decisions: IntCounter,
+    view: IntGauge,
+    committee: IntGauge,
+    dropped: IntCounter,
+}
+
+impl AcpMetrics {
+    fn new(r: &Registry) -> Result<Self, prometheus::Error> {
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "dwcp_consensus_latency_seconds",
+                "From submitting a request to its commit at the submitting node",
+            )
+            .buckets(vec![
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        r.register(Box::new(latency.clone()))?;
+        let c = |n: &str, h: &str| -> Result<IntCounter, prometheus::Error> {
+            let m = IntCounter::new(n, h)?;
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let g = |n: &str, h: &str| -> Result<IntGauge, prometheus::Error> {
+            let m = IntGauge::new(n, h)?;
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let score = IntGaugeVec::new(
+            Opts::new(
+                "dwcp_reputation_score",
+                "Reputation score per node, in units of 1e-4 (10000 = 1.0)",
+            ),
+            &["node"],
+        )?;
+        r.register(Box::new(score.clone()))?;
+        Ok(Self {
+            latency,
+            view_changes: c(
+                "dwcp_pbft_view_changes_total",
+                "View changes this replica started",
+            )?,
+            quarantined: g(
+                "dwcp_reputation_quarantined_nodes",
+                "Nodes quarantined by committed evidence or operator votes",
+            )?,
+            score,
+            decisions: c(
+                "dwcp_consensus_decisions_total",
+                "Committed batches applied by this node",
+            )?,
+            view: g("dwcp_pbft_view", "Current PBFT view of this replica")?,
+            committee: g(
+                "dwcp_consensus_committee_size",
+                "Members of the current committee (0: no committee configured)",
+            )?,
+            dropped: c(
+                "dwcp_consensus_messages_dropped_total",
+                "Consensus messages dropped: undecodable, bad signature, not from a member",
+            )?,
+        })
+    }
+}
+
+/// What the driver needs to start.
+#[derive(Debug)]
+pub struct AcpSetup<'a> {
+    /// `acp:` configuration.
+    pub cfg: &'a AcpSection,
+    /// Node key (signs votes and requests).
+    pub key: NodeKey,
+    /// The network.
+    pub client: Client,
+    /// Consensus gossip topic.
+    pub topic: String,
+    /// Metrics registry.
+    pub registry: &'a Registry,
+    /// Turns true at shutdown.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// The genesis committee of a configuration, or `None` when none is configured.
+pub fn genesis_committee(cfg: &AcpSection) -> anyhow::Result<Option<Committee>> {
+    if cfg.committee.is_empty() {
+        return Ok(None);
+    }
+    let mut ids = Vec::new();
+    for s in &cfg.committee {
+        ids.push(
+            s.parse::<NodeId>()
+                .map_err(|e| anyhow::anyhow!("acp.committee: `{s}` is not a node id: {e}"))?,
+        );
+    }
+    Committee::new(0, ids)
+        .map(Some)
+        .map_err(|e: CommitteeError| anyhow::anyhow!("acp.committee: {e}"))
+}
+
+struct Driver {
+    me: NodeId,
+    key: NodeKey,
+    engine: Option<Engine>,
+    committee: Committee,
+    state: AcpState,
+    client: Client,
+    topic: String,
+    in_flight: Arc<Semaphore>,
+    metrics: AcpMetrics,
+    next_nonce: u64,
+    /// nonce -> submitted at
+    submitted: BTreeMap<u64, Instant>,
+    /// Offenders with an evidence request in flight.
+    evidence_pending: BTreeSet<NodeId>,
+    decisions: u64,
+    view_changes: u64,
+    recent: std::collections::VecDeque<(u64, u64, usize, u64)>,
+    quarantined: watch::Sender<BTreeSet<NodeId>>,
+}
+
+/// Starts the driver when a committee is configured; `Ok(None)` otherwise.
+pub fn spawn(
+    setup: AcpSetup<'_>,
+) -> anyhow::Result<Option<(Consensus, tokio::task::JoinHandle<()>)>> {
+    let AcpSetup {
+        cfg,
+        key,
+        client,
+        topic,
+        registry,
+        stop,
+    } = setup;
+    let metrics = AcpMetrics::new(registry)?;
+    let Some(committee) = genesis_committee(cfg)? else {
+        info!("no consensus committee configured (acp.committee): consensus is off");
+        return Ok(None);
+    };
+    metrics.committee.set(committee.n() as i64);
+    let me = key.node_id();
+    let ecfg = dwcp_consensus::Config {
+        checkpoint_interval: cfg.pbft.checkpoint_interval,
+        log_window: 2 * cfg.pbft.checkpoint_interval,
+        view_change_timeout_ms: cfg.pbft.view_change_timeout.as_millis() as u64,
+        ..dwcp_consensus::Config::default()
+    }
+    .validate()?;
+    let engine = if committee.contains(&me) {
+        Some(Engine::new(ecfg, key.clone(), committee.clone())?)
+    } else {
+        None
+    };
+    info!(
+        n = committee.n(),
+        f = committee.f(),
+        replica = engine.is_some(),
+        "consensus committee loaded"
+    );
+    let (tx, rx) = mpsc::channel(1024);
+    let (q_tx, q_rx) = watch::channel(BTreeSet::new());
+    let d = Driver {
+        me,
+        key,
+        engine,
+        committee,
+        state: AcpState::new(),
+        client,
+        topic,
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        metrics,
+        // Nonces grow across restarts: the wall clock in ms.
+        next_nonce: wall_ms(),
+        submitted: BTreeMap::new(),
+        evidence_pending: BTreeSet::new(),
+        decisions: 0,
+        view_changes: 0,
+        recent: std::collections::VecDeque::new(),
+        quarantined: q_tx,
+    };
+    let task = tokio::spawn(d.run(rx, stop));
+    Ok(Some((
+        Consensus {
+            tx,
+            quarantined: q_rx,
+        },
+        task,
+    )))
+}
+
+enum Decoded {
+    Msg(Verified<ConsensusMsg>),
+    Req(Verified<Request>),
+}
+
+fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+    let env = SignedEnvelope::decode(bytes).map_err(|e| e.to_string())?;
+    match env.kind() {
+        MessageKind::Consensus => env
+            .verify::<ConsensusMsg>()
+            .map(Decoded::Msg)
+            .map_err(|e| e.to_string()),
+        MessageKind::ConsensusRequest => env
+            .verify::<Request>()
+            .map(Decoded::Req)
+            .map_err(|e| e.to_string()),
+        k => Err(format!("unexpected kind {k:?} on the consensus path")),
+    }
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<DriverInput>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let wake = self
+                .engine
+                .as_ref()
+                .and_then(|e| e.poll_timeout())
+                .map(|t| {
+                    tokio::time::Instant::now()
+                        + Duration::from_millis(t.as_millis().saturating_sub(wall_ms()))
+                });
+            let timer = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                r = stop.changed() => {
+                    if r.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                i = rx.recv() => match i {
+                    Some(i) => self.on_input(i).await,
+                    None => break,
+                },
+                () = timer => {
+                    if let Some(e) = self.engine.as_mut() {
+                        e.handle_timeout(Timestamp(wall_ms()));
+                    }
+                }
+            }
+            self.drain().await;
+            if let Some(e) = &self.engine {
+                self.metrics.view.set(e.view() as i64);
+            }
+        }
+        debug!("consensus driver stopped");
+    }
+
+    fn feed(&mut self, d: Decoded) -> Result<(), &'static str> {
+        let now = Timestamp(wall_ms());
+        match d {
+            Decoded::Msg(m) => {
+                if !self.committee.contains(&m.signer()) {
+                    return Err("not_member");
+                }
+                if let Some(e) = self.engine.as_mut() {
+                    e.handle(now, Input::Message(m));
+                }
+                Ok(())
+            }
+            Decoded::Req(r) => {
+                if let Some(e) = self.engine.as_mut() {
+                    e.handle(now, Input::Request(r));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_input(&mut self, i: DriverInput) {
+        match i {
+            DriverInput::Gossip(m) => {
+                let verdict = match decode(&m.data) {
+                    Ok(d) => match self.feed(d) {
+                        Ok(()) => Validation::Accept,
+                        Err(_) => Validation::Ignore,
+                    },
+                    Err(e) => {
+                        self.metrics.dropped.inc();
+                        debug!(error = %e, "dropped a consensus gossip message");
+                        Validation::Reject
+                    }
+                };
+                let _ = self.client.report_validation(&m, verdict).await;
+            }
+            DriverInput::Direct { peer, data } => match decode(&data) {
+                Ok(d) => {
+                    if self.feed(d).is_err() {
+                        self.metrics.dropped.inc();
+                    }
+                }
+                Err(e) => {
+                    self.metrics.dropped.inc();
+                    debug!(%peer, error = %e, "dropped a direct consensus message");
+                }
+            },
+            DriverInput::Submit(op, reply) => {
+                let _ = reply.send(self.submit(op));
+            }
+            DriverInput::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            DriverInput::Reputation(reply) => {
+                let _ = reply.send(self.reputation_rows());
+            }
+        }
+    }
+
+    fn submit(&mut self, op: Vec<u8>) -> anyhow::Result<u64> {
+        self.next_nonce = self.next_nonce.max(wall_ms()) + 1;
+        let nonce = self.next_nonce;
+        let req = Verified::sign(&self.key, Request { nonce, op })?;
+        let bytes = req.envelope().encode();
+        self.submitted.insert(nonce, Instant::now());
+        if self.submitted.len() > 4096
+            && let Some(&oldest) = self.submitted.keys().next()
+        {
+            self.submitted.remove(&oldest);
+        }
+        if let Some(e) = self.engine.as_mut() {
+            e.handle(Timestamp(wall_ms()), Input::Request(req));
+        }
+        // Every member gets it (the engine deduplicates by (client, nonce)), so a silent or
+        // faulty primary cannot drop it: backups relay it and start their timers.
+        let members: Vec<NodeId> = self
+            .committee
+            .members()
+            .iter()
+            .copied()
+            .filter(|m| *m != self.me)
+            .collect();
+        for m in members {
+            self.send(m, bytes.clone());
+        }
+        Ok(nonce)
+    }
+
+    fn send(&self, to: NodeId, bytes: Vec<u8>) {
+        let Ok(pid) = to.to_peer_id() else { return };
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            debug!(to = %to.short(), "too many consensus sends in flight; dropped (the engine retries)");
+            return;
+        };
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.request(pid, Service::Consensus, bytes).await {
+                debug!(error = %e, "consensus send failed (the engine retries on its timers)");
+            }
+            drop(permit);
+        });
+    }
+
+    async fn drain(&mut self) {
+        while let Some(c) = self.engine.as_mut().and_then(|e| e.poll_command()) {
+            match c {
+                Command::Broadcast(env) => {
+                    if let Err(e) = self.client.publish(&self.topic, env.encode()).await {
+                        debug!(error = %e, "publishing a consensus message failed");
+                        // Gossip needs mesh peers; fall back to direct sends.
+                        for m in self.committee.members().to_vec() {
+                            if m != self.me {
+                                self.send(m, env.encode());
+                            }
+                        }
+                    }
+                }
+                Command::Send { to, envelope } => self.send(to, envelope.encode()),
+                Command::Deliver(d) => self.apply(*d),
+                Command::ReportPeer { peer, offence } => self.on_offence(peer, offence),
+                Command::ViewChangeStarted { view } => {
+                    self.view_changes += 1;
+                    self.metrics.view_changes.inc();
+                    info!(view, "view change started");
+                }
+                Command::NewViewInstalled { view, primary } => {
+                    info!(view, primary = %primary.short(), "new view installed");
+                }
+                Command::StableCheckpoint { seq, .. } => debug!(seq, "stable checkpoint"),
+            }
+        }
+    }
+
+    fn on_offence(&mut self, peer: NodeId, offence: Offence) {
+        let ev = match offence {
+            Offence::Equivocation { first, second } => Evidence::Equivocation { first, second },
+            Offence::ContradictsCertificate { vote, proof } => Evidence::ContradictsCertificate {
+                vote,
+                proof: *proof,
+            },
+            Offence::Invalid(why) => {
+                warn!(peer = %peer.short(), why, "invalid consensus message from a member");
+                return;
+            }
+        };
+        warn!(peer = %peer.short(), "misbehaviour seen; submitting the evidence");
+        if self.evidence_pending.insert(peer)
+            && let Err(e) = self.submit(ev.encode())
+        {
+            warn!(error = %e, "submitting evidence failed");
+            self.evidence_pending.remove(&peer);
+        }
+    }
+
+    fn apply(&mut self, d: dwcp_consensus::Decision) {
+        self.decisions += 1;
+        self.metrics.decisions.inc();
+        for r in &d.requests {
+            let client = r.signer();
+            if client == self.me
+                && let Some(at) = self.submitted.remove(&r.nonce)
+            {
+                self.metrics.latency.observe(at.elapsed().as_secs_f64());
+            }
+            let out = self
+                .state
+                .apply(d.time, d.seq, &self.committee, client, &r.op);
+            match &out {
+                Applied::Penalised(who) => {
+                    self.evidence_pending.remove(who);
+                    info!(node = %who.short(), seq = d.seq, "committed evidence applied")
+                }
+                Applied::Vote {
+                    node,
+                    votes,
+                    quarantined,
+                } => info!(node = %node.short(), votes, quarantined, "committed quarantine vote"),
+                Applied::Nothing(why) => debug!(why, "committed operation changed nothing"),
+            }
+        }
+        while let Some(o) = self.state.poll_output() {
+            match o {
+                dwcp_reputation::Output::Quarantined { node, score } => {
+                    warn!(node = %node.short(), score, "node quarantined")
+                }
+                dwcp_reputation::Output::Released { node } => {
+                    info!(node = %node.short(), "node released from quarantine")
+                }
+                dwcp_reputation::Output::Penalised { .. } => {}
+            }
+        }
+        self.refresh_reputation_metrics();
+        self.publish_quarantine();
+        self.recent
+            .push_back((d.seq, d.view, d.requests.len(), d.time.as_millis()));
+        while self.recent.len() > MAX_HISTORY.min(32) {
+            self.recent.pop_front();
+        }
+    }
+
+    fn known_nodes(&self) -> BTreeSet<NodeId> {
+        let mut s: BTreeSet<NodeId> = self.committee.members().iter().copied().collect();
+        s.extend(self.state.offences.keys().copied());
+        s.extend(self.state.votes.keys().copied());
+        s
+    }
+
+    /// Shares the quarantined set with the daemon (placement, peer manager) and closes the
+    /// connections of newly quarantined nodes.
+    fn publish_quarantine(&self) {
+        let now: BTreeSet<NodeId> = self
+            .known_nodes()
+            .into_iter()
+            .filter(|n| self.state.is_quarantined(n))
+            .collect();
+        let before = self.quarantined.borrow().clone();
+        for n in now.difference(&before) {
+            if *n != self.me
+                && let Ok(pid) = n.to_peer_id()
+            {
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let _ = client.disconnect(pid).await;
+                });
+            }
+        }
+        if now != before {
+            self.quarantined.send_replace(now);
+        }
+    }
+
+    fn refresh_reputation_metrics(&self) {
+        let nodes = self.known_nodes();
+        let mut q = 0;
+        for n in &nodes {
+            if self.state.is_quarantined(n) {
+                q += 1;
+            }
+            self.metrics
+                .score
+                .with_label_values(&[&n.short()])
+                .set((self.state.score(n) * 10_000.0).round() as i64);
+        }
+        self.metrics.quarantined.set(q);
+    }
+
+    fn status(&self) -> QuorumStatus {
+        let c = &self.committee;
+        let e = self.engine.as_ref();
+        QuorumStatus {
+            node: self.me,
+            replica: e.is_some(),
+            epoch: c.epoch(),
+            members: c.members().to_vec(),
+            n: c.n(),
+            f: c.f(),
+            quorum: c.quorum(),
+            view: e.map(|e| e.view()).unwrap_or(0),
+            primary: e.map(|e| e.primary()),
+            view_active: e.is_some_and(|e| e.is_view_active()),
+            last_executed: e.map(|e| e.last_executed()).unwrap_or(0),
+            stable_checkpoint: e.map(|e| e.low_watermark()).unwrap_or(0),
+            pending_requests: e.map(|e| e.pending_requests()).unwrap_or(0),
+            decisions: self.decisions,
+            view_changes: self.view_changes,
+            recent: self.recent.iter().copied().collect(),
+        }
+    }
+
+    fn reputation_rows(&self) -> Vec<ReputationRow> {
+        self.known_nodes()
+            .into_iter()
+            .map(|n| ReputationRow {
+                node: n,
+                score: self.state.score(&n),
+                quarantined: self.state.is_quarantined(&n),
+                offences: self.state.offences.get(&n).cloned().unwrap_or_default(),
+                votes: self
+                    .state
+                    .votes
+                    .get(&n)
+                    .map(|v| v.iter().map(|(k, r)| (*k, r.clone())).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// Local API routes of consensus and reputation.
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/consensus/status", get(api_status))
+        .route("/v1/reputation", get(api_reputation))
+        .route("/v1/reputation/{node}", get(api_reputation_node))
+        .route("/v1/reputation/quarantine", post(api_quarantine))
+}
+
+fn fail(code: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (
+        code,
+        Json(ApiError {
+            error: msg.to_string(),
+        }),
+    )
+        .into_response()
+}
+
+fn off() -> Response {
+    fail(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "consensus is off on this node: no committee configured (acp.committee)",
+    )
+}
+
+async fn api_status(State(s): State<Arc<Shared>>) -> Response {
+    let Some(c) = s.consensus() else { return off() };
+    match c.ask(DriverInput::Status).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_reputation(State(s): State<Arc<Shared>>) -> Response {
+    let Some(c) = s.consensus() else { return off() };
+    match c.ask(DriverInput::Reputation).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_reputation_node(State(s): State<Arc<Shared>>, Path(node): Path<String>) -> Response {
+    let Some(c) = s.consensus() else { return off() };
+    let Ok(row) = node.parse::<NodeId>() else {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            format!("`{node}` is not a node id (resolve prefixes with GET /v1/nodes/{{id}})"),
+        );
+    };
+    match c.ask(DriverInput::Reputation).await {
+        Ok(rows) => {
+            let r = rows
+                .into_iter()
+                .find(|r| r.node == row)
+                .unwrap_or(ReputationRow {
+                    node: row,
+                    score: 1.0,
+                    quarantined: false,
+                    offences: Vec::new(),
+                    votes: Vec::new(),
+                });
+            Json(r).into_response()
+        }
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_quarantine(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<QuarantineRequest>,
+) -> Response {
+    let Some(c) = s.consensus() else { return off() };
+    if req.reason.is_empty() || req.reason.len() > MAX_REASON_LEN {
+        return fail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the reason must be 1 to {MAX_REASON_LEN} bytes"),
+        );
+    }
+    let op = QuarantineVote {
+        node: req.node,
+        reason: req.reason,
+    }
+    .encode();
+    match c.ask(|r| DriverInput::Submit(op, r)).await {
+        Ok(Ok(nonce)) => {
+            Json(serde_json::json!({ "submitted": true, "nonce": nonce })).into_response()
+        }
+        Ok(Err(e)) | Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: u8) -> Vec<NodeKey> {
+        (1..=n)
+            .map(|i| NodeKey::from_secret_bytes([i; 32]))
+            .collect()
+    }
+
+    #[test]
+    fn quarantine_votes_need_f_plus_one_distinct_voters() {
+        let keys = ids(4);
+        let committee = Committee::new(0, keys.iter().map(|k| k.node_id()).collect()).unwrap();
+        assert_eq!(committee.f(), 1);
+        let victim = keys[3].node_id();
+        let op = QuarantineVote {
+            node: victim,
+            reason: "vote_manipulation".into(),
+        }
+        .encode();
+        let mut s = AcpState::new();
+        let t = Timestamp(1_000);
+        // One voter, even repeating itself, is not enough.
+        for seq in 1..=3 {
+            let a = s.apply(t, seq, &committee, keys[0].node_id(), &op);
+            assert!(
+                matches!(
+                    a,
+                    Applied::Vote {
+                        votes: 1,
+                        quarantined: false,
+                        ..
+                    }
+                ),
+                "{a:?}"
+            );
+        }
+        assert!(!s.is_quarantined(&victim));
+        let a = s.apply(t, 4, &committee, keys[1].node_id(), &op);
+        assert!(
+            matches!(
+                a,
+                Applied::Vote {
+                    votes: 2,
+                    quarantined: true,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        assert!(s.is_quarantined(&victim));
+    }
+
+    #[test]
+    fn malformed_operations_change_nothing() {
+        let keys = ids(4);
+        let committee = Committee::new(0, keys.iter().map(|k| k.node_id()).collect()).unwrap();
+        let mut s = AcpState::new();
+        for op in [
+            vec![],
+            vec![0x00, 1, 2],
+            vec![QUARANTINE_VOTE_TAG, 0xff, 0xff],
+            vec![EVIDENCE_OP_TAG, 0xa0],
+        ] {
+            let a = s.apply(Timestamp(1), 1, &committee, keys[0].node_id(), &op);
+            assert!(matches!(a, Applied::Nothing(_)), "{op:?}: {a:?}");
+        }
+        let long = QuarantineVote {
+            node: keys[1].node_id(),
+            reason: "x".repeat(MAX_REASON_LEN + 1),
+        }
+        .encode();
+        assert!(QuarantineVote::decode(&long).is_err());
+        assert!(keys.iter().all(|k| !s.is_quarantined(&k.node_id())));
+    }
+
+    #[test]
+    fn equal_committed_inputs_give_equal_state_on_every_replica() {
+        let keys = ids(4);
+        let committee = Committee::new(0, keys.iter().map(|k| k.node_id()).collect()).unwrap();
+        let ops: Vec<(NodeId, Vec<u8>)> = (0..3)
+            .map(|i| {
+                (
+                    keys[i].node_id(),
+                    QuarantineVote {
+                        node: keys[3].node_id(),
+                        reason: format!("r{i}"),
+                    }
+                    .encode(),
+                )
+            })
+            .collect();
+        let run = || {
+            let mut s = AcpState::new();
+            for (i, (c, op)) in ops.iter().enumerate() {
+                s.apply(Timestamp(10 * i as u64), i as u64, &committee, *c, op);
+            }
+            keys.iter()
+                .map(|k| (s.score(&k.node_id()), s.is_quarantined(&k.node_id())))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn a_configured_committee_must_parse() {
+        let mut cfg = AcpSection::default();
+        assert!(genesis_committee(&cfg).unwrap().is_none());
+        cfg.committee = vec!["not-a-node-id".into()];
+        assert!(genesis_committee(&cfg).is_err());
+        cfg.committee = ids(4).iter().map(|k| k.node_id().to_string()).collect();
+        let c = genesis_committee(&cfg).unwrap().unwrap();
+        assert_eq!((c.n(), c.f(), c.quorum()), (4, 1, 3));
+    }
+}

@@ -1,0 +1,1028 @@
+//! The node's driver of the ASS state-sync engine (`dwcp-statesync`): the cluster document in
+//! sled, Automerge sync over the mesh, metrics, and the local API of `dwcp-cli state-sync` and
+//! `dwcp-cli gossip status`.
+//!
+//! ```text
+//!  daemon ── Input (bounded) ──> driver task ── owns ──> Engine<NoCommitteeYet> (pure)
+//!   │  frames from /dwcp/sync/3.0.0                 │        │ poll_command()
+//!   │  nudges from gossip topic .../statesync       │        v
+//!   │  peer up/down, own announcement/heartbeat     │   Send  -> Client::request(peer, Sync)
+//!   │                                               │   Publish -> gossipsub nudge
+//!   └─ API handlers ── Query (oneshot) ────────────>│   ReportPeer -> log + metric (reputation later)
+//!                                                   └─ sled tree "statesync": save() every
+//!                                                      persist_interval when heads moved, and at stop
+//! ```
+//!
+//! On the wire (service `Sync`) the first byte says what follows: `0` an engine frame (one-way;
+//! the answer is an empty acknowledgement, anything else counts as a failed send), `1` a
+//! checksum query (the answer is [`encode_checksum`]'s bytes). Frames are accepted only from
+//! peers whose signed announcement we hold, and at most [`PEER_BYTES_PER_SEC`] per peer per
+//! second: the engine checks every change's signature and ownership, which costs CPU a
+//! stranger must not be able to spend.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use dwcp_net::{Client, GossipMessage, PeerId, ReplyHandle, Service, Validation};
+use dwcp_protocol::{
+    HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey, Timestamp,
+    api::{
+        ApiError, ForceSyncRequest, GossipStatus, SyncChecksum, SyncLagRow, SyncLagStatus,
+        SyncSessionRow, SyncVerdict, SyncVerifyReport, SyncVerifyRow,
+    },
+};
+use dwcp_statesync::{
+    CertError, CertificateVerifier, ChangeHash, ClusterDoc, Command, Config, Engine, Offence,
+    QuarantineDecision, VmDecision,
+};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::{config::AssSection, daemon::Shared};
+
+/// Tag of an engine frame on the sync service.
+const TAG_FRAME: u8 = 0;
+/// Tag of a checksum query on the sync service.
+const TAG_CHECKSUM: u8 = 1;
+/// The sled key of the saved document.
+const DOC_KEY: &[u8] = b"doc";
+/// Sync bytes accepted from one peer per second (burst: twice that).
+pub const PEER_BYTES_PER_SEC: u64 = 4 * 1024 * 1024;
+/// Outbound sync requests in flight at once.
+const MAX_IN_FLIGHT: usize = 64;
+/// Most heads carried in a checksum answer.
+const MAX_HEADS: usize = 64;
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Verifies commit certificates of VM and quarantine records. Consensus is not wired into the
+/// node yet, so no committee is known and every certified record is refused: the document
+/// holds node entries only. (The simulator and tests use `dwcp-statesync`'s fake committee.)
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoCommitteeYet;
+
+impl CertificateVerifier for NoCommitteeYet {
+    fn verify_vm(&self, _: &[u8]) -> Result<VmDecision, CertError> {
+        Err(CertError::NoQuorum)
+    }
+    fn verify_quarantine(&self, _: &[u8]) -> Result<QuarantineDecision, CertError> {
+        Err(CertError::NoQuorum)
+    }
+}
+
+/// What the daemon and the API hand to the driver.
+#[derive(Debug)]
+pub enum Input {
+    /// An engine frame a member sent us (already acknowledged).
+    Frame {
+        /// Sender.
+        peer: NodeId,
+        /// Frame bytes without the tag.
+        data: Vec<u8>,
+    },
+    /// A nudge from the gossip topic; the driver reports the validation verdict.
+    Nudge(GossipMessage),
+    /// A member is connected: start a session.
+    Connected(NodeId),
+    /// A member's last connection closed.
+    Disconnected(NodeId),
+    /// Sending to a peer failed.
+    SendFailed(NodeId),
+    /// Our own new announcement.
+    Announcement(NodeAnnouncement),
+    /// Our own heartbeat.
+    Heartbeat(Heartbeat),
+    /// An API query.
+    Query(Query),
+}
+
+/// Questions the API asks the driver.
+#[derive(Debug)]
+pub enum Query {
+    /// Lag table and counters.
+    Lag(oneshot::Sender<SyncLagStatus>),
+    /// Our checksum.
+    Checksum(oneshot::Sender<SyncChecksum>),
+    /// Our checksum as the wire answer of a checksum query.
+    ChecksumBytes(oneshot::Sender<Vec<u8>>),
+    /// Plain Automerge bytes of the document.
+    Export(oneshot::Sender<Vec<u8>>),
+    /// Start sessions now with these peers (all connected when empty); answers how many.
+    ForceSync(Vec<NodeId>, oneshot::Sender<usize>),
+    /// Sessions for `gossip status`.
+    Sessions(oneshot::Sender<(Vec<SyncSessionRow>, usize, u64)>),
+}
+
+/// The daemon's handle on the driver.
+#[derive(Debug, Clone)]
+pub struct StateSync {
+    tx: mpsc::Sender<Input>,
+    budget: Arc<Mutex<PeerBudget>>,
+    frames_refused: IntCounterVec,
+}
+
+impl StateSync {
+    /// Hands an input to the driver without waiting; false when its queue is full (the
+    /// input is dropped: sessions recover through anti-entropy).
+    pub fn offer(&self, input: Input) -> bool {
+        self.tx.try_send(input).is_ok()
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Query) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Query(make(tx)))
+            .await
+            .map_err(|_| anyhow::anyhow!("the state-sync driver has stopped"))?;
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .context("the state-sync driver did not answer within 30 s")?
+            .map_err(|_| anyhow::anyhow!("the state-sync driver has stopped"))
+    }
+}
+
+/// Encodes a checksum answer: epoch (u64 BE), checksum (32), head count (u16 BE), heads (32 each).
+pub fn encode_checksum(epoch: u64, checksum: &[u8; 32], heads: &[ChangeHash]) -> Vec<u8> {
+    let heads = &heads[..heads.len().min(MAX_HEADS)];
+    let mut out = Vec::with_capacity(8 + 32 + 2 + 32 * heads.len());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(checksum);
+    out.extend_from_slice(&(heads.len() as u16).to_be_bytes());
+    for h in heads {
+        out.extend_from_slice(&h.0);
+    }
+    out
+}
+
+/// Decodes [`encode_checksum`]'s bytes, refusing anything malformed.
+pub fn decode_checksum(node: NodeId, b: &[u8]) -> Result<SyncChecksum, &'static str> {
+    if b.len() < 42 {
+        return Err("checksum answer too short");
+    }
+    let epoch = u64::from_be_bytes(b[..8].try_into().map_err(|_| "epoch")?);
+    let checksum = hex::encode(&b[8..40]);
+    let n = usize::from(u16::from_be_bytes([b[40], b[41]]));
+    if n > MAX_HEADS || b.len() != 42 + 32 * n {
+        return Err("checksum answer has a bad head count");
+    }
+    let heads = b[42..].chunks_exact(32).map(hex::encode).collect();
+    Ok(SyncChecksum {
+        node,
+        epoch,
+        checksum,
+        heads,
+    })
+}
+
+fn hex_heads(heads: &[ChangeHash]) -> Vec<String> {
+    heads.iter().map(|h| hex::encode(h.0)).collect()
+}
+
+/// The sync metrics (manual 4.2: `dwcp_state_sync_lag_seconds`).
+#[derive(Debug, Clone)]
+struct SyncMetrics {
+    lag: IntGaugeVec,
+    max_lag: IntGauge,
+    conflicts: IntGaugeVec,
+    nodes: IntGauge,
+    frames_sent: IntCounter,
+    bytes_sent: IntCounter,
+    frames_received: IntCounter,
+    bytes_received: IntCounter,
+    changes_applied: IntCounter,
+    changes_rejected: IntCounter,
+    session_resets: IntCounter,
+    peers_reported: IntCounterVec,
+    frames_refused: IntCounterVec,
+    doc_bytes: IntGauge,
+    last: dwcp_statesync::SyncStats,
+}
+
+impl SyncMetrics {
+    fn new(r: &Registry) -> Result<Self, prometheus::Error> {
+        let g = |n: &str, h: &str| -> Result<IntGauge, prometheus::Error> {
+            let m = IntGauge::new(n, h)?;
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let gv = |n: &str, h: &str, l: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let m = IntGaugeVec::new(Opts::new(n, h), l)?;
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let c = |n: &str, h: &str| -> Result<IntCounter, prometheus::Error> {
+            let m = IntCounter::new(n, h)?;
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let cv = |n: &str, h: &str, l: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let m = IntCounterVec::new(Opts::new(n, h), l)?;
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        Ok(Self {
+            lag: gv(
+                "dwcp_state_sync_lag_seconds",
+                "Age of this node's view of each node: now minus that node's newest heartbeat in the cluster document",
+                &["node"],
+            )?,
+            max_lag: g(
+                "dwcp_state_sync_max_lag_seconds",
+                "Largest dwcp_state_sync_lag_seconds over all nodes",
+            )?,
+            conflicts: gv(
+                "dwcp_state_sync_conflicts",
+                "Keys of the cluster document with concurrent values, by kind",
+                &["kind"],
+            )?,
+            nodes: g(
+                "dwcp_state_sync_nodes",
+                "Node entries in the cluster document",
+            )?,
+            frames_sent: c(
+                "dwcp_state_sync_frames_sent_total",
+                "Sync frames and nudges sent",
+            )?,
+            bytes_sent: c(
+                "dwcp_state_sync_bytes_sent_total",
+                "Bytes of sync frames and nudges sent",
+            )?,
+            frames_received: c(
+                "dwcp_state_sync_frames_received_total",
+                "Sync frames and nudges received",
+            )?,
+            bytes_received: c(
+                "dwcp_state_sync_bytes_received_total",
+                "Bytes of sync frames and nudges received",
+            )?,
+            changes_applied: c(
+                "dwcp_state_sync_changes_applied_total",
+                "Changes from the network that passed validation and were applied",
+            )?,
+            changes_rejected: c(
+                "dwcp_state_sync_changes_rejected_total",
+                "Changes from the network refused by signature or ownership checks",
+            )?,
+            session_resets: c(
+                "dwcp_state_sync_session_resets_total",
+                "Sync sessions reset (reconnect, failed send, overdue reply)",
+            )?,
+            peers_reported: cv(
+                "dwcp_state_sync_peers_reported_total",
+                "Peers reported for sending malformed frames or refused changes",
+                &["offence"],
+            )?,
+            frames_refused: cv(
+                "dwcp_state_sync_frames_refused_total",
+                "Inbound sync frames dropped before the engine: from non-members, over the per-peer rate, queue full, malformed",
+                &["reason"],
+            )?,
+            doc_bytes: g(
+                "dwcp_state_sync_document_bytes",
+                "Size of the saved cluster document (history and signatures)",
+            )?,
+            last: dwcp_statesync::SyncStats::default(),
+        })
+    }
+
+    fn update(&mut self, now: Timestamp, doc: &ClusterDoc, s: dwcp_statesync::SyncStats) {
+        let lag = doc.lag(now);
+        self.lag.reset();
+        let mut max = 0;
+        for (id, l) in &lag {
+            if let Some(ms) = l {
+                let secs = (ms / 1000) as i64;
+                max = max.max(secs);
+                self.lag.with_label_values(&[&id.short()]).set(secs);
+            }
+        }
+        self.max_lag.set(max);
+        self.nodes.set(lag.len() as i64);
+        let c = doc.conflicts();
+        for (k, v) in [
+            ("nodes", c.nodes),
+            ("vms", c.vms),
+            ("quarantine", c.quarantine),
+        ] {
+            self.conflicts.with_label_values(&[k]).set(v as i64);
+        }
+        let inc = |m: &IntCounter, new: u64, old: u64| m.inc_by(new.saturating_sub(old));
+        let o = self.last;
+        inc(&self.frames_sent, s.frames_sent, o.frames_sent);
+        inc(&self.bytes_sent, s.bytes_sent, o.bytes_sent);
+        inc(&self.frames_received, s.frames_received, o.frames_received);
+        inc(&self.bytes_received, s.bytes_received, o.bytes_received);
+        inc(&self.changes_applied, s.changes_applied, o.changes_applied);
+        inc(
+            &self.changes_rejected,
+            s.changes_rejected,
+            o.changes_rejected,
+        );
+        inc(&self.session_resets, s.session_resets, o.session_resets);
+        self.last = s;
+    }
+}
+
+/// A token bucket per peer, refilled from the monotonic clock.
+#[derive(Debug, Default)]
+struct PeerBudget {
+    buckets: BTreeMap<NodeId, (f64, Instant)>,
+}
+
+impl PeerBudget {
+    fn admit(&mut self, peer: NodeId, bytes: usize, now: Instant) -> bool {
+        let cap = 2.0 * PEER_BYTES_PER_SEC as f64;
+        let (tokens, at) = self.buckets.entry(peer).or_insert((cap, now));
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * PEER_BYTES_PER_SEC as f64).min(cap);
+        *at = now;
+        if *tokens >= bytes as f64 {
+            *tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Driver {
+    engine: Engine<NoCommitteeYet>,
+    client: Client,
+    topic: String,
+    tree: sled::Tree,
+    tx: mpsc::Sender<Input>,
+    in_flight: Arc<Semaphore>,
+    metrics: SyncMetrics,
+    saved_heads: Vec<ChangeHash>,
+    last_hb_write: Option<Instant>,
+    last_hb_status: Option<HealthStatus>,
+    max_staleness: Duration,
+}
+
+/// What the driver needs to start.
+#[derive(Debug)]
+pub struct SyncSetup<'a> {
+    /// `ass:` configuration.
+    pub cfg: &'a AssSection,
+    /// The node key (actor id and change signatures).
+    pub key: NodeKey,
+    /// Cluster id.
+    pub cluster_id: &'a str,
+    /// The sled tree holding the saved document.
+    pub tree: sled::Tree,
+    /// The network.
+    pub client: Client,
+    /// The nudge topic.
+    pub topic: String,
+    /// Where the metrics register.
+    pub registry: &'a Registry,
+    /// Turns true at shutdown.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Starts the driver: loads the document from sled (or creates it) and spawns the task. The
+/// task stops when `stop` turns true, after a final save.
+pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::JoinHandle<()>)> {
+    let SyncSetup {
+        cfg,
+        key,
+        cluster_id,
+        tree,
+        client,
+        topic,
+        registry,
+        stop,
+    } = setup;
+    let me = key.node_id();
+    let doc = match tree.get(DOC_KEY).context("reading the state document")? {
+        Some(bytes) => match ClusterDoc::load(key.clone(), cluster_id, &bytes) {
+            Ok(d) => {
+                info!(
+                    nodes = d.node_ids().len(),
+                    vms = d.vm_count(),
+                    bytes = bytes.len(),
+                    "loaded the cluster document"
+                );
+                d
+            }
+            Err(e) => {
+                warn!(error = %e, "the saved cluster document does not load; starting a fresh one (peers will resend the state)");
+                ClusterDoc::new(key.clone(), cluster_id, wall_ms())?
+            }
+        },
+        None => ClusterDoc::new(key.clone(), cluster_id, wall_ms())?,
+    };
+    // The RNG seed only spreads anti-entropy partners; any per-node value does.
+    let seed = u64::from_le_bytes(me.as_bytes()[..8].try_into().unwrap_or([0; 8])) ^ wall_ms();
+    let ecfg = Config::default()
+        .with_fanout(cfg.gossip.fanout)
+        .with_interval_ms(cfg.gossip.interval.as_millis() as u64)
+        .with_seed(seed);
+    let ecfg = Config {
+        response_timeout_ms: ecfg.response_timeout_ms.max(3 * ecfg.interval_ms),
+        ..ecfg
+    }
+    .validate()?;
+    let engine = Engine::new(ecfg, doc, NoCommitteeYet)?;
+    let (tx, rx) = mpsc::channel(1024);
+    let saved_heads = engine.doc().heads();
+    let d = Driver {
+        engine,
+        client,
+        topic,
+        tree,
+        tx: tx.clone(),
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        metrics: SyncMetrics::new(registry)?,
+        saved_heads,
+        last_hb_write: None,
+        last_hb_status: None,
+        max_staleness: cfg.consistency.max_staleness,
+    };
+    let frames_refused = d.metrics.frames_refused.clone();
+    let task = tokio::spawn(d.run(rx, stop, cfg.persist_interval));
+    Ok((
+        StateSync {
+            tx,
+            budget: Arc::default(),
+            frames_refused,
+        },
+        task,
+    ))
+}
+
+impl Driver {
+    fn now(&self) -> Timestamp {
+        Timestamp(wall_ms())
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut stop: watch::Receiver<bool>,
+        persist_every: Duration,
+    ) {
+        let mut persist = tokio::time::interval(persist_every);
+        persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = tokio::time::interval(Duration::from_secs(1));
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self.engine.poll_timeout().map(|t| {
+                let wait = t.as_millis().saturating_sub(wall_ms());
+                tokio::time::Instant::now() + Duration::from_millis(wait)
+            });
+            let timer = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                r = stop.changed() => {
+                    if r.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                input = rx.recv() => match input {
+                    Some(i) => self.on_input(i).await,
+                    None => break,
+                },
+                () = timer => {
+                    let now = self.now();
+                    self.engine.handle_timeout(now);
+                }
+                _ = persist.tick() => self.save(false),
+                _ = refresh.tick() => {
+                    let now = self.now();
+                    let stats = self.engine.stats();
+                    self.metrics.update(now, self.engine.doc(), stats);
+                }
+            }
+            self.drain(None).await;
+        }
+        self.save(true);
+        debug!("state-sync driver stopped");
+    }
+
+    fn save(&mut self, force: bool) {
+        let heads = self.engine.doc().heads();
+        if !force && heads == self.saved_heads {
+            return;
+        }
+        let bytes = self.engine.doc().save();
+        self.metrics.doc_bytes.set(bytes.len() as i64);
+        match self.tree.insert(DOC_KEY, bytes) {
+            Ok(_) => self.saved_heads = heads,
+            Err(e) => warn!(error = %e, "saving the cluster document failed"),
+        }
+        if force && let Err(e) = self.tree.flush() {
+            warn!(error = %e, "flushing the cluster document failed");
+        }
+    }
+
+    async fn on_input(&mut self, input: Input) {
+        let now = self.now();
+        match input {
+            Input::Frame { peer, data } => self.engine.handle_message(now, peer, &data),
+            Input::Nudge(m) => {
+                let Some(from) = m.source.and_then(|p| NodeId::from_peer_id(&p).ok()) else {
+                    let _ = self.client.report_validation(&m, Validation::Reject).await;
+                    return;
+                };
+                self.engine.handle_nudge(now, from, &m.data);
+                let verdict = self.drain(Some(from)).await;
+                let _ = self.client.report_validation(&m, verdict).await;
+            }
+            Input::Connected(p) => self.engine.handle_peer_connected(now, p),
+            Input::Disconnected(p) => self.engine.handle_peer_disconnected(now, p),
+            Input::SendFailed(p) => self.engine.handle_send_failed(now, p),
+            Input::Announcement(a) => {
+                if let Err(e) = self.engine.write_announcement(now, &a) {
+                    warn!(error = %e, "writing our announcement into the cluster document failed");
+                }
+            }
+            Input::Heartbeat(hb) => {
+                let due = self
+                    .last_hb_write
+                    .is_none_or(|t| t.elapsed() >= self.max_staleness)
+                    || self.last_hb_status != Some(hb.health.status);
+                if due {
+                    match self.engine.write_heartbeat(now, &hb) {
+                        Ok(()) => {
+                            self.last_hb_write = Some(Instant::now());
+                            self.last_hb_status = Some(hb.health.status);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "writing our heartbeat into the cluster document failed")
+                        }
+                    }
+                }
+            }
+            Input::Query(q) => self.on_query(now, q),
+        }
+    }
+
+    fn checksum(&self) -> SyncChecksum {
+        let doc = self.engine.doc();
+        SyncChecksum {
+            node: doc.node_id(),
+            epoch: doc.epoch(),
+            checksum: hex::encode(doc.state_checksum()),
+            heads: hex_heads(&doc.heads()),
+        }
+    }
+
+    fn on_query(&mut self, now: Timestamp, q: Query) {
+        match q {
+            Query::Lag(reply) => {
+                let doc = self.engine.doc();
+                let mut rows: Vec<SyncLagRow> = doc
+                    .lag(now)
+                    .into_iter()
+                    .map(|(node, lag_ms)| SyncLagRow { node, lag_ms })
+                    .collect();
+                rows.sort_by(|a, b| b.lag_ms.cmp(&a.lag_ms).then(a.node.cmp(&b.node)));
+                let c = doc.conflicts();
+                let s = self.engine.stats();
+                let counters = [
+                    ("frames_sent", s.frames_sent),
+                    ("bytes_sent", s.bytes_sent),
+                    ("frames_received", s.frames_received),
+                    ("bytes_received", s.bytes_received),
+                    ("max_frame_sent", s.max_frame_sent),
+                    ("changes_applied", s.changes_applied),
+                    ("changes_rejected", s.changes_rejected),
+                    ("changes_deferred", s.changes_deferred),
+                    ("probes_sent", s.probes_sent),
+                    ("messages_truncated", s.messages_truncated),
+                    ("session_resets", s.session_resets),
+                    ("commands_dropped", s.commands_dropped),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+                let _ = reply.send(SyncLagStatus {
+                    node: doc.node_id(),
+                    epoch: doc.epoch(),
+                    nodes: rows.len(),
+                    vms: doc.vm_count(),
+                    heads: hex_heads(&doc.heads()),
+                    rows,
+                    conflicts: [c.nodes, c.vms, c.quarantine],
+                    counters,
+                });
+            }
+            Query::Checksum(reply) => {
+                let _ = reply.send(self.checksum());
+            }
+            Query::ChecksumBytes(reply) => {
+                let doc = self.engine.doc();
+                let _ = reply.send(encode_checksum(
+                    doc.epoch(),
+                    &doc.state_checksum(),
+                    &doc.heads(),
+                ));
+            }
+            Query::Export(reply) => {
+                let _ = reply.send(self.engine.doc().export());
+            }
+            Query::ForceSync(nodes, reply) => {
+                let peers: Vec<NodeId> = if nodes.is_empty() {
+                    self.engine
+                        .peer_status()
+                        .into_iter()
+                        .filter(|p| p.connected)
+                        .map(|p| p.peer)
+                        .collect()
+                } else {
+                    nodes
+                };
+                self.engine.force_sync(now, &peers);
+                let _ = reply.send(peers.len());
+            }
+            Query::Sessions(reply) => {
+                let ago =
+                    |t: Option<Timestamp>| t.map(|t| now.as_millis().saturating_sub(t.as_millis()));
+                let rows = self
+                    .engine
+                    .peer_status()
+                    .into_iter()
+                    .map(|p| SyncSessionRow {
+                        peer: p.peer,
+                        connected: p.connected,
+                        in_sync: p.in_sync,
+                        in_flight: p.in_flight,
+                        last_sent_ms_ago: ago(p.last_sent),
+                        last_received_ms_ago: ago(p.last_received),
+                    })
+                    .collect();
+                let c = self.engine.config();
+                let _ = reply.send((rows, c.fanout, c.interval_ms));
+            }
+        }
+    }
+
+    /// Carries out the engine's commands. Returns the gossip verdict for a nudge from
+    /// `nudge_from`: `Reject` if the engine reported that peer while handling it.
+    async fn drain(&mut self, nudge_from: Option<NodeId>) -> Validation {
+        let mut verdict = Validation::Accept;
+        while let Some(c) = self.engine.poll_command() {
+            match c {
+                Command::Send { peer, bytes } => self.send(peer, bytes),
+                Command::Publish { bytes } => {
+                    if let Err(e) = self.client.publish(&self.topic, bytes).await {
+                        debug!(error = %e, "publishing a state-sync nudge failed");
+                    }
+                }
+                Command::ReportPeer { peer, offence } => {
+                    if Some(peer) == nudge_from {
+                        verdict = Validation::Reject;
+                    }
+                    let label = match &offence {
+                        Offence::Malformed(_) => "malformed",
+                        Offence::InvalidChanges { .. } => "invalid_changes",
+                        _ => "other",
+                    };
+                    self.metrics
+                        .peers_reported
+                        .with_label_values(&[label])
+                        .inc();
+                    warn!(peer = %peer.short(), ?offence, "peer sent state-sync data that was refused");
+                }
+                Command::EpochMismatch { peer, ours, theirs } => {
+                    info!(peer = %peer.short(), ours, theirs, "peer is on another state epoch (epoch cuts come with consensus)");
+                }
+                other => debug!(?other, "unhandled state-sync command"),
+            }
+        }
+        verdict
+    }
+
+    fn send(&self, peer: NodeId, bytes: Vec<u8>) {
+        let Ok(pid) = peer.to_peer_id() else {
+            let _ = self.tx.try_send(Input::SendFailed(peer));
+            return;
+        };
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            let _ = self.tx.try_send(Input::SendFailed(peer));
+            return;
+        };
+        let client = self.client.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut data = Vec::with_capacity(bytes.len() + 1);
+            data.push(TAG_FRAME);
+            data.extend_from_slice(&bytes);
+            let ok =
+                matches!(client.request(pid, Service::Sync, data).await, Ok(r) if r.is_empty());
+            drop(permit);
+            if !ok {
+                let _ = tx.try_send(Input::SendFailed(peer));
+            }
+        });
+    }
+}
+
+impl StateSync {
+    /// Answers an inbound request on the sync service. `member` says whether the sender's
+    /// signed announcement is known.
+    pub async fn on_request(
+        &self,
+        client: &Client,
+        peer: PeerId,
+        member: bool,
+        data: Vec<u8>,
+        reply: ReplyHandle,
+    ) {
+        let answer = self.answer(peer, member, data).await;
+        let bytes = match answer {
+            Ok(b) => b,
+            Err(reason) => {
+                debug!(%peer, reason, "refused a state-sync request");
+                self.frames_refused.with_label_values(&[reason]).inc();
+                vec![0xff]
+            }
+        };
+        let _ = client.respond(reply, bytes).await;
+    }
+
+    async fn answer(
+        &self,
+        peer: PeerId,
+        member: bool,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, &'static str> {
+        let node = NodeId::from_peer_id(&peer).map_err(|_| "bad_peer_id")?;
+        if !member {
+            return Err("not_member");
+        }
+        match data.split_first() {
+            Some((&TAG_FRAME, frame)) => {
+                let admitted = self.budget.lock().unwrap_or_else(|p| p.into_inner()).admit(
+                    node,
+                    frame.len(),
+                    Instant::now(),
+                );
+                if !admitted {
+                    return Err("rate");
+                }
+                if self.offer(Input::Frame {
+                    peer: node,
+                    data: frame.to_vec(),
+                }) {
+                    Ok(Vec::new())
+                } else {
+                    Err("queue_full")
+                }
+            }
+            Some((&TAG_CHECKSUM, [])) => {
+                self.ask(Query::ChecksumBytes).await.map_err(|_| "stopped")
+            }
+            _ => Err("malformed"),
+        }
+    }
+
+    /// `GET /v1/state-sync/lag`.
+    pub async fn lag(&self) -> anyhow::Result<SyncLagStatus> {
+        self.ask(Query::Lag).await
+    }
+
+    /// Our checksum.
+    pub async fn checksum(&self) -> anyhow::Result<SyncChecksum> {
+        self.ask(Query::Checksum).await
+    }
+
+    /// Asks a peer for its checksum.
+    pub async fn peer_checksum(
+        &self,
+        client: &Client,
+        node: NodeId,
+    ) -> anyhow::Result<SyncChecksum> {
+        let pid = node.to_peer_id()?;
+        let r = client
+            .request(pid, Service::Sync, vec![TAG_CHECKSUM])
+            .await?;
+        decode_checksum(node, &r).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Plain Automerge bytes of the document.
+    pub async fn export(&self) -> anyhow::Result<Vec<u8>> {
+        self.ask(Query::Export).await
+    }
+
+    /// Starts sessions now; returns how many peers.
+    pub async fn force_sync(&self, nodes: Vec<NodeId>) -> anyhow::Result<usize> {
+        self.ask(|r| Query::ForceSync(nodes, r)).await
+    }
+
+    /// Sessions, fanout and interval.
+    pub async fn sessions(&self) -> anyhow::Result<(Vec<SyncSessionRow>, usize, u64)> {
+        self.ask(Query::Sessions).await
+    }
+}
+
+/// The local API routes of state sync and gossip status.
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/state-sync/lag", get(api_lag))
+        .route("/v1/state-sync/checksum", get(api_checksum))
+        .route("/v1/state-sync/verify", post(api_verify))
+        .route("/v1/state-sync/export", get(api_export))
+        .route("/v1/state-sync/force-sync", post(api_force_sync))
+        .route("/v1/gossip/status", get(api_gossip_status))
+}
+
+fn fail(code: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (
+        code,
+        Json(ApiError {
+            error: msg.to_string(),
+        }),
+    )
+        .into_response()
+}
+
+fn not_running() -> Response {
+    fail(StatusCode::SERVICE_UNAVAILABLE, "state sync is not running")
+}
+
+async fn api_lag(State(s): State<Arc<Shared>>) -> Response {
+    let Some(sync) = s.statesync() else {
+        return not_running();
+    };
+    match sync.lag().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_checksum(State(s): State<Arc<Shared>>) -> Response {
+    let Some(sync) = s.statesync() else {
+        return not_running();
+    };
+    match sync.checksum().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_export(State(s): State<Arc<Shared>>) -> Response {
+    let Some(sync) = s.statesync() else {
+        return not_running();
+    };
+    match sync.export().await {
+        Ok(bytes) => (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_force_sync(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<ForceSyncRequest>,
+) -> Response {
+    let Some(sync) = s.statesync() else {
+        return not_running();
+    };
+    match sync.force_sync(req.nodes).await {
+        Ok(n) => Json(serde_json::json!({ "peers": n })).into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_verify(State(s): State<Arc<Shared>>) -> Response {
+    let Some(sync) = s.statesync().cloned() else {
+        return not_running();
+    };
+    let local = match sync.checksum().await {
+        Ok(c) => c,
+        Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    let client = s.client().clone();
+    let peers: Vec<NodeId> = s
+        .node_rows()
+        .into_iter()
+        .filter(|r| !r.is_self && r.status == dwcp_protocol::api::PeerStatus::Ready)
+        .map(|r| r.id)
+        .collect();
+    let asks = peers.into_iter().map(|node| {
+        let sync = sync.clone();
+        let client = client.clone();
+        async move { (node, sync.peer_checksum(&client, node).await) }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let rows = answers
+        .into_iter()
+        .map(|(node, r)| match r {
+            Ok(c) => SyncVerifyRow {
+                node,
+                verdict: if c.checksum == local.checksum && c.epoch == local.epoch {
+                    SyncVerdict::Same
+                } else if c.heads == local.heads {
+                    SyncVerdict::Differs
+                } else {
+                    SyncVerdict::Syncing
+                },
+                checksum: Some(c),
+                error: None,
+            },
+            Err(e) => SyncVerifyRow {
+                node,
+                verdict: SyncVerdict::Unreachable,
+                checksum: None,
+                error: Some(format!("{e:#}")),
+            },
+        })
+        .collect();
+    Json(SyncVerifyReport { local, rows }).into_response()
+}
+
+async fn api_gossip_status(State(s): State<Arc<Shared>>) -> Response {
+    let net = match s.client().stats().await {
+        Ok(n) => n,
+        Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    let (sessions, fanout, interval_ms) = match s.statesync() {
+        Some(sync) => sync.sessions().await.unwrap_or_default(),
+        None => (Vec::new(), 0, 0),
+    };
+    Json(GossipStatus {
+        mesh: net.mesh_peers,
+        peer_scores: net
+            .peer_scores
+            .into_iter()
+            .map(|(p, sc)| (p.to_string(), sc))
+            .collect(),
+        sessions,
+        fanout,
+        interval_ms,
+    })
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_answers_round_trip_and_malformed_ones_are_refused() {
+        let node = NodeKey::from_secret_bytes([7; 32]).node_id();
+        let heads = vec![ChangeHash([1; 32]), ChangeHash([2; 32])];
+        let b = encode_checksum(3, &[9; 32], &heads);
+        let c = decode_checksum(node, &b).unwrap();
+        assert_eq!(c.epoch, 3);
+        assert_eq!(c.checksum, hex::encode([9u8; 32]));
+        assert_eq!(
+            c.heads,
+            vec![hex::encode([1u8; 32]), hex::encode([2u8; 32])]
+        );
+        assert!(decode_checksum(node, &b[..b.len() - 1]).is_err());
+        assert!(decode_checksum(node, &b[..10]).is_err());
+        let mut lying = b.clone();
+        lying[41] = 200; // claims 200 heads
+        assert!(decode_checksum(node, &lying).is_err());
+    }
+
+    #[test]
+    fn the_peer_budget_refills_and_refuses_floods() {
+        let mut b = PeerBudget::default();
+        let p = NodeKey::from_secret_bytes([1; 32]).node_id();
+        let q = NodeKey::from_secret_bytes([2; 32]).node_id();
+        let t0 = Instant::now();
+        let burst = 2 * PEER_BYTES_PER_SEC as usize;
+        assert!(b.admit(p, burst, t0));
+        assert!(!b.admit(p, 1024, t0), "the burst is spent");
+        assert!(b.admit(q, 1024, t0), "another peer has its own budget");
+        assert!(
+            b.admit(p, 1024, t0 + Duration::from_millis(10)),
+            "refills with time"
+        );
+    }
+
+    #[test]
+    fn without_a_committee_every_certificate_is_refused() {
+        assert!(NoCommitteeYet.verify_vm(b"x").is_err());
+        assert!(NoCommitteeYet.verify_quarantine(b"x").is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! PBFT on a real mesh: four node daemons in this process form the genesis committee (n = 4,
+//! f = 1), agree on operator quarantine votes submitted through two different nodes, and
+//! every node applies them identically: one vote changes nothing, f+1 = 2 quarantine.
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RunningNode, loopback_config};
+use dwcp_node::{
+    consensus::{QuarantineRequest, QuorumStatus, ReputationRow},
+    identity,
+};
+use dwcp_protocol::NodeId;
+
+async fn reputation(api: &str) -> Vec<ReputationRow> {
+    reqwest::get(format!("{api}/v1/reputation"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn status(api: &str) -> QuorumStatus {
+    reqwest::get(format!("{api}/v1/consensus/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn vote(api: &str, node: NodeId) {
+    let r = reqwest::Client::new()
+        .post(format!("{api}/v1/reputation/quarantine"))
+        .json(&QuarantineRequest {
+            node,
+            reason: "test".into(),
+        })
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+/// Waits until every node reports `victim` with `votes` votes and the given quarantine state.
+async fn wait_all(apis: &[String], victim: NodeId, votes: usize, quarantined: bool) {
+    let start = Instant::now();
+    for api in apis {
+        loop {
+            let rows = reputation(api).await;
+            let row = rows.iter().find(|r| r.node == victim);
+            if row.is_some_and(|r| r.votes.len() == votes && r.quarantined == quarantined) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{api}: expected {votes} votes, quarantined={quarantined}: {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_four_node_committee_commits_quarantine_votes_identically() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids: Vec<NodeId> = dirs
+        .iter()
+        .map(|d| {
+            identity::load_or_create(&d.path().join(identity::IDENTITY_FILE))
+                .unwrap()
+                .node_id()
+        })
+        .collect();
+    let mut configs = Vec::new();
+    for _ in 0..4 {
+        let mut c = loopback_config("consensus-test");
+        c.hypervisor.enabled = false;
+        c.network.heartbeat_interval = Duration::from_millis(500);
+        c.network.unreachable_after = Duration::from_secs(5);
+        c.acp.committee = ids.iter().map(|i| i.to_string()).collect();
+        c.acp.pbft.view_change_timeout = Duration::from_secs(3);
+        configs.push(c);
+    }
+    let boot = format!(
+        "{}/p2p/{}",
+        configs[0].network.listen[0],
+        ids[0].to_peer_id().unwrap()
+    );
+    for c in configs.iter_mut().skip(1) {
+        c.cluster.bootstrap = vec![boot.clone()];
+    }
+    let mut nodes = Vec::new();
+    for (c, d) in configs.into_iter().zip(&dirs) {
+        nodes.push(RunningNode::start(c, d.path()).await);
+    }
+    let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
+    assert!(nodes.iter().zip(&ids).all(|(n, i)| n.id == *i));
+
+    let s = status(&apis[0]).await;
+    assert_eq!((s.n, s.f, s.quorum), (4, 1, 3));
+    assert!(s.replica);
+
+    // Wait for the mesh: every node knows the three others.
+    let start = Instant::now();
+    for api in &apis {
+        loop {
+            let rows: Vec<serde_json::Value> = reqwest::get(format!("{api}/v1/nodes"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if rows.iter().filter(|r| r["status"] == "ready").count() == 4 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "mesh did not form"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let victim = ids[3];
+    // One vote (through node 1): committed everywhere, not enough to quarantine.
+    vote(&apis[1], victim).await;
+    wait_all(&apis, victim, 1, false).await;
+    // A second, distinct voter (node 2): f+1 = 2, quarantined on every node.
+    vote(&apis[2], victim).await;
+    wait_all(&apis, victim, 2, true).await;
+
+    // Every node executed the same decisions; the submitters measured commit latency.
+    let execs: Vec<u64> = {
+        let mut v = Vec::new();
+        for api in &apis {
+            v.push(status(api).await.last_executed);
+        }
+        v
+    };
+    assert!(execs.iter().all(|e| *e >= 2), "{execs:?}");
+    let text = reqwest::get(format!("{}/metrics", nodes[1].metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("dwcp_consensus_latency_seconds_count") && !l.ends_with(" 0")),
+        "{text}"
+    );
+    assert!(
+        text.contains("dwcp_reputation_quarantined_nodes 1"),
+        "{text}"
+    );
+
+    for n in nodes {
+        n.stop().await;
+    }
+}

@@ -1,0 +1,213 @@
+//! Network partitions of a loopback testnet with iptables (Linux, root).
+//!
+//! Every node listens on its own loopback address and port (TCP and QUIC), and libp2p dials
+//! with port reuse: a TCP dial binds the listen port (on 0.0.0.0, so the kernel picks
+//! 127.0.0.1 as source address), a QUIC dial goes out of the listening UDP socket (source =
+//! the node's address and port). So the *port* names the node at both ends of every
+//! node-to-node packet, whichever transport and whoever dialled; the address does for QUIC.
+//! [`install`] puts DROP rules for every pair of groups into a dedicated chain, jumped to from
+//! `INPUT` (loopback packets pass `INPUT` once on delivery), matching by port (TCP and UDP)
+//! and by address. [`heal`] removes the jump and the chain; `down` and the benchmarks call it
+//! too, also on failure. The bootstrap peer belongs to the first group (it relays gossip, so
+//! leaving it on both sides would bridge the partition).
+//!
+//! A dial that cannot reuse its port (libp2p falls back to a fresh port when the same
+//! 4-tuple is taken) would escape the port rules; the address rules still catch its QUIC
+//! form, and [`install`]'s caller can check connections with `ss`.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::local::Testnet;
+
+/// The chain of a testnet: named after its bootstrap port, so two testnets do not collide.
+pub fn chain_name(t: &Testnet) -> String {
+    format!("DWCP-TN-{}", t.bootstrap.p2p_port)
+}
+
+fn ipt(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Command::new("iptables")
+        .args(["-w", "5"])
+        .args(args)
+        .output()
+        .context("running iptables (is it installed, and are we root?)")
+}
+
+fn ipt_ok(args: &[&str]) -> anyhow::Result<()> {
+    let out = ipt(args)?;
+    if !out.status.success() {
+        bail!(
+            "iptables {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Parses `0-9/10-19` (or `0,2,4-6/1,3`) into groups of node indices below `n`. Every index
+/// may appear in one group only; nodes in no group are not cut off from anyone.
+pub fn parse_groups(spec: &str, n: usize) -> anyhow::Result<Vec<Vec<usize>>> {
+    let mut seen = vec![false; n];
+    let mut groups = Vec::new();
+    for g in spec.split('/') {
+        let mut group = Vec::new();
+        for part in g.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (a.trim().parse::<usize>()?, b.trim().parse::<usize>()?),
+                None => {
+                    let v = part.parse::<usize>()?;
+                    (v, v)
+                }
+            };
+            if a > b || b >= n {
+                bail!("group range {part} is not within 0..{n}");
+            }
+            for i in a..=b {
+                if std::mem::replace(&mut seen[i], true) {
+                    bail!("node {i} is in two groups");
+                }
+                group.push(i);
+            }
+        }
+        if group.is_empty() {
+            bail!("empty group in {spec:?}");
+        }
+        groups.push(group);
+    }
+    if groups.len() < 2 {
+        bail!("a partition needs at least two groups, e.g. 0-9/10-19");
+    }
+    Ok(groups)
+}
+
+/// The halves of an `n`-node testnet: `0-(n/2-1)/(n/2)-(n-1)`.
+pub fn halves(n: usize) -> Vec<Vec<usize>> {
+    vec![(0..n / 2).collect(), (n / 2..n).collect()]
+}
+
+struct Side {
+    ports: Vec<String>,
+    ips: Vec<String>,
+}
+
+/// Installs DROP rules between every two groups (replacing any earlier partition of this
+/// testnet). On failure the rules installed so far are removed.
+pub fn install(t: &Testnet, groups: &[Vec<usize>]) -> anyhow::Result<()> {
+    if t.nodes.iter().any(|n| n.p2p_port == 0 || n.ip.is_empty()) {
+        bail!("this testnet was started without per-node addresses; restart it with `up`");
+    }
+    let sides: Vec<Side> = groups
+        .iter()
+        .enumerate()
+        .map(|(gi, g)| {
+            let mut ports: Vec<String> = g
+                .iter()
+                .filter_map(|i| t.nodes.get(*i))
+                .map(|n| n.p2p_port.to_string())
+                .collect();
+            let ips: Vec<String> = g
+                .iter()
+                .filter_map(|i| t.nodes.get(*i))
+                .map(|n| n.ip.clone())
+                .collect();
+            if gi == 0 {
+                ports.push(t.bootstrap.p2p_port.to_string());
+            }
+            Side { ports, ips }
+        })
+        .collect();
+    heal(t)?;
+    let r = install_rules(&chain_name(t), &sides);
+    if r.is_err() {
+        let _ = heal(t);
+    }
+    r
+}
+
+fn install_rules(chain: &str, sides: &[Side]) -> anyhow::Result<()> {
+    ipt_ok(&["-N", chain])?;
+    for (a, sa) in sides.iter().enumerate() {
+        for (b, sb) in sides.iter().enumerate() {
+            if a == b {
+                continue;
+            }
+            // multiport takes at most 15 ports per match.
+            for pa in sa.ports.chunks(15) {
+                for pb in sb.ports.chunks(15) {
+                    let (pa, pb) = (pa.join(","), pb.join(","));
+                    for proto in ["tcp", "udp"] {
+                        ipt_ok(&[
+                            "-A",
+                            chain,
+                            "-p",
+                            proto,
+                            "-m",
+                            "multiport",
+                            "--sports",
+                            &pa,
+                            "-m",
+                            "multiport",
+                            "--dports",
+                            &pb,
+                            "-j",
+                            "DROP",
+                        ])?;
+                    }
+                }
+            }
+            let (ia, ib) = (sa.ips.join(","), sb.ips.join(","));
+            if !ia.is_empty() && !ib.is_empty() {
+                ipt_ok(&["-A", chain, "-s", &ia, "-d", &ib, "-j", "DROP"])?;
+            }
+        }
+    }
+    ipt_ok(&["-I", "INPUT", "-j", chain])?;
+    Ok(())
+}
+
+/// Removes this testnet's partition rules, if there are any. Succeeds when there is nothing to
+/// remove (also when iptables is not installed).
+pub fn heal(t: &Testnet) -> anyhow::Result<()> {
+    let chain = chain_name(t);
+    let exists = match ipt(&["-n", "-L", &chain]) {
+        Ok(o) => o.status.success(),
+        Err(_) => return Ok(()),
+    };
+    // Remove every jump, even if the chain listing failed for another reason.
+    for _ in 0..16 {
+        match ipt(&["-D", "INPUT", "-j", &chain]) {
+            Ok(o) if o.status.success() => continue,
+            _ => break,
+        }
+    }
+    if exists {
+        ipt_ok(&["-F", &chain])?;
+        ipt_ok(&["-X", &chain])?;
+    }
+    Ok(())
+}
+
+/// Whether this testnet's partition chain exists.
+pub fn active(t: &Testnet) -> bool {
+    ipt(&["-n", "-L", &chain_name(t)]).is_ok_and(|o| o.status.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_parse_and_bad_specs_are_refused() {
+        assert_eq!(
+            parse_groups("0-2/3,5", 6).unwrap(),
+            vec![vec![0, 1, 2], vec![3, 5]]
+        );
+        assert!(parse_groups("0-2", 6).is_err(), "one group");
+        assert!(parse_groups("0-2/2-3", 6).is_err(), "node in two groups");
+        assert!(parse_groups("0-2/3-6", 6).is_err(), "out of range");
+        assert!(parse_groups("0-2//3", 6).is_err(), "empty group");
+        assert_eq!(halves(5), vec![vec![0, 1], vec![2, 3, 4]]);
+    }
+}
