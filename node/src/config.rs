@@ -136,6 +136,12 @@ pub struct AcpSection {
     pub committee: Vec<String>,
     /// PBFT parameters.
     pub pbft: PbftSection,
+    /// Testnet fault injection, only in builds with the `byzantine` feature: `equivocate`
+    /// makes this replica sign a second, conflicting vote for every vote it casts and send it
+    /// to the other members (so honest replicas hold proof of its equivocation).
+    #[cfg(feature = "byzantine")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<String>,
 }
 
 /// `acp.pbft:`
@@ -606,6 +612,12 @@ impl NodeConfig {
         }
         if p.view_change_timeout < Duration::from_millis(100) {
             bail!("acp.pbft.view_change_timeout must be at least 100ms");
+        }
+        #[cfg(feature = "byzantine")]
+        if let Some(b) = &self.acp.byzantine
+            && b != "equivocate"
+        {
+            bail!("acp.byzantine: unknown strategy `{b}` (known: equivocate)");
         }
         for id in &self.acp.committee {
             id.parse::<dwcp_protocol::NodeId>()

@@ -64,6 +64,9 @@ use tracing::{debug, info, warn};
 
 use crate::{config::AcpSection, daemon::Shared};
 
+/// First byte of a probe: an operation that changes nothing, committed to measure latency
+/// (`dwcp-cli consensus probe`).
+pub const PROBE_TAG: u8 = 0xA0;
 /// First byte of an operator's quarantine vote operation.
 pub const QUARANTINE_VOTE_TAG: u8 = 0xA1;
 /// Longest reason text in a quarantine vote.
@@ -209,6 +212,7 @@ impl AcpState {
                 }
                 Err(e) => Applied::Nothing(e.to_owned()),
             },
+            Some(&PROBE_TAG) if op.len() <= 64 => Applied::Nothing("probe".into()),
             _ => Applied::Nothing("unknown operation".into()),
         }
     }
@@ -249,10 +253,8 @@ pub enum DriverInput {
     },
     /// Submit an operation signed by this node; answers with its nonce.
     Submit(Vec<u8>, oneshot::Sender<anyhow::Result<u64>>),
-    /// Status for the API.
-    Status(oneshot::Sender<QuorumStatus>),
-    /// Reputation table for the API.
-    Reputation(oneshot::Sender<Vec<ReputationRow>>),
+    /// Submit a probe and answer once it committed here, with the time it took.
+    Probe(oneshot::Sender<anyhow::Result<Duration>>),
 }
 
 /// `GET /v1/consensus/status`.
@@ -316,11 +318,22 @@ pub struct QuarantineRequest {
     pub reason: String,
 }
 
+/// What the API reads without waiting for the driver's queue (which can hold many votes
+/// under load): refreshed by the driver at most every 200 ms and after every decision.
+#[derive(Debug, Clone, Default)]
+pub struct AcpView {
+    /// `GET /v1/consensus/status`.
+    pub status: Option<QuorumStatus>,
+    /// `GET /v1/reputation`.
+    pub reputation: Vec<ReputationRow>,
+}
+
 /// The daemon's handle on the driver.
 #[derive(Debug, Clone)]
 pub struct Consensus {
     tx: mpsc::Sender<DriverInput>,
     quarantined: watch::Receiver<BTreeSet<NodeId>>,
+    view: watch::Receiver<Arc<AcpView>>,
 }
 
 impl Consensus {
@@ -478,6 +491,27 @@ struct Driver {
     view_changes: u64,
     recent: std::collections::VecDeque<(u64, u64, usize, u64)>,
     quarantined: watch::Sender<BTreeSet<NodeId>>,
+    /// The API's view, and when it was last refreshed.
+    view: watch::Sender<Arc<AcpView>>,
+    view_at: Instant,
+    view_dirty: bool,
+    /// Probes waiting for their commit: nonce -> reply.
+    probes: BTreeMap<u64, oneshot::Sender<anyhow::Result<Duration>>>,
+    /// Fault injection (feature `byzantine`): equivocate on every vote.
+    equivocate: bool,
+}
+
+/// Whether the configuration asks this replica to equivocate (feature `byzantine` only).
+fn equivocates(cfg: &AcpSection) -> bool {
+    #[cfg(feature = "byzantine")]
+    {
+        cfg.byzantine.as_deref() == Some("equivocate")
+    }
+    #[cfg(not(feature = "byzantine"))]
+    {
+        let _ = cfg;
+        false
+    }
 }
 
 /// Starts the driver when a committee is configured; `Ok(None)` otherwise.
@@ -519,6 +553,7 @@ pub fn spawn(
     );
     let (tx, rx) = mpsc::channel(1024);
     let (q_tx, q_rx) = watch::channel(BTreeSet::new());
+    let (v_tx, v_rx) = watch::channel(Arc::new(AcpView::default()));
     let d = Driver {
         me,
         key,
@@ -537,12 +572,21 @@ pub fn spawn(
         view_changes: 0,
         recent: std::collections::VecDeque::new(),
         quarantined: q_tx,
+        view: v_tx,
+        view_at: Instant::now(),
+        view_dirty: true,
+        probes: BTreeMap::new(),
+        equivocate: equivocates(cfg),
     };
+    if d.equivocate {
+        warn!("BYZANTINE TEST MODE: this replica equivocates on every vote (acp.byzantine)");
+    }
     let task = tokio::spawn(d.run(rx, stop));
     Ok(Some((
         Consensus {
             tx,
             quarantined: q_rx,
+            view: v_rx,
         },
         task,
     )))
@@ -569,7 +613,17 @@ fn decode(bytes: &[u8]) -> Result<Decoded, String> {
 }
 
 impl Driver {
+    fn publish_view(&mut self) {
+        self.view.send_replace(Arc::new(AcpView {
+            status: Some(self.status()),
+            reputation: self.reputation_rows(),
+        }));
+        self.view_at = Instant::now();
+        self.view_dirty = false;
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<DriverInput>, mut stop: watch::Receiver<bool>) {
+        self.publish_view();
         loop {
             let wake = self
                 .engine
@@ -606,6 +660,9 @@ impl Driver {
             if let Some(e) = &self.engine {
                 self.metrics.view.set(e.view() as i64);
             }
+            if self.view_dirty || self.view_at.elapsed() >= Duration::from_millis(200) {
+                self.publish_view();
+            }
         }
         debug!("consensus driver stopped");
     }
@@ -616,6 +673,10 @@ impl Driver {
             Decoded::Msg(m) => {
                 if !self.committee.contains(&m.signer()) {
                     return Err("not_member");
+                }
+                // A quarantined member is treated as silent: PBFT tolerates f of those.
+                if self.state.is_quarantined(&m.signer()) {
+                    return Err("quarantined");
                 }
                 if let Some(e) = self.engine.as_mut() {
                     e.handle(now, Input::Message(m));
@@ -661,11 +722,23 @@ impl Driver {
             DriverInput::Submit(op, reply) => {
                 let _ = reply.send(self.submit(op));
             }
-            DriverInput::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
-            DriverInput::Reputation(reply) => {
-                let _ = reply.send(self.reputation_rows());
+            DriverInput::Probe(reply) => {
+                // Waiters are bounded: the oldest gives up first.
+                if self.probes.len() >= 256
+                    && let Some((_, old)) = self.probes.pop_first()
+                {
+                    let _ = old.send(Err(anyhow::anyhow!("too many probes waiting")));
+                }
+                let mut op = vec![PROBE_TAG];
+                op.extend_from_slice(&wall_ms().to_be_bytes());
+                match self.submit(op) {
+                    Ok(nonce) => {
+                        self.probes.insert(nonce, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
         }
     }
@@ -718,6 +791,9 @@ impl Driver {
         while let Some(c) = self.engine.as_mut().and_then(|e| e.poll_command()) {
             match c {
                 Command::Broadcast(env) => {
+                    if self.equivocate {
+                        self.equivocate_on(&env);
+                    }
                     if let Err(e) = self.client.publish(&self.topic, env.encode()).await {
                         debug!(error = %e, "publishing a consensus message failed");
                         // Gossip needs mesh peers; fall back to direct sends.
@@ -744,6 +820,39 @@ impl Driver {
         }
     }
 
+    /// Fault injection: for a prepare or commit this replica broadcasts, sign a second one for
+    /// the same slot with another digest and send it directly to every other member.
+    fn equivocate_on(&self, env: &SignedEnvelope) {
+        let Ok(v) = env.clone().verify::<ConsensusMsg>() else {
+            return;
+        };
+        let mut bad = [0u8; 32];
+        for (i, b) in bad.iter_mut().enumerate() {
+            *b = (wall_ms() as u8).wrapping_add(i as u8) ^ 0x5a;
+        }
+        let conflicting = match v.message().clone() {
+            ConsensusMsg::Prepare { slot, header } => ConsensusMsg::Prepare {
+                slot: dwcp_consensus::Slot {
+                    digest: dwcp_consensus::Digest(bad),
+                    ..slot
+                },
+                header,
+            },
+            ConsensusMsg::Commit(slot) => ConsensusMsg::Commit(dwcp_consensus::Slot {
+                digest: dwcp_consensus::Digest(bad),
+                ..slot
+            }),
+            _ => return,
+        };
+        let Ok(signed) = Verified::sign(&self.key, conflicting) else {
+            return;
+        };
+        let bytes = signed.envelope().encode();
+        for m in self.committee.members().iter().filter(|m| **m != self.me) {
+            self.send(*m, bytes.clone());
+        }
+    }
+
     fn on_offence(&mut self, peer: NodeId, offence: Offence) {
         let ev = match offence {
             Offence::Equivocation { first, second } => Evidence::Equivocation { first, second },
@@ -756,6 +865,10 @@ impl Driver {
                 return;
             }
         };
+        if self.state.is_quarantined(&peer) {
+            // Already out: more evidence changes nothing and costs every replica a check.
+            return;
+        }
         warn!(peer = %peer.short(), "misbehaviour seen; submitting the evidence");
         if self.evidence_pending.insert(peer)
             && let Err(e) = self.submit(ev.encode())
@@ -766,6 +879,7 @@ impl Driver {
     }
 
     fn apply(&mut self, d: dwcp_consensus::Decision) {
+        self.view_dirty = true;
         self.decisions += 1;
         self.metrics.decisions.inc();
         for r in &d.requests {
@@ -774,6 +888,9 @@ impl Driver {
                 && let Some(at) = self.submitted.remove(&r.nonce)
             {
                 self.metrics.latency.observe(at.elapsed().as_secs_f64());
+                if let Some(w) = self.probes.remove(&r.nonce) {
+                    let _ = w.send(Ok(at.elapsed()));
+                }
             }
             let out = self
                 .state
@@ -903,6 +1020,7 @@ impl Driver {
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/v1/consensus/status", get(api_status))
+        .route("/v1/consensus/probe", post(api_probe))
         .route("/v1/reputation", get(api_reputation))
         .route("/v1/reputation/{node}", get(api_reputation_node))
         .route("/v1/reputation/quarantine", post(api_quarantine))
@@ -927,18 +1045,44 @@ fn off() -> Response {
 
 async fn api_status(State(s): State<Arc<Shared>>) -> Response {
     let Some(c) = s.consensus() else { return off() };
-    match c.ask(DriverInput::Status).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    let v = c.view.borrow().clone();
+    match &v.status {
+        Some(st) => Json(st).into_response(),
+        None => fail(StatusCode::SERVICE_UNAVAILABLE, "consensus is starting"),
+    }
+}
+
+/// `POST /v1/consensus/probe`: commits a no-op request and answers with its latency.
+async fn api_probe(State(s): State<Arc<Shared>>) -> Response {
+    let Some(c) = s.consensus() else { return off() };
+    let (tx, rx) = oneshot::channel();
+    if c.tx.send(DriverInput::Probe(tx)).await.is_err() {
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the consensus driver has stopped",
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(d))) => {
+            Json(serde_json::json!({ "committed": true, "latency_ms": d.as_secs_f64() * 1e3 }))
+                .into_response()
+        }
+        Ok(Ok(Err(e))) => fail(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+        Ok(Err(_)) => fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the consensus driver has stopped",
+        ),
+        Err(_) => fail(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the probe did not commit within 30 s (no quorum reachable?)",
+        ),
     }
 }
 
 async fn api_reputation(State(s): State<Arc<Shared>>) -> Response {
     let Some(c) = s.consensus() else { return off() };
-    match c.ask(DriverInput::Reputation).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
-    }
+    let v = c.view.borrow().clone();
+    Json(v.reputation.clone()).into_response()
 }
 
 async fn api_reputation_node(State(s): State<Arc<Shared>>, Path(node): Path<String>) -> Response {
@@ -949,22 +1093,20 @@ async fn api_reputation_node(State(s): State<Arc<Shared>>, Path(node): Path<Stri
             format!("`{node}` is not a node id (resolve prefixes with GET /v1/nodes/{{id}})"),
         );
     };
-    match c.ask(DriverInput::Reputation).await {
-        Ok(rows) => {
-            let r = rows
-                .into_iter()
-                .find(|r| r.node == row)
-                .unwrap_or(ReputationRow {
-                    node: row,
-                    score: 1.0,
-                    quarantined: false,
-                    offences: Vec::new(),
-                    votes: Vec::new(),
-                });
-            Json(r).into_response()
-        }
-        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
-    }
+    let v = c.view.borrow().clone();
+    let r = v
+        .reputation
+        .iter()
+        .find(|r| r.node == row)
+        .cloned()
+        .unwrap_or(ReputationRow {
+            node: row,
+            score: 1.0,
+            quarantined: false,
+            offences: Vec::new(),
+            votes: Vec::new(),
+        });
+    Json(r).into_response()
 }
 
 async fn api_quarantine(

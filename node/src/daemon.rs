@@ -330,6 +330,10 @@ impl SeqGen {
     }
 }
 
+/// File in the data directory naming the API and metrics addresses the node bound
+/// (`{"api": "127.0.0.1:PORT", "metrics": "127.0.0.1:PORT"}`), rewritten at every start.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
 /// Everything the daemon needs to start.
 #[derive(Debug)]
 pub struct NodeSetup {
@@ -808,10 +812,13 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         }),
     });
 
+    let endpoints_file = data_dir.join(ENDPOINTS_FILE);
+    let _ = std::fs::remove_file(&endpoints_file);
     let api = tokio::net::TcpListener::bind(config.api.rest.bind)
         .await
         .with_context(|| format!("binding the API on {}", config.api.rest.bind))?;
-    info!(addr = %config.api.rest.bind, "API listening");
+    let api_addr = api.local_addr()?;
+    info!(addr = %api_addr, "API listening");
     let api_task = {
         let mut rx = stop_rx.clone();
         let app = crate::api::router(shared.clone());
@@ -823,11 +830,13 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
                 .await
         })
     };
+    let mut metrics_addr = None;
     let metrics_task = if config.monitoring.prometheus.enabled {
         let l = tokio::net::TcpListener::bind(config.monitoring.prometheus.bind)
             .await
             .with_context(|| format!("binding metrics on {}", config.monitoring.prometheus.bind))?;
-        info!(addr = %config.monitoring.prometheus.bind, "metrics listening");
+        metrics_addr = Some(l.local_addr()?);
+        info!(addr = %l.local_addr()?, "metrics listening");
         let mut rx = stop_rx.clone();
         let app = crate::api::metrics_router(shared.clone());
         Some(tokio::spawn(async move {
@@ -840,6 +849,16 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
     } else {
         None
     };
+    // The addresses actually bound (port 0 in the configuration picks a free one), for
+    // supervisors such as the testnet: written once both listen.
+    let endpoints = serde_json::json!({
+        "api": api_addr.to_string(),
+        "metrics": metrics_addr.map(|a| a.to_string()),
+    });
+    let tmp = endpoints_file.with_extension("tmp");
+    std::fs::write(&tmp, endpoints.to_string())
+        .and_then(|()| std::fs::rename(&tmp, &endpoints_file))
+        .with_context(|| format!("writing {}", endpoints_file.display()))?;
 
     let mut d = Daemon {
         shared: shared.clone(),

@@ -12,14 +12,14 @@
 //!                               refused / unreachable: next decision without it (3 tries)
 //! ```
 //!
-//! What the engine sees of a node is its *free* placeable share: the donated share, minus
-//! `placement.constraints.min_free_memory_percent` of its memory, minus what its defined VMs
-//! hold (the `allocated` figures of its heartbeat; for this node, its VM table read at
-//! decision time), minus creates this node forwarded to it that its heartbeats do not show
-//! yet. The engine has no input to record a VM it did not place itself, so every node looks
-//! *empty* to it: its score ranks nodes by free share and quality, not by how full they
-//! already are (no packing preference across decisions). Re-plans and migrations are not
-//! driven (the node cannot migrate yet), so the engine never holds VMs between decisions.
+//! What the engine sees of a node is its placeable share as capacity (the donated share,
+//! minus `placement.constraints.min_free_memory_percent` of its memory) and, recorded as
+//! running load (`Input::Running`, one aggregate per node), what its defined VMs hold (the
+//! `allocated` figures of its heartbeat; for this node, its VM table read at decision time)
+//! plus creates this node forwarded to it that its heartbeats do not show yet. So decisions
+//! see how full every node is and pack VMs onto nodes already in use, as the manual's bin
+//! packing asks, instead of opening an idle volunteer's machine. Re-plans and migrations are
+//! not driven (the node cannot migrate yet).
 //!
 //! Reputation is 1.0 for every node and nothing is quarantined until the reputation engine is
 //! wired; link quality is 1.0 and RTT 0 until PBA feeds predictions. Avoidance
@@ -453,6 +453,16 @@ impl Placement {
             });
         }
         st.engine.handle(now, Input::Hosts(built.hosts.clone()));
+        for h in &built.hosts {
+            let load = built.used.get(&h.id).copied().unwrap_or_default();
+            st.engine.handle(
+                now,
+                Input::Running {
+                    vm: Vm::new(load_vm_id(h.id).0, load),
+                    host: h.id,
+                },
+            );
+        }
         let vm_id = st.next_id;
         st.next_id += 1;
         let vm = Vm::new(vm_id, to_demand(demand));
@@ -528,7 +538,15 @@ impl Placement {
                 };
                 examples.push(FilteredNode {
                     node: n.id,
-                    reason: why_not(h, n, demand, st.avoided.get(&n.id), now, self.limits),
+                    reason: why_not(
+                        h,
+                        built.used.get(&h.id),
+                        n,
+                        demand,
+                        st.avoided.get(&n.id),
+                        now,
+                        self.limits,
+                    ),
                 });
             }
             let details: Vec<String> = examples
@@ -886,7 +904,14 @@ fn check_request(vm: &VmCreateRequest) -> Result<(), PlaceFailure> {
 #[derive(Debug, Default)]
 struct Built {
     hosts: Vec<Host>,
+    /// What each host already holds (its reported load), fed as `Input::Running`.
+    used: BTreeMap<HostId, Demand>,
     prefiltered: Vec<(NodeId, (&'static str, String))>,
+}
+
+/// The engine VM id standing for a host's reported load (far from the ids of requests).
+fn load_vm_id(h: HostId) -> dwcp_placement::VmId {
+    dwcp_placement::VmId(u64::MAX - h.0)
 }
 
 /// The placeable share of a node: donated, memory kept free taken off.
@@ -959,23 +984,29 @@ fn build_hosts(
             ));
             continue;
         }
-        let free = Allocation {
-            vcpus: cap.vcpus.saturating_sub(used.vcpus),
-            memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
-            disk_mib: cap.disk_mib.saturating_sub(used.disk_mib),
-            vms: 0,
-        };
         let gpus: u32 = n.resources.gpus.iter().map(|g| g.count).sum();
         let mut h = Host::new(
             host_id(n.id).0,
             Demand {
-                cpu_milli: u64::from(free.vcpus) * 1000,
-                mem_mib: free.memory_mib,
-                disk_gib: free.disk_mib / 1024,
+                cpu_milli: u64::from(cap.vcpus) * 1000,
+                mem_mib: cap.memory_mib,
+                disk_gib: cap.disk_mib / 1024,
                 gpus: u64::from(gpus),
                 net_mbps: 0,
             },
         );
+        // Held load beyond the share (a node over-committed, or a share that shrank) is
+        // clamped: the node is then simply full.
+        let load = Demand {
+            cpu_milli: (u64::from(used.vcpus) * 1000).min(h.capacity.cpu_milli),
+            mem_mib: used.memory_mib.min(h.capacity.mem_mib),
+            disk_gib: used.disk_mib.div_ceil(1024).min(h.capacity.disk_gib),
+            gpus: 0,
+            net_mbps: 0,
+        };
+        if load != Demand::default() {
+            b.used.insert(h.id, load);
+        }
         h.gpu_model = n.resources.gpus.first().map(|g| g.model.clone());
         h.region = n.region.clone();
         h.health = match n.status {
@@ -1041,6 +1072,7 @@ fn cover(mut caps: Vec<u64>, demand: u64) -> f64 {
 /// Why `host` (the engine's view of node `n`) cannot take `demand`, in operator terms.
 fn why_not(
     host: &Host,
+    used: Option<&Demand>,
     n: &NodeSnapshot,
     demand: &Allocation,
     avoided: Option<&(AvoidMode, Timestamp)>,
@@ -1061,7 +1093,13 @@ fn why_not(
         return "paused or draining".into();
     }
     let need = to_demand(demand).to_array();
-    let free = host.capacity.to_array();
+    let cap = host.capacity.to_array();
+    let used = used.copied().unwrap_or_default().to_array();
+    let free: Vec<u64> = cap
+        .iter()
+        .zip(used)
+        .map(|(c, u)| c.saturating_sub(u))
+        .collect();
     for (k, d) in Dim::ALL.iter().enumerate() {
         if need[k] > free[k] {
             let r = FilterReason::TooSmall {
@@ -1306,8 +1344,11 @@ mod tests {
         assert_eq!(b.hosts.len(), 1);
         assert_eq!(b.hosts[0].health, HostHealth::Unhealthy);
         let b = build_hosts(&nodes[..1], &[], LIMITS, &BTreeSet::new(), |_| HostId(7));
-        assert_eq!(b.hosts[0].capacity.cpu_milli, 3000);
-        assert_eq!(b.hosts[0].capacity.mem_mib, 500);
+        // Capacity is the placeable share (4 vCPU, 900 MiB); the held 1 vCPU / 400 MiB is load.
+        assert_eq!(b.hosts[0].capacity.cpu_milli, 4000);
+        assert_eq!(b.hosts[0].capacity.mem_mib, 900);
+        assert_eq!(b.used[&HostId(7)].cpu_milli, 1000);
+        assert_eq!(b.used[&HostId(7)].mem_mib, 400);
         assert_eq!(b.hosts[0].id, HostId(7));
         let ex = BTreeSet::from([nodes[0].id]);
         assert!(

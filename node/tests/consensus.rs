@@ -65,8 +65,16 @@ async fn wait_all(apis: &[String], victim: NodeId, votes: usize, quarantined: bo
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_four_node_committee_commits_quarantine_votes_identically() {
+/// Starts four nodes forming the genesis committee; `byzantine` marks node 3 as an equivocator
+/// (feature `byzantine` only).
+async fn committee(
+    byzantine: bool,
+) -> (
+    Vec<tempfile::TempDir>,
+    Vec<NodeId>,
+    Vec<RunningNode>,
+    Vec<String>,
+) {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let ids: Vec<NodeId> = dirs
         .iter()
@@ -86,6 +94,12 @@ async fn a_four_node_committee_commits_quarantine_votes_identically() {
         c.acp.pbft.view_change_timeout = Duration::from_secs(3);
         configs.push(c);
     }
+    if byzantine {
+        #[cfg(feature = "byzantine")]
+        {
+            configs[3].acp.byzantine = Some("equivocate".into());
+        }
+    }
     let boot = format!(
         "{}/p2p/{}",
         configs[0].network.listen[0],
@@ -100,10 +114,6 @@ async fn a_four_node_committee_commits_quarantine_votes_identically() {
     }
     let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
     assert!(nodes.iter().zip(&ids).all(|(n, i)| n.id == *i));
-
-    let s = status(&apis[0]).await;
-    assert_eq!((s.n, s.f, s.quorum), (4, 1, 3));
-    assert!(s.replica);
 
     // Wait for the mesh: every node knows the three others.
     let start = Instant::now();
@@ -125,6 +135,15 @@ async fn a_four_node_committee_commits_quarantine_votes_identically() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    (dirs, ids, nodes, apis)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_four_node_committee_commits_quarantine_votes_identically() {
+    let (_dirs, ids, nodes, apis) = committee(false).await;
+    let s = status(&apis[0]).await;
+    assert_eq!((s.n, s.f, s.quorum), (4, 1, 3));
+    assert!(s.replica);
 
     let victim = ids[3];
     // One vote (through node 1): committed everywhere, not enough to quarantine.
@@ -159,6 +178,65 @@ async fn a_four_node_committee_commits_quarantine_votes_identically() {
         "{text}"
     );
 
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// An equivocating member (it signs a second, conflicting prepare and commit for every slot
+/// and sends it to the others) is caught by the honest replicas, whose evidence commits and
+/// quarantines it on every honest node; probes keep committing with three honest replicas.
+#[cfg(feature = "byzantine")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_equivocating_member_is_quarantined_and_decisions_go_on() {
+    let (_dirs, ids, nodes, apis) = committee(true).await;
+    let byz = ids[3];
+    let start = Instant::now();
+    'outer: loop {
+        // Probes give the committee something to vote on.
+        let _ = reqwest::Client::new()
+            .post(format!("{}/v1/consensus/probe", apis[0]))
+            .send()
+            .await;
+        let mut all = true;
+        for api in &apis[..3] {
+            let rows = reputation(api).await;
+            all &= rows.iter().any(|r| r.node == byz && r.quarantined);
+        }
+        if all {
+            break 'outer;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the equivocator was not quarantined on every honest node: {:?}",
+            reputation(&apis[0]).await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let rows = reputation(&apis[1]).await;
+    let row = rows.iter().find(|r| r.node == byz).unwrap();
+    assert!(
+        row.offences.iter().any(|(k, _)| k == "equivocation"),
+        "{row:?}"
+    );
+    // No honest node was quarantined.
+    for api in &apis[..3] {
+        let rows = reputation(api).await;
+        assert!(
+            rows.iter().all(|r| r.node == byz || !r.quarantined),
+            "{rows:?}"
+        );
+    }
+    // Decisions go on.
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/consensus/probe", apis[1]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["committed"], true, "{r}");
     for n in nodes {
         n.stop().await;
     }

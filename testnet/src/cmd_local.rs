@@ -26,9 +26,17 @@ pub(crate) struct UpArgs {
     /// Silence after which a peer is unreachable.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     unreachable_after: Duration,
+    /// Nodes listen on QUIC only (needed for reliable `partition`s: see its help).
+    #[arg(long)]
+    quic_only: bool,
     /// How long to wait for every node to see every other as ready.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Make K committee members Byzantine with a strategy, e.g. `1:equivocate` (the last K
+    /// members of the genesis committee). Needs dwcp-node built with its `byzantine`
+    /// feature (`cargo build --workspace --bins --all-features`).
+    #[arg(long, value_parser = local::parse_byzantine)]
+    byzantine: Option<(usize, String)>,
 }
 
 /// `status` and `down`.
@@ -57,6 +65,8 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
     o.heartbeat_interval = a.heartbeat_interval;
     o.unreachable_after = a.unreachable_after;
     o.timeout = a.timeout;
+    o.quic_only = a.quic_only;
+    o.byzantine = a.byzantine;
     let started = std::time::Instant::now();
     let t = runtime()?.block_on(local::up(&o))?;
     println!(

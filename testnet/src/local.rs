@@ -92,6 +92,27 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Further `dwcp-node init` overrides for every node, e.g. `["--ass-interval", "1s"]`.
     pub node_args: Vec<String>,
+    /// Nodes listen on QUIC only (and reach the bootstrap peer over QUIC). Every packet then
+    /// leaves the node's own UDP socket, so address and port name the node at both ends,
+    /// which [`crate::partition`] needs: libp2p's TCP dials may use an ephemeral port from
+    /// 127.0.0.1, which names no node.
+    pub quic_only: bool,
+    /// `(K, strategy)`: the last K members of the genesis committee misbehave.
+    pub byzantine: Option<(usize, String)>,
+}
+
+/// Parses `K:strategy` (e.g. `1:equivocate`).
+pub fn parse_byzantine(s: &str) -> Result<(usize, String), String> {
+    let (k, strat) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: expected K:strategy, e.g. 1:equivocate"))?;
+    let k: usize = k
+        .parse()
+        .map_err(|_| format!("`{k}` is not a number of nodes"))?;
+    if strat != "equivocate" {
+        return Err(format!("unknown strategy `{strat}` (known: equivocate)"));
+    }
+    Ok((k, strat.to_owned()))
 }
 
 impl UpOptions {
@@ -106,6 +127,8 @@ impl UpOptions {
             unreachable_after: Duration::from_secs(5),
             timeout: Duration::from_secs(120),
             node_args: Vec::new(),
+            quic_only: false,
+            byzantine: None,
         })
     }
 }
@@ -241,11 +264,12 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         data_dir: bdir,
         p2p_port: bport,
     };
+    let want = if opts.quic_only { "/quic-v1" } else { "/tcp/" };
     let tcp_boot = baddrs
         .iter()
-        .find(|a| a.contains("/tcp/"))
+        .find(|a| a.contains(want))
         .cloned()
-        .ok_or_else(|| anyhow!("the bootstrap peer reported no TCP address"))?;
+        .ok_or_else(|| anyhow!("the bootstrap peer reported no {want} address"))?;
 
     let mut nodes = Vec::new();
     let mut testnet = Testnet {
@@ -257,7 +281,13 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         let ndir = opts.dir.join(format!("node-{i:03}"));
         let config = ndir.join("node.yaml");
         let ip = node_ip(i);
-        let (p2p, api, metrics) = (free_port_on(&ip)?, free_port()?, free_port()?);
+        // API and metrics bind port 0; the node reports what it got (endpoints.json), so no
+        // port is chosen here and lost to another process before the node binds it.
+        let p2p = free_port_on(&ip)?;
+        let mut listen = vec![format!("/ip4/{ip}/udp/{p2p}/quic-v1")];
+        if !opts.quic_only {
+            listen.insert(0, format!("/ip4/{ip}/tcp/{p2p}"));
+        }
         let out = Command::new(&node_bin)
             .arg("init")
             .arg("--config")
@@ -267,10 +297,9 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             .args(["--cluster-id", &opts.cluster_id])
             .args(["--region", &format!("local-{}", i % 3)])
             .args(["--bootstrap", &tcp_boot])
-            .args(["--listen", &format!("/ip4/{ip}/tcp/{p2p}")])
-            .args(["--listen", &format!("/ip4/{ip}/udp/{p2p}/quic-v1")])
-            .args(["--api-bind", &format!("127.0.0.1:{api}")])
-            .args(["--metrics-bind", &format!("127.0.0.1:{metrics}")])
+            .args(listen.iter().flat_map(|l| ["--listen", l.as_str()]))
+            .args(["--api-bind", "127.0.0.1:0"])
+            .args(["--metrics-bind", "127.0.0.1:0"])
             // No KVM probe per node: the probe boots a tiny guest, ten at once load the host.
             .args(["--hypervisor-accel", "tcg"])
             .args([
@@ -299,8 +328,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         let pid = 0;
         nodes.push(NodeEntry {
             id,
-            api: format!("http://127.0.0.1:{api}"),
-            metrics: format!("http://127.0.0.1:{metrics}"),
+            api: String::new(),
+            metrics: String::new(),
             pid,
             data_dir: ndir,
             config,
@@ -310,9 +339,34 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         });
     }
     let committee = genesis_committee(&nodes);
+    let byzantine: Vec<String> = match &opts.byzantine {
+        Some((k, _)) => {
+            let f = (committee.len() - 1) / 3;
+            if *k > f {
+                bail!(
+                    "{k} Byzantine members in a committee of {} (f = {f}): PBFT tolerates at most f",
+                    committee.len()
+                );
+            }
+            committee.iter().rev().take(*k).cloned().collect()
+        }
+        None => Vec::new(),
+    };
     for n in &mut nodes {
-        write_committee(&n.config, &committee)?;
+        let strategy = opts
+            .byzantine
+            .as_ref()
+            .filter(|_| byzantine.contains(&n.id))
+            .map(|(_, s)| s.as_str());
+        write_acp(&n.config, &committee, strategy)?;
         n.pid = start_node(&node_bin, &n.config, &n.log)?;
+    }
+    for n in &mut nodes {
+        let (api, metrics) = wait_endpoints(n, opts.timeout).await?;
+        n.api = format!("http://{api}");
+        n.metrics = format!("http://{metrics}");
+        // Restarts reuse the ports the node got.
+        pin_endpoints(&n.config, &api, &metrics)?;
     }
     testnet.nodes = nodes;
     write(&opts.dir, &testnet)?;
@@ -327,8 +381,9 @@ pub fn genesis_committee(nodes: &[NodeEntry]) -> Vec<String> {
     nodes.iter().take(3 * f + 1).map(|n| n.id.clone()).collect()
 }
 
-/// Sets `acp.committee` in a node's configuration file.
-fn write_committee(config: &Path, committee: &[String]) -> anyhow::Result<()> {
+/// Sets `acp.committee` (and `acp.byzantine` for a misbehaving node) in a node's
+/// configuration file.
+fn write_acp(config: &Path, committee: &[String], byzantine: Option<&str>) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let mut v: serde_yaml_ng::Value =
@@ -346,6 +401,54 @@ fn write_committee(config: &Path, committee: &[String]) -> anyhow::Result<()> {
         "committee".into(),
         serde_yaml_ng::Value::Sequence(committee.iter().map(|s| s.as_str().into()).collect()),
     );
+    if let Some(b) = byzantine {
+        acp.insert("byzantine".into(), b.into());
+    }
+    std::fs::write(config, serde_yaml_ng::to_string(&v)?)
+        .with_context(|| format!("writing {}", config.display()))
+}
+
+/// Waits for a started node to write the API and metrics addresses it bound.
+async fn wait_endpoints(n: &NodeEntry, timeout: Duration) -> anyhow::Result<(String, String)> {
+    let file = n.data_dir.join("endpoints.json");
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", file.display()))?;
+            let api = v["api"].as_str().map(str::to_owned);
+            let metrics = v["metrics"].as_str().map(str::to_owned);
+            if let (Some(a), Some(m)) = (api, metrics) {
+                return Ok((a, m));
+            }
+            bail!("{} names no API or metrics address", file.display());
+        }
+        if !is_ours(n.pid) {
+            bail!(
+                "node {} exited before listening; see {}",
+                n.id,
+                n.log.display()
+            );
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "node {} did not report its endpoints within {timeout:?}; see {}",
+                n.id,
+                n.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes the bound API and metrics addresses into a node's configuration file.
+fn pin_endpoints(config: &Path, api: &str, metrics: &str) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut v: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    v["api"]["rest"]["bind"] = api.into();
+    v["monitoring"]["prometheus"]["bind"] = metrics.into();
     std::fs::write(config, serde_yaml_ng::to_string(&v)?)
         .with_context(|| format!("writing {}", config.display()))
 }

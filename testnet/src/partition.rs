@@ -1,19 +1,18 @@
 //! Network partitions of a loopback testnet with iptables (Linux, root).
 //!
-//! Every node listens on its own loopback address and port (TCP and QUIC), and libp2p dials
-//! with port reuse: a TCP dial binds the listen port (on 0.0.0.0, so the kernel picks
-//! 127.0.0.1 as source address), a QUIC dial goes out of the listening UDP socket (source =
-//! the node's address and port). So the *port* names the node at both ends of every
-//! node-to-node packet, whichever transport and whoever dialled; the address does for QUIC.
+//! Every node listens on its own loopback address and port. A QUIC dial goes out of the
+//! listening UDP socket, so source address and port name the node at both ends of every QUIC
+//! packet. TCP does not: measured on the testnet, libp2p's TCP dials often leave from
+//! 127.0.0.1 and an ephemeral port (port reuse is not applied), which names no node, so a
+//! TCP connection dialled across the cut would survive it. Partitions are therefore only
+//! reliable on a testnet whose nodes listen on QUIC only (`up --quic-only`,
+//! [`crate::local::UpOptions::quic_only`]; `bench statesync --partition` does that).
 //! [`install`] puts DROP rules for every pair of groups into a dedicated chain, jumped to from
 //! `INPUT` (loopback packets pass `INPUT` once on delivery), matching by port (TCP and UDP)
 //! and by address. [`heal`] removes the jump and the chain; `down` and the benchmarks call it
 //! too, also on failure. The bootstrap peer belongs to the first group (it relays gossip, so
 //! leaving it on both sides would bridge the partition).
 //!
-//! A dial that cannot reuse its port (libp2p falls back to a fresh port when the same
-//! 4-tuple is taken) would escape the port rules; the address rules still catch its QUIC
-//! form, and [`install`]'s caller can check connections with `ss`.
 
 use std::process::Command;
 
@@ -64,8 +63,8 @@ pub fn parse_groups(spec: &str, n: usize) -> anyhow::Result<Vec<Vec<usize>>> {
             if a > b || b >= n {
                 bail!("group range {part} is not within 0..{n}");
             }
-            for i in a..=b {
-                if std::mem::replace(&mut seen[i], true) {
+            for (i, s) in seen.iter_mut().enumerate().take(b + 1).skip(a) {
+                if std::mem::replace(s, true) {
                     bail!("node {i} is in two groups");
                 }
                 group.push(i);

@@ -89,6 +89,9 @@ pub(crate) struct ConsensusArgs {
     jobs: usize,
 }
 
+/// One seed's report and the wall time it took, or why it could not run.
+type SeedResult = Result<(Report, f64), dwcp_sim::SimError>;
+
 /// Runs `scenario(seed)` for every seed on `jobs` threads; results in seed order with the
 /// wall time each seed took.
 fn run_seeds(
@@ -97,8 +100,7 @@ fn run_seeds(
     scenario: &(dyn Fn(u64) -> Scenario + Sync),
 ) -> anyhow::Result<Vec<(Report, f64)>> {
     let next = AtomicUsize::new(0);
-    let results: Mutex<BTreeMap<usize, Result<(Report, f64), dwcp_sim::SimError>>> =
-        Mutex::new(BTreeMap::new());
+    let results: Mutex<BTreeMap<usize, SeedResult>> = Mutex::new(BTreeMap::new());
     std::thread::scope(|s| {
         for _ in 0..jobs.clamp(1, 64) {
             s.spawn(|| {
@@ -110,6 +112,19 @@ fn run_seeds(
                     let t0 = Instant::now();
                     let r =
                         dwcp_sim::run(&scenario(*seed)).map(|r| (r, t0.elapsed().as_secs_f64()));
+                    // Progress on stderr, one line per seed, so a long sweep can be followed
+                    // (and its finished part read) while it runs.
+                    if let Ok((r, secs)) = &r {
+                        eprintln!(
+                            "seed {} {} passed={} live={} violations={} max_view={} {secs:.1} s",
+                            r.seed,
+                            r.strategy,
+                            r.passed(),
+                            r.live,
+                            r.violations.len(),
+                            r.max_view
+                        );
+                    }
                     if let Ok(mut m) = results.lock() {
                         m.insert(i, r);
                     }

@@ -75,10 +75,12 @@ impl Config {
         }
         if self.log_window < self.checkpoint_interval
             || !self.log_window.is_multiple_of(self.checkpoint_interval)
-            || self.log_window > MAX_PREPARED as u64
+            || 5 * self.log_window > MAX_PREPARED as u64
         {
+            // A replica prepares up to L above a stable checkpoint it knows of, which is at
+            // most 4L above its own: a view change may claim 5L slots, at most MAX_PREPARED.
             return Err(ConfigError::Invalid(
-                "log_window must be a multiple of checkpoint_interval, at most 1024",
+                "log_window must be a multiple of checkpoint_interval, at most 204",
             ));
         }
         if self.max_batch_bytes < 1024 || self.max_batch_bytes > 192 * 1024 {
@@ -1233,6 +1235,8 @@ impl Engine {
     }
 
     fn on_decided(&mut self, certs: Vec<CommitCertificate>) {
+        let before = self.last_exec;
+        let full = certs.len() == MAX_CERTS_PER_REPLY;
         for cert in certs {
             let Some(seq) = cert.seq_unverified() else {
                 continue;
@@ -1262,6 +1266,13 @@ impl Engine {
             .collect();
         for seq in ready {
             self.check_stable(seq);
+        }
+        // Catching up: ask for the next certificates right away instead of at the next tick,
+        // so a replica that is behind (or alone in a view change while the others keep
+        // committing) catches up faster than the others commit, before the certificates it
+        // needs leave their retention window.
+        if self.last_exec > before && (full || !self.active) {
+            self.send_fetch();
         }
     }
 
@@ -1960,7 +1971,10 @@ impl Engine {
             if self.last_exec >= o.min_s && self.exec_states.get(&o.min_s) == Some(&o.min_state) {
                 self.make_stable(o.min_s, o.min_state, o.min_proof);
             } else {
-                self.known_stable = self.known_stable.max(o.min_s);
+                // Bounded like checkpoints (on_checkpoint): prepared slots stay within 5L of
+                // our own stable checkpoint, all of which our view changes can claim.
+                let cap = self.low + 4 * self.cfg.log_window;
+                self.known_stable = self.known_stable.max(o.min_s.min(cap));
                 self.send_fetch();
             }
         }

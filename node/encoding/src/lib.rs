@@ -94,8 +94,8 @@
 //! is held. The Debian/SQLite guest rewrites every 10th row between its captures, so
 //! held pages alone gave 0.49 ×; XOR deltas against the page held at the same page key
 //! (8,598 pages) brought it to 0.295 ×, and zstd patches against two similar held pages
-//! found by content-defined anchors (7,969 pages: copies of database pages in the freed
-//! heap of the process that ran the update, shifted by the allocator's header, so no
+//! found by content-defined anchors (7,969 pages: database page images at new places,
+//! apparently the freed heap of the process that ran the update, shifted so that no
 //! aligned block matches) to **0.130 ×** (raw) and 0.134 × (stream). Of the 10.1 MB
 //! second transfer, 2.3 MB are the 32-byte hash offers.
 //!

@@ -60,6 +60,15 @@ pub enum Input {
         /// The VM.
         vm: Vm,
     },
+    /// A VM already runs on `host` (placed elsewhere, or before this engine started): its
+    /// demand counts against the host from now on, so online decisions see how full hosts
+    /// are. Recording the same VM id again moves or resizes it.
+    Running {
+        /// The VM (or an aggregate standing for a host's reported load).
+        vm: Vm,
+        /// Its host.
+        host: HostId,
+    },
     /// A VM stopped or left.
     VmStopped(VmId),
     /// A proposed migration finished: the VM now runs on `to`.
@@ -207,6 +216,18 @@ impl Engine {
                 }
                 Err(error) => self.emit(Command::Rejected { request_id, error }),
             },
+            Input::Running { vm, host } => {
+                self.placer.remove(vm.id);
+                if self.placer.record(&vm, host) {
+                    self.vms.insert(vm.id, vm);
+                } else {
+                    self.vms.remove(&vm.id);
+                    self.emit(Command::InputRejected(format!(
+                        "running {} on unknown {host}",
+                        vm.id
+                    )));
+                }
+            }
             Input::VmStopped(vm) => {
                 self.placer.remove(vm);
                 self.vms.remove(&vm);
@@ -357,6 +378,60 @@ mod tests {
         (0..4)
             .map(|i| Host::new(i, Resources::cpu_mem(8, 32 * 1024)))
             .collect()
+    }
+
+    #[test]
+    fn running_load_makes_online_decisions_pack_onto_used_hosts() {
+        let mut e = Engine::new(EngineConfig::default(), Timestamp(0));
+        e.handle(Timestamp(0), Input::Hosts(hosts()));
+        // Host 2 already carries load reported by its node.
+        e.handle(
+            Timestamp(0),
+            Input::Running {
+                vm: Vm::new(1_000, Resources::cpu_mem(4, 8 * 1024)),
+                host: HostId(2),
+            },
+        );
+        assert_eq!(e.poll_command(), None);
+        e.handle(
+            Timestamp(1),
+            Input::Place {
+                request_id: 1,
+                vm: Vm::new(1, Resources::cpu_mem(2, 4 * 1024)),
+            },
+        );
+        let Some(Command::Placed { decision, .. }) = e.poll_command() else {
+            panic!("no placement")
+        };
+        assert_eq!(decision.host, HostId(2), "packs next to the running load");
+        // The load grows past what host 2 can add: the next VM goes elsewhere.
+        e.handle(
+            Timestamp(2),
+            Input::Running {
+                vm: Vm::new(1_000, Resources::cpu_mem(6, 28 * 1024)),
+                host: HostId(2),
+            },
+        );
+        e.handle(
+            Timestamp(3),
+            Input::Place {
+                request_id: 2,
+                vm: Vm::new(2, Resources::cpu_mem(2, 4 * 1024)),
+            },
+        );
+        let Some(Command::Placed { decision, .. }) = e.poll_command() else {
+            panic!("no placement")
+        };
+        assert_ne!(decision.host, HostId(2), "host 2 is full");
+        // Load on a host the engine does not know is refused, not silently dropped.
+        e.handle(
+            Timestamp(4),
+            Input::Running {
+                vm: Vm::new(1_001, Resources::cpu_mem(1, 1024)),
+                host: HostId(99),
+            },
+        );
+        assert!(matches!(e.poll_command(), Some(Command::InputRejected(_))));
     }
 
     #[test]

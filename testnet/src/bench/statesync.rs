@@ -270,20 +270,18 @@ async fn measure(t: &Testnet, a: &Args, r: &mut Report, say: &dyn Fn(&str)) -> a
         tokio::time::sleep(p).await;
         let polls = poll_all(&c, t).await;
         let half = |i: usize| usize::from(i >= n / 2);
-        r.cross_lag_at_heal_ms = polls
-            .iter()
-            .enumerate()
-            .filter_map(|(o, p)| p.as_ref().map(|(_, s)| (o, s)))
-            .flat_map(|(o, s)| {
-                s.rows
-                    .iter()
-                    .filter(move |row| {
-                        idx.get(&row.node.to_string())
-                            .is_some_and(|&au| half(au) != half(o))
-                    })
-                    .filter_map(|row| row.lag_ms)
-            })
-            .max();
+        let mut cross = None;
+        for (o, p) in polls.iter().enumerate() {
+            let Some((_, s)) = p else { continue };
+            for row in &s.rows {
+                if let (Some(&au), Some(l)) = (idx.get(&row.node.to_string()), row.lag_ms)
+                    && half(au) != half(o)
+                {
+                    cross = Some(cross.unwrap_or(0).max(l));
+                }
+            }
+        }
+        r.cross_lag_at_heal_ms = cross;
         // The newest heartbeat of each author anywhere at heal time.
         let mut target: BTreeMap<usize, i64> = BTreeMap::new();
         for ((_, au), e) in estimates(&polls, &idx) {
@@ -346,6 +344,8 @@ pub(crate) fn run(a: Args) -> anyhow::Result<()> {
         opts.bin_dir = b.clone();
     }
     opts.timeout = Duration::from_secs(300);
+    // Partitions need every packet to name its node (see dwcp_testnet::partition).
+    opts.quic_only = a.partition.is_some();
     opts.node_args = vec![
         "--ass-interval".into(),
         humantime::format_duration(a.interval).to_string(),

@@ -12,6 +12,12 @@ use super::{Api, Output, print_json, table};
 pub(crate) enum ConsensusCmd {
     /// The committee, the view, its primary and progress.
     QuorumStatus,
+    /// Commit no-op requests through consensus and print how long each took.
+    Probe {
+        /// How many, one after the other.
+        #[arg(long, default_value_t = 5)]
+        count: u32,
+    },
     /// One node's part in consensus: committee seat, primary or not, offences on record.
     Analyze {
         /// Node id, peer id or unique hex prefix.
@@ -125,6 +131,27 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                     })
                     .collect(),
             );
+        }
+        ConsensusCmd::Probe { count } => {
+            let mut ms = Vec::new();
+            for i in 0..count {
+                let v: serde_json::Value = api.post("/v1/consensus/probe", None).await?;
+                let l = v["latency_ms"].as_f64().unwrap_or(f64::NAN);
+                if out != Output::Json {
+                    println!("probe {}: committed in {l:.1} ms", i + 1);
+                }
+                ms.push(l);
+            }
+            ms.sort_by(f64::total_cmp);
+            if out == Output::Json {
+                return print_json(&serde_json::json!({ "latency_ms": ms }));
+            }
+            if let (Some(min), Some(max)) = (ms.first(), ms.last()) {
+                println!(
+                    "min {min:.1} ms, median {:.1} ms, max {max:.1} ms",
+                    ms[ms.len() / 2]
+                );
+            }
         }
         ConsensusCmd::Analyze { node } => {
             let id = resolve(api, &node).await?;
