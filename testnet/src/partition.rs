@@ -162,6 +162,70 @@ fn install_rules(chain: &str, sides: &[Side]) -> anyhow::Result<()> {
             }
         }
     }
+    // A dial from a fresh socket (libp2p uses one for AutoNAT dial-backs and dials that do not
+    // reuse the listen port) leaves from 127.0.0.1 and an ephemeral port, which names no node:
+    // while the partition holds, such packets to or from a node's port are dropped too
+    // (sub-chain `<chain>-I`: destination is a node port, source is not; `<chain>-O`: the
+    // reverse).
+    let all: Vec<String> = sides.iter().flat_map(|s| s.ports.iter().cloned()).collect();
+    let (ci, co) = (format!("{chain}-I"), format!("{chain}-O"));
+    ipt_ok(&["-N", &ci])?;
+    ipt_ok(&["-N", &co])?;
+    for ports in all.chunks(15) {
+        let ports = ports.join(",");
+        for proto in ["tcp", "udp"] {
+            ipt_ok(&[
+                "-A",
+                &ci,
+                "-p",
+                proto,
+                "-m",
+                "multiport",
+                "--sports",
+                &ports,
+                "-j",
+                "RETURN",
+            ])?;
+            ipt_ok(&[
+                "-A",
+                &co,
+                "-p",
+                proto,
+                "-m",
+                "multiport",
+                "--dports",
+                &ports,
+                "-j",
+                "RETURN",
+            ])?;
+            ipt_ok(&[
+                "-A",
+                chain,
+                "-p",
+                proto,
+                "-m",
+                "multiport",
+                "--dports",
+                &ports,
+                "-j",
+                &ci,
+            ])?;
+            ipt_ok(&[
+                "-A",
+                chain,
+                "-p",
+                proto,
+                "-m",
+                "multiport",
+                "--sports",
+                &ports,
+                "-j",
+                &co,
+            ])?;
+        }
+    }
+    ipt_ok(&["-A", &ci, "-j", "DROP"])?;
+    ipt_ok(&["-A", &co, "-j", "DROP"])?;
     ipt_ok(&["-I", "INPUT", "-j", chain])?;
     Ok(())
 }
@@ -184,6 +248,12 @@ pub fn heal(t: &Testnet) -> anyhow::Result<()> {
     if exists {
         ipt_ok(&["-F", &chain])?;
         ipt_ok(&["-X", &chain])?;
+    }
+    for sub in [format!("{chain}-I"), format!("{chain}-O")] {
+        if ipt(&["-n", "-L", &sub]).is_ok_and(|o| o.status.success()) {
+            ipt_ok(&["-F", &sub])?;
+            ipt_ok(&["-X", &sub])?;
+        }
     }
     Ok(())
 }

@@ -418,12 +418,16 @@ fn default_cfg() -> SenderConfig {
     c
 }
 
+/// What a second capture cost: the fields `cross_transfer` fills in order (bytes and counts of
+/// the transfer, the (offer, reply) bytes, the speed, and whether the round trip was exact).
+type CrossFigures = (u64, u64, u64, u64, u64, (u64, u64), f64, bool);
+
 fn cross_transfer(
     first: &[u8],
     second: &[u8],
     stream: bool,
     level: i32,
-) -> anyhow::Result<(u64, u64, u64, u64, u64, (u64, u64), f64, bool)> {
+) -> anyhow::Result<CrossFigures> {
     let store: Box<dyn dwcp_encoding::PageStore + Send> = Box::new(MemoryPageStore::new(
         dwcp_encoding::store::DEFAULT_CAPACITY_BYTES,
     ));
