@@ -1116,10 +1116,12 @@ fn why_not(
 /// A readable reason kind for error messages.
 fn describe_kind(k: &str) -> String {
     if let Some(d) = k.strip_prefix("too-small:") {
-        return format!("without enough free donated {d}");
+        return format!("whose whole donated {d} is too small");
     }
     if let Some(d) = k.strip_prefix("full:") {
-        return format!("with {d} full");
+        // The engine counts hosts short of free CPU from its index without telling a full
+        // host from one too small; the per-node lines that follow say which.
+        return format!("without enough free {d}");
     }
     match k {
         "no-hypervisor" => "running no hypervisor".into(),
@@ -1397,8 +1399,9 @@ mod tests {
         assert!(t.contains("too small") && t.contains("donated"), "{t}");
         assert_eq!(
             describe_kind("too-small:memory"),
-            "without enough free donated memory"
+            "whose whole donated memory is too small"
         );
+        assert_eq!(describe_kind("full:cpu"), "without enough free cpu");
     }
 
     #[test]
