@@ -420,7 +420,20 @@ mod tests {
             exercise(&mut s);
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        // sled's background flusher may hold the file lock for a moment after the handle is
+        // dropped: retry the reopen instead of failing on that race.
+        let mut tries = 0;
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopening the sled store: {e}"),
+            }
+        };
         // Reopened with a smaller bound: the oldest page goes.
         let mut s = SledPageStore::open(&db, 2 * PAGE_SIZE as u64).unwrap();
         assert_eq!(s.len(), 2);
