@@ -55,8 +55,9 @@ impl IntoResponse for Failure {
     }
 }
 
-fn err(code: StatusCode, msg: impl Into<String>) -> Response {
-    Failure(code, msg.into()).into_response()
+/// An error answer of any route (the statesync and consensus routes use it too).
+pub(crate) fn err(code: StatusCode, msg: impl std::fmt::Display) -> Response {
+    Failure(code, msg.to_string()).into_response()
 }
 
 /// The API router.

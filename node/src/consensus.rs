@@ -53,9 +53,7 @@ use dwcp_consensus::{
     Command, Committee, ConsensusMsg, Engine, Input, Offence, Request, committee::CommitteeError,
 };
 use dwcp_net::{Client, GossipMessage, PeerId, Service, Validation};
-use dwcp_protocol::{
-    MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified, api::ApiError,
-};
+use dwcp_protocol::{MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
 use dwcp_reputation::{EVIDENCE_OP_TAG, Evidence};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
@@ -1026,15 +1024,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/v1/reputation/quarantine", post(api_quarantine))
 }
 
-fn fail(code: StatusCode, msg: impl std::fmt::Display) -> Response {
-    (
-        code,
-        Json(ApiError {
-            error: msg.to_string(),
-        }),
-    )
-        .into_response()
-}
+use crate::api::err as fail;
 
 fn off() -> Response {
     fail(
@@ -1235,7 +1225,12 @@ mod tests {
                 .map(|k| (s.score(&k.node_id()), s.is_quarantined(&k.node_id())))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(run(), run());
+        let a = run();
+        assert_eq!(a, run());
+        // And that state is the rule's outcome, not merely repeatable: three distinct voters
+        // (>= f+1) quarantine node 3, nobody else is touched.
+        assert_eq!(a[3], (1.0, true), "{a:?}");
+        assert!(a[..3].iter().all(|x| *x == (1.0, false)), "{a:?}");
     }
 
     #[test]

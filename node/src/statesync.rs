@@ -38,8 +38,8 @@ use dwcp_net::{Client, GossipMessage, PeerId, ReplyHandle, Service, Validation};
 use dwcp_protocol::{
     HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey, Timestamp,
     api::{
-        ApiError, ForceSyncRequest, GossipStatus, SyncChecksum, SyncLagRow, SyncLagStatus,
-        SyncSessionRow, SyncVerdict, SyncVerifyReport, SyncVerifyRow,
+        ForceSyncRequest, GossipStatus, SyncChecksum, SyncLagRow, SyncLagStatus, SyncSessionRow,
+        SyncVerdict, SyncVerifyReport, SyncVerifyRow,
     },
 };
 use dwcp_statesync::{
@@ -850,15 +850,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/v1/gossip/status", get(api_gossip_status))
 }
 
-fn fail(code: StatusCode, msg: impl std::fmt::Display) -> Response {
-    (
-        code,
-        Json(ApiError {
-            error: msg.to_string(),
-        }),
-    )
-        .into_response()
-}
+use crate::api::err as fail;
 
 fn not_running() -> Response {
     fail(StatusCode::SERVICE_UNAVAILABLE, "state sync is not running")

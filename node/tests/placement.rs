@@ -41,31 +41,6 @@ async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
     .unwrap()
 }
 
-/// Kills processes whose command line mentions the test's directory when the test ends, so
-/// a failing test leaves no QEMU behind.
-struct KillLeftovers(std::path::PathBuf);
-
-impl Drop for KillLeftovers {
-    fn drop(&mut self) {
-        let needle = self.0.to_string_lossy().into_owned();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmd).contains(&needle) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-}
-
 fn node_config(cpu_percent: u8, memory_percent: u8) -> NodeConfig {
     let mut c = loopback_config("placement-test");
     c.hypervisor.accel = AccelSetting::Tcg;
@@ -83,7 +58,7 @@ fn node_config(cpu_percent: u8, memory_percent: u8) -> NodeConfig {
 async fn a_vm_lands_on_the_node_with_room_and_boots_there() {
     let guest = TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
     let root = tempfile::tempdir().unwrap();
-    let _cleanup = KillLeftovers(root.path().to_path_buf());
+    let _cleanup = common::KillLeftovers(root.path().to_path_buf());
     let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();

@@ -47,36 +47,11 @@ async fn console(api: &str, vm: &str) -> String {
         .1
 }
 
-/// Kills every process whose command line mentions the test's directory when the test ends,
-/// so a failing test leaves no QEMU behind (a passing one deletes its VM itself).
-struct KillLeftovers(std::path::PathBuf);
-
-impl Drop for KillLeftovers {
-    fn drop(&mut self) {
-        let needle = self.0.to_string_lossy().into_owned();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmd).contains(&needle) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_through_the_node_api() {
     let guest = TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
-    let _cleanup = KillLeftovers(dir.path().to_path_buf());
+    let _cleanup = common::KillLeftovers(dir.path().to_path_buf());
     let mut c = loopback_config("vm-test");
     c.hypervisor.accel = AccelSetting::Tcg;
     // Lend exactly 1 vCPU and 512 MiB, whatever the host has.

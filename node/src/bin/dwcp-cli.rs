@@ -228,29 +228,7 @@ impl Api {
 
     /// A raw body (e.g. an export), with the same error handling as JSON calls.
     async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let url = format!("{}{path}", self.base);
-        let resp = self.http.get(&url).send().await.map_err(|e| {
-            if e.is_connect() || e.is_timeout() {
-                anyhow!(
-                    "cannot reach the node API at {}: is dwcp-node running?",
-                    self.base
-                )
-            } else {
-                anyhow!("request to {url} failed: {e}")
-            }
-        })?;
-        let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .with_context(|| format!("reading the answer of {url}"))?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(anyhow!("{msg}"));
-        }
-        Ok(body.to_vec())
+        self.raw(reqwest::Method::GET, path, None).await
     }
 
     async fn post<T: DeserializeOwned>(
@@ -267,6 +245,23 @@ impl Api {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<T> {
+        let body = self.raw(method, path, body).await?;
+        let body = if body.is_empty() {
+            &b"null"[..]
+        } else {
+            &body[..]
+        };
+        serde_json::from_slice(body)
+            .with_context(|| format!("unexpected answer from {}{path}", self.base))
+    }
+
+    /// Sends a request; the answer's body, or the node's error message as the error.
+    async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<Vec<u8>> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(b) = body {
@@ -293,12 +288,7 @@ impl Api {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
             return Err(anyhow!("{msg}"));
         }
-        let body = if body.is_empty() {
-            &b"null"[..]
-        } else {
-            &body[..]
-        };
-        serde_json::from_slice(body).with_context(|| format!("unexpected answer from {url}"))
+        Ok(body.to_vec())
     }
 }
 

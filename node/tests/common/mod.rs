@@ -88,3 +88,29 @@ impl RunningNode {
             .unwrap();
     }
 }
+
+/// Kills every process whose command line mentions the test's directory when the test ends,
+/// so a failing test leaves no QEMU behind (a passing one deletes its VM itself).
+#[allow(dead_code)] // only the tests that boot guests use it
+pub(crate) struct KillLeftovers(pub(crate) std::path::PathBuf);
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmd).contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
