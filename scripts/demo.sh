@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: builds DWCP, brings up a local testnet (one bootstrap peer and N real
 # dwcp-node processes on loopback), shows the mesh, the replicated cluster document (ASS) and
-# PBFT agreement with reputation (ACP) through dwcp-cli and the Prometheus endpoint, places and
+# PBFT agreement with reputation (ACP) through dwcp-cli and the Prometheus endpoint, an AMST
+# speed test between two nodes, places and
 # boots a real guest (ITP + QEMU), runs the deterministic PBFT simulator, then keeps the
 # testnet up until Ctrl-C (or exits at once with --no-wait) and stops every process it started.
 #
@@ -50,6 +51,10 @@ sleep 3
 "$BIN/dwcp-cli" --api "$API" reputation list || true
 echo; echo "== Prometheus: $METRICS/metrics (excerpt)"
 curl -s "$METRICS/metrics" | grep -E '^dwcp_(cluster_workers|gossip_messages_received|net_peers|state_sync_max_lag|consensus_decisions|reputation_quarantined|pbft_view)' || true
+echo; echo "== AMST: node 0 sends to node 1 for 3 s, one noise-authenticated TCP connection per stream"
+SECOND=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][1]['id'])" "$DIR/testnet.json")
+"$BIN/dwcp-cli" --api "$API" network speedtest --target "$SECOND" --duration 3s || true
+"$BIN/dwcp-cli" --api "$API" amst status || true
 echo; echo "== a VM placed by node 0 (ITP) and booted under QEMU: the test guest (Debian cloud kernel + busybox)"
 scripts/build-guest.sh >/dev/null
 . "${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/guest/guest.env"

@@ -215,6 +215,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "pba_lstm.onnx"))
     ap.add_argument("--metrics", default=os.path.join(HERE, "metrics.json"))
     ap.add_argument("--golden", default=os.path.join(HERE, "golden"))
+    ap.add_argument(
+        "--split-out",
+        default=os.path.join(HERE, "validation_traces.txt"),
+        help="where the validation split is written (a node's retrain writes beside its job)",
+    )
     args = ap.parse_args()
 
     traces = data.load_derived(args.traces)
@@ -254,7 +259,7 @@ def main():
             f,
             indent=1,
         )
-    with open(os.path.join(HERE, "validation_traces.txt"), "w", encoding="utf-8") as f:
+    with open(args.split_out, "w", encoding="utf-8") as f:
         f.write("\n".join(sorted(val)) + "\n")
     golden.write(params, val, args.golden)
 

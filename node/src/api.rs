@@ -20,6 +20,9 @@
 //! | `GET /v1/placement/avoid` | `[AvoidView]` |
 //! | `POST /v1/placement/avoid` | [`AvoidNodeRequest`] -> [`AvoidView`] (`placement avoid-node`; local to this node) |
 //! | `POST /v1/placement/solver` | [`SetSolverRequest`] -> [`SolverSettingsView`] (`placement set-solver`) |
+//! | `GET /v1/pba/metrics` | [`crate::pba::PbaStatus`] (`pba metrics`: accuracy, model or fallback, samples, retrain) |
+//! | `GET /v1/pba/predictions?node=N` | `[`[`crate::pba::LinkPredictions`]`]`: every link, or node N's (`pba predictions`) |
+//! | `POST /v1/pba/retrain` | [`crate::pba::RetrainRequest`] -> 202 [`crate::pba::RetrainStatus`] (`pba retrain`; 409 running, 422 with the reason it cannot run) |
 //! | `GET /metrics` (metrics port) | Prometheus text |
 
 use std::sync::Arc;
@@ -82,6 +85,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/placement/solver", post(placement_solver))
         .merge(crate::statesync::routes())
         .merge(crate::consensus::routes())
+        .merge(crate::pba::routes())
+        .merge(crate::amst::routes())
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(shared)
 }

@@ -31,9 +31,22 @@
 //! placement:                      # ITP (manual 2.2.5)
 //!   constraints: { max_vms_per_node: 100, min_free_memory_percent: 10 }
 //!   solver: { target_optimality: 1.0 }  # max_time: 5s bounds re-plans
+//! pba:                             # bandwidth forecasts (manual 2.2.3)
+//!   model: { path: "", prediction_horizon: 30s }  # empty path: retrained, installed or source model
+//!   samples: { max_links: 64, max_mib_per_link: 4, segment_kib: 256 }
+//!   training: { min_samples: 10000, epochs: 12, python: python3, timeout: 4h }
+//!   accuracy_threshold: 0.70
 //! acp:                             # agreement (manual 2.2.6)
 //!   committee: [<node id>, ...]    # genesis committee, 3f+1 ids, same on every node; empty: off
 //!   pbft: { checkpoint_interval: 100, view_change_timeout: 10s }
+//! transport:
+//!   amst:                          # multi-stream bulk transfers (manual 2.2.1)
+//!     listen: 0.0.0.0:0            # port 0: any free port; behind NAT pick one and open it
+//!     streams: { min: 4, max: 16, default: 8 }
+//!     congestion_control: auto     # auto (bbr where offered) | system | bbr | cubic | ...
+//!     reordering_buffer: 16MB
+//!     timeout: 30s
+//!     max_incoming: 8
 //! hypervisor:
 //!   enabled: true
 //!   accel: auto                    # auto | kvm | tcg
@@ -73,6 +86,139 @@ pub struct NodeConfig {
     pub acp: AcpSection,
     /// VM placement (ITP, manual section 2.2.5).
     pub placement: PlacementSection,
+    /// Bandwidth forecasts (PBA, manual section 2.2.3).
+    pub pba: PbaSection,
+    /// Bulk transfers (AMST, manual sections 2.2.1 and 3.2).
+    pub transport: TransportSection,
+}
+
+/// `transport:` (manual section 3.2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportSection {
+    /// Multi-stream transfers.
+    pub amst: AmstSection,
+}
+
+/// `transport.amst:` (manual section 2.2.1): multi-stream bulk transfers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmstSection {
+    /// TCP address of the AMST listener. Port 0 picks a free port (peers learn it from each
+    /// transfer offer); behind NAT or a firewall, choose a fixed port and open it.
+    pub listen: SocketAddr,
+    /// Stream bounds.
+    pub streams: AmstStreams,
+    /// `TCP_CONGESTION` of every stream's socket: `auto` (BBR where the host offers it,
+    /// else the system default), `system`, or a controller name (`bbr`, `cubic`, ...). A
+    /// controller the host does not offer (the manual's `bbr2` on a mainline kernel) falls
+    /// back to `auto` with a warning.
+    pub congestion_control: String,
+    /// Receiver reorder buffer and sender window, e.g. `16MB` (binary units: 16 MiB).
+    pub reordering_buffer: ByteSize,
+    /// A transfer with no working stream for this long fails.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Incoming transfers accepted at once.
+    pub max_incoming: usize,
+}
+
+impl Default for AmstSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            streams: AmstStreams::default(),
+            congestion_control: "auto".into(),
+            reordering_buffer: ByteSize(16 << 20),
+            timeout: Duration::from_secs(30),
+            max_incoming: 8,
+        }
+    }
+}
+
+/// `transport.amst.streams:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmstStreams {
+    /// Fewest streams.
+    pub min: usize,
+    /// Most streams.
+    pub max: usize,
+    /// Streams at the start of a transfer.
+    pub default: usize,
+}
+
+impl Default for AmstStreams {
+    fn default() -> Self {
+        Self {
+            min: 4,
+            max: 16,
+            default: 8,
+        }
+    }
+}
+
+/// A byte count written as a number of bytes or with a unit: `16MB`, `16 MiB`, `512KB`,
+/// `1G`. Units are binary (K = 1024), as the manual's sizes mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `16MB`, `16MiB`, `16 M`, `4096`.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .with_context(|| format!("`{s}` is not a size (e.g. 16MB)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            other => bail!("`{s}`: unknown size unit `{other}` (use B, KB, MB or GB)"),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .with_context(|| format!("`{s}` is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
+            write!(f, "{}GB", b >> 30)
+        } else if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+            write!(f, "{}MB", b >> 20)
+        } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
+            write!(f, "{}KB", b >> 10)
+        } else {
+            write!(f, "{b}")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `placement:` (manual sections 2.2.5 and 3.2): how this node places the VMs it is asked to
@@ -122,6 +268,116 @@ impl Default for PlacementSolver {
         Self {
             max_time: None,
             target_optimality: 1.0,
+        }
+    }
+}
+
+/// `pba:` (manual section 2.2.3): link forecasts, the recorded samples and retraining. The
+/// manual's `model.type`, `layers` and `sequence_length` describe the model file, not
+/// settings: the shipped model's shape is in `models/MODEL_CARD.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PbaSection {
+    /// Run PBA at all.
+    pub enabled: bool,
+    /// The model.
+    pub model: PbaModel,
+    /// The on-disk sample series (`<data_dir>/pba/links/<peer>/`).
+    pub samples: PbaSamples,
+    /// `dwcp-cli pba retrain`.
+    pub training: PbaTraining,
+    /// `pba metrics` flags accuracy below this (manual: 0.70).
+    pub accuracy_threshold: f64,
+}
+
+impl Default for PbaSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            model: PbaModel::default(),
+            samples: PbaSamples::default(),
+            training: PbaTraining::default(),
+            accuracy_threshold: 0.70,
+        }
+    }
+}
+
+/// `pba.model:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PbaModel {
+    /// ONNX model file. Empty: a model retrained on this node
+    /// (`<data_dir>/pba/model/pba_lstm.onnx`), else the installed one
+    /// (`/usr/share/dwcp/models/pba_lstm.onnx`), else `models/pba_lstm.onnx` of the source
+    /// tree the binary was built from. No model (or a node built without the `onnx`
+    /// feature): forecasts come from the best baseline, and `pba metrics` says so.
+    pub path: PathBuf,
+    /// The horizon placement reads (30s, 60s, 120s or 300s); every horizon is forecast.
+    #[serde(with = "humantime_serde")]
+    pub prediction_horizon: Duration,
+}
+
+impl Default for PbaModel {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            prediction_horizon: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `pba.samples:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PbaSamples {
+    /// Links tracked (and sample directories kept); the least recently heard goes first.
+    pub max_links: usize,
+    /// Sample files per link are trimmed to this many MiB (about 25,000 samples per MiB).
+    pub max_mib_per_link: u64,
+    /// One sample file is closed at this many KiB.
+    pub segment_kib: u64,
+}
+
+impl Default for PbaSamples {
+    fn default() -> Self {
+        Self {
+            max_links: 64,
+            max_mib_per_link: 4,
+            segment_kib: 256,
+        }
+    }
+}
+
+/// `pba.training:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PbaTraining {
+    /// A retrain needs at least this many recorded bandwidth samples (manual: 10000).
+    pub min_samples: u64,
+    /// Training epochs.
+    pub epochs: u32,
+    /// Python interpreter with the packages of `models/requirements.txt`.
+    pub python: PathBuf,
+    /// The `models/` directory (holding `pba/train.py`). Empty: the source tree's, else
+    /// `/usr/share/dwcp/models`.
+    pub models_dir: PathBuf,
+    /// The public traces (holding `derived_5s/`). Empty: `$DWCP_TRACES`, else
+    /// `<models_dir>/../../shared/data/traces`.
+    pub traces_dir: PathBuf,
+    /// A training run taking longer is stopped.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for PbaTraining {
+    fn default() -> Self {
+        Self {
+            min_samples: 10_000,
+            epochs: 12,
+            python: "python3".into(),
+            models_dir: PathBuf::new(),
+            traces_dir: PathBuf::new(),
+            timeout: Duration::from_secs(4 * 3600),
         }
     }
 }
@@ -606,6 +862,46 @@ impl NodeConfig {
         if a.persist_interval.is_zero() {
             bail!("ass.persist_interval must be positive");
         }
+        let t = &self.transport.amst;
+        if !(1 <= t.streams.min
+            && t.streams.min <= t.streams.default
+            && t.streams.default <= t.streams.max
+            && t.streams.max <= 64)
+        {
+            bail!(
+                "transport.amst.streams must satisfy 1 <= min ({}) <= default ({}) <= max ({}) <= 64",
+                t.streams.min,
+                t.streams.default,
+                t.streams.max
+            );
+        }
+        if !((1 << 20)..=(1 << 30)).contains(&t.reordering_buffer.0) {
+            bail!(
+                "transport.amst.reordering_buffer must be 1MB to 1GB, got {}",
+                t.reordering_buffer
+            );
+        }
+        if t.timeout < Duration::from_secs(1) {
+            bail!("transport.amst.timeout must be at least 1s");
+        }
+        if t.max_incoming == 0 || t.max_incoming > 256 {
+            bail!(
+                "transport.amst.max_incoming must be 1 to 256, got {}",
+                t.max_incoming
+            );
+        }
+        if t.congestion_control.is_empty()
+            || t.congestion_control.len() > 15
+            || !t
+                .congestion_control
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            bail!(
+                "transport.amst.congestion_control `{}` is not a controller name (auto, system, bbr, cubic, ...)",
+                t.congestion_control
+            );
+        }
         let p = &self.acp.pbft;
         if p.checkpoint_interval == 0 {
             bail!("acp.pbft.checkpoint_interval must be positive");
@@ -644,6 +940,39 @@ impl NodeConfig {
         }
         if p.solver.max_time.is_some_and(|d| d.is_zero()) {
             bail!("placement.solver.max_time must be positive");
+        }
+        let b = &self.pba;
+        if ![30, 60, 120, 300].contains(&b.model.prediction_horizon.as_secs())
+            || b.model.prediction_horizon.subsec_nanos() != 0
+        {
+            bail!(
+                "pba.model.prediction_horizon must be 30s, 60s, 120s or 300s, got {:?}",
+                b.model.prediction_horizon
+            );
+        }
+        if b.samples.max_links == 0 || b.samples.max_links > 4096 {
+            bail!("pba.samples.max_links must be 1 to 4096");
+        }
+        if b.samples.segment_kib == 0 || b.samples.segment_kib > 64 * 1024 {
+            bail!("pba.samples.segment_kib must be 1 to 65536");
+        }
+        if b.samples.max_mib_per_link.saturating_mul(1024) < 2 * b.samples.segment_kib {
+            bail!("pba.samples.max_mib_per_link must hold two segments (segment_kib)");
+        }
+        if !(b.accuracy_threshold > 0.0 && b.accuracy_threshold <= 1.0) {
+            bail!(
+                "pba.accuracy_threshold must be in (0, 1], got {}",
+                b.accuracy_threshold
+            );
+        }
+        if b.training.min_samples < 100 {
+            bail!("pba.training.min_samples must be at least 100");
+        }
+        if b.training.epochs == 0 || b.training.epochs > 1000 {
+            bail!("pba.training.epochs must be 1 to 1000");
+        }
+        if b.training.timeout.is_zero() {
+            bail!("pba.training.timeout must be positive");
         }
         Ok(self)
     }
@@ -701,6 +1030,59 @@ mod tests {
     }
 
     #[test]
+    fn transport_section_takes_the_manuals_layout() {
+        // Manual section 3.2 plus 2.2.1's keys, as an operator would paste them.
+        let c = NodeConfig::from_yaml(
+            "transport:\n  amst:\n    streams:\n      min: 4\n      max: 16\n      default: 8\n    \
+             congestion_control: bbr2\n    reordering_buffer: 16MB\n    timeout: 30s\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.transport.amst.reordering_buffer, ByteSize(16 << 20));
+        assert_eq!(c.transport.amst.congestion_control, "bbr2");
+        assert_eq!(c.transport.amst.timeout, Duration::from_secs(30));
+        for (text, bytes) in [
+            ("4096", 4096),
+            ("512KB", 512 << 10),
+            ("2 GiB", 2 << 30),
+            ("1m", 1 << 20),
+        ] {
+            assert_eq!(ByteSize::parse(text).unwrap(), ByteSize(bytes), "{text}");
+        }
+        assert!(
+            ByteSize::parse("16XB")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown size unit")
+        );
+        assert!(ByteSize::parse("MB").is_err());
+        assert!(ByteSize::parse("99999999999999999999GB").is_err());
+        for (yaml, field) in [
+            (
+                "transport:\n  amst:\n    streams: { min: 9, default: 8 }\n",
+                "transport.amst.streams",
+            ),
+            (
+                "transport:\n  amst:\n    reordering_buffer: 1KB\n",
+                "reordering_buffer",
+            ),
+            (
+                "transport:\n  amst:\n    congestion_control: \"bbr; rm\"\n",
+                "congestion_control",
+            ),
+            ("transport:\n  amst:\n    max_incoming: 0\n", "max_incoming"),
+        ] {
+            let err = NodeConfig::from_yaml(yaml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
     fn placement_section_parses_and_bad_values_are_named() {
         let c = NodeConfig::from_yaml(
             "placement:\n  constraints: { max_vms_per_node: 80, min_free_memory_percent: 5 }\n  \
@@ -735,6 +1117,36 @@ mod tests {
             let e = NodeConfig::from_yaml(yaml).unwrap().validate().unwrap_err();
             assert!(e.to_string().contains(field), "{e}");
         }
+    }
+
+    #[test]
+    fn pba_section_parses_and_bad_values_are_named() {
+        let c = NodeConfig::from_yaml(
+            "pba:\n  model: { path: /m.onnx, prediction_horizon: 2m }\n  \
+             training: { min_samples: 500 }\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.pba.model.prediction_horizon, Duration::from_secs(120));
+        assert_eq!(c.pba.training.min_samples, 500);
+        assert!(c.pba.enabled);
+        for (yaml, field) in [
+            (
+                "pba:\n  model: { prediction_horizon: 45s }\n",
+                "prediction_horizon",
+            ),
+            ("pba:\n  accuracy_threshold: 1.5\n", "accuracy_threshold"),
+            (
+                "pba:\n  samples: { max_mib_per_link: 0 }\n",
+                "max_mib_per_link",
+            ),
+        ] {
+            let e = NodeConfig::from_yaml(yaml).unwrap().validate().unwrap_err();
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        let e = NodeConfig::from_yaml("pba:\n  model: { layers: [128] }\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `layers`"), "{e}");
     }
 
     #[test]

@@ -29,11 +29,19 @@
 //! Requests are applied with the batch time the primary assigned, the same on every replica,
 //! so every honest node computes the same scores.
 //!
+//! * [`crate::cert::QUARANTINE_DECISION_TAG`]: a quarantine decision with its grounds (f+1
+//!   signed member votes, or equivocation evidence), submitted by the first f+1 members once
+//!   their state quarantined a node. The first valid one per node is applied; its
+//!   certificate ([`crate::cert`]) goes to the statesync driver, which writes
+//!   `quarantine/<node>` into the cluster document (the submitter at once, the others after
+//!   [`FALLBACK_WRITE_AFTER`] if no record arrived).
+//!
+//! Only committee members' votes count (f bounds faulty members, not keys).
+//!
 //! **Not done yet:** persistence of votes across restarts (a restarted replica should only
 //! vote from the next view on; today it starts a fresh engine at sequence 0 and catches up by
-//! `Fetch`), epoch reconfiguration, rewards from participation records, and writing quarantine
-//! records into the state document (they need the state-sync certificate verifier to check
-//! consensus certificates).
+//! `Fetch`), epoch reconfiguration, rewards from participation records, certified records
+//! for quarantines from lesser offences and for releases, and VM decisions through consensus.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -60,7 +68,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::{config::AcpSection, daemon::Shared};
+use crate::{
+    cert::{Grounds, QUARANTINE_DECISION_TAG, QuarantineDecisionOp, certificate_for},
+    config::AcpSection,
+    daemon::Shared,
+};
 
 /// First byte of a probe: an operation that changes nothing, committed to measure latency
 /// (`dwcp-cli consensus probe`).
@@ -129,6 +141,8 @@ pub struct AcpState {
     voted_out: BTreeSet<NodeId>,
     /// Offences applied per node (kind, decision seq).
     offences: BTreeMap<NodeId, Vec<(String, u64)>>,
+    /// Nodes with a committed quarantine decision, and the batch it committed in.
+    decided: BTreeMap<NodeId, u64>,
 }
 
 /// What applying one operation did.
@@ -145,6 +159,9 @@ pub enum Applied {
         /// Whether this vote reached f+1.
         quarantined: bool,
     },
+    /// The first valid quarantine decision for a node: its certificate goes into the
+    /// cluster document.
+    Decided(NodeId),
     /// Nothing (a repeat, or evidence that does not verify).
     Nothing(String),
 }
@@ -157,6 +174,7 @@ impl AcpState {
             votes: BTreeMap::new(),
             voted_out: BTreeSet::new(),
             offences: BTreeMap::new(),
+            decided: BTreeMap::new(),
         }
     }
 
@@ -191,6 +209,11 @@ impl AcpState {
                 Err(e) => Applied::Nothing(format!("evidence refused: {e}")),
             },
             Some(&QUARANTINE_VOTE_TAG) => match QuarantineVote::decode(op) {
+                // Only members count: f bounds the faulty members, not the keys anyone can
+                // make, and the decision's grounds are checked against the committee.
+                Ok(_) if !committee.contains(&client) => {
+                    Applied::Nothing("quarantine vote from a non-member".into())
+                }
                 Ok(v) => {
                     let voters = self.votes.entry(v.node).or_default();
                     voters.entry(client).or_insert(v.reason);
@@ -210,6 +233,25 @@ impl AcpState {
                 }
                 Err(e) => Applied::Nothing(e.to_owned()),
             },
+            Some(&QUARANTINE_DECISION_TAG) => {
+                match QuarantineDecisionOp::decode(op).and_then(|d| d.check(committee).map(|()| d))
+                {
+                    Ok(d) if self.decided.contains_key(&d.node) => {
+                        Applied::Nothing("quarantine already decided".into())
+                    }
+                    Ok(d) => {
+                        self.decided.insert(d.node, seq);
+                        if matches!(d.grounds, Grounds::Votes(_)) && self.voted_out.insert(d.node) {
+                            self.offences
+                                .entry(d.node)
+                                .or_default()
+                                .push(("operator_votes".to_owned(), seq));
+                        }
+                        Applied::Decided(d.node)
+                    }
+                    Err(e) => Applied::Nothing(format!("quarantine decision refused: {e}")),
+                }
+            }
             Some(&PROBE_TAG) if op.len() <= 64 => Applied::Nothing("probe".into()),
             _ => Applied::Nothing("unknown operation".into()),
         }
@@ -218,6 +260,11 @@ impl AcpState {
     /// Whether a node is quarantined (by reputation or by votes).
     pub fn is_quarantined(&self, node: &NodeId) -> bool {
         self.reputation.is_quarantined(node) || self.voted_out.contains(node)
+    }
+
+    /// Whether a quarantine decision for the node has committed.
+    pub fn is_decided(&self, node: &NodeId) -> bool {
+        self.decided.contains_key(node)
     }
 
     /// A node's score in [0, 1].
@@ -451,6 +498,8 @@ pub struct AcpSetup<'a> {
     pub registry: &'a Registry,
     /// Turns true at shutdown.
     pub stop: watch::Receiver<bool>,
+    /// The state-sync driver, which records certified decisions in the cluster document.
+    pub statesync: Option<crate::statesync::StateSync>,
 }
 
 /// The genesis committee of a configuration, or `None` when none is configured.
@@ -497,6 +546,27 @@ struct Driver {
     probes: BTreeMap<u64, oneshot::Sender<anyhow::Result<Duration>>>,
     /// Fault injection (feature `byzantine`): equivocate on every vote.
     equivocate: bool,
+    /// Where certified decisions go (the cluster document).
+    sync: Option<crate::statesync::StateSync>,
+    /// Signed quarantine votes per target, the grounds of a decision (bounded).
+    vote_envs: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
+    /// Nodes this replica proposed a quarantine decision for.
+    decisions_proposed: BTreeSet<NodeId>,
+}
+
+/// Most nodes with pending quarantine votes whose envelopes are kept.
+const MAX_VOTE_TARGETS: usize = 1024;
+/// When a replica that did not submit a decision writes its record itself, if the record
+/// has not reached its document by then.
+pub const FALLBACK_WRITE_AFTER: Duration = Duration::from_secs(5);
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// Whether the configuration asks this replica to equivocate (feature `byzantine` only).
@@ -523,6 +593,7 @@ pub fn spawn(
         topic,
         registry,
         stop,
+        statesync,
     } = setup;
     let metrics = AcpMetrics::new(registry)?;
     let Some(committee) = genesis_committee(cfg)? else {
@@ -575,6 +646,9 @@ pub fn spawn(
         view_dirty: true,
         probes: BTreeMap::new(),
         equivocate: equivocates(cfg),
+        sync: statesync,
+        vote_envs: BTreeMap::new(),
+        decisions_proposed: BTreeSet::new(),
     };
     if d.equivocate {
         warn!("BYZANTINE TEST MODE: this replica equivocates on every vote (acp.byzantine)");
@@ -896,13 +970,30 @@ impl Driver {
             match &out {
                 Applied::Penalised(who) => {
                     self.evidence_pending.remove(who);
-                    info!(node = %who.short(), seq = d.seq, "committed evidence applied")
+                    info!(node = %who.short(), seq = d.seq, "committed evidence applied");
+                    if self.state.is_quarantined(who)
+                        && let Ok(Evidence::Equivocation { first, second }) =
+                            Evidence::decode(&r.op)
+                    {
+                        self.propose_decision(*who, Grounds::Equivocation { first, second });
+                    }
                 }
                 Applied::Vote {
                     node,
                     votes,
                     quarantined,
-                } => info!(node = %node.short(), votes, quarantined, "committed quarantine vote"),
+                } => {
+                    info!(node = %node.short(), votes, quarantined, "committed quarantine vote");
+                    self.remember_vote(*node, client, r.envelope().clone());
+                    if *quarantined {
+                        self.propose_vote_decision(*node);
+                    }
+                }
+                Applied::Decided(node) => {
+                    info!(node = %node.short(), seq = d.seq, "quarantine decision committed");
+                    self.vote_envs.remove(node);
+                    self.record_decision(&d, r, *node, client);
+                }
                 Applied::Nothing(why) => debug!(why, "committed operation changed nothing"),
             }
         }
@@ -923,6 +1014,113 @@ impl Driver {
             .push_back((d.seq, d.view, d.requests.len(), d.time.as_millis()));
         while self.recent.len() > MAX_HISTORY.min(32) {
             self.recent.pop_front();
+        }
+    }
+
+    /// Keeps the signed vote requests against a node until a decision commits: they are the
+    /// grounds of that decision.
+    fn remember_vote(&mut self, node: NodeId, voter: NodeId, env: SignedEnvelope) {
+        if self.state.is_decided(&node) {
+            return;
+        }
+        if !self.vote_envs.contains_key(&node) && self.vote_envs.len() >= MAX_VOTE_TARGETS {
+            return;
+        }
+        self.vote_envs
+            .entry(node)
+            .or_default()
+            .entry(voter)
+            .or_insert(env);
+    }
+
+    fn propose_vote_decision(&mut self, node: NodeId) {
+        let need = self.committee.f() + 1;
+        let Some(votes) = self.vote_envs.get(&node) else {
+            return;
+        };
+        if votes.len() < need {
+            return;
+        }
+        let envs: Vec<SignedEnvelope> = votes.values().take(need).cloned().collect();
+        self.propose_decision(node, Grounds::Votes(envs));
+    }
+
+    /// Submits a quarantine decision with its grounds, if this replica is one of the first
+    /// f+1 members in committee order (not counting the node itself): at least one of those
+    /// is honest, and the others stay quiet. Replicas apply the first valid decision.
+    fn propose_decision(&mut self, node: NodeId, grounds: Grounds) {
+        if self.state.is_decided(&node) || !self.decisions_proposed.insert(node) {
+            return;
+        }
+        let proposers = self
+            .committee
+            .members()
+            .iter()
+            .filter(|m| **m != node)
+            .take(self.committee.f() + 1)
+            .any(|m| *m == self.me);
+        if !proposers {
+            return;
+        }
+        let reason = match &grounds {
+            Grounds::Votes(v) => v
+                .first()
+                .and_then(|e| e.clone().verify::<Request>().ok())
+                .and_then(|r| QuarantineVote::decode(&r.op).ok())
+                .map(|v| truncate(&format!("operator votes: {}", v.reason), 64))
+                .unwrap_or_else(|| "operator votes".to_owned()),
+            Grounds::Equivocation { .. } => "equivocation".to_owned(),
+        };
+        let op = QuarantineDecisionOp {
+            node,
+            reason,
+            grounds,
+        };
+        info!(node = %node.short(), "proposing a quarantine decision");
+        if let Err(e) = self.submit(op.encode()) {
+            warn!(error = %e, "submitting a quarantine decision failed");
+            self.decisions_proposed.remove(&node);
+        }
+    }
+
+    /// Hands the certified decision to state sync, which writes it into the cluster document:
+    /// at once when this node submitted it, after [`FALLBACK_WRITE_AFTER`] otherwise (only if
+    /// the record has not arrived by then), so normally one node writes it.
+    fn record_decision(
+        &self,
+        d: &dwcp_consensus::Decision,
+        r: &Verified<Request>,
+        node: NodeId,
+        client: NodeId,
+    ) {
+        let Some(sync) = &self.sync else { return };
+        let Some(index) = d.certificate.batch.iter().position(|e| e == r.envelope()) else {
+            warn!("a committed request is missing from its certificate's batch");
+            return;
+        };
+        let Some(certificate) = certificate_for(&d.certificate, self.committee.epoch(), index)
+        else {
+            return;
+        };
+        let Ok(op) = QuarantineDecisionOp::decode(&r.op) else {
+            return;
+        };
+        let decision = dwcp_statesync::Certified {
+            decision: dwcp_statesync::QuarantineDecision {
+                node,
+                decision_seq: crate::cert::decision_seq(d.seq, index as u32),
+                quarantined: true,
+                reason: op.reason,
+            },
+            certificate,
+        };
+        let delay = if client == self.me {
+            Duration::ZERO
+        } else {
+            FALLBACK_WRITE_AFTER
+        };
+        if !sync.offer(crate::statesync::Input::Quarantine { decision, delay }) {
+            warn!(node = %node.short(), "state-sync queue full: quarantine record not handed over");
         }
     }
 
@@ -1175,6 +1373,57 @@ mod tests {
             "{a:?}"
         );
         assert!(s.is_quarantined(&victim));
+    }
+
+    #[test]
+    fn non_member_votes_do_not_count_and_the_first_valid_decision_wins() {
+        let keys = ids(6);
+        let committee = Committee::new(0, keys[..4].iter().map(|k| k.node_id()).collect()).unwrap();
+        let victim = keys[3].node_id();
+        let op = QuarantineVote {
+            node: victim,
+            reason: "r".into(),
+        }
+        .encode();
+        let mut s = AcpState::new();
+        let t = Timestamp(1);
+        // Two outsiders (keys 4 and 5) cannot quarantine a member.
+        for k in &keys[4..] {
+            let a = s.apply(t, 1, &committee, k.node_id(), &op);
+            assert!(matches!(a, Applied::Nothing(_)), "{a:?}");
+        }
+        assert!(!s.is_quarantined(&victim));
+        // A decision needs valid grounds: one member's vote is not enough.
+        let sign = |i: usize| {
+            Verified::sign(
+                &keys[i],
+                Request {
+                    nonce: 1,
+                    op: op.clone(),
+                },
+            )
+            .unwrap()
+            .envelope()
+            .clone()
+        };
+        let weak = QuarantineDecisionOp {
+            node: victim,
+            reason: "r".into(),
+            grounds: Grounds::Votes(vec![sign(0)]),
+        };
+        let a = s.apply(t, 2, &committee, keys[0].node_id(), &weak.encode());
+        assert!(matches!(a, Applied::Nothing(_)), "{a:?}");
+        assert!(!s.is_decided(&victim) && !s.is_quarantined(&victim));
+        // f+1 = 2 member votes: applied once, quarantines; a second decision is ignored.
+        let good = QuarantineDecisionOp {
+            grounds: Grounds::Votes(vec![sign(0), sign(1)]),
+            ..weak
+        };
+        let a = s.apply(t, 3, &committee, keys[1].node_id(), &good.encode());
+        assert_eq!(a, Applied::Decided(victim));
+        assert!(s.is_decided(&victim) && s.is_quarantined(&victim));
+        let a = s.apply(t, 4, &committee, keys[2].node_id(), &good.encode());
+        assert!(matches!(a, Applied::Nothing(_)), "{a:?}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub fn on_request(shared: Arc<Shared>, r: InboundRequest) {
         let answer = serve(&shared, peer, &data).await;
         let label = match &answer {
             ControlResponse::VmCreated(_) => "created",
+            ControlResponse::AmstAccepted { .. } => "amst_accepted",
             ControlResponse::Refused { code, .. } => code.as_str(),
         };
         shared
@@ -72,6 +73,23 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
         }
     };
     match req {
+        ControlRequest::AmstOffer {
+            cluster_id,
+            transfer,
+            purpose,
+            ..
+        } => {
+            if cluster_id != shared.cluster_id() {
+                return ControlResponse::refused(
+                    ControlErrorCode::NotMember,
+                    format!(
+                        "cluster `{cluster_id}` is not this node's (`{}`)",
+                        shared.cluster_id()
+                    ),
+                );
+            }
+            shared.amst().on_offer(from, peer, transfer, purpose)
+        }
         ControlRequest::CreateVm { cluster_id, vm } => {
             if cluster_id != shared.cluster_id() {
                 return ControlResponse::refused(

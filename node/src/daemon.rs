@@ -53,6 +53,8 @@ pub struct Shared {
     client: dwcp_net::Client,
     statesync: Option<StateSync>,
     consensus: Option<crate::consensus::Consensus>,
+    pba: Option<crate::pba::Pba>,
+    amst: Arc<crate::amst::Amst>,
     id: NodeId,
     cluster_id: String,
     started: Instant,
@@ -74,9 +76,19 @@ impl Shared {
         &self.client
     }
 
+    /// The bulk-transfer service (AMST).
+    pub fn amst(&self) -> &Arc<crate::amst::Amst> {
+        &self.amst
+    }
+
     /// The consensus driver, when a committee is configured.
     pub fn consensus(&self) -> Option<&crate::consensus::Consensus> {
         self.consensus.as_ref()
+    }
+
+    /// The PBA driver (link samples and bandwidth forecasts), unless `pba.enabled` is false.
+    pub fn pba(&self) -> Option<&crate::pba::Pba> {
+        self.pba.as_ref()
     }
 
     /// The state-sync driver, when it runs.
@@ -110,6 +122,9 @@ impl Shared {
             .filter(|r| !self.consensus().is_some_and(|c| c.is_quarantined(&r.id)))
             .map(|r| {
                 let hb = g.membership.heartbeat(&r.id);
+                let link = (!r.is_self)
+                    .then(|| self.pba().and_then(|p| p.link(&r.id)))
+                    .flatten();
                 crate::placement::NodeSnapshot {
                     id: r.id,
                     is_self: r.is_self,
@@ -120,6 +135,10 @@ impl Shared {
                     status: r.health,
                     allocated: hb.and_then(|h| h.health.allocated),
                     heartbeat_seq: hb.map_or(0, |h| h.seq),
+                    link_quality: link.and_then(|l| l.quality).unwrap_or(1.0),
+                    rtt_ms: link
+                        .and_then(|l| l.rtt_ms)
+                        .map_or(0, |ms| ms.round().clamp(0.0, f64::from(u32::MAX)) as u32),
                 }
             })
             .collect()
@@ -659,6 +678,11 @@ impl Daemon {
                     self.announce_due = true;
                 }
             }
+            Event::PingRtt { peer, rtt } => {
+                if let (Some(p), Ok(id)) = (self.shared.pba(), NodeId::from_peer_id(&peer)) {
+                    p.record_rtt(&id, rtt);
+                }
+            }
             Event::PeerIncompatible {
                 peer,
                 protocol_version,
@@ -773,6 +797,9 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         topic: topics.statesync.clone(),
         registry: &metrics.registry,
         stop: stop_rx.clone(),
+        verifier: crate::cert::CommitteeVerifier::new(crate::consensus::genesis_committee(
+            &config.acp,
+        )?),
     })?;
     let acp = crate::consensus::spawn(crate::consensus::AcpSetup {
         cfg: &config.acp,
@@ -781,18 +808,43 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         topic: topics.consensus.clone(),
         registry: &metrics.registry,
         stop: stop_rx.clone(),
+        statesync: Some(sync.clone()),
     })?;
+    let (pba, pba_task) = match crate::pba::spawn(crate::pba::PbaSetup {
+        cfg: &config.pba,
+        data_dir: &data_dir,
+        registry: &metrics.registry,
+        stop: stop_rx.clone(),
+    })? {
+        Some((p, t)) => (Some(p), Some(t)),
+        None => (None, None),
+    };
     let (consensus, acp_task) = match acp {
         Some((c, t)) => (Some(c), Some(t)),
         None => (None, None),
     };
+    let amst = crate::amst::Amst::start(
+        crate::amst::AmstSetup {
+            cfg: &config.transport.amst,
+            keypair: key.to_libp2p(),
+            node: id,
+            cluster_id: config.cluster.id.clone(),
+            client: client.clone(),
+            registry: &metrics.registry,
+            pba: pba.clone(),
+        },
+        stop_rx.clone(),
+    )
+    .await?;
     let shared = Arc::new(Shared {
+        amst,
         metrics,
         vms,
         placement: crate::placement::Placement::new(&config.placement),
         client: client.clone(),
         statesync: Some(sync.clone()),
         consensus,
+        pba,
         id,
         cluster_id: config.cluster.id.clone(),
         started: Instant::now(),
@@ -902,6 +954,9 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
     let _ = stop_tx.send(true);
     let _ = api_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), sync_task).await;
+    if let Some(t) = pba_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     if let Some(t) = acp_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }

@@ -9,12 +9,16 @@
 //! - [`metrics`]: one Prometheus registry per node.
 //! - [`store`]: sled persistence.
 //! - [`vms`]: the VMs this node hosts (QEMU backend of `dwcp-hypervisor`).
+//! - [`pba`]: the PBA driver: link samples, bandwidth forecasts, `/v1/pba` and retraining.
 //! - [`placement`]: the ITP driver: where a VM goes, and the `/v1/placement` controls.
-//! - [`control`]: the node-to-node control service (forwarded VM creates).
+//! - [`control`]: the node-to-node control service (forwarded VM creates, transfer offers).
+//! - [`amst`]: bulk transfers over many authenticated streams (`network speedtest`).
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod amst;
 pub mod api;
+pub mod cert;
 pub mod config;
 pub mod consensus;
 pub mod control;
@@ -24,6 +28,7 @@ pub mod host;
 pub mod identity;
 pub mod membership;
 pub mod metrics;
+pub mod pba;
 pub mod placement;
 pub mod statesync;
 pub mod store;

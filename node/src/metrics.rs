@@ -255,6 +255,11 @@ impl Metrics {
                     prometheus::proto::MetricType::GAUGE => m.get_gauge().get_value(),
                     _ => continue,
                 };
+                // JSON has no NaN (e.g. `dwcp_pba_prediction_accuracy` before any forecast
+                // resolved): such a sample is left out rather than sent as null.
+                if !v.is_finite() {
+                    continue;
+                }
                 out.insert(key, v);
             }
         }

@@ -22,8 +22,9 @@
 //! not driven (the node cannot migrate yet).
 //!
 //! Reputation is 1.0 for every node and nothing is quarantined until the reputation engine is
-//! wired; link quality is 1.0 and RTT 0 until PBA feeds predictions. Avoidance
-//! (`placement avoid-node`) is local to this node's placement service: other nodes do not
+//! wired. Link quality and RTT come from PBA (`crate::pba`, see [`NodeSnapshot`]): RTT from
+//! pings, quality from the bandwidth forecast while transfers to the node run (1.0 without
+//! one). Avoidance (`placement avoid-node`) is local to this node's placement service: other nodes do not
 //! learn about it. One placed create runs at a time per node.
 
 use std::{
@@ -82,6 +83,11 @@ pub struct NodeSnapshot {
     pub allocated: Option<Allocation>,
     /// Sequence number of its last heartbeat.
     pub heartbeat_seq: u64,
+    /// The link to it as PBA forecasts it (`p10 / mean` bandwidth at
+    /// `pba.model.prediction_horizon`), in `[0, 1]`; 1.0 without a forecast and for this node.
+    pub link_quality: f64,
+    /// Expected RTT to it from PBA (pings and transfers), ms; 0 when unknown and for this node.
+    pub rtt_ms: u32,
 }
 
 /// Why a placed create failed.
@@ -1008,6 +1014,12 @@ fn build_hosts(
             b.used.insert(h.id, load);
         }
         h.gpu_model = n.resources.gpus.first().map(|g| g.model.clone());
+        h.link_quality = if n.link_quality.is_finite() {
+            n.link_quality.clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        h.rtt_ms = n.rtt_ms;
         h.region = n.region.clone();
         h.health = match n.status {
             Some(HealthStatus::Healthy) | None => HostHealth::Healthy,
@@ -1262,6 +1274,9 @@ async fn forward(
         Ok(ControlResponse::Refused { code, message }) => {
             Err(ForwardError::Refused { code, message })
         }
+        Ok(ControlResponse::AmstAccepted { .. }) => Err(ForwardError::Unreachable(
+            "answered a VM create with a transfer acceptance".into(),
+        )),
         Err(e) => Err(ForwardError::Unreachable(format!("sent a bad answer: {e}"))),
     }
 }
@@ -1297,6 +1312,8 @@ mod tests {
                 vms,
             }),
             heartbeat_seq: 5,
+            link_quality: 1.0,
+            rtt_ms: 0,
         }
     }
 

@@ -3,10 +3,11 @@
 //! `dwcp-cli gossip status`.
 //!
 //! ```text
-//!  daemon ── Input (bounded) ──> driver task ── owns ──> Engine<NoCommitteeYet> (pure)
+//!  daemon ── Input (bounded) ──> driver task ── owns ──> Engine<CommitteeVerifier> (pure)
 //!   │  frames from /dwcp/sync/3.0.0                 │        │ poll_command()
 //!   │  nudges from gossip topic .../statesync       │        v
-//!   │  peer up/down, own announcement/heartbeat     │   Send  -> Client::request(peer, Sync)
+//!   │  peer up/down, own announcement/heartbeat,    │   Send  -> Client::request(peer, Sync)
+//!   │  certified quarantine decisions (consensus)   │
 //!   │                                               │   Publish -> gossipsub nudge
 //!   └─ API handlers ── Query (oneshot) ────────────>│   ReportPeer -> log + metric (reputation later)
 //!                                                   └─ sled tree "statesync": save() every
@@ -43,14 +44,13 @@ use dwcp_protocol::{
     },
 };
 use dwcp_statesync::{
-    CertError, CertificateVerifier, ChangeHash, ClusterDoc, Command, Config, Engine, Offence,
-    QuarantineDecision, VmDecision,
+    Certified, ChangeHash, ClusterDoc, Command, Config, Engine, Offence, QuarantineDecision,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::{config::AssSection, daemon::Shared};
+use crate::{cert::CommitteeVerifier, config::AssSection, daemon::Shared};
 
 /// Tag of an engine frame on the sync service.
 const TAG_FRAME: u8 = 0;
@@ -70,21 +70,6 @@ fn wall_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Verifies commit certificates of VM and quarantine records. Consensus is not wired into the
-/// node yet, so no committee is known and every certified record is refused: the document
-/// holds node entries only. (The simulator and tests use `dwcp-statesync`'s fake committee.)
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoCommitteeYet;
-
-impl CertificateVerifier for NoCommitteeYet {
-    fn verify_vm(&self, _: &[u8]) -> Result<VmDecision, CertError> {
-        Err(CertError::NoQuorum)
-    }
-    fn verify_quarantine(&self, _: &[u8]) -> Result<QuarantineDecision, CertError> {
-        Err(CertError::NoQuorum)
-    }
 }
 
 /// What the daemon and the API hand to the driver.
@@ -109,6 +94,14 @@ pub enum Input {
     Announcement(NodeAnnouncement),
     /// Our own heartbeat.
     Heartbeat(Heartbeat),
+    /// A committed quarantine decision with its certificate, from the consensus driver: write
+    /// it into the document after `delay` unless a record at least as new arrived by then.
+    Quarantine {
+        /// The decision and its certificate.
+        decision: Certified<QuarantineDecision>,
+        /// How long to wait for another node's write first.
+        delay: Duration,
+    },
     /// An API query.
     Query(Query),
 }
@@ -362,8 +355,13 @@ impl PeerBudget {
     }
 }
 
+/// Most certified records waiting to be written.
+const MAX_PENDING_RECORDS: usize = 256;
+
 struct Driver {
-    engine: Engine<NoCommitteeYet>,
+    engine: Engine<CommitteeVerifier>,
+    /// Certified quarantine records to write when due.
+    pending: Vec<(Instant, Certified<QuarantineDecision>)>,
     client: Client,
     topic: String,
     tree: sled::Tree,
@@ -395,6 +393,8 @@ pub struct SyncSetup<'a> {
     pub registry: &'a Registry,
     /// Turns true at shutdown.
     pub stop: watch::Receiver<bool>,
+    /// Checks the commit certificates of VM and quarantine records (the genesis committee).
+    pub verifier: CommitteeVerifier,
 }
 
 /// Starts the driver: loads the document from sled (or creates it) and spawns the task. The
@@ -409,6 +409,7 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
         topic,
         registry,
         stop,
+        verifier,
     } = setup;
     let me = key.node_id();
     let doc = match tree.get(DOC_KEY).context("reading the state document")? {
@@ -440,11 +441,12 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
         ..ecfg
     }
     .validate()?;
-    let engine = Engine::new(ecfg, doc, NoCommitteeYet)?;
+    let engine = Engine::new(ecfg, doc, verifier)?;
     let (tx, rx) = mpsc::channel(1024);
     let saved_heads = engine.doc().heads();
     let d = Driver {
         engine,
+        pending: Vec::new(),
         client,
         topic,
         tree,
@@ -511,6 +513,7 @@ impl Driver {
                 }
                 _ = persist.tick() => self.save(false),
                 _ = refresh.tick() => {
+                    self.write_due_records();
                     let now = self.now();
                     let stats = self.engine.stats();
                     self.metrics.update(now, self.engine.doc(), stats);
@@ -577,6 +580,46 @@ impl Driver {
                 }
             }
             Input::Query(q) => self.on_query(now, q),
+            Input::Quarantine { decision, delay } => {
+                if self.pending.len() >= MAX_PENDING_RECORDS {
+                    warn!("too many certified records waiting; dropped the oldest");
+                    self.pending.remove(0);
+                }
+                self.pending.push((Instant::now() + delay, decision));
+                self.write_due_records();
+            }
+        }
+    }
+
+    /// Writes the certified records that are due, unless the document already holds a record
+    /// at least as new (another node wrote it and it arrived by sync).
+    fn write_due_records(&mut self) {
+        let now = Instant::now();
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.pending = wait;
+        for (_, c) in due {
+            let d = &c.decision;
+            if self
+                .engine
+                .doc()
+                .quarantine(&d.node)
+                .is_some_and(|r| r.decision_seq >= d.decision_seq)
+            {
+                continue;
+            }
+            match self.engine.write_quarantine(self.now(), &c) {
+                Ok(()) => info!(
+                    node = %d.node.short(),
+                    decision_seq = d.decision_seq,
+                    cert_bytes = c.certificate.len(),
+                    "quarantine record written into the cluster document"
+                ),
+                Err(e) => {
+                    warn!(node = %d.node.short(), error = %e, "writing a quarantine record failed")
+                }
+            }
         }
     }
 
@@ -1014,7 +1057,54 @@ mod tests {
 
     #[test]
     fn without_a_committee_every_certificate_is_refused() {
-        assert!(NoCommitteeYet.verify_vm(b"x").is_err());
-        assert!(NoCommitteeYet.verify_quarantine(b"x").is_err());
+        use dwcp_statesync::{CertError, CertificateVerifier};
+        let v = CommitteeVerifier::new(None);
+        assert!(v.verify_vm(b"x").is_err());
+        assert!(v.verify_quarantine(b"x").is_err());
+        // Even a well-formed certificate names a committee this node does not know.
+        let c =
+            dwcp_consensus::Committee::new(0, vec![NodeKey::from_secret_bytes([1; 32]).node_id()])
+                .unwrap();
+        let env = dwcp_protocol::Verified::sign(
+            &NodeKey::from_secret_bytes([1; 32]),
+            dwcp_consensus::Request {
+                nonce: 1,
+                op: vec![0xA2],
+            },
+        )
+        .unwrap()
+        .envelope()
+        .clone();
+        let slot = dwcp_consensus::Slot {
+            view: 0,
+            seq: 1,
+            digest: dwcp_consensus::Digest::of_batch(std::slice::from_ref(&env)),
+        };
+        let sign = |m: dwcp_consensus::ConsensusMsg| {
+            dwcp_protocol::Verified::sign(&NodeKey::from_secret_bytes([1; 32]), m)
+                .unwrap()
+                .envelope()
+                .clone()
+        };
+        let cert = dwcp_consensus::CommitCertificate {
+            pre_prepare: sign(dwcp_consensus::ConsensusMsg::PrePrepare(
+                dwcp_consensus::PrePrepare {
+                    slot,
+                    time: Timestamp(1),
+                },
+            )),
+            batch: vec![env],
+            commits: vec![sign(dwcp_consensus::ConsensusMsg::Commit(slot))],
+        };
+        let bytes = crate::cert::certificate_for(&cert, 0, 0).unwrap();
+        assert_eq!(
+            v.verify_quarantine(&bytes),
+            Err(CertError::UnknownCommittee(0))
+        );
+        // The committee that signed it gets past the proof to the operation.
+        assert!(matches!(
+            CommitteeVerifier::new(Some(c)).verify_quarantine(&bytes),
+            Err(CertError::Malformed(_))
+        ));
     }
 }

@@ -1,6 +1,7 @@
 //! PBFT on a real mesh: four node daemons in this process form the genesis committee (n = 4,
 //! f = 1), agree on operator quarantine votes submitted through two different nodes, and
-//! every node applies them identically: one vote changes nothing, f+1 = 2 quarantine.
+//! every node applies them identically: one vote changes nothing, f+1 = 2 quarantine. The
+//! certified quarantine decision then reaches every node's cluster document.
 // Tests may unwrap: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
@@ -9,11 +10,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{RunningNode, loopback_config};
+use dwcp_consensus::Committee;
+use dwcp_node::cert::CommitteeVerifier;
 use dwcp_node::{
     consensus::{QuarantineRequest, QuorumStatus, ReputationRow},
     identity,
 };
 use dwcp_protocol::NodeId;
+use dwcp_statesync::{CertificateVerifier, QuarantineRecord, read_export};
 
 async fn reputation(api: &str) -> Vec<ReputationRow> {
     reqwest::get(format!("{api}/v1/reputation"))
@@ -178,9 +182,61 @@ async fn a_four_node_committee_commits_quarantine_votes_identically() {
         "{text}"
     );
 
+    // The decision reached every other node's cluster document with a certificate that verifies
+    // against the committee, and the record says what the certificate certifies.
+    let verifier = CommitteeVerifier::new(Some(Committee::new(0, ids.clone()).unwrap()));
+    // (The quarantined node itself is disconnected by everyone, so its document is not
+    // synced any more: only the three others are checked.)
+    let records = wait_quarantine_records(&apis[..3], victim).await;
+    for (api, rec) in apis.iter().zip(&records) {
+        let d = verifier.verify_quarantine(&rec.certificate).unwrap();
+        assert_eq!(d.node, victim, "{api}");
+        assert!(rec.quarantined && d.quarantined, "{api}: {rec:?}");
+        assert_eq!(rec.decision_seq, d.decision_seq, "{api}");
+        assert_eq!(rec.reason, d.reason, "{api}");
+        assert!(d.reason.starts_with("operator votes"), "{}", d.reason);
+    }
+    assert!(
+        records.iter().all(|r| r == &records[0]),
+        "nodes hold different records: {records:?}"
+    );
+    // A forged certificate (one byte of a signature flipped) does not verify.
+    let mut forged = records[0].certificate.clone();
+    let n = forged.len();
+    forged[n - 10] ^= 1;
+    assert!(verifier.verify_quarantine(&forged).is_err());
+
     for n in nodes {
         n.stop().await;
     }
+}
+
+/// Waits until every node's exported cluster document holds a quarantine record for `victim`.
+async fn wait_quarantine_records(apis: &[String], victim: NodeId) -> Vec<QuarantineRecord> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    for api in apis {
+        loop {
+            let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let view = read_export(&bytes).unwrap();
+            if let Some(r) = view.quarantine.get(&victim) {
+                out.push(r.clone());
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{api}: no quarantine record in the cluster document: {:?}",
+                view.quarantine
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    out
 }
 
 /// An equivocating member (it signs a second, conflicting prepare and commit for every slot
@@ -226,6 +282,12 @@ async fn an_equivocating_member_is_quarantined_and_decisions_go_on() {
             rows.iter().all(|r| r.node == byz || !r.quarantined),
             "{rows:?}"
         );
+    }
+    // The equivocation decision reached the honest nodes' documents, certified.
+    let verifier = CommitteeVerifier::new(Some(Committee::new(0, ids.clone()).unwrap()));
+    for rec in wait_quarantine_records(&apis[..3], byz).await {
+        let d = verifier.verify_quarantine(&rec.certificate).unwrap();
+        assert_eq!((d.node, d.reason.as_str()), (byz, "equivocation"));
     }
     // Decisions go on.
     let r: serde_json::Value = reqwest::Client::new()

@@ -37,6 +37,12 @@ pub(crate) struct UpArgs {
     /// feature (`cargo build --workspace --bins --all-features`).
     #[arg(long, value_parser = local::parse_byzantine)]
     byzantine: Option<(usize, String)>,
+    /// Run every node and the bootstrap peer in its own network namespace, joined by the
+    /// dwcp-wan link emulator with this profile: dc, internet, lossy, trace:<file>, or
+    /// custom values such as rate=100mbit,rtt=50ms,loss=0.5% (root; needs dwcp-wan next to
+    /// dwcp-node). API and metrics stay reachable from the host on 10.234.x.y.
+    #[arg(long)]
+    wan: Option<String>,
 }
 
 /// `status` and `down`.
@@ -67,6 +73,7 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
     o.timeout = a.timeout;
     o.quic_only = a.quic_only;
     o.byzantine = a.byzantine;
+    o.wan = a.wan;
     let started = std::time::Instant::now();
     let t = runtime()?.block_on(local::up(&o))?;
     println!(
@@ -75,6 +82,15 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
         t.nodes.len(),
         started.elapsed().as_secs_f64()
     );
+    if let Some(w) = &t.wan {
+        println!(
+            "wan        {} ({}); emulator pid {}, log {}",
+            w.profile,
+            w.summary,
+            w.emulator_pid,
+            w.log.display()
+        );
+    }
     println!(
         "bootstrap  {}  pid {}",
         t.bootstrap.addrs.first().map(String::as_str).unwrap_or("?"),
@@ -82,11 +98,15 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
     );
     for (i, n) in t.nodes.iter().enumerate() {
         println!(
-            "node {i:<3}  {}  api {}  metrics {}/metrics  pid {}",
+            "node {i:<3}  {}  api {}  metrics {}/metrics  pid {}{}",
             &n.id[..8],
             n.api,
             n.metrics,
-            n.pid
+            n.pid,
+            n.netns
+                .as_ref()
+                .map(|ns| format!("  netns {ns} ({})", n.ip))
+                .unwrap_or_default()
         );
     }
     println!("state: {}", a.dir.join(local::TESTNET_FILE).display());
@@ -114,6 +134,29 @@ pub(crate) fn status(a: DirArgs) -> anyhow::Result<()> {
             "stopped"
         }
     );
+    if let Some(w) = &t.wan {
+        let cut = dwcp_testnet::wan::partitions(w);
+        println!(
+            "wan {} ({}); emulator pid {} ({}); cut links: {}",
+            w.profile,
+            w.summary,
+            w.emulator_pid,
+            if local::is_ours(w.emulator_pid) {
+                "running"
+            } else {
+                "stopped"
+            },
+            match cut {
+                None => "? (emulator does not answer)".to_owned(),
+                Some(c) if c.is_empty() => "none".to_owned(),
+                Some(c) => c
+                    .iter()
+                    .map(|(a, b)| format!("{}-{}", host_name(*a), host_name(*b)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            }
+        );
+    }
     println!(
         "{:<5} {:<10} {:<8} {:<24} {:>6} {:>6} {:>6}",
         "NODE", "ID", "PROCESS", "API", "KNOWN", "READY", "PEERS"
@@ -144,12 +187,27 @@ pub(crate) fn status(a: DirArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An emulator host as `status` names it: `b` for the bootstrap peer, else the node index.
+fn host_name(h: usize) -> String {
+    match h {
+        0 => "b".to_owned(),
+        h => (h - 1).to_string(),
+    }
+}
+
 pub(crate) fn down(a: DirArgs) -> anyhow::Result<()> {
+    let wan = local::read(&a.dir).ok().and_then(|t| t.wan);
     let n = runtime()?.block_on(local::down(&a.dir))?;
     println!(
         "stopped {n} processes; data and logs stay in {}",
         a.dir.display()
     );
+    if let Some(w) = wan {
+        println!(
+            "stopped the WAN emulator and removed {} namespaces",
+            w.namespaces.len()
+        );
+    }
     Ok(())
 }
 
@@ -169,10 +227,13 @@ pub(crate) fn partition(a: PartitionArgs) -> anyhow::Result<()> {
     let t = local::read(&a.dir)?;
     let groups = dwcp_testnet::partition::parse_groups(&a.groups, t.nodes.len())?;
     dwcp_testnet::partition::install(&t, &groups)?;
+    let how = match &t.wan {
+        Some(_) => "links cut in the WAN emulator".to_owned(),
+        None => format!("iptables chain {}", dwcp_testnet::partition::chain_name(&t)),
+    };
     println!(
-        "partitioned into {} groups (iptables chain {}); undo: dwcp-testnet heal --dir {}",
+        "partitioned into {} groups ({how}); undo: dwcp-testnet heal --dir {}",
         groups.len(),
-        dwcp_testnet::partition::chain_name(&t),
         a.dir.display()
     );
     Ok(())
@@ -181,6 +242,13 @@ pub(crate) fn partition(a: PartitionArgs) -> anyhow::Result<()> {
 pub(crate) fn heal(a: DirArgs) -> anyhow::Result<()> {
     let t = local::read(&a.dir)?;
     dwcp_testnet::partition::heal(&t)?;
-    println!("partition rules removed");
+    println!(
+        "{}",
+        if t.wan.is_some() {
+            "every emulated link restored"
+        } else {
+            "partition rules removed"
+        }
+    );
     Ok(())
 }

@@ -29,9 +29,12 @@ pub struct BootstrapEntry {
     pub pid: u32,
     /// Data directory.
     pub data_dir: PathBuf,
-    /// libp2p port (TCP and QUIC) on 127.0.0.1.
+    /// libp2p port (TCP and QUIC) on 127.0.0.1 (on its WAN address with `--wan`).
     #[serde(default)]
     pub p2p_port: u16,
+    /// Its network namespace (`--wan` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// One node of a testnet.
@@ -60,6 +63,9 @@ pub struct NodeEntry {
     /// [`crate::partition`]).
     #[serde(default)]
     pub p2p_port: u16,
+    /// Its network namespace (`--wan` only; `ip` is then its WAN address 10.233.0.x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// `testnet.json`.
@@ -71,6 +77,9 @@ pub struct Testnet {
     pub bootstrap: BootstrapEntry,
     /// The nodes.
     pub nodes: Vec<NodeEntry>,
+    /// The emulated WAN (`up --wan`): namespaces, emulator process, profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<crate::wan::WanEntry>,
 }
 
 /// Options of [`up`].
@@ -99,6 +108,11 @@ pub struct UpOptions {
     pub quic_only: bool,
     /// `(K, strategy)`: the last K members of the genesis committee misbehave.
     pub byzantine: Option<(usize, String)>,
+    /// Run every node and the bootstrap peer in its own network namespace, joined by the
+    /// `dwcp-wan` emulator with this profile (`internet`, `dc`, `lossy`, `trace:<file>`,
+    /// `rate=..,rtt=..,loss=..`). Needs root and the `dwcp-wan` binary in `bin_dir`. See
+    /// [`crate::wan`].
+    pub wan: Option<String>,
 }
 
 /// Parses `K:strategy` (e.g. `1:equivocate`).
@@ -129,6 +143,7 @@ impl UpOptions {
             node_args: Vec::new(),
             quic_only: false,
             byzantine: None,
+            wan: None,
         })
     }
 }
@@ -200,12 +215,34 @@ fn http() -> anyhow::Result<reqwest::Client> {
         .context("HTTP client")
 }
 
+/// What `up` has started so far, removed again when it fails half way.
+#[derive(Default)]
+struct Started {
+    pids: Vec<u32>,
+    wan: Option<crate::wan::WanEntry>,
+}
+
+impl Started {
+    /// Stops the processes (SIGTERM, SIGKILL after 3 s), removes the WAN set-up and
+    /// `testnet.json`.
+    async fn abort(self, dir: &Path) {
+        stop_pids(&self.pids, Duration::from_secs(3)).await;
+        if let Some(w) = self.wan {
+            let _ = tokio::task::spawn_blocking(move || crate::wan::teardown(&w)).await;
+            crate::wan::remove_record(dir);
+        }
+        let _ = fs::remove_file(dir.join(TESTNET_FILE));
+    }
+}
+
 /// Starts a bootstrap peer and `opts.nodes` nodes, waits for the mesh, writes `testnet.json`.
+/// On failure it stops what it started (and removes the WAN namespaces) before returning the
+/// error; data dirs and logs stay.
 pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
     if opts.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    if opts.dir.join(TESTNET_FILE).exists() {
+    if opts.dir.join(TESTNET_FILE).exists() || opts.dir.join(crate::wan::WAN_FILE).exists() {
         bail!(
             "{} already holds a testnet; run `dwcp-testnet down --dir {}` first",
             opts.dir.display(),
@@ -213,26 +250,61 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         );
     }
     fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+    let mut started = Started::default();
+    match up_inner(opts, &mut started).await {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            started.abort(&opts.dir).await;
+            Err(e)
+        }
+    }
+}
+
+async fn up_inner(opts: &UpOptions, started: &mut Started) -> anyhow::Result<Testnet> {
     let node_bin = bin(&opts.bin_dir, "dwcp-node")?;
     let boot_bin = bin(&opts.bin_dir, "dwcp-bootstrap")?;
+    if let Some(profile) = &opts.wan {
+        let wan_bin = bin(&opts.bin_dir, "dwcp-wan")?;
+        let (dir, hosts, profile) = (opts.dir.clone(), opts.nodes + 1, profile.clone());
+        let w = tokio::task::spawn_blocking(move || {
+            crate::wan::create(&dir, hosts, &profile, &wan_bin)
+        })
+        .await
+        .context("WAN set-up task")??;
+        started.wan = Some(w);
+    }
+    let wan = started.wan.clone();
+    let netns = |h: usize| wan.as_ref().and_then(|w| w.namespaces.get(h).cloned());
 
     // Bootstrap peer.
     let bdir = opts.dir.join("bootstrap");
     fs::create_dir_all(&bdir)?;
-    let bport = free_port()?;
-    let bmetrics = free_port()?;
-    let bpid = spawn_logged(
-        Command::new(&boot_bin)
-            .arg("--data-dir")
-            .arg(&bdir)
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{bport}")])
-            .args(["--listen", &format!("/ip4/127.0.0.1/udp/{bport}/quic-v1")])
-            .args(["--cluster-id", &opts.cluster_id])
-            .args(["--metrics-bind", &format!("127.0.0.1:{bmetrics}")]),
-        &opts.dir.join("bootstrap.log"),
-    )?;
+    let (bip, bport, bmetrics) = match &wan {
+        Some(w) => (
+            crate::wan::wan_ip(0),
+            crate::wan::P2P_PORT,
+            format!("{}:{}", w.mgmt_ip(0), crate::wan::BOOTSTRAP_METRICS_PORT),
+        ),
+        None => (
+            "127.0.0.1".to_owned(),
+            free_port()?,
+            format!("127.0.0.1:{}", free_port()?),
+        ),
+    };
+    let mut bcmd = match netns(0) {
+        Some(ns) => crate::wan::command_in(&ns, &boot_bin),
+        None => Command::new(&boot_bin),
+    };
+    bcmd.arg("--data-dir")
+        .arg(&bdir)
+        .args(["--listen", &format!("/ip4/{bip}/tcp/{bport}")])
+        .args(["--listen", &format!("/ip4/{bip}/udp/{bport}/quic-v1")])
+        .args(["--cluster-id", &opts.cluster_id])
+        .args(["--metrics-bind", &bmetrics]);
+    let bpid = spawn_logged(&mut bcmd, &opts.dir.join("bootstrap.log"))?;
+    started.pids.push(bpid);
     let bfile = bdir.join("bootstrap.json");
-    let started = Instant::now();
+    let t0 = Instant::now();
     let bdoc: serde_json::Value = loop {
         if let Ok(text) = fs::read_to_string(&bfile)
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
@@ -240,7 +312,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         {
             break v;
         }
-        if started.elapsed() > Duration::from_secs(20) {
+        if t0.elapsed() > Duration::from_secs(20) {
             bail!(
                 "the bootstrap peer did not start; see {}",
                 opts.dir.join("bootstrap.log").display()
@@ -259,10 +331,11 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
     let bootstrap = BootstrapEntry {
         peer_id: bdoc["peer_id"].as_str().unwrap_or_default().to_owned(),
         addrs: baddrs.clone(),
-        metrics: format!("http://127.0.0.1:{bmetrics}"),
+        metrics: format!("http://{bmetrics}"),
         pid: bpid,
         data_dir: bdir,
         p2p_port: bport,
+        netns: netns(0),
     };
     let want = if opts.quic_only { "/quic-v1" } else { "/tcp/" };
     let tcp_boot = baddrs
@@ -276,18 +349,31 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
         cluster_id: opts.cluster_id.clone(),
         bootstrap,
         nodes: Vec::new(),
+        wan: wan.clone(),
     };
     for i in 0..opts.nodes {
         let ndir = opts.dir.join(format!("node-{i:03}"));
         let config = ndir.join("node.yaml");
-        let ip = node_ip(i);
-        // API and metrics bind port 0; the node reports what it got (endpoints.json), so no
-        // port is chosen here and lost to another process before the node binds it.
-        let p2p = free_port_on(&ip)?;
+        // With --wan, node i is host i + 1: libp2p on its TUN address, API and metrics on its
+        // management address. Each namespace has its own ports, so the p2p port is fixed.
+        let (ip, p2p, mgmt) = match &wan {
+            Some(w) => (
+                crate::wan::wan_ip(i + 1),
+                crate::wan::P2P_PORT,
+                w.mgmt_ip(i + 1),
+            ),
+            None => {
+                let ip = node_ip(i);
+                let p2p = free_port_on(&ip)?;
+                (ip, p2p, "127.0.0.1".to_owned())
+            }
+        };
         let mut listen = vec![format!("/ip4/{ip}/udp/{p2p}/quic-v1")];
         if !opts.quic_only {
             listen.insert(0, format!("/ip4/{ip}/tcp/{p2p}"));
         }
+        // API and metrics bind port 0; the node reports what it got (endpoints.json), so no
+        // port is chosen here and lost to another process before the node binds it.
         let out = Command::new(&node_bin)
             .arg("init")
             .arg("--config")
@@ -298,8 +384,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             .args(["--region", &format!("local-{}", i % 3)])
             .args(["--bootstrap", &tcp_boot])
             .args(listen.iter().flat_map(|l| ["--listen", l.as_str()]))
-            .args(["--api-bind", "127.0.0.1:0"])
-            .args(["--metrics-bind", "127.0.0.1:0"])
+            .args(["--api-bind", &format!("{mgmt}:0")])
+            .args(["--metrics-bind", &format!("{mgmt}:0")])
             // No KVM probe per node: the probe boots a tiny guest, ten at once load the host.
             .args(["--hypervisor-accel", "tcg"])
             .args([
@@ -336,6 +422,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             log,
             ip,
             p2p_port: p2p,
+            netns: netns(i + 1),
         });
     }
     let committee = genesis_committee(&nodes);
@@ -359,7 +446,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Testnet> {
             .filter(|_| byzantine.contains(&n.id))
             .map(|(_, s)| s.as_str());
         write_acp(&n.config, &committee, strategy)?;
-        n.pid = start_node(&node_bin, &n.config, &n.log)?;
+        n.pid = start_node(&node_bin, n, &n.log)?;
+        started.pids.push(n.pid);
     }
     for n in &mut nodes {
         let (api, metrics) = wait_endpoints(n, opts.timeout).await?;
@@ -453,14 +541,13 @@ fn pin_endpoints(config: &Path, api: &str, metrics: &str) -> anyhow::Result<()> 
         .with_context(|| format!("writing {}", config.display()))
 }
 
-fn start_node(node_bin: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
-    spawn_logged(
-        Command::new(node_bin)
-            .arg("run")
-            .arg("--config")
-            .arg(config),
-        log,
-    )
+/// Starts `dwcp-node run` for `n` (inside its namespace with `--wan`), logging to `log`.
+fn start_node(node_bin: &Path, n: &NodeEntry, log: &Path) -> anyhow::Result<u32> {
+    let mut cmd = match &n.netns {
+        Some(ns) => crate::wan::command_in(ns, node_bin),
+        None => Command::new(node_bin),
+    };
+    spawn_logged(cmd.arg("run").arg("--config").arg(&n.config), log)
 }
 
 /// Writes `testnet.json` atomically.
@@ -531,7 +618,7 @@ pub fn is_ours(pid: u32) -> bool {
             .unwrap_or(false)
 }
 
-fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+pub(crate) fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     if let Ok(p) = i32::try_from(pid) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
     }
@@ -550,15 +637,54 @@ pub fn kill_node(t: &Testnet, i: usize) -> anyhow::Result<()> {
 pub fn restart_node(dir: &Path, t: &mut Testnet, i: usize, bin_dir: &Path) -> anyhow::Result<()> {
     let node_bin = bin(bin_dir, "dwcp-node")?;
     let n = t.nodes.get_mut(i).ok_or_else(|| anyhow!("no node {i}"))?;
-    n.pid = start_node(&node_bin, &n.config, &n.log.with_extension("restarted.log"))?;
+    n.pid = start_node(&node_bin, n, &n.log.with_extension("restarted.log"))?;
     write(dir, t)
 }
 
+/// Sends SIGTERM to those of `pids` that are ours, waits up to `grace` for them to exit,
+/// then SIGKILLs the rest. Returns how many were running.
+async fn stop_pids(pids: &[u32], grace: Duration) -> usize {
+    let mut stopped = 0;
+    for &p in pids {
+        if is_ours(p) {
+            signal(p, nix::sys::signal::Signal::SIGTERM);
+            stopped += 1;
+        }
+    }
+    let start = Instant::now();
+    while pids.iter().any(|&p| is_ours(p)) && start.elapsed() < grace {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for &p in pids {
+        if is_ours(p) {
+            signal(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    stopped
+}
+
 /// Stops every process of the testnet: SIGTERM, then SIGKILL after 5 s. Removes the
-/// partition rules (if any) and `testnet.json`; data dirs and logs stay for inspection.
+/// partition rules (if any) and `testnet.json`; data dirs and logs stay for inspection. With
+/// `--wan` it then stops the emulator and deletes the namespaces and management links.
+/// Returns how many node and bootstrap processes were running.
 pub async fn down(dir: &Path) -> anyhow::Result<usize> {
-    let t = read(dir)?;
-    if let Err(e) = crate::partition::heal(&t) {
+    let t = match read(dir) {
+        Ok(t) => t,
+        Err(e) => {
+            // An `up --wan` killed before it wrote testnet.json leaves only wan.json.
+            if let Some(w) = crate::wan::read_record(dir) {
+                tokio::task::spawn_blocking(move || crate::wan::teardown(&w))
+                    .await
+                    .context("WAN teardown task")?;
+                crate::wan::remove_record(dir);
+                return Ok(0);
+            }
+            return Err(e);
+        }
+    };
+    if t.wan.is_none()
+        && let Err(e) = crate::partition::heal(&t)
+    {
         eprintln!("warning: removing the partition rules failed: {e:#}");
     }
     let pids: Vec<u32> = t
@@ -567,21 +693,12 @@ pub async fn down(dir: &Path) -> anyhow::Result<usize> {
         .map(|n| n.pid)
         .chain(std::iter::once(t.bootstrap.pid))
         .collect();
-    let mut stopped = 0;
-    for &p in &pids {
-        if is_ours(p) {
-            signal(p, nix::sys::signal::Signal::SIGTERM);
-            stopped += 1;
-        }
-    }
-    let start = Instant::now();
-    while pids.iter().any(|&p| is_ours(p)) && start.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for &p in &pids {
-        if is_ours(p) {
-            signal(p, nix::sys::signal::Signal::SIGKILL);
-        }
+    let stopped = stop_pids(&pids, Duration::from_secs(5)).await;
+    if let Some(w) = t.wan.clone() {
+        tokio::task::spawn_blocking(move || crate::wan::teardown(&w))
+            .await
+            .context("WAN teardown task")?;
+        crate::wan::remove_record(dir);
     }
     fs::remove_file(dir.join(TESTNET_FILE))?;
     Ok(stopped)

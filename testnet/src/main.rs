@@ -22,13 +22,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start a bootstrap peer and N nodes on 127.0.0.1 and wait until they form a mesh.
+    /// Start a bootstrap peer and N nodes on 127.0.0.1 (or, with --wan, in network
+    /// namespaces joined by the WAN emulator) and wait until they form a mesh.
     Up(cmd_local::UpArgs),
     /// Show the testnet's processes and what each node reports.
     Status(cmd_local::DirArgs),
     /// Stop every process of the testnet (by pid).
     Down(cmd_local::DirArgs),
-    /// Cut the testnet into groups with iptables DROP rules (root), e.g. --groups 0-9/10-19.
+    /// Cut the testnet into groups with iptables DROP rules (root), e.g. --groups 0-9/10-19;
+    /// on a --wan testnet the emulator cuts the links.
     Partition(cmd_local::PartitionArgs),
     /// Remove the partition rules.
     Heal(cmd_local::DirArgs),

@@ -1,4 +1,6 @@
-//! Network partitions of a loopback testnet with iptables (Linux, root).
+//! Network partitions of a loopback testnet with iptables (Linux, root). A `--wan` testnet
+//! is cut in its link emulator instead ([`crate::wan::partition`]); the rest of this text is
+//! about loopback testnets.
 //!
 //! Every node listens on its own loopback address and port. A QUIC dial goes out of the
 //! listening UDP socket, so source address and port name the node at both ends of every QUIC
@@ -91,9 +93,33 @@ struct Side {
     ips: Vec<String>,
 }
 
+/// The emulator's hosts of node groups: node `i` is host `i + 1`, the bootstrap peer (host
+/// 0) joins the first group.
+pub fn wan_host_groups(groups: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    groups
+        .iter()
+        .enumerate()
+        .map(|(gi, g)| {
+            let mut hosts: Vec<usize> = g.iter().map(|i| i + 1).collect();
+            if gi == 0 {
+                hosts.insert(0, 0);
+            }
+            hosts
+        })
+        .collect()
+}
+
 /// Installs DROP rules between every two groups (replacing any earlier partition of this
-/// testnet). On failure the rules installed so far are removed.
+/// testnet). On failure the rules installed so far are removed. On a `--wan` testnet the
+/// emulator cuts the links between the groups instead (no iptables; TCP and QUIC alike).
 pub fn install(t: &Testnet, groups: &[Vec<usize>]) -> anyhow::Result<()> {
+    if let Some(w) = &t.wan {
+        let r = crate::wan::partition(w, &wan_host_groups(groups));
+        if r.is_err() {
+            let _ = crate::wan::heal(w);
+        }
+        return r;
+    }
     if t.nodes.iter().any(|n| n.p2p_port == 0 || n.ip.is_empty()) {
         bail!("this testnet was started without per-node addresses; restart it with `up`");
     }
@@ -233,6 +259,9 @@ fn install_rules(chain: &str, sides: &[Side]) -> anyhow::Result<()> {
 /// Removes this testnet's partition rules, if there are any. Succeeds when there is nothing to
 /// remove (also when iptables is not installed).
 pub fn heal(t: &Testnet) -> anyhow::Result<()> {
+    if let Some(w) = &t.wan {
+        return crate::wan::heal(w);
+    }
     let chain = chain_name(t);
     let exists = match ipt(&["-n", "-L", &chain]) {
         Ok(o) => o.status.success(),
@@ -260,6 +289,9 @@ pub fn heal(t: &Testnet) -> anyhow::Result<()> {
 
 /// Whether this testnet's partition chain exists.
 pub fn active(t: &Testnet) -> bool {
+    if let Some(w) = &t.wan {
+        return crate::wan::partitions(w).is_some_and(|p| !p.is_empty());
+    }
     ipt(&["-n", "-L", &chain_name(t)]).is_ok_and(|o| o.status.success())
 }
 
@@ -278,5 +310,9 @@ mod tests {
         assert!(parse_groups("0-2/3-6", 6).is_err(), "out of range");
         assert!(parse_groups("0-2//3", 6).is_err(), "empty group");
         assert_eq!(halves(5), vec![vec![0, 1], vec![2, 3, 4]]);
+        assert_eq!(
+            wan_host_groups(&[vec![0, 1], vec![2, 3]]),
+            vec![vec![0, 1, 2], vec![3, 4]]
+        );
     }
 }

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     committee::Committee,
-    messages::{CommitCertificate, ConsensusMsg, Digest, Request, Slot, open, open_header},
+    messages::{
+        CommitCertificate, ConsensusMsg, Digest, MAX_BATCH, Request, Slot, merkle_path,
+        merkle_root_from_path, open, open_header,
+    },
 };
 
 /// Why a certificate or a piece of evidence does not hold.
@@ -45,6 +48,9 @@ pub enum CertificateError {
         /// Quorum size.
         need: usize,
     },
+    /// The request is not in the certified batch (bad Merkle path, index or length).
+    #[error("the request is not part of the certified batch")]
+    NotInBatch,
     /// The two messages of an equivocation claim do not conflict.
     #[error("the messages do not conflict: {0}")]
     NoConflict(&'static str),
@@ -58,6 +64,75 @@ pub struct CommitProof {
     pub pre_prepare: SignedEnvelope,
     /// 2f+1 signed commits.
     pub commits: Vec<SignedEnvelope>,
+}
+
+/// Proof that one request was committed: the commit proof of its slot and a Merkle path
+/// from the request to the slot's batch digest ([`Digest::of_batch`]). It carries one request
+/// and `ceil(log2(batch_len))` hashes instead of the batch, so its size does not depend on
+/// what else was batched with it: about `190 B x (2f+1) + 34 B x log2(batch) + request`.
+/// Anyone who knows the committee can check it ([`RequestProof::verify`]); the node uses it
+/// as the commit certificate of one decision in the cluster document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestProof {
+    /// The slot's signed header and 2f+1 signed commits.
+    pub proof: CommitProof,
+    /// Number of requests in the batch.
+    pub batch_len: u32,
+    /// Position of the request in the batch.
+    pub index: u32,
+    /// Sibling hashes from the request's leaf up to the root (RFC 9162 inclusion path).
+    pub path: Vec<Digest>,
+    /// The signed request.
+    pub request: SignedEnvelope,
+}
+
+/// What a valid [`RequestProof`] proves.
+#[derive(Debug, Clone)]
+pub struct CommittedRequest {
+    /// The committed slot.
+    pub slot: Slot,
+    /// The batch time the primary assigned.
+    pub time: Timestamp,
+    /// Position of the request in the batch.
+    pub index: u32,
+    /// The request, verified (its signer is the client).
+    pub request: Verified<Request>,
+    /// The members whose commits are in the proof.
+    pub voters: Vec<NodeId>,
+}
+
+impl RequestProof {
+    /// Checks the commit proof against `committee`, the request's signature, and that the
+    /// request sits at `index` of the committed batch.
+    pub fn verify(&self, committee: &Committee) -> Result<CommittedRequest, CertificateError> {
+        if self.batch_len as usize > MAX_BATCH || self.path.len() > 16 {
+            return Err(CertificateError::NotInBatch);
+        }
+        let (slot, time, voters) =
+            check_commits(committee, &self.proof.pre_prepare, &self.proof.commits)?;
+        let root = merkle_root_from_path(
+            Digest::of_request(&self.request),
+            u64::from(self.index),
+            u64::from(self.batch_len),
+            &self.path,
+        )
+        .ok_or(CertificateError::NotInBatch)?;
+        if Digest::of_batch_root(u64::from(self.batch_len), &root) != slot.digest {
+            return Err(CertificateError::NotInBatch);
+        }
+        let request = self
+            .request
+            .clone()
+            .verify::<Request>()
+            .map_err(|_| CertificateError::BadRequest(self.index as usize))?;
+        Ok(CommittedRequest {
+            slot,
+            time,
+            index: self.index,
+            request,
+            voters,
+        })
+    }
 }
 
 /// What a valid commit certificate proves.
@@ -142,6 +217,20 @@ impl CommitCertificate {
             pre_prepare: self.pre_prepare.clone(),
             commits: self.commits.clone(),
         }
+    }
+
+    /// A proof that the request at `index` of this certificate's batch was committed (not
+    /// checked here; [`RequestProof::verify`] checks it).
+    pub fn request_proof(&self, index: usize) -> Option<RequestProof> {
+        let request = self.batch.get(index)?.clone();
+        let leaves: Vec<Digest> = self.batch.iter().map(Digest::of_request).collect();
+        Some(RequestProof {
+            proof: self.proof(),
+            batch_len: u32::try_from(self.batch.len()).ok()?,
+            index: u32::try_from(index).ok()?,
+            path: merkle_path(&leaves, index),
+            request,
+        })
     }
 
     /// The certified sequence number, read from the header without checking signatures.
@@ -250,4 +339,171 @@ pub fn check_contradiction(
         ));
     }
     Ok(v.signer)
+}
+
+#[cfg(test)]
+mod tests {
+    use dwcp_protocol::NodeKey;
+
+    use super::*;
+    use crate::messages::{PrePrepare, merkle_root};
+
+    fn key(i: usize) -> NodeKey {
+        NodeKey::from_secret_bytes([i as u8 + 1; 32])
+    }
+
+    fn committee(n: usize) -> Committee {
+        Committee::new(0, (0..n).map(|i| key(i).node_id()).collect()).unwrap()
+    }
+
+    fn request(client: usize, nonce: u64, len: usize) -> SignedEnvelope {
+        Verified::sign(
+            &key(client),
+            Request {
+                nonce,
+                op: vec![nonce as u8; len],
+            },
+        )
+        .unwrap()
+        .envelope()
+        .clone()
+    }
+
+    /// A certificate for `batch` at seq 7 signed by the first 2f+1 members of `c`.
+    fn certificate(c: &Committee, n: usize, batch: Vec<SignedEnvelope>) -> CommitCertificate {
+        let slot = Slot {
+            view: 0,
+            seq: 7,
+            digest: Digest::of_batch(&batch),
+        };
+        let pre_prepare = Verified::sign(
+            &key(0),
+            ConsensusMsg::PrePrepare(PrePrepare {
+                slot,
+                time: Timestamp(5),
+            }),
+        )
+        .unwrap()
+        .envelope()
+        .clone();
+        let commits = (0..c.quorum())
+            .map(|i| {
+                assert!(i < n);
+                Verified::sign(&key(i), ConsensusMsg::Commit(slot))
+                    .unwrap()
+                    .envelope()
+                    .clone()
+            })
+            .collect();
+        CommitCertificate {
+            pre_prepare,
+            batch,
+            commits,
+        }
+    }
+
+    #[test]
+    fn merkle_paths_prove_every_leaf_and_nothing_else() {
+        for size in 1..=40usize {
+            let leaves: Vec<Digest> = (0..size)
+                .map(|i| Digest::of("leaf", &[&(i as u64).to_be_bytes()]))
+                .collect();
+            let root = merkle_root(&leaves);
+            for (i, leaf) in leaves.iter().enumerate() {
+                let path = merkle_path(&leaves, i);
+                assert!(path.len() <= 6, "size {size}: path of {}", path.len());
+                let got = merkle_root_from_path(*leaf, i as u64, size as u64, &path);
+                assert_eq!(got, Some(root), "size {size} index {i}");
+                // Another leaf, another index or another size does not give the root.
+                let other = Digest::of("other", &[]);
+                assert_ne!(
+                    merkle_root_from_path(other, i as u64, size as u64, &path),
+                    Some(root)
+                );
+                if size > 1 {
+                    let j = (i + 1) % size;
+                    assert_ne!(
+                        merkle_root_from_path(*leaf, j as u64, size as u64, &path),
+                        Some(root),
+                        "size {size}: leaf {i} passes as {j}"
+                    );
+                }
+                assert_eq!(
+                    merkle_root_from_path(*leaf, size as u64, size as u64, &path),
+                    None
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_proof_proves_one_committed_request() {
+        let c = committee(4);
+        let batch: Vec<SignedEnvelope> = (0..5).map(|i| request(9, i, 40)).collect();
+        let cert = certificate(&c, 4, batch.clone());
+        cert.verify(&c).unwrap();
+        for (i, env) in batch.iter().enumerate() {
+            let p = cert.request_proof(i).unwrap();
+            let got = p.verify(&c).unwrap();
+            assert_eq!(got.slot.seq, 7);
+            assert_eq!(got.time, Timestamp(5));
+            assert_eq!(got.index as usize, i);
+            assert_eq!(got.request.envelope(), env);
+            assert_eq!(got.voters.len(), 3);
+        }
+        assert!(cert.request_proof(5).is_none());
+
+        let good = cert.request_proof(2).unwrap();
+        // A request that was not in the batch.
+        let mut p = good.clone();
+        p.request = request(9, 99, 40);
+        assert_eq!(p.verify(&c).unwrap_err(), CertificateError::NotInBatch);
+        // The right request claimed at another index, or a wrong batch length.
+        let mut p = good.clone();
+        p.index = 3;
+        assert_eq!(p.verify(&c).unwrap_err(), CertificateError::NotInBatch);
+        let mut p = good.clone();
+        p.batch_len = 6;
+        assert_eq!(p.verify(&c).unwrap_err(), CertificateError::NotInBatch);
+        // Too few commits.
+        let mut p = good.clone();
+        p.proof.commits.pop();
+        assert_eq!(
+            p.verify(&c).unwrap_err(),
+            CertificateError::NoQuorum { got: 2, need: 3 }
+        );
+        // Another committee.
+        let other = Committee::new(0, (10..14).map(|i| key(i).node_id()).collect()).unwrap();
+        assert!(matches!(
+            good.verify(&other).unwrap_err(),
+            CertificateError::NotPrimary(0) | CertificateError::NotMember(_)
+        ));
+    }
+
+    /// Sizes of one-request proofs for committees n = 3f+1 up to 31 (printed; the node's
+    /// certificate bound is checked against the largest in `dwcp-node`'s `cert` tests).
+    #[test]
+    fn request_proof_sizes_grow_with_the_quorum_not_the_batch() {
+        let mut sizes = Vec::new();
+        for n in [4usize, 7, 16, 31] {
+            let c = committee(n);
+            for batch_len in [1usize, 64, 512] {
+                let batch: Vec<SignedEnvelope> =
+                    (0..batch_len).map(|i| request(40, i as u64, 100)).collect();
+                let cert = certificate(&c, n, batch);
+                let p = cert.request_proof(batch_len / 2).unwrap();
+                let mut bytes = Vec::new();
+                ciborium::into_writer(&p, &mut bytes).unwrap();
+                p.verify(&c).unwrap();
+                sizes.push((n, batch_len, bytes.len()));
+            }
+        }
+        for (n, b, s) in &sizes {
+            println!("n={n:2} batch={b:3}: request proof {s} bytes");
+        }
+        // Doubling the quorum roughly doubles the size; the batch adds only its path.
+        let at = |n: usize, b: usize| sizes.iter().find(|x| x.0 == n && x.1 == b).unwrap().2;
+        assert!(at(31, 512) - at(31, 1) < 32 * 12, "{sizes:?}");
+        assert!(at(31, 1) > 4 * at(4, 1), "{sizes:?}");
+    }
 }

@@ -46,6 +46,12 @@
 //!   kind for one slot with different digests, checkable by anyone with [`check_equivocation`])
 //!   and votes contradicting a committed certificate ([`check_contradiction`]) are evidence for
 //!   reputation; everything else is a local observation.
+//! * The batch digest is a Merkle root (RFC 9162 shape) over the requests' hashes, bound to
+//!   the batch length ([`Digest::of_batch`]), so a [`RequestProof`] (commit proof + one
+//!   request + its Merkle path) proves that one request committed without carrying the batch:
+//!   ~1.0 KB at n = 4, ~4.1 KB at n = 31 for a small request, growing by 34 bytes per
+//!   doubling of the batch (test `request_proof_sizes_grow_with_the_quorum_not_the_batch`).
+//!   The node uses it as the commit certificate of a decision in the cluster document.
 //! * Committees are a pure function of committed state ([`committee::select`]), recomputed at
 //!   epoch boundaries ([`committee::next_committee`] over a [`committee::Membership`] built
 //!   from committed joins and leaves).
@@ -162,8 +168,8 @@ mod engine;
 pub mod messages;
 
 pub use certificate::{
-    CastVote, CertificateError, CertifiedBatch, CommitProof, VoteKind, check_contradiction,
-    check_equivocation, contradicts, read_vote,
+    CastVote, CertificateError, CertifiedBatch, CommitProof, CommittedRequest, RequestProof,
+    VoteKind, check_contradiction, check_equivocation, contradicts, read_vote,
 };
 pub use committee::Committee;
 pub use engine::{Command, Config, ConfigError, Decision, Engine, Input, Offence};

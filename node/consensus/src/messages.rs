@@ -52,12 +52,29 @@ impl Digest {
         Self::of("dwcp/v3/envelope", &[&env.encode()])
     }
 
-    /// The digest of a batch of signed requests: the hash of their envelopes' wire bytes in
-    /// order. The empty batch is PBFT's null request.
+    /// The digest of a batch of signed requests: the root of a Merkle tree (RFC 9162 shape)
+    /// over the requests' leaf hashes ([`Digest::of_request`]), bound to the batch length.
+    /// The empty batch is PBFT's null request. Being a Merkle root, one request can be proven
+    /// part of a committed batch with `log2(len)` hashes ([`crate::RequestProof`]) instead of
+    /// the whole batch.
     pub fn of_batch(batch: &[SignedEnvelope]) -> Self {
-        let encoded: Vec<Vec<u8>> = batch.iter().map(SignedEnvelope::encode).collect();
-        let parts: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
-        Self::of("dwcp/v3/pbft-batch", &parts)
+        let leaves: Vec<Digest> = batch.iter().map(Self::of_request).collect();
+        Self::of_batch_leaves(&leaves)
+    }
+
+    /// The Merkle leaf hash of one signed request (its envelope's wire bytes).
+    pub fn of_request(env: &SignedEnvelope) -> Self {
+        Self::of("dwcp/v3/pbft-request", &[&env.encode()])
+    }
+
+    /// [`Digest::of_batch`] from the leaf hashes.
+    pub fn of_batch_leaves(leaves: &[Digest]) -> Self {
+        Self::of_batch_root(leaves.len() as u64, &merkle_root(leaves))
+    }
+
+    /// The batch digest from the batch length and the Merkle root of its leaves.
+    pub(crate) fn of_batch_root(len: u64, root: &Digest) -> Self {
+        Self::of("dwcp/v3/pbft-batch", &[&len.to_be_bytes(), &root.0])
     }
 }
 
@@ -71,6 +88,84 @@ impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex::encode(self.0))
     }
+}
+
+/// Interior node of the batch Merkle tree.
+fn merkle_node(l: &Digest, r: &Digest) -> Digest {
+    Digest::of("dwcp/v3/pbft-node", &[&l.0, &r.0])
+}
+
+/// RFC 9162 section 2.1.1 Merkle tree hash over leaf hashes (the zero digest for none): the
+/// left subtree holds the largest power of two below the length.
+pub(crate) fn merkle_root(leaves: &[Digest]) -> Digest {
+    match leaves.len() {
+        0 => Digest::default(),
+        1 => leaves[0],
+        n => {
+            let k = split_point(n);
+            merkle_node(&merkle_root(&leaves[..k]), &merkle_root(&leaves[k..]))
+        }
+    }
+}
+
+/// The largest power of two strictly below `n` (n >= 2).
+fn split_point(n: usize) -> usize {
+    let mut k = 1;
+    while k * 2 < n {
+        k *= 2;
+    }
+    k
+}
+
+/// RFC 9162 section 2.1.3.1 inclusion path of leaf `index` (sibling hashes, bottom up).
+pub(crate) fn merkle_path(leaves: &[Digest], index: usize) -> Vec<Digest> {
+    let n = leaves.len();
+    if n <= 1 || index >= n {
+        return Vec::new();
+    }
+    let k = split_point(n);
+    if index < k {
+        let mut p = merkle_path(&leaves[..k], index);
+        p.push(merkle_root(&leaves[k..]));
+        p
+    } else {
+        let mut p = merkle_path(&leaves[k..], index - k);
+        p.push(merkle_root(&leaves[..k]));
+        p
+    }
+}
+
+/// RFC 9162 section 2.1.3.2: the root that `leaf` at `index` of a tree of `size` leaves
+/// yields with `path`, or `None` if the path does not fit the position.
+pub(crate) fn merkle_root_from_path(
+    leaf: Digest,
+    index: u64,
+    size: u64,
+    path: &[Digest],
+) -> Option<Digest> {
+    if index >= size {
+        return None;
+    }
+    let (mut fnn, mut sn, mut r) = (index, size - 1, leaf);
+    for p in path {
+        if sn == 0 {
+            return None;
+        }
+        if fnn & 1 == 1 || fnn == sn {
+            r = merkle_node(p, &r);
+            if fnn & 1 == 0 {
+                while fnn & 1 == 0 && fnn != 0 {
+                    fnn >>= 1;
+                    sn >>= 1;
+                }
+            }
+        } else {
+            r = merkle_node(&r, p);
+        }
+        fnn >>= 1;
+        sn >>= 1;
+    }
+    (sn == 0).then_some(r)
 }
 
 impl Serialize for Digest {

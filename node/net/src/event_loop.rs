@@ -2,7 +2,7 @@
 //! emits.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::Duration,
 };
 
@@ -16,7 +16,7 @@ use libp2p::{
     noise, ping, relay,
     request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
     swarm::{
-        SwarmEvent,
+        ConnectionId, SwarmEvent,
         dial_opts::{DialOpts, PeerCondition},
     },
     tcp, yamux,
@@ -164,6 +164,10 @@ enum Command {
     Stats {
         reply: oneshot::Sender<NetStats>,
     },
+    PeerAddrs {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
     Request {
         service: Service,
         peer: PeerId,
@@ -246,6 +250,14 @@ impl Client {
         rx.await.map_err(|_| NetError::Stopped)
     }
 
+    /// The remote addresses of our open connections to `peer` (connections we dialled
+    /// first: their address is one the peer listens on). Empty when not connected.
+    pub async fn peer_addresses(&self, peer: PeerId) -> Result<Vec<Multiaddr>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PeerAddrs { peer, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
     /// Sends a request to a peer on a service and waits for its response (at most
     /// [`NetConfig::request_timeout`]). The peer is dialled if it is not connected and its
     /// address is known.
@@ -293,6 +305,8 @@ pub struct EventLoop {
     listen_addrs: BTreeSet<Multiaddr>,
     events_dropped: u64,
     pending: HashMap<(Service, OutboundRequestId), PendingRequest>,
+    /// Remote address of every open connection, and whether we dialled it.
+    connections: HashMap<PeerId, BTreeMap<ConnectionId, (Multiaddr, bool)>>,
 }
 
 struct PendingRequest {
@@ -488,6 +502,7 @@ pub(crate) fn build(
         listen_addrs: BTreeSet::new(),
         events_dropped: 0,
         pending: HashMap::new(),
+        connections: HashMap::new(),
     };
     Ok((client, ev_rx, el))
 }
@@ -633,6 +648,16 @@ impl EventLoop {
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
+            Command::PeerAddrs { peer, reply } => {
+                let mut addrs: Vec<(bool, Multiaddr)> = self
+                    .connections
+                    .get(&peer)
+                    .map(|c| c.values().map(|(a, d)| (!*d, a.clone())).collect())
+                    .unwrap_or_default();
+                addrs.sort();
+                addrs.dedup();
+                let _ = reply.send(addrs.into_iter().map(|(_, a)| a).collect());
+            }
             Command::Request {
                 service,
                 peer,
@@ -757,13 +782,28 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 num_established,
                 endpoint,
                 ..
             } => {
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.connections.entry(peer_id).or_default().insert(
+                    connection_id,
+                    (endpoint.get_remote_address().clone(), endpoint.is_dialer()),
+                );
                 if num_established.get() == 1 {
                     self.emit(Event::PeerConnected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                if let Some(c) = self.connections.get_mut(&peer_id) {
+                    c.remove(&connection_id);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -771,6 +811,7 @@ impl EventLoop {
                 num_established: 0,
                 ..
             } => {
+                self.connections.remove(&peer_id);
                 debug!(peer = %peer_id, "disconnected");
                 self.emit(Event::PeerDisconnected(peer_id));
             }

@@ -27,6 +27,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod amst;
 mod behaviour;
 mod config;
 mod event_loop;

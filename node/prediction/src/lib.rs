@@ -33,6 +33,10 @@
 //! - [`store`] is the retrain hook's bounded on-disk sample series. It is the one module
 //!   that does file I/O (plain `std::fs`); the node's driver calls it, the engine never does.
 //!
+//! The node's driver is `node/src/pba.rs` (`dwcp-cli pba ...`): it resamples pings and
+//! transfer throughput to 5 s bins per peer, records and forecasts them, and runs retraining
+//! (see `models/README.md`, "In the node").
+//!
 //! # What was measured and decided
 //!
 //! `dwcp-testnet bench prediction` on the validation split (107 whole traces never seen in

@@ -13,11 +13,16 @@ use serde::de::DeserializeOwned;
 
 #[path = "cli/acp.rs"]
 mod acp_cmd;
+#[path = "cli/amst.rs"]
+mod amst_cmd;
 #[path = "cli/statesync.rs"]
 mod statesync_cmd;
 
 #[path = "cli/placement.rs"]
 mod placement_cmd;
+
+#[path = "cli/pba.rs"]
+mod pba_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,6 +82,15 @@ enum Cmd {
     /// VM placement (ITP) on the node behind --api.
     #[command(subcommand)]
     Placement(placement_cmd::PlacementCmd),
+    /// Bandwidth forecasts (PBA) of the node behind --api.
+    #[command(subcommand)]
+    Pba(pba_cmd::PbaCmd),
+    /// Multi-stream bulk transfers (AMST) of the node behind --api.
+    #[command(subcommand)]
+    Amst(amst_cmd::AmstCmd),
+    /// Network tests between nodes.
+    #[command(subcommand)]
+    Network(amst_cmd::NetworkCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +221,8 @@ enum NodeCmd {
 struct Api {
     base: String,
     http: reqwest::Client,
+    /// Replaces the client's 60 s timeout (long-running calls such as speed tests).
+    timeout: Option<Duration>,
 }
 
 impl Api {
@@ -219,7 +235,17 @@ impl Api {
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             http,
+            timeout: None,
         })
+    }
+
+    /// The same API with a longer (or shorter) timeout per request.
+    fn with_timeout(&self, t: Duration) -> Self {
+        Self {
+            base: self.base.clone(),
+            http: self.http.clone(),
+            timeout: Some(t),
+        }
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -264,6 +290,9 @@ impl Api {
     ) -> anyhow::Result<Vec<u8>> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
+        if let Some(t) = self.timeout {
+            req = req.timeout(t);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -338,6 +367,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Consensus(cmd) => return acp_cmd::run_consensus(&api, cli.format, cmd).await,
         Cmd::Reputation(cmd) => return acp_cmd::run_reputation(&api, cli.format, cmd).await,
         Cmd::Placement(cmd) => return placement_cmd::run_placement(&api, json, cmd).await,
+        Cmd::Pba(cmd) => return pba_cmd::run_pba(&api, cli.format, cmd).await,
+        Cmd::Amst(cmd) => return amst_cmd::run_amst(&api, cli.format, cmd).await,
+        Cmd::Network(cmd) => return amst_cmd::run_network(&api, cli.format, cmd).await,
         Cmd::Cluster(ClusterCmd::Status) => {
             let s: ClusterStatus = api.get("/v1/cluster/status").await?;
             if json {

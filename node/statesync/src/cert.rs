@@ -67,6 +67,15 @@ pub enum CertError {
     /// The certificate is longer than [`MAX_CERTIFICATE_BYTES`].
     #[error("certificate of {0} bytes is too long")]
     TooLong(usize),
+    /// The certificate names a committee (epoch) the verifier does not know.
+    #[error("certificate is from unknown committee epoch {0}")]
+    UnknownCommittee(u64),
+    /// The certified operation is not in the certified batch.
+    #[error("the operation is not part of the certified batch")]
+    NotInBatch,
+    /// The certified operation is not a valid decision (bad grounds, bad fields).
+    #[error("the certified operation is not a valid decision: {0}")]
+    InvalidDecision(String),
 }
 
 /// Checks commit certificates. Implemented by consensus; tests use

@@ -1447,6 +1447,19 @@ impl<'a> ClusterDocView<'a> {
     }
 }
 
+/// Reads the cluster state out of plain Automerge bytes as [`ClusterDoc::export`] writes them
+/// (`dwcp-cli state-sync export`), without signatures or ownership checks: for tools and
+/// tests that inspect an exported document. Certificates inside are returned as stored; check
+/// them with a [`CertificateVerifier`].
+pub fn read_export(bytes: &[u8]) -> Result<ClusterView, LoadError> {
+    if bytes.len() > MAX_SAVE_BYTES {
+        return Err(LoadError::TooLarge(bytes.len()));
+    }
+    let doc = Automerge::load(bytes).map_err(|e| LoadError::Automerge(e.to_string()))?;
+    let v = ClusterDocView::new(&doc).ok_or(LoadError::Malformed("root maps missing"))?;
+    Ok(v.view())
+}
+
 /// Canonical checksum of a view (length-prefixed fields in key order).
 pub fn checksum_view(epoch: u64, v: &ClusterView) -> [u8; 32] {
     let mut h = Sha256::new();

@@ -73,9 +73,16 @@ pub enum Reject {
 
 impl Reject {
     /// True when the change itself is bad (as opposed to arriving without a good signature,
-    /// which a relaying peer may have stripped).
+    /// which a relaying peer may have stripped, or carrying a certificate of a committee this
+    /// node does not know yet, which it may learn later). Only content violations are
+    /// remembered and poison the change's descendants.
     pub fn is_content_violation(&self) -> bool {
-        !matches!(self, Reject::Unsigned | Reject::BadSignature)
+        !matches!(
+            self,
+            Reject::Unsigned
+                | Reject::BadSignature
+                | Reject::Invalid(Violation::Certificate(CertError::UnknownCommittee(_)))
+        )
     }
 }
 
@@ -411,4 +418,25 @@ fn check_ops(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_content_violations_are_remembered() {
+        assert!(!Reject::Unsigned.is_content_violation());
+        assert!(!Reject::BadSignature.is_content_violation());
+        // A committee this node does not know yet (a later epoch) may become known.
+        assert!(
+            !Reject::Invalid(Violation::Certificate(CertError::UnknownCommittee(3)))
+                .is_content_violation()
+        );
+        assert!(
+            Reject::Invalid(Violation::Certificate(CertError::NoQuorum)).is_content_violation()
+        );
+        assert!(Reject::Invalid(Violation::RootWrite).is_content_violation());
+        assert!(Reject::DependsOnRejected.is_content_violation());
+    }
 }

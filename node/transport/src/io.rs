@@ -155,14 +155,36 @@ enum SendEvent {
     Input(Input),
 }
 
+/// What an operator can ask of a running send ([`send_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendControl {
+    /// Pin the stream count to this many (clamped to the configured bounds by the core's
+    /// controller); adaptation continues from there.
+    SetStreams(usize),
+    /// Stop: the send ends with [`TransferError::Cancelled`].
+    Cancel,
+}
+
 /// Sends everything `source` yields to the peer behind `connector`, as transfer `transfer`.
 /// Progress snapshots go to `progress` if given.
 pub async fn send<R: AsyncRead + Unpin>(
     connector: Arc<dyn Connector>,
     cfg: Config,
     transfer: [u8; 16],
+    source: R,
+    progress: Option<watch::Sender<Progress>>,
+) -> Result<Report, IoError> {
+    send_with(connector, cfg, transfer, source, progress, None).await
+}
+
+/// [`send`], steerable while it runs through `control` (stream count, cancellation).
+pub async fn send_with<R: AsyncRead + Unpin>(
+    connector: Arc<dyn Connector>,
+    cfg: Config,
+    transfer: [u8; 16],
     mut source: R,
     progress: Option<watch::Sender<Progress>>,
+    mut control: Option<mpsc::Receiver<SendControl>>,
 ) -> Result<Report, IoError> {
     let start = Instant::now();
     let mut core = Sender::new(cfg.clone(), 0)?;
@@ -254,6 +276,11 @@ pub async fn send<R: AsyncRead + Unpin>(
                 }
             }
             () = sleep_until_opt(deadline) => core.handle_timeout(micros(start)),
+            c = recv_opt(&mut control) => match c {
+                Some(SendControl::SetStreams(n)) => core.set_streams(micros(start), n),
+                Some(SendControl::Cancel) => core.cancel(),
+                None => control = None,
+            },
             _ = tick.tick() => {
                 if let Some(tx) = &progress {
                     let _ = tx.send(core.progress());
@@ -270,6 +297,13 @@ async fn read_some<R: AsyncRead + Unpin>(
 ) -> std::io::Result<usize> {
     let mut limited = (&mut *r).take(max as u64);
     limited.read_buf(buf).await
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
@@ -304,7 +338,9 @@ async fn sender_stream(
         stream: id.0,
     }
     .encode(&mut out);
-    if wr.write_all(&out).await.is_err() {
+    // Flush after every burst: an encrypted connection (noise) buffers writes into frames
+    // and would otherwise hold a short message back.
+    if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
         return fail(ev).await;
     }
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
@@ -360,6 +396,9 @@ async fn write_chunks(
         out.clear();
         Frame::Chunk(chunk).encode(&mut out);
         wr.write_all(&out).await?;
+        if rx.is_empty() {
+            wr.flush().await?;
+        }
     }
     wr.shutdown().await
 }
@@ -539,6 +578,9 @@ async fn receiver_stream<I: Send + 'static>(
             out.clear();
             Frame::Ack(a).encode(&mut out);
             if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            if ack_rx.is_empty() && wr.flush().await.is_err() {
                 return;
             }
         }

@@ -57,6 +57,8 @@ pub mod adapt;
 pub mod fault;
 #[cfg(feature = "io")]
 pub mod io;
+#[cfg(feature = "io")]
+pub mod pattern;
 pub mod receiver;
 pub mod sender;
 pub mod wire;

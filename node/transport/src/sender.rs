@@ -120,7 +120,7 @@ pub struct StreamProgress {
 }
 
 /// Progress of a transfer.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Progress {
     /// Bytes the receiver has handed to its sink (resume point).
     pub acked: u64,

@@ -13,19 +13,17 @@
 //! The full grid is {100 Mbit/s, 1 Gbit/s} x RTT {20, 100, 200 ms} x loss {0, 0.1 %, 1 %};
 //! `--rate 100mbit --rtt 100ms --loss 1%` runs one link.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use dwcp_transport::Config;
 use dwcp_transport::fault::KillFirstConnection;
 use dwcp_transport::io::{self, TcpAcceptor, TcpConnector};
+use dwcp_transport::pattern::{CheckingSink, Pattern};
 use dwcp_wan::{Emulator, EmulatorConfig, Profile, host_addr, in_namespace};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Arguments of `bench transport`.
 #[derive(Debug, clap::Args)]
@@ -136,19 +134,23 @@ fn bench_link(profile: &Profile, args: &Args) -> anyhow::Result<LinkResult> {
     })?;
     let secs = args.seconds;
     let mut results = Vec::new();
-    let amst_runs: [(&str, Option<usize>, &str); 4] = [
-        ("amst adaptive, bbr", None, "bbr"),
-        ("amst adaptive, cubic", None, "cubic"),
-        ("amst 1 stream, bbr", Some(1), "bbr"),
-        ("amst 1 stream, cubic", Some(1), "cubic"),
+    // The last run is the node's own path: every stream a noise-authenticated libp2p
+    // connection (`dwcp_net::amst`), encrypted, as `network speedtest` and migrations use.
+    let amst_runs: [(&str, Option<usize>, &str, bool); 5] = [
+        ("amst adaptive, bbr", None, "bbr", false),
+        ("amst adaptive, cubic", None, "cubic", false),
+        ("amst 1 stream, bbr", Some(1), "bbr", false),
+        ("amst 1 stream, cubic", Some(1), "cubic", false),
+        ("amst adaptive, bbr, noise", None, "bbr", true),
     ];
     let selected = |name: &str| args.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
-    for (i, (name, streams, cc)) in amst_runs.into_iter().enumerate() {
+    for (i, (name, streams, cc, noise)) in amst_runs.into_iter().enumerate() {
         if !selected(name) {
             continue;
         }
         let port = 7100 + u16::try_from(i).unwrap_or(0);
-        let m = run_amst(&emu, rate, secs, streams, cc, port).with_context(|| name.to_string())?;
+        let m = run_amst(&emu, rate, secs, streams, cc, noise, port)
+            .with_context(|| name.to_string())?;
         results.push(Measurement {
             what: name.into(),
             ..m
@@ -235,85 +237,6 @@ fn run_iperf(emu: &Emulator, secs: u64, parallel: u32, cc: &str, port: u16) -> a
         .context("iperf3 output without sum_received")
 }
 
-/// Deterministic pseudo-random bytes, `limit` of them (or endless).
-struct Pattern {
-    x: u64,
-    word: [u8; 8],
-    idx: usize,
-    pos: u64,
-    limit: u64,
-}
-
-impl Pattern {
-    fn new(limit: u64) -> Self {
-        Self {
-            x: 0x9E37_79B9_7F4A_7C15,
-            word: [0; 8],
-            idx: 8,
-            pos: 0,
-            limit,
-        }
-    }
-    fn fill(&mut self, out: &mut [u8]) {
-        for b in out {
-            if self.idx == 8 {
-                self.x ^= self.x << 13;
-                self.x ^= self.x >> 7;
-                self.x ^= self.x << 17;
-                self.word = self.x.to_le_bytes();
-                self.idx = 0;
-            }
-            *b = self.word[self.idx];
-            self.idx += 1;
-        }
-    }
-}
-
-impl AsyncRead for Pattern {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let left = self.limit - self.pos;
-        let n = (buf.remaining() as u64).min(left).min(1 << 20) as usize;
-        let mut tmp = vec![0u8; n];
-        self.fill(&mut tmp);
-        buf.put_slice(&tmp);
-        self.pos += n as u64;
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// Counts bytes and checks them against the same pattern.
-struct CheckingSink {
-    expect: Pattern,
-    bytes: Arc<AtomicU64>,
-    corrupt: Arc<AtomicBool>,
-}
-
-impl AsyncWrite for CheckingSink {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let mut want = vec![0u8; buf.len()];
-        self.expect.fill(&mut want);
-        if buf != &want[..] {
-            self.corrupt.store(true, Ordering::Relaxed);
-        }
-        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 fn process_cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
@@ -332,8 +255,11 @@ fn run_amst(
     secs: u64,
     streams: Option<usize>,
     cc: &str,
+    noise: bool,
     port: u16,
 ) -> anyhow::Result<Measurement> {
+    let receiver_key = dwcp_net::amst::Keypair::generate_ed25519();
+    let receiver_id = receiver_key.public().to_peer_id();
     let cfg = match streams {
         Some(n) => Config::default().with_fixed_streams(n),
         None => Config::default(),
@@ -358,16 +284,24 @@ fn run_amst(
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            let sink = CheckingSink {
-                expect: Pattern::new(u64::MAX),
-                bytes: b2,
-                corrupt: c2,
+            let mut sink = CheckingSink::new(0);
+            sink.bytes = b2;
+            sink.corrupt = c2;
+            let budget = run_for + Duration::from_secs(3);
+            let r = if noise {
+                let acceptor = dwcp_net::amst::NoiseAcceptor::spawn(l, receiver_key);
+                tokio::time::timeout(
+                    budget,
+                    io::receive(acceptor, recv_cfg, None, |_| true, sink),
+                )
+                .await
+            } else {
+                tokio::time::timeout(
+                    budget,
+                    io::receive(TcpAcceptor(l), recv_cfg, None, |_| true, sink),
+                )
+                .await
             };
-            let r = tokio::time::timeout(
-                run_for + Duration::from_secs(3),
-                io::receive(TcpAcceptor(l), recv_cfg, None, |_| true, sink),
-            )
-            .await;
             // Timing out is the normal end of a fixed-duration run.
             if let Ok(Err(e)) = r {
                 return Err(e.into());
@@ -379,7 +313,7 @@ fn run_amst(
         .recv_timeout(Duration::from_secs(5))
         .context("receiver did not start")??;
     let cc = cc.to_string();
-    let (p_tx, p_rx) = tokio::sync::watch::channel(empty_progress());
+    let (p_tx, p_rx) = tokio::sync::watch::channel(dwcp_transport::Progress::default());
     let cpu0 = process_cpu_seconds();
     let emu0 = emu.cpu_seconds();
     let t0 = Instant::now();
@@ -389,13 +323,23 @@ fn run_amst(
             .enable_all()
             .build()?;
         rt.block_on(async move {
-            let conn = Arc::new(TcpConnector {
-                addr,
-                congestion: Some(cc),
-            });
+            let conn: Arc<dyn io::Connector> = if noise {
+                Arc::new(dwcp_net::amst::AmstConnector {
+                    keypair: dwcp_net::amst::Keypair::generate_ed25519(),
+                    peer: receiver_id,
+                    addr,
+                    congestion: Some(cc),
+                    transfer: [7; 16],
+                })
+            } else {
+                Arc::new(TcpConnector {
+                    addr,
+                    congestion: Some(cc),
+                })
+            };
             let r = tokio::time::timeout(
                 run_for,
-                io::send(conn, cfg, [7; 16], Pattern::new(u64::MAX), Some(p_tx)),
+                io::send(conn, cfg, [7; 16], Pattern::new(0, u64::MAX), Some(p_tx)),
             )
             .await;
             if let Ok(Err(e)) = r {
@@ -543,11 +487,9 @@ fn resilience(args: &Args, mib: u64) -> anyhow::Result<()> {
                     return Ok(0);
                 }
             };
-            let sink = CheckingSink {
-                expect: Pattern::new(u64::MAX),
-                bytes: b2,
-                corrupt: c2,
-            };
+            let mut sink = CheckingSink::new(0);
+            sink.bytes = b2;
+            sink.corrupt = c2;
             let r = io::receive(TcpAcceptor(l), Config::default(), None, |_| true, sink).await?;
             Ok(r.bytes)
         })
@@ -556,7 +498,7 @@ fn resilience(args: &Args, mib: u64) -> anyhow::Result<()> {
         .recv_timeout(Duration::from_secs(5))
         .context("receiver did not start")??;
     let t0 = Instant::now();
-    let (p_tx, p_rx) = tokio::sync::watch::channel(empty_progress());
+    let (p_tx, p_rx) = tokio::sync::watch::channel(dwcp_transport::Progress::default());
     let sender = in_namespace(emu.namespace(0), move || -> anyhow::Result<io::Report> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -573,7 +515,7 @@ fn resilience(args: &Args, mib: u64) -> anyhow::Result<()> {
                 conn,
                 Config::default(),
                 [3; 16],
-                Pattern::new(total),
+                Pattern::new(0, total),
                 Some(p_tx),
             )
             .await?)
@@ -634,18 +576,4 @@ fn resilience(args: &Args, mib: u64) -> anyhow::Result<()> {
         bail!("transfer was not bit-exact");
     }
     Ok(())
-}
-
-fn empty_progress() -> dwcp_transport::Progress {
-    dwcp_transport::Progress {
-        acked: 0,
-        received: 0,
-        taken: 0,
-        total: None,
-        rate: 0.0,
-        streams_active: 0,
-        streams_target: 0,
-        streams: Vec::new(),
-        resent_chunks: 0,
-    }
 }

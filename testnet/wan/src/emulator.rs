@@ -87,16 +87,18 @@ pub fn ip(args: &[&str]) -> Result<String, EmulatorError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A network namespace this process created; deleted on drop after killing what runs in it.
+/// A network namespace the emulator uses. One this process created is deleted on drop after
+/// killing what runs in it; one it was given ([`Emulator::attach`]) is left to its owner.
 #[derive(Debug)]
 pub struct Namespace {
     name: String,
+    owned: bool,
 }
 
 impl Namespace {
     fn create(name: String) -> Result<Self, EmulatorError> {
         ip(&["netns", "add", &name])?;
-        Ok(Self { name })
+        Ok(Self { name, owned: true })
     }
 
     /// The namespace name (for `ip netns exec`).
@@ -107,7 +109,9 @@ impl Namespace {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        delete_namespace(&self.name);
+        if self.owned {
+            delete_namespace(&self.name);
+        }
     }
 }
 
@@ -233,11 +237,59 @@ impl Emulator {
         static RUN: AtomicU64 = AtomicU64::new(0);
         let run = RUN.fetch_add(1, Ordering::Relaxed);
         let mut namespaces = Vec::with_capacity(cfg.hosts);
-        let mut tuns = Vec::with_capacity(cfg.hosts);
         for i in 0..cfg.hosts {
             // Pushed before configuring so a failure below still deletes it.
             namespaces.push(Namespace::create(format!("{NS_PREFIX}{pid}-{run}x{i}"))?);
-            let ns = namespaces[i].name().to_string();
+        }
+        Self::build(namespaces, cfg)
+    }
+
+    /// Like [`Emulator::start`], but host `i` is the existing namespace `names[i]` (created by
+    /// the caller, e.g. the testnet). The emulator adds its TUN `wan0` with
+    /// [`host_addr`]`(i)` to each; the TUNs vanish when the emulator stops, the namespaces
+    /// and whatever runs in them stay (the caller removes them).
+    pub fn attach(names: &[String], profile: Profile, seed: u64) -> Result<Self, EmulatorError> {
+        if !(2..=200).contains(&names.len()) {
+            return Err(EmulatorError::Invalid(format!(
+                "hosts must be 2..=200, got {}",
+                names.len()
+            )));
+        }
+        let mut namespaces = Vec::with_capacity(names.len());
+        for name in names {
+            let path = format!("/run/netns/{name}");
+            if let Err(e) = std::fs::metadata(&path) {
+                let present: Vec<String> = std::fs::read_dir("/run/netns")
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Err(EmulatorError::Invalid(format!(
+                    "no network namespace {name} ({path}: {e}; present: {})",
+                    present.join(" ")
+                )));
+            }
+            namespaces.push(Namespace {
+                name: name.clone(),
+                owned: false,
+            });
+        }
+        let cfg = EmulatorConfig {
+            hosts: names.len(),
+            profile,
+            seed,
+        };
+        Self::build(namespaces, cfg)
+    }
+
+    /// Adds the TUNs to `namespaces` and starts the threads; on failure the namespaces drop
+    /// (owned ones are deleted).
+    fn build(namespaces: Vec<Namespace>, cfg: EmulatorConfig) -> Result<Self, EmulatorError> {
+        let mut tuns = Vec::with_capacity(cfg.hosts);
+        for (i, namespace) in namespaces.iter().enumerate() {
+            let ns = namespace.name().to_string();
             let tun = in_namespace(&ns, || open_tun(IFACE))?
                 .join()
                 .map_err(|_| EmulatorError::Invalid("tun thread panicked".into()))?
@@ -354,6 +406,11 @@ impl Emulator {
             lock(self.link(x, y)?).set_partitioned(cut);
         }
         Ok(())
+    }
+
+    /// Whether the direction `from -> to` is cut.
+    pub fn is_partitioned(&self, from: usize, to: usize) -> Result<bool, EmulatorError> {
+        Ok(lock(self.link(from, to)?).is_partitioned())
     }
 
     /// Replaces the configuration of the direction `from -> to`.

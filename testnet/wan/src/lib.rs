@@ -20,6 +20,10 @@
 //! `rate=1gbit,rtt=20ms,loss=0.1%,jitter=1ms,queue=2mb,ge=p_gb/p_bg/loss_good/loss_bad`
 //! (a preset may come first: `internet,loss=1%`).
 //!
+//! [`control`] is a Unix-socket control channel to a running `dwcp-wan run --control <path>`
+//! (cut and heal links at run time); `dwcp-testnet up --wan` uses it with
+//! [`Emulator::attach`], which adds the TUNs to namespaces the testnet created.
+//!
 //! Clean-up: namespaces are named `dwcpwan-<pid>-<run>x<host>`; the emulator deletes its own
 //! on shutdown or drop (killing anything still running inside), and each start (and
 //! `dwcp-wan cleanup`) deletes namespaces whose creating process is gone.
@@ -32,6 +36,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod control;
 pub mod emulator;
 pub mod link;
 pub mod profile;

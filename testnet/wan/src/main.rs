@@ -20,8 +20,15 @@ enum Cmd {
     /// Create N hosts joined by emulated links and forward until Ctrl-C / SIGTERM.
     Run {
         /// Number of hosts (namespaces).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, conflicts_with = "netns")]
         hosts: usize,
+        /// Use these existing namespaces (comma-separated; host i is the i-th) instead of
+        /// creating them. The emulator adds only its TUNs, which go away when it stops.
+        #[arg(long, value_delimiter = ',')]
+        netns: Vec<String>,
+        /// Serve the control channel (cut/restore/heal/partitions/stats) on this Unix socket.
+        #[arg(long)]
+        control: Option<std::path::PathBuf>,
         /// Profile: dc, internet, lossy, trace:<file>, or rate=..,rtt=..,loss=..
         #[arg(long, default_value = "internet")]
         wan: String,
@@ -47,17 +54,35 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Run { hosts, wan, seed } => {
+        Cmd::Run {
+            hosts,
+            netns,
+            control,
+            wan,
+            seed,
+        } => {
             let profile = Profile::parse(&wan)?;
-            let emu = Emulator::start(EmulatorConfig {
-                hosts,
-                profile,
-                seed,
-            })
+            let emu = if netns.is_empty() {
+                Emulator::start(EmulatorConfig {
+                    hosts,
+                    profile,
+                    seed,
+                })
+            } else {
+                Emulator::attach(&netns, profile, seed)
+            }
             .context("starting the emulator")?;
-            for i in 0..hosts {
+            let emu = std::sync::Arc::new(emu);
+            for i in 0..emu.hosts() {
                 println!("host {i}: netns {} addr {}", emu.namespace(i), host_addr(i));
             }
+            let server = match &control {
+                Some(path) => Some(
+                    dwcp_wan::control::Server::start(path, std::sync::Arc::clone(&emu))
+                        .with_context(|| format!("serving control socket {}", path.display()))?,
+                ),
+                None => None,
+            };
             println!("forwarding; Ctrl-C or SIGTERM stops and removes everything");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -71,8 +96,13 @@ fn main() -> anyhow::Result<()> {
                 }
                 anyhow::Ok(())
             })?;
+            drop(server);
             let cpu = emu.cpu_seconds();
-            emu.shutdown();
+            // The control thread has stopped, so this is the last reference.
+            match std::sync::Arc::try_unwrap(emu) {
+                Ok(emu) => emu.shutdown(),
+                Err(emu) => drop(emu),
+            }
             println!("stopped (emulator used {cpu:.2} CPU seconds)");
         }
         Cmd::Selfcheck { wan, seconds, json } => {

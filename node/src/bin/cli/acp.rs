@@ -65,7 +65,8 @@ pub(crate) enum ReputationCmd {
     },
 }
 
-async fn resolve(api: &Api, node: &str) -> anyhow::Result<NodeId> {
+/// A node id from an id, peer id or unique hex prefix (asks the node behind --api).
+pub(crate) async fn resolve(api: &Api, node: &str) -> anyhow::Result<NodeId> {
     if let Ok(id) = node.parse::<NodeId>() {
         return Ok(id);
     }
