@@ -43,6 +43,19 @@ pub fn on_request(shared: Arc<Shared>, r: InboundRequest) {
     });
 }
 
+/// The refusal for a request that names another cluster than this node's.
+fn other_cluster(shared: &Shared, cluster_id: &str) -> Option<ControlResponse> {
+    (cluster_id != shared.cluster_id()).then(|| {
+        ControlResponse::refused(
+            ControlErrorCode::NotMember,
+            format!(
+                "cluster `{cluster_id}` is not this node's (`{}`)",
+                shared.cluster_id()
+            ),
+        )
+    })
+}
+
 async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlResponse {
     let Ok(from) = NodeId::from_peer_id(&peer) else {
         return ControlResponse::refused(
@@ -79,26 +92,14 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
             purpose,
             ..
         } => {
-            if cluster_id != shared.cluster_id() {
-                return ControlResponse::refused(
-                    ControlErrorCode::NotMember,
-                    format!(
-                        "cluster `{cluster_id}` is not this node's (`{}`)",
-                        shared.cluster_id()
-                    ),
-                );
+            if let Some(refusal) = other_cluster(shared, &cluster_id) {
+                return refusal;
             }
             shared.amst().on_offer(from, peer, transfer, purpose)
         }
         ControlRequest::CreateVm { cluster_id, vm } => {
-            if cluster_id != shared.cluster_id() {
-                return ControlResponse::refused(
-                    ControlErrorCode::NotMember,
-                    format!(
-                        "cluster `{cluster_id}` is not this node's (`{}`)",
-                        shared.cluster_id()
-                    ),
-                );
+            if let Some(refusal) = other_cluster(shared, &cluster_id) {
+                return refusal;
             }
             let Some(_slot) = shared.placement.control_slot() else {
                 return ControlResponse::refused(

@@ -9,34 +9,13 @@
 mod common;
 
 use std::{
-    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::{RunningNode, loopback_config};
-use dwcp_node::{config::NodeConfig, identity};
+use common::{cli, loopback_config};
+use dwcp_node::config::NodeConfig;
 use dwcp_transport::io::Connector;
-
-async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
-    let api = api.to_owned();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
-            .arg("--api")
-            .arg(&api)
-            .args(&args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 fn node_config() -> NodeConfig {
     let mut c = loopback_config("amst-test");
@@ -63,20 +42,7 @@ async fn metric(metrics: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speedtest_moves_checked_bytes_between_two_nodes() {
     let root = tempfile::tempdir().unwrap();
-    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&dir_a).unwrap();
-    std::fs::create_dir_all(&dir_b).unwrap();
-    let a_cfg = node_config();
-    let a_key = identity::load_or_create(&dir_a.join(identity::IDENTITY_FILE)).unwrap();
-    let a_addr = format!(
-        "{}/p2p/{}",
-        a_cfg.network.listen[0],
-        a_key.node_id().to_peer_id().unwrap()
-    );
-    let a = RunningNode::start(a_cfg, &dir_a).await;
-    let mut b_cfg = node_config();
-    b_cfg.cluster.bootstrap = vec![a_addr];
-    let b = RunningNode::start(b_cfg, &dir_b).await;
+    let (a, b) = common::start_pair(root.path(), node_config(), node_config()).await;
     let (a_id, b_id) = (a.id.to_string(), b.id.to_string());
 
     // B serves A's offer only once A is a ready member in B's table, and the other way round.

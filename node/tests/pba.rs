@@ -8,33 +8,10 @@
 
 mod common;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{RunningNode, loopback_config};
-use dwcp_node::{config::NodeConfig, identity};
-
-async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
-    let api = api.to_owned();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
-            .arg("--api")
-            .arg(&api)
-            .args(&args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
+use common::{cli, loopback_config};
+use dwcp_node::config::NodeConfig;
 
 fn node_config() -> NodeConfig {
     let mut c = loopback_config("pba-test");
@@ -48,20 +25,7 @@ fn node_config() -> NodeConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_become_rtt_samples_and_retrain_needs_samples() {
     let root = tempfile::tempdir().unwrap();
-    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&dir_a).unwrap();
-    std::fs::create_dir_all(&dir_b).unwrap();
-    let a_cfg = node_config();
-    let a_key = identity::load_or_create(&dir_a.join(identity::IDENTITY_FILE)).unwrap();
-    let a_addr = format!(
-        "{}/p2p/{}",
-        a_cfg.network.listen[0],
-        a_key.node_id().to_peer_id().unwrap()
-    );
-    let a = RunningNode::start(a_cfg, &dir_a).await;
-    let mut b_cfg = node_config();
-    b_cfg.cluster.bootstrap = vec![a_addr];
-    let b = RunningNode::start(b_cfg, &dir_b).await;
+    let (a, b) = common::start_pair(root.path(), node_config(), node_config()).await;
     let a_id = a.id.to_string();
 
     // libp2p pings the new connection at once (then every 15 s); the RTT lands in a 5 s bin
@@ -199,7 +163,7 @@ async fn pings_become_rtt_samples_and_retrain_needs_samples() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let files: Vec<_> = std::fs::read_dir(dir_b.join("pba/links").join(&a_id))
+    let files: Vec<_> = std::fs::read_dir(root.path().join("b").join("pba/links").join(&a_id))
         .unwrap()
         .flatten()
         .collect();
@@ -216,20 +180,7 @@ async fn pings_become_rtt_samples_and_retrain_needs_samples() {
 #[ignore = "75 s transfer; run by hand"]
 async fn a_minute_of_transfer_gives_a_forecast() {
     let root = tempfile::tempdir().unwrap();
-    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&dir_a).unwrap();
-    std::fs::create_dir_all(&dir_b).unwrap();
-    let a_cfg = node_config();
-    let a_key = identity::load_or_create(&dir_a.join(identity::IDENTITY_FILE)).unwrap();
-    let a_addr = format!(
-        "{}/p2p/{}",
-        a_cfg.network.listen[0],
-        a_key.node_id().to_peer_id().unwrap()
-    );
-    let a = RunningNode::start(a_cfg, &dir_a).await;
-    let mut b_cfg = node_config();
-    b_cfg.cluster.bootstrap = vec![a_addr];
-    let b = RunningNode::start(b_cfg, &dir_b).await;
+    let (a, b) = common::start_pair(root.path(), node_config(), node_config()).await;
     let a_id = a.id.to_string();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (ok, out, err) = cli(

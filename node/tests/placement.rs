@@ -9,37 +9,14 @@
 
 mod common;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{RunningNode, loopback_config};
+use common::{RunningNode, cli, loopback_config};
 use dwcp_hypervisor::test_guest::TestGuest;
 use dwcp_node::{
     config::{AccelSetting, NodeConfig},
     identity,
 };
-
-async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
-    let api = api.to_owned();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
-            .arg("--api")
-            .arg(&api)
-            .args(&args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 fn node_config(cpu_percent: u8, memory_percent: u8) -> NodeConfig {
     let mut c = loopback_config("placement-test");

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dwcp_protocol::version::TRANSFER_PROTOCOL;
-use dwcp_transport::io::{Accepted, Acceptor, BoxFuture, Conn, Connector, set_congestion};
+use dwcp_transport::io::{Accepted, Acceptor, BoxFuture, Conn, Connector, connect_tcp};
 use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, Version};
 pub use libp2p::identity::Keypair;
 use libp2p::{PeerId, noise};
@@ -182,18 +182,7 @@ impl Connector for AmstConnector {
     fn connect(&self) -> BoxFuture<'static, std::io::Result<Box<dyn Conn>>> {
         let this = self.clone();
         Box::pin(async move {
-            let sock = if this.addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            if let Some(cc) = &this.congestion {
-                set_congestion(&sock, cc)?;
-            }
-            let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, sock.connect(this.addr))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
-            tcp.set_nodelay(true)?;
+            let tcp = connect_tcp(this.addr, this.congestion.as_deref()).await?;
             Ok(upgrade_outbound(tcp, &this.keypair, this.peer, this.transfer).await?)
         })
     }

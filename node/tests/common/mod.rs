@@ -9,6 +9,7 @@ use std::{
 
 use dwcp_node::{config::NodeConfig, daemon, identity};
 use dwcp_protocol::NodeId;
+use std::process::Command;
 
 /// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
@@ -113,4 +114,48 @@ impl Drop for KillLeftovers {
             }
         }
     }
+}
+
+/// Runs `dwcp-cli --api <api> <args>`: (exit success, stdout, stderr).
+#[allow(dead_code)] // not every test drives the CLI
+pub(crate) async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
+    let api = api.to_owned();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
+            .arg("--api")
+            .arg(&api)
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Starts node A in `root/a`, then node B in `root/b` bootstrapping through A.
+#[allow(dead_code)] // only the two-node tests use it
+pub(crate) async fn start_pair(
+    root: &Path,
+    a_cfg: NodeConfig,
+    mut b_cfg: NodeConfig,
+) -> (RunningNode, RunningNode) {
+    let (dir_a, dir_b) = (root.join("a"), root.join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let a_key = identity::load_or_create(&dir_a.join(identity::IDENTITY_FILE)).unwrap();
+    let a_addr = format!(
+        "{}/p2p/{}",
+        a_cfg.network.listen[0],
+        a_key.node_id().to_peer_id().unwrap()
+    );
+    let a = RunningNode::start(a_cfg, &dir_a).await;
+    b_cfg.cluster.bootstrap = vec![a_addr];
+    let b = RunningNode::start(b_cfg, &dir_b).await;
+    (a, b)
 }

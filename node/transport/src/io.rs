@@ -65,21 +65,31 @@ impl Connector for TcpConnector {
     fn connect(&self) -> BoxFuture<'static, std::io::Result<Box<dyn Conn>>> {
         let this = self.clone();
         Box::pin(async move {
-            let sock = if this.addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            if let Some(cc) = &this.congestion {
-                set_congestion(&sock, cc)?;
-            }
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(this.addr))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
-            stream.set_nodelay(true)?;
+            let stream = connect_tcp(this.addr, this.congestion.as_deref()).await?;
             Ok(Box::new(stream) as Box<dyn Conn>)
         })
     }
+}
+
+/// A new TCP connection to `addr` whose socket got `TCP_CONGESTION` = `congestion` (if
+/// given) before the handshake, with `TCP_NODELAY`, within the connect timeout (10 s).
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    congestion: Option<&str>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(cc) = congestion {
+        set_congestion(&sock, cc)?;
+    }
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Sets `TCP_CONGESTION` on a socket.
