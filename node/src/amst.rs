@@ -113,81 +113,7 @@ impl AmstMetrics {
     }
 }
 
-/// Which way a transfer goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    /// This node sends.
-    Send,
-    /// This node receives.
-    Receive,
-}
-
-/// One stream of a running send, for `amst status`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StreamView {
-    /// Stream number.
-    pub id: u32,
-    /// Estimated delivery rate, Mbit/s.
-    pub rate_mbps: f64,
-    /// Bytes in flight.
-    pub in_flight: u64,
-}
-
-/// A transfer, running or finished, as `amst status` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TransferView {
-    /// Transfer id (hex).
-    pub id: String,
-    /// Send or receive.
-    pub direction: Direction,
-    /// The other node.
-    pub peer: NodeId,
-    /// `speedtest`, ...
-    pub purpose: String,
-    /// `running`, `done`, `failed`, `corrupt`.
-    pub state: String,
-    /// Payload bytes (acknowledged for a send, delivered for a receive).
-    pub bytes: u64,
-    /// Seconds since it started (or that it took).
-    pub seconds: f64,
-    /// Average goodput, Mbit/s.
-    pub mbps: f64,
-    /// Streams now (sends only).
-    pub streams_active: usize,
-    /// Streams the controller wants (sends only).
-    pub streams_target: usize,
-    /// Per-stream figures (running sends only).
-    pub streams: Vec<StreamView>,
-    /// Largest relative deviation of a stream's rate from the mean (running sends with two
-    /// or more streams); the manual flags more than 0.2.
-    pub imbalance: Option<f64>,
-    /// Chunks sent twice.
-    pub resent_chunks: u64,
-    /// Why it failed.
-    pub error: Option<String>,
-}
-
-/// `GET /v1/amst/status`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AmstStatus {
-    /// This node.
-    pub node: NodeId,
-    /// Where the AMST listener is bound.
-    pub listen: String,
-    /// The congestion controller set on stream sockets (`system`: left at the OS default).
-    pub congestion_control: String,
-    /// Stream bounds.
-    pub streams_min: usize,
-    /// Stream bounds.
-    pub streams_max: usize,
-    /// Streams a new transfer starts with (the configured default or `set-streams`).
-    pub streams_default: usize,
-    /// Running transfers.
-    pub active: Vec<TransferView>,
-    /// The most recent finished transfers, newest first.
-    pub recent: Vec<TransferView>,
-}
+pub use dwcp_protocol::api::{AmstStatus, Direction, StreamView, TransferView};
 
 /// `POST /v1/amst/streams` body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -677,6 +603,41 @@ impl Amst {
         }
     }
 
+    /// Another node's `amst status`, asked over the control service (read-only).
+    pub async fn remote_status(&self, node: NodeId) -> Result<AmstStatus, AmstError> {
+        let peer = node
+            .to_peer_id()
+            .map_err(|e| AmstError::BadRequest(e.to_string()))?;
+        let req = ControlRequest::AmstStatus {
+            cluster_id: self.cluster_id.clone(),
+        };
+        let answer = self
+            .client
+            .request(peer, dwcp_net::Service::Control, req.encode())
+            .await
+            .map_err(|e| AmstError::Unavailable(format!("{} not asked: {e}", node.short())))?;
+        match ControlResponse::decode(&answer) {
+            Ok(ControlResponse::AmstStatus(st)) if st.node == node => Ok(*st),
+            Ok(ControlResponse::AmstStatus(st)) => Err(AmstError::Failed(format!(
+                "{} answered for another node ({})",
+                node.short(),
+                st.node.short()
+            ))),
+            Ok(ControlResponse::Refused { message, .. }) => Err(AmstError::Unavailable(format!(
+                "{} refused: {message}",
+                node.short()
+            ))),
+            Ok(_) => Err(AmstError::Failed(format!(
+                "{} sent an unexpected answer",
+                node.short()
+            ))),
+            Err(e) => Err(AmstError::Failed(format!(
+                "{} sent a bad answer: {e}",
+                node.short()
+            ))),
+        }
+    }
+
     /// `amst set-streams`: the stream count new transfers start with, and a pin for the
     /// running sends (their controller adapts on from there).
     pub fn set_streams(&self, count: usize) -> Result<usize, AmstError> {
@@ -950,8 +911,25 @@ pub fn routes() -> axum::Router<Arc<crate::daemon::Shared>> {
 
 type SharedState = axum::extract::State<Arc<crate::daemon::Shared>>;
 
-async fn api_status(axum::extract::State(s): SharedState) -> axum::Json<AmstStatus> {
-    axum::Json(s.amst().status())
+/// `?node=<id>` of `GET /v1/amst/status`.
+#[derive(Debug, Deserialize)]
+struct StatusQuery {
+    node: Option<NodeId>,
+}
+
+async fn api_status(
+    axum::extract::State(s): SharedState,
+    axum::extract::Query(q): axum::extract::Query<StatusQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match q.node {
+        None => axum::Json(s.amst().status()).into_response(),
+        Some(n) if n == s.node_id() => axum::Json(s.amst().status()).into_response(),
+        Some(n) => match s.amst().remote_status(n).await {
+            Ok(st) => axum::Json(st).into_response(),
+            Err(e) => error_response(e),
+        },
+    }
 }
 
 async fn api_set_streams(

@@ -30,6 +30,7 @@ pub fn on_request(shared: Arc<Shared>, r: InboundRequest) {
         let label = match &answer {
             ControlResponse::VmCreated(_) => "created",
             ControlResponse::AmstAccepted { .. } => "amst_accepted",
+            ControlResponse::AmstStatus(_) => "amst_status",
             ControlResponse::Refused { code, .. } => code.as_str(),
         };
         shared
@@ -96,6 +97,16 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
                 return refusal;
             }
             shared.amst().on_offer(from, peer, transfer, purpose)
+        }
+        ControlRequest::AmstStatus { cluster_id } => {
+            if let Some(refusal) = other_cluster(shared, &cluster_id) {
+                return refusal;
+            }
+            // Bounded to stay far inside the control frame (64 KiB) and the decoder's limits.
+            let mut st = shared.amst().status();
+            st.active.truncate(32);
+            st.recent.truncate(16);
+            ControlResponse::AmstStatus(Box::new(st))
         }
         ControlRequest::CreateVm { cluster_id, vm } => {
             if let Some(refusal) = other_cluster(shared, &cluster_id) {

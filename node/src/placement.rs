@@ -1274,9 +1274,9 @@ async fn forward(
         Ok(ControlResponse::Refused { code, message }) => {
             Err(ForwardError::Refused { code, message })
         }
-        Ok(ControlResponse::AmstAccepted { .. }) => Err(ForwardError::Unreachable(
-            "answered a VM create with a transfer acceptance".into(),
-        )),
+        Ok(ControlResponse::AmstAccepted { .. } | ControlResponse::AmstStatus(_)) => Err(
+            ForwardError::Unreachable("answered a VM create with an AMST answer".into()),
+        ),
         Err(e) => Err(ForwardError::Unreachable(format!("sent a bad answer: {e}"))),
     }
 }

@@ -142,7 +142,23 @@ async fn speedtest_moves_checked_bytes_between_two_nodes() {
     assert_eq!(s["streams_default"], 5);
     let (ok, _, err) = cli(&a.api, &["amst", "set-streams", "--count", "99"]).await;
     assert!(!ok && err.contains("min..max"), "{err}");
-    let (ok, _, err) = cli(&a.api, &["amst", "status", "--node", &b_id]).await;
+    // Another node's status is read over the control service.
+    let (ok, out, err) = cli(
+        &a.api,
+        &["--format", "json", "amst", "status", "--node", &b_id[..10]],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let remote: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(remote["node"], b_id.as_str());
+    assert_eq!(remote["recent"][0]["direction"], "receive");
+    assert_eq!(remote["recent"][0]["bytes"].as_u64().unwrap(), bytes);
+    // Settings stay with the node's own operator.
+    let (ok, _, err) = cli(
+        &a.api,
+        &["amst", "set-streams", "--node", &b_id, "--count", "6"],
+    )
+    .await;
     assert!(!ok && err.contains("not the node behind --api"), "{err}");
     let (ok, _, err) = cli(
         &a.api,

@@ -485,3 +485,80 @@ pub struct SetSolverRequest {
     #[serde(default)]
     pub target_optimality: Option<f64>,
 }
+
+/// Which way a transfer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// This node sends.
+    Send,
+    /// This node receives.
+    Receive,
+}
+
+/// One stream of a running send, for `amst status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamView {
+    /// Stream number.
+    pub id: u32,
+    /// Estimated delivery rate, Mbit/s.
+    pub rate_mbps: f64,
+    /// Bytes in flight.
+    pub in_flight: u64,
+}
+
+/// A transfer, running or finished, as `amst status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransferView {
+    /// Transfer id (hex).
+    pub id: String,
+    /// Send or receive.
+    pub direction: Direction,
+    /// The other node.
+    pub peer: NodeId,
+    /// `speedtest`, ...
+    pub purpose: String,
+    /// `running`, `done`, `failed`, `corrupt`.
+    pub state: String,
+    /// Payload bytes (acknowledged for a send, delivered for a receive).
+    pub bytes: u64,
+    /// Seconds since it started (or that it took).
+    pub seconds: f64,
+    /// Average goodput, Mbit/s.
+    pub mbps: f64,
+    /// Streams now (sends only).
+    pub streams_active: usize,
+    /// Streams the controller wants (sends only).
+    pub streams_target: usize,
+    /// Per-stream figures (running sends only).
+    pub streams: Vec<StreamView>,
+    /// Largest relative deviation of a stream's rate from the mean (running sends with two
+    /// or more streams); the manual flags more than 0.2.
+    pub imbalance: Option<f64>,
+    /// Chunks sent twice.
+    pub resent_chunks: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// `GET /v1/amst/status[?node=<id>]`: a node's AMST transfers (also the control service's
+/// answer to `ControlRequest::AmstStatus`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AmstStatus {
+    /// This node.
+    pub node: NodeId,
+    /// Where the AMST listener is bound.
+    pub listen: String,
+    /// The congestion controller set on stream sockets (`system`: left at the OS default).
+    pub congestion_control: String,
+    /// Stream bounds.
+    pub streams_min: usize,
+    /// Stream bounds.
+    pub streams_max: usize,
+    /// Streams a new transfer starts with (the configured default or `set-streams`).
+    pub streams_default: usize,
+    /// Running transfers.
+    pub active: Vec<TransferView>,
+    /// The most recent finished transfers, newest first.
+    pub recent: Vec<TransferView>,
+}

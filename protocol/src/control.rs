@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::{VmCreateRequest, VmView},
+    api::{AmstStatus, VmCreateRequest, VmView},
     envelope::{from_cbor_exact, to_cbor},
     messages::MAX_CLUSTER_ID_LEN,
 };
@@ -59,6 +59,11 @@ pub enum ControlRequest {
         size: Option<u64>,
         /// What the bytes are for.
         purpose: TransferPurpose,
+    },
+    /// Report this node's AMST transfers (read-only; `dwcp-cli amst status --node`).
+    AmstStatus {
+        /// The sender's cluster (must be the receiver's).
+        cluster_id: String,
     },
 }
 
@@ -114,6 +119,8 @@ pub enum ControlResponse {
         /// TCP port of the receiver's AMST listener.
         port: u16,
     },
+    /// The receiver's AMST transfers.
+    AmstStatus(Box<AmstStatus>),
     /// Refused, with the reason.
     Refused {
         /// What kind of refusal.
@@ -185,11 +192,35 @@ impl ControlRequest {
                 check("vm.cmdline", vm.cmdline.as_deref(), MAX_CMDLINE_LEN)?;
                 Ok(())
             }
-            ControlRequest::AmstOffer { cluster_id, .. } => {
+            ControlRequest::AmstOffer { cluster_id, .. }
+            | ControlRequest::AmstStatus { cluster_id } => {
                 check("cluster_id", Some(cluster_id), MAX_CLUSTER_ID_LEN)
             }
         }
     }
+}
+
+/// Most transfers (running or recent) in an AMST status answer.
+pub const MAX_AMST_TRANSFERS: usize = 128;
+/// Most streams per transfer in an AMST status answer.
+pub const MAX_AMST_STREAMS: usize = 256;
+
+fn check_amst_status(st: &AmstStatus) -> Result<(), ControlDecodeError> {
+    check("listen", Some(&st.listen), 64)?;
+    check("congestion_control", Some(&st.congestion_control), 32)?;
+    if st.active.len() + st.recent.len() > MAX_AMST_TRANSFERS {
+        return Err(ControlDecodeError::OutOfBounds("transfers"));
+    }
+    for t in st.active.iter().chain(&st.recent) {
+        check("transfer.id", Some(&t.id), 64)?;
+        check("transfer.purpose", Some(&t.purpose), 32)?;
+        check("transfer.state", Some(&t.state), 32)?;
+        check("transfer.error", t.error.as_deref(), MAX_MESSAGE_LEN)?;
+        if t.streams.len() > MAX_AMST_STREAMS {
+            return Err(ControlDecodeError::OutOfBounds("transfer.streams"));
+        }
+    }
+    Ok(())
 }
 
 impl ControlResponse {
@@ -212,6 +243,7 @@ impl ControlResponse {
                 check("message", Some(message), MAX_MESSAGE_LEN)?;
             }
             ControlResponse::AmstAccepted { .. } => {}
+            ControlResponse::AmstStatus(st) => check_amst_status(st)?,
         }
         Ok(r)
     }
@@ -310,5 +342,69 @@ mod tests {
             let _ = ControlRequest::decode(&bytes);
             let _ = ControlResponse::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn amst_status_answers_round_trip_and_are_bounded() {
+        use crate::api::{Direction, StreamView, TransferView};
+        let node = NodeKey::from_secret_bytes([4; 32]).node_id();
+        let view = TransferView {
+            id: "ab".repeat(16),
+            direction: Direction::Send,
+            peer: node,
+            purpose: "speedtest".into(),
+            state: "running".into(),
+            bytes: 1 << 20,
+            seconds: 1.5,
+            mbps: 5.6,
+            streams_active: 2,
+            streams_target: 8,
+            streams: vec![
+                StreamView {
+                    id: 0,
+                    rate_mbps: 3.0,
+                    in_flight: 4096,
+                };
+                2
+            ],
+            imbalance: Some(0.0),
+            resent_chunks: 0,
+            error: None,
+        };
+        let st = AmstStatus {
+            node,
+            listen: "0.0.0.0:7070".into(),
+            congestion_control: "bbr".into(),
+            streams_min: 4,
+            streams_max: 16,
+            streams_default: 8,
+            active: vec![view.clone()],
+            recent: vec![],
+        };
+        let r = ControlResponse::AmstStatus(Box::new(st.clone()));
+        assert_eq!(ControlResponse::decode(&r.encode()).unwrap(), r);
+        let too_many = ControlResponse::AmstStatus(Box::new(AmstStatus {
+            recent: vec![view.clone(); MAX_AMST_TRANSFERS],
+            ..st.clone()
+        }));
+        assert_eq!(
+            ControlResponse::decode(&too_many.encode()),
+            Err(ControlDecodeError::OutOfBounds("transfers"))
+        );
+        let long_error = ControlResponse::AmstStatus(Box::new(AmstStatus {
+            active: vec![TransferView {
+                error: Some("x".repeat(MAX_MESSAGE_LEN + 1)),
+                ..view
+            }],
+            ..st
+        }));
+        assert_eq!(
+            ControlResponse::decode(&long_error.encode()),
+            Err(ControlDecodeError::OutOfBounds("transfer.error"))
+        );
+        let q = ControlRequest::AmstStatus {
+            cluster_id: "c".into(),
+        };
+        assert_eq!(ControlRequest::decode(&q.encode()).unwrap(), q);
     }
 }

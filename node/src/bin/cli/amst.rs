@@ -1,8 +1,9 @@
 //! `dwcp-cli amst ...` and `dwcp-cli network speedtest` (manual sections 2.2.1, 7 and 8.2).
 //!
-//! AMST settings and tests act on the node behind `--api`: a volunteer's node takes orders
-//! only from its own operator. `--node` / `--source` are accepted when they name that node,
-//! and refused with the way forward when they name another.
+//! `amst status --node X` reads any ready member's transfers (asked over the control
+//! service). Settings and tests act on the node behind `--api` only: a volunteer's node takes
+//! orders only from its own operator, so `set-streams --node` / `speedtest --source` are
+//! accepted when they name that node and refused with the way forward when they name another.
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use super::{Api, Output, print_json, table};
 pub(crate) enum AmstCmd {
     /// Streams, per-stream rates and imbalance of running transfers, and recent ones.
     Status {
-        /// The node (must be the one behind --api).
+        /// The node (default: the one behind --api; another node is asked over the mesh).
         #[arg(long)]
         node: Option<String>,
     },
@@ -102,8 +103,13 @@ fn row(t: &TransferView) -> Vec<String> {
 pub(crate) async fn run_amst(api: &Api, out: Output, cmd: AmstCmd) -> anyhow::Result<()> {
     match cmd {
         AmstCmd::Status { node } => {
-            must_be_local(api, "--node", node.as_deref()).await?;
-            let s: AmstStatus = api.get("/v1/amst/status").await?;
+            let s: AmstStatus = match node {
+                Some(n) => {
+                    let id = resolve(api, &n).await?;
+                    api.get(&format!("/v1/amst/status?node={id}")).await?
+                }
+                None => api.get("/v1/amst/status").await?,
+            };
             if out == Output::Json {
                 return print_json(&s);
             }
