@@ -35,7 +35,7 @@ use dwcp_protocol::control::{ControlErrorCode, ControlRequest, ControlResponse, 
 use dwcp_transport::io::{self, Accepted, Acceptor, BoxFuture, Conn, SendControl};
 use dwcp_transport::pattern::{CheckingSink, Pattern};
 use dwcp_transport::{Config, Progress};
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -69,40 +69,30 @@ struct AmstMetrics {
 
 impl AmstMetrics {
     fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let streams_active = IntGauge::new(
+        let reg = crate::metrics::Reg(registry);
+        let streams_active = reg.g(
             "dwcp_amst_streams_active",
             "Streams (connections) of this node's outgoing AMST transfers now",
         )?;
-        let throughput_mbps = prometheus::Gauge::new(
+        let throughput_mbps = reg.register(prometheus::Gauge::new(
             "dwcp_amst_throughput_mbps",
             "Goodput of this node's outgoing AMST transfers now, Mbit/s (0 when idle)",
-        )?;
-        let bytes = IntCounterVec::new(
-            Opts::new(
-                "dwcp_amst_bytes_transmitted_total",
-                "AMST payload bytes acknowledged by the receiver (sent) or delivered in order (received)",
-            ),
+        )?)?;
+        let bytes = reg.cv(
+            "dwcp_amst_bytes_transmitted_total",
+            "AMST payload bytes acknowledged by the receiver (sent) or delivered in order (received)",
             &["direction"],
         )?;
-        let transfers = IntCounterVec::new(
-            Opts::new(
-                "dwcp_amst_transfers_total",
-                "AMST transfers that ended, by direction and result",
-            ),
+        let transfers = reg.cv(
+            "dwcp_amst_transfers_total",
+            "AMST transfers that ended, by direction and result",
             &["direction", "result"],
         )?;
-        let refused = IntCounterVec::new(
-            Opts::new(
-                "dwcp_amst_connections_refused_total",
-                "Incoming AMST connections closed before carrying data, by reason",
-            ),
+        let refused = reg.cv(
+            "dwcp_amst_connections_refused_total",
+            "Incoming AMST connections closed before carrying data, by reason",
             &["reason"],
         )?;
-        registry.register(Box::new(streams_active.clone()))?;
-        registry.register(Box::new(throughput_mbps.clone()))?;
-        registry.register(Box::new(bytes.clone()))?;
-        registry.register(Box::new(transfers.clone()))?;
-        registry.register(Box::new(refused.clone()))?;
         Ok(Self {
             streams_active,
             throughput_mbps,

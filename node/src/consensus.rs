@@ -437,16 +437,7 @@ impl AcpMetrics {
             ]),
         )?;
         r.register(Box::new(latency.clone()))?;
-        let c = |n: &str, h: &str| -> Result<IntCounter, prometheus::Error> {
-            let m = IntCounter::new(n, h)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let g = |n: &str, h: &str| -> Result<IntGauge, prometheus::Error> {
-            let m = IntGauge::new(n, h)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
+        let reg = crate::metrics::Reg(r);
         let score = IntGaugeVec::new(
             Opts::new(
                 "dwcp_reputation_score",
@@ -457,25 +448,25 @@ impl AcpMetrics {
         r.register(Box::new(score.clone()))?;
         Ok(Self {
             latency,
-            view_changes: c(
+            view_changes: reg.c(
                 "dwcp_pbft_view_changes_total",
                 "View changes this replica started",
             )?,
-            quarantined: g(
+            quarantined: reg.g(
                 "dwcp_reputation_quarantined_nodes",
                 "Nodes quarantined by committed evidence or operator votes",
             )?,
             score,
-            decisions: c(
+            decisions: reg.c(
                 "dwcp_consensus_decisions_total",
                 "Committed batches applied by this node",
             )?,
-            view: g("dwcp_pbft_view", "Current PBFT view of this replica")?,
-            committee: g(
+            view: reg.g("dwcp_pbft_view", "Current PBFT view of this replica")?,
+            committee: reg.g(
                 "dwcp_consensus_committee_size",
                 "Members of the current committee (0: no committee configured)",
             )?,
-            dropped: c(
+            dropped: reg.c(
                 "dwcp_consensus_messages_dropped_total",
                 "Consensus messages dropped: undecodable, bad signature, not from a member",
             )?,

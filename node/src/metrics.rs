@@ -71,58 +71,42 @@ impl Metrics {
     /// Creates and registers every metric in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let g = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
-            let m = IntGauge::new(name, help)?;
-            registry.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let gv =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-                let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(m.clone()))?;
-                Ok(m)
-            };
-        let cv =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let m = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(m.clone()))?;
-                Ok(m)
-            };
-        let workers_ready = g(
+        let reg = crate::metrics::Reg(&registry);
+        let workers_ready = reg.g(
             "dwcp_cluster_workers_ready",
             "Nodes whose heartbeats are fresh, this one included",
         )?;
-        let nodes_known = g("dwcp_cluster_nodes_known", "Nodes in the membership table")?;
-        let nodes_unreachable = g(
+        let nodes_known = reg.g("dwcp_cluster_nodes_known", "Nodes in the membership table")?;
+        let nodes_unreachable = reg.g(
             "dwcp_cluster_nodes_unreachable",
             "Known nodes whose heartbeats stopped",
         )?;
-        let peers_connected = g("dwcp_net_peers_connected", "Peers with an open connection")?;
-        let routing_table_size = g(
+        let peers_connected = reg.g("dwcp_net_peers_connected", "Peers with an open connection")?;
+        let routing_table_size = reg.g(
             "dwcp_net_routing_table_size",
             "Kademlia routing table entries",
         )?;
-        let mesh_peers = gv(
+        let mesh_peers = reg.gv(
             "dwcp_gossip_mesh_peers",
             "Gossipsub mesh peers per topic",
             &["topic"],
         )?;
-        let gossip_received = cv(
+        let gossip_received = reg.cv(
             "dwcp_gossip_messages_received_total",
             "Gossip messages accepted",
             &["topic"],
         )?;
-        let gossip_rejected = cv(
+        let gossip_rejected = reg.cv(
             "dwcp_gossip_messages_rejected_total",
             "Gossip messages rejected as invalid (sender penalised)",
             &["topic", "reason"],
         )?;
-        let gossip_ignored = cv(
+        let gossip_ignored = reg.cv(
             "dwcp_gossip_messages_ignored_total",
             "Gossip messages dropped without penalty",
             &["topic", "reason"],
         )?;
-        let gossip_published = cv(
+        let gossip_published = reg.cv(
             "dwcp_gossip_messages_published_total",
             "Gossip messages published",
             &["topic"],
@@ -132,12 +116,12 @@ impl Metrics {
             "Gossip publishes that failed (for example before any peer joined the topic)",
         )?;
         registry.register(Box::new(gossip_publish_errors.clone()))?;
-        let events_dropped = g(
+        let events_dropped = reg.g(
             "dwcp_net_events_dropped_total",
             "Network events dropped because the node's bounded queue was full",
         )?;
-        let uptime_seconds = g("dwcp_node_uptime_seconds", "Seconds since the node started")?;
-        let build_info = gv(
+        let uptime_seconds = reg.g("dwcp_node_uptime_seconds", "Seconds since the node started")?;
+        let build_info = reg.gv(
             "dwcp_build_info",
             "Build information (always 1)",
             &["version"],
@@ -145,17 +129,17 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let vm_count = gv(
+        let vm_count = reg.gv(
             "dwcp_vm_count_total",
             "VMs on this node by state",
             &["state"],
         )?;
-        let hypervisor_info = gv(
+        let hypervisor_info = reg.gv(
             "dwcp_hypervisor_info",
             "Hypervisor in use (1): accelerator, guest CPU model, cgroup mode",
             &["accel", "cpu_model", "cgroup"],
         )?;
-        let itp_decisions = cv(
+        let itp_decisions = reg.cv(
             "dwcp_itp_decisions_total",
             "Placement decisions by result (placed, rejected)",
             &["result"],
@@ -180,22 +164,22 @@ impl Metrics {
             "Last placement decision: share of evaluations that were constraint checks",
         )?;
         registry.register(Box::new(itp_constraint_eval_share.clone()))?;
-        let itp_filtered = cv(
+        let itp_filtered = reg.cv(
             "dwcp_itp_hosts_filtered_total",
             "Nodes left out of placement decisions, by reason",
             &["reason"],
         )?;
-        let itp_forwarded = cv(
+        let itp_forwarded = reg.cv(
             "dwcp_itp_forwarded_total",
             "VM creates forwarded to the node placement chose, by result",
             &["result"],
         )?;
-        let itp_control_requests = cv(
+        let itp_control_requests = reg.cv(
             "dwcp_itp_control_requests_total",
             "Forwarded VM creates received from other nodes, by result",
             &["result"],
         )?;
-        let itp_avoided_nodes = g(
+        let itp_avoided_nodes = reg.g(
             "dwcp_itp_avoided_nodes",
             "Nodes this node's placement avoids now (placement avoid-node)",
         )?;
@@ -264,6 +248,47 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+/// Creates metrics and registers them in one registry (what every subsystem's metrics
+/// constructor needs; a name registered twice is an error).
+pub(crate) struct Reg<'a>(pub(crate) &'a Registry);
+
+impl Reg<'_> {
+    /// Registers any metric and hands it back.
+    pub(crate) fn register<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        m: M,
+    ) -> Result<M, prometheus::Error> {
+        self.0.register(Box::new(m.clone()))?;
+        Ok(m)
+    }
+    /// An integer gauge.
+    pub(crate) fn g(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.register(IntGauge::new(name, help)?)
+    }
+    /// Integer gauges by label.
+    pub(crate) fn gv(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, prometheus::Error> {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
+    /// A counter.
+    pub(crate) fn c(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.register(IntCounter::new(name, help)?)
+    }
+    /// Counters by label.
+    pub(crate) fn cv(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels)?)
     }
 }
 

@@ -51,7 +51,7 @@ use dwcp_prediction::{
     store::{self, SampleStore},
 };
 use dwcp_protocol::NodeId;
-use prometheus::{Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -374,21 +374,7 @@ struct PbaMetrics {
 
 impl PbaMetrics {
     fn new(r: &Registry) -> Result<Self, prometheus::Error> {
-        let g = |n: &str, h: &str| -> Result<IntGauge, prometheus::Error> {
-            let m = IntGauge::new(n, h)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let gv = |n: &str, h: &str, l: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-            let m = IntGaugeVec::new(Opts::new(n, h), l)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let cv = |n: &str, h: &str, l: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let m = IntCounterVec::new(Opts::new(n, h), l)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
+        let reg = crate::metrics::Reg(r);
         let accuracy = Gauge::new(
             "dwcp_pba_prediction_accuracy",
             "Share of recent resolved 30 s bandwidth forecasts within 20 % of the actual mean \
@@ -398,36 +384,36 @@ impl PbaMetrics {
         accuracy.set(f64::NAN);
         let m = Self {
             accuracy,
-            predictions: cv(
+            predictions: reg.cv(
                 "dwcp_pba_predictions_total",
                 "Link bandwidth forecasts made, by the predictor answering the 30 s horizon",
                 &["predictor"],
             )?,
-            answered_by: gv(
+            answered_by: reg.gv(
                 "dwcp_pba_links_answered",
                 "Links whose 30 s forecast comes from each predictor now (model or a baseline)",
                 &["predictor"],
             )?,
-            model_loaded: g(
+            model_loaded: reg.g(
                 "dwcp_pba_model_loaded",
                 "1 when the LSTM model is loaded, 0 when PBA runs on baselines only",
             )?,
-            samples: cv(
+            samples: reg.cv(
                 "dwcp_pba_samples_total",
                 "5 s link samples recorded: bandwidth (transfers, written to disk), rtt",
                 &["kind"],
             )?,
-            dropped: cv(
+            dropped: reg.cv(
                 "dwcp_pba_inputs_dropped_total",
                 "Link measurements dropped: queue_full, invalid, late, store_error",
                 &["reason"],
             )?,
-            links: g("dwcp_pba_links", "Links (peers) PBA keeps samples of")?,
-            store_bytes: g(
+            links: reg.g("dwcp_pba_links", "Links (peers) PBA keeps samples of")?,
+            store_bytes: reg.g(
                 "dwcp_pba_store_bytes",
                 "Bytes of recorded sample files under <data_dir>/pba/links",
             )?,
-            retrains: cv(
+            retrains: reg.cv(
                 "dwcp_pba_retrains_total",
                 "Retrain requests: refused, started, succeeded, failed",
                 &["result"],

@@ -46,7 +46,7 @@ use dwcp_protocol::{
 use dwcp_statesync::{
     Certified, ChangeHash, ClusterDoc, Command, Config, Engine, Offence, QuarantineDecision,
 };
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -210,84 +210,65 @@ struct SyncMetrics {
 
 impl SyncMetrics {
     fn new(r: &Registry) -> Result<Self, prometheus::Error> {
-        let g = |n: &str, h: &str| -> Result<IntGauge, prometheus::Error> {
-            let m = IntGauge::new(n, h)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let gv = |n: &str, h: &str, l: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-            let m = IntGaugeVec::new(Opts::new(n, h), l)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let c = |n: &str, h: &str| -> Result<IntCounter, prometheus::Error> {
-            let m = IntCounter::new(n, h)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let cv = |n: &str, h: &str, l: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let m = IntCounterVec::new(Opts::new(n, h), l)?;
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
+        let reg = crate::metrics::Reg(r);
         Ok(Self {
-            lag: gv(
+            lag: reg.gv(
                 "dwcp_state_sync_lag_seconds",
                 "Age of this node's view of each node: now minus that node's newest heartbeat in the cluster document",
                 &["node"],
             )?,
-            max_lag: g(
+            max_lag: reg.g(
                 "dwcp_state_sync_max_lag_seconds",
                 "Largest dwcp_state_sync_lag_seconds over all nodes",
             )?,
-            conflicts: gv(
+            conflicts: reg.gv(
                 "dwcp_state_sync_conflicts",
                 "Keys of the cluster document with concurrent values, by kind",
                 &["kind"],
             )?,
-            nodes: g(
+            nodes: reg.g(
                 "dwcp_state_sync_nodes",
                 "Node entries in the cluster document",
             )?,
-            frames_sent: c(
+            frames_sent: reg.c(
                 "dwcp_state_sync_frames_sent_total",
                 "Sync frames and nudges sent",
             )?,
-            bytes_sent: c(
+            bytes_sent: reg.c(
                 "dwcp_state_sync_bytes_sent_total",
                 "Bytes of sync frames and nudges sent",
             )?,
-            frames_received: c(
+            frames_received: reg.c(
                 "dwcp_state_sync_frames_received_total",
                 "Sync frames and nudges received",
             )?,
-            bytes_received: c(
+            bytes_received: reg.c(
                 "dwcp_state_sync_bytes_received_total",
                 "Bytes of sync frames and nudges received",
             )?,
-            changes_applied: c(
+            changes_applied: reg.c(
                 "dwcp_state_sync_changes_applied_total",
                 "Changes from the network that passed validation and were applied",
             )?,
-            changes_rejected: c(
+            changes_rejected: reg.c(
                 "dwcp_state_sync_changes_rejected_total",
                 "Changes from the network refused by signature or ownership checks",
             )?,
-            session_resets: c(
+            session_resets: reg.c(
                 "dwcp_state_sync_session_resets_total",
                 "Sync sessions reset (reconnect, failed send, overdue reply)",
             )?,
-            peers_reported: cv(
+            peers_reported: reg.cv(
                 "dwcp_state_sync_peers_reported_total",
                 "Peers reported for sending malformed frames or refused changes",
                 &["offence"],
             )?,
-            frames_refused: cv(
+            frames_refused: reg.cv(
                 "dwcp_state_sync_frames_refused_total",
                 "Inbound sync frames dropped before the engine: from non-members, over the per-peer rate, queue full, malformed",
                 &["reason"],
             )?,
-            doc_bytes: g(
+            doc_bytes: reg.g(
                 "dwcp_state_sync_document_bytes",
                 "Size of the saved cluster document (history and signatures)",
             )?,

@@ -11,12 +11,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RunningNode, cli, loopback_config};
+use common::{cli, loopback_config};
 use dwcp_hypervisor::test_guest::TestGuest;
-use dwcp_node::{
-    config::{AccelSetting, NodeConfig},
-    identity,
-};
+use dwcp_node::config::{AccelSetting, NodeConfig};
 
 fn node_config(cpu_percent: u8, memory_percent: u8) -> NodeConfig {
     let mut c = loopback_config("placement-test");
@@ -36,22 +33,8 @@ async fn a_vm_lands_on_the_node_with_room_and_boots_there() {
     let guest = TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
     let root = tempfile::tempdir().unwrap();
     let _cleanup = common::KillLeftovers(root.path().to_path_buf());
-    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&dir_a).unwrap();
-    std::fs::create_dir_all(&dir_b).unwrap();
-
     // A lends 1 vCPU and no memory; B lends 1 vCPU and 512 MiB and joins through A.
-    let a_cfg = node_config(50, 0);
-    let a_key = identity::load_or_create(&dir_a.join(identity::IDENTITY_FILE)).unwrap();
-    let a_addr = format!(
-        "{}/p2p/{}",
-        a_cfg.network.listen[0],
-        a_key.node_id().to_peer_id().unwrap()
-    );
-    let a = RunningNode::start(a_cfg, &dir_a).await;
-    let mut b_cfg = node_config(50, 50);
-    b_cfg.cluster.bootstrap = vec![a_addr];
-    let b = RunningNode::start(b_cfg, &dir_b).await;
+    let (a, b) = common::start_pair(root.path(), node_config(50, 0), node_config(50, 50)).await;
     let (a_id, b_id) = (a.id.to_string(), b.id.to_string());
 
     // Each knows the other: ready, announced, and a heartbeat (with its allocation) received.

@@ -511,7 +511,7 @@ async fn wait_endpoints(n: &NodeEntry, timeout: Duration) -> anyhow::Result<(Str
             }
             bail!("{} names no API or metrics address", file.display());
         }
-        if !is_ours(n.pid) {
+        if !is_alive(n.pid) {
             bail!(
                 "node {} exited before listening; see {}",
                 n.id,
@@ -607,15 +607,22 @@ pub async fn wait_ready(t: &Testnet, expect: usize, timeout: Duration) -> anyhow
     }
 }
 
+/// Whether a process this program just spawned is still running (not a zombie). Unlike
+/// [`is_ours`] it does not read the command line, which can read empty while the child is
+/// still in `exec`: taking that for an exit tore a starting WAN emulator down.
+pub fn is_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
 /// Whether `pid` is alive and is one of ours (its command line names a DWCP binary), so a
 /// recycled pid is never signalled.
 pub fn is_ours(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains("dwcp-"))
         .unwrap_or(false)
-        && fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
+        && is_alive(pid)
 }
 
 pub(crate) fn signal(pid: u32, sig: nix::sys::signal::Signal) {

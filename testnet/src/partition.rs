@@ -200,54 +200,26 @@ fn install_rules(chain: &str, sides: &[Side]) -> anyhow::Result<()> {
     for ports in all.chunks(15) {
         let ports = ports.join(",");
         for proto in ["tcp", "udp"] {
-            ipt_ok(&[
-                "-A",
-                &ci,
-                "-p",
-                proto,
-                "-m",
-                "multiport",
-                "--sports",
-                &ports,
-                "-j",
-                "RETURN",
-            ])?;
-            ipt_ok(&[
-                "-A",
-                &co,
-                "-p",
-                proto,
-                "-m",
-                "multiport",
-                "--dports",
-                &ports,
-                "-j",
-                "RETURN",
-            ])?;
-            ipt_ok(&[
-                "-A",
-                chain,
-                "-p",
-                proto,
-                "-m",
-                "multiport",
-                "--dports",
-                &ports,
-                "-j",
-                &ci,
-            ])?;
-            ipt_ok(&[
-                "-A",
-                chain,
-                "-p",
-                proto,
-                "-m",
-                "multiport",
-                "--sports",
-                &ports,
-                "-j",
-                &co,
-            ])?;
+            // (chain, which port matches, target)
+            for (into, dir, target) in [
+                (ci.as_str(), "--sports", "RETURN"),
+                (co.as_str(), "--dports", "RETURN"),
+                (chain, "--dports", ci.as_str()),
+                (chain, "--sports", co.as_str()),
+            ] {
+                ipt_ok(&[
+                    "-A",
+                    into,
+                    "-p",
+                    proto,
+                    "-m",
+                    "multiport",
+                    dir,
+                    &ports,
+                    "-j",
+                    target,
+                ])?;
+            }
         }
     }
     ipt_ok(&["-A", &ci, "-j", "DROP"])?;
