@@ -2,14 +2,10 @@
 //! f = 1), agree on operator quarantine votes submitted through two different nodes, and
 //! every node applies them identically: one vote changes nothing, f+1 = 2 quarantine. The
 //! certified quarantine decision then reaches every node's cluster document.
-// Tests may unwrap: a panic is the failure report.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RunningNode, loopback_config};
+use crate::common::{RunningNode, loopback_config};
 use dwcp_consensus::Committee;
 use dwcp_node::cert::CommitteeVerifier;
 use dwcp_node::{

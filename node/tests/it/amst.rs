@@ -3,17 +3,13 @@
 //! every byte; both sides' `amst status` and metrics agree on the bytes. Then the operator
 //! controls (`amst set-streams`), their refusals, and a stranger's connection to B's AMST
 //! listener (authenticated, but for no transfer B expects) being refused and counted.
-// Tests may unwrap: a panic is the failure report.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::{cli, loopback_config};
+use crate::common::{cli, loopback_config};
 use dwcp_node::config::NodeConfig;
 use dwcp_transport::io::Connector;
 

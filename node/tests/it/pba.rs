@@ -3,14 +3,10 @@
 //! saying why: pings measure no bandwidth), `pba metrics` reports the model state and the
 //! samples, `pba retrain` with too few recorded samples is refused with the count, and a
 //! short AMST speed test becomes bandwidth samples on disk.
-// Tests may unwrap: a panic is the failure report.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cli, loopback_config};
+use crate::common::{cli, loopback_config};
 use dwcp_node::config::NodeConfig;
 
 fn node_config() -> NodeConfig {
@@ -175,7 +171,7 @@ async fn pings_become_rtt_samples_and_retrain_needs_samples() {
 
 /// A transfer of over a minute gives the link a bandwidth forecast for every horizon, from
 /// the model when the node is built with `onnx`. Slow (75 s of transfer), so ignored in CI:
-/// `cargo nextest run -p dwcp-node --test pba --run-ignored only`.
+/// `cargo nextest run -p dwcp-node --test it pba:: --run-ignored only`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "75 s transfer; run by hand"]
 async fn a_minute_of_transfer_gives_a_forecast() {

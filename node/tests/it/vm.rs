@@ -2,17 +2,13 @@
 //! console, pause and resume (the counter continues), the donated share enforced, stop and
 //! delete leaving nothing behind. Needs `scripts/build-guest.sh` (the test fails, saying so,
 //! without it).
-// Tests may unwrap: a panic is the failure report.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::{RunningNode, loopback_config};
+use crate::common::{RunningNode, loopback_config};
 use dwcp_hypervisor::test_guest::{TestGuest, last_tick, ticks};
 use dwcp_node::config::{AccelSetting, NodeConfig};
 

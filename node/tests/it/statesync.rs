@@ -1,17 +1,13 @@
 //! State sync on a real mesh: three node daemons in this process on loopback replicate the
 //! cluster document over `/dwcp/sync/3.0.0` and gossip nudges, agree on its checksum, export
 //! it as plain Automerge, serve `dwcp-cli state-sync`, and a restarted node reloads it from sled.
-// Tests may unwrap: a panic is the failure report.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::{RunningNode, loopback_config};
+use crate::common::{RunningNode, loopback_config};
 use dwcp_node::config::NodeConfig;
 use dwcp_protocol::api::{SyncLagStatus, SyncVerdict, SyncVerifyReport};
 

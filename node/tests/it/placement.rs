@@ -4,14 +4,10 @@
 //! boot: the test guest's marker on B's console). Then: a hard `avoid-node` of B leaves no
 //! node, `--node A` is refused by A's own backend, and bad input gets clear errors. Needs
 //! `scripts/build-guest.sh` (the test fails, saying so, without it).
-// Tests may unwrap: a panic is the failure report.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cli, loopback_config};
+use crate::common::{cli, loopback_config};
 use dwcp_hypervisor::test_guest::TestGuest;
 use dwcp_node::config::{AccelSetting, NodeConfig};
 

@@ -92,7 +92,6 @@ impl RunningNode {
 
 /// Kills every process whose command line mentions the test's directory when the test ends,
 /// so a failing test leaves no QEMU behind (a passing one deletes its VM itself).
-#[allow(dead_code)] // only the tests that boot guests use it
 pub(crate) struct KillLeftovers(pub(crate) std::path::PathBuf);
 
 impl Drop for KillLeftovers {
@@ -117,7 +116,6 @@ impl Drop for KillLeftovers {
 }
 
 /// Runs `dwcp-cli --api <api> <args>`: (exit success, stdout, stderr).
-#[allow(dead_code)] // not every test drives the CLI
 pub(crate) async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
     let api = api.to_owned();
     let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
@@ -139,7 +137,6 @@ pub(crate) async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 /// Starts node A in `root/a`, then node B in `root/b` bootstrapping through A.
-#[allow(dead_code)] // only the two-node tests use it
 pub(crate) async fn start_pair(
     root: &Path,
     a_cfg: NodeConfig,

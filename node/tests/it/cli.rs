@@ -1,13 +1,9 @@
 //! `dwcp-cli` against a real node running in this process, and `dwcp-node`'s CLI-to-config
 //! mapping (`--dump-config --immediate-shutdown`).
-// Tests may unwrap: a panic is the failure report.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{RunningNode, loopback_config};
+use crate::common::{RunningNode, loopback_config};
 use dwcp_node::config::NodeConfig;
 
 fn cli(api: &str, args: &[&str]) -> std::process::Output {
