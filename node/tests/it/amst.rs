@@ -38,7 +38,7 @@ async fn metric(metrics: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speedtest_moves_checked_bytes_between_two_nodes() {
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = common::start_pair(root.path(), node_config(), node_config()).await;
+    let (a, b) = crate::common::start_pair(root.path(), node_config(), node_config()).await;
     let (a_id, b_id) = (a.id.to_string(), b.id.to_string());
 
     // B serves A's offer only once A is a ready member in B's table, and the other way round.

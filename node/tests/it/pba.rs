@@ -21,7 +21,7 @@ fn node_config() -> NodeConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_become_rtt_samples_and_retrain_needs_samples() {
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = common::start_pair(root.path(), node_config(), node_config()).await;
+    let (a, b) = crate::common::start_pair(root.path(), node_config(), node_config()).await;
     let a_id = a.id.to_string();
 
     // libp2p pings the new connection at once (then every 15 s); the RTT lands in a 5 s bin
@@ -176,7 +176,7 @@ async fn pings_become_rtt_samples_and_retrain_needs_samples() {
 #[ignore = "75 s transfer; run by hand"]
 async fn a_minute_of_transfer_gives_a_forecast() {
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = common::start_pair(root.path(), node_config(), node_config()).await;
+    let (a, b) = crate::common::start_pair(root.path(), node_config(), node_config()).await;
     let a_id = a.id.to_string();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (ok, out, err) = cli(

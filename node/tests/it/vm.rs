@@ -47,7 +47,7 @@ async fn console(api: &str, vm: &str) -> String {
 async fn a_real_guest_through_the_node_api() {
     let guest = TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
-    let _cleanup = common::KillLeftovers(dir.path().to_path_buf());
+    let _cleanup = crate::common::KillLeftovers(dir.path().to_path_buf());
     let mut c = loopback_config("vm-test");
     c.hypervisor.accel = AccelSetting::Tcg;
     // Lend exactly 1 vCPU and 512 MiB, whatever the host has.
