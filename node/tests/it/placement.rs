@@ -30,7 +30,8 @@ async fn a_vm_lands_on_the_node_with_room_and_boots_there() {
     let root = tempfile::tempdir().unwrap();
     let _cleanup = crate::common::KillLeftovers(root.path().to_path_buf());
     // A lends 1 vCPU and no memory; B lends 1 vCPU and 512 MiB and joins through A.
-    let (a, b) = crate::common::start_pair(root.path(), node_config(50, 0), node_config(50, 50)).await;
+    let (a, b) =
+        crate::common::start_pair(root.path(), node_config(50, 0), node_config(50, 50)).await;
     let (a_id, b_id) = (a.id.to_string(), b.id.to_string());
 
     // Each knows the other: ready, announced, and a heartbeat (with its allocation) received.
