@@ -99,6 +99,20 @@ def split(traces, folds=5):
     return {t for t in traces if group_of(t) in val_groups}
 
 
+def calib_split(traces, folds=5):
+    """Calibration traces carved from the TRAINING traces, by whole trace group, stratified
+    by source: groups ordered by sha256("calib/" + group), every `folds`-th one. The model
+    is not trained on them; the p10 recalibration (`calibrate.py`) is fitted on them."""
+    groups = {}
+    for t in traces:
+        groups.setdefault(source_of(t), set()).add(group_of(t))
+    cal = set()
+    for gs in groups.values():
+        ranked = sorted(gs, key=lambda g: hashlib.sha256(("calib/" + g).encode()).hexdigest())
+        cal.update(g for i, g in enumerate(ranked) if i % folds == 0)
+    return {t for t in traces if group_of(t) in cal}
+
+
 def read_node_samples(path, max_lines=10_000_000):
     """Samples recorded by a node (dwcp-prediction `store` module, see FEATURES.md):
     CSV `t_unix_ms,mbps,rtt_ms,loss` with a header line. Split into traces at gaps > 3 steps."""

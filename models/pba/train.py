@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from . import baselines, data, evaluate, spec
+from . import baselines, calibrate, data, ensemble, evaluate, spec
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,6 +210,15 @@ def main():
     ap.add_argument("--level-aug", type=float, default=1.0)
     ap.add_argument("--rel-weight", type=int, default=1, help="weight sources by 1/typical error")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ensemble", type=int, default=1, help="members trained with seeds seed.. (one-layer: exported as one LSTM)"
+    )
+    ap.add_argument(
+        "--calib-fold",
+        type=int,
+        default=5,
+        help="hold out every K-th training trace group to recalibrate the p10 on (0: no recalibration)",
+    )
     ap.add_argument("--save-params", default="/tmp/pba_params.npz", help="trained weights (npz)")
     ap.add_argument("--load-params", default="", help="skip training, use these weights")
     ap.add_argument("--out", default=os.path.join(HERE, "pba_lstm.onnx"))
@@ -229,13 +238,37 @@ def main():
     val_names = data.split(list(traces))
     tr = {k: v for k, v in traces.items() if k not in val_names}
     val = {k: v for k, v in traces.items() if k in val_names}
-    print(f"train traces {len(tr)}, validation traces {len(val)}")
-    Xtr, Ltr, Ttr, Mtr, Str = build_set(tr)
+    cal_names = set()
+    if args.calib_fold > 0 and not args.load_params:
+        cal_names = data.calib_split(list(tr), args.calib_fold)
+    fit = {k: v for k, v in tr.items() if k not in cal_names}
+    cal = {k: v for k, v in tr.items() if k in cal_names}
+    print(f"train traces {len(tr)} (fitted on {len(fit)}, p10 calibration on {len(cal)}), validation traces {len(val)}")
+    Xtr, Ltr, Ttr, Mtr, Str = build_set(fit)
     print(f"train windows {len(Xtr)}")
+    calib_info = None
     if args.load_params:
-        params = load_params(args.load_params)
+        params = load_params(args.load_params)  # as saved: ensemble and calibration included
     else:
-        params = train(args, Xtr, Ltr, Ttr, Mtr, Str)
+        members = []
+        for i in range(max(1, args.ensemble)):
+            run = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
+            members.append(train(run, Xtr, Ltr, Ttr, Mtr, Str))
+        params = ensemble.combine(members)
+        if cal and any(spec.trace_windows(v) is not None for v in cal.values()):
+            Xc, Lc, Tc, Mc, Sc = build_set(cal)
+            before = evaluate_all(params, cal)
+            ab = calibrate.fit(predict_batch(params, Xc), Tc, Lc, Mc, Sc)
+            params = calibrate.apply(params, ab)
+            after = evaluate_all(params, cal)
+            calib_info = {
+                "traces": sorted(cal),
+                "windows": int(len(Xc)),
+                "a_b_per_horizon": ab,
+                "p10_coverage_before": {k: r["lstm"]["p10_coverage"] for k, r in before.items()},
+                "p10_coverage_after": {k: r["lstm"]["p10_coverage"] for k, r in after.items()},
+            }
+            print("p10 recalibration (a, b) per horizon:", [(round(a, 2), round(b, 3)) for a, b in ab])
         save_params(params, args.save_params)
     res = evaluate_all(params, val)
     print_table(res)
@@ -254,6 +287,7 @@ def main():
                 "train_traces": len(tr),
                 "validation_traces": sorted(val),
                 "train_windows": int(len(Xtr)),
+                "calibration": calib_info,
                 "results": res,
             },
             f,

@@ -45,9 +45,10 @@ use dwcp_protocol::{
 
 use crate::{
     daemon::Shared,
-    placement::PlaceFailure,
+    placement::{self, PlaceFailure},
     vms::{VmAction, VmError},
 };
+use dwcp_statesync::VmState;
 
 /// An error answer: a status code and one line of text.
 struct Failure(StatusCode, String);
@@ -190,8 +191,28 @@ async fn vm_list(State(s): State<Arc<Shared>>) -> Result<Json<Vec<VmView>>, VmEr
 async fn vm_create(
     State(s): State<Arc<Shared>>,
     Json(req): Json<VmCreateRequest>,
-) -> Result<(StatusCode, Json<VmView>), VmError> {
-    Ok((StatusCode::CREATED, Json(s.vms.create(req).await?)))
+) -> Result<(StatusCode, Json<VmView>), PlaceFailure> {
+    // With consensus on, even a VM created here is a committed decision first (host: this
+    // node), so the cluster document knows every VM and where it runs.
+    let agreed = placement::agree(&s, s.node_id(), &req).await?;
+    match s
+        .vms
+        .create(req, agreed.as_ref().map(|a| a.decision.vm))
+        .await
+    {
+        Ok(v) => {
+            if let Some(a) = agreed {
+                placement::record(&s, a);
+            }
+            Ok((StatusCode::CREATED, Json(v)))
+        }
+        Err(e) => {
+            if let Some(a) = agreed {
+                placement::spawn_finish(&s, &a.decision, VmState::Failed);
+            }
+            Err(e.into())
+        }
+    }
 }
 
 async fn vm_get(
@@ -206,6 +227,24 @@ async fn vm_delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, VmError> {
     s.vms.act(&id, VmAction::Delete).await?;
+    // A VM with a committed placement gets a committed `stopped` decision (background).
+    if s.consensus().is_some()
+        && let Some(sync) = s.statesync()
+        && let Ok(bytes) = hex::decode(&id)
+        && let Ok(b) = <[u8; 16]>::try_from(bytes.as_slice())
+        && let Ok(Some(r)) = sync.vm_record(dwcp_protocol::VmId::from_bytes(b)).await
+        && r.host == Some(s.node_id())
+        && !matches!(r.state, VmState::Stopped | VmState::Failed)
+    {
+        let prev = dwcp_statesync::VmDecision {
+            vm: dwcp_protocol::VmId::from_bytes(b),
+            decision_seq: r.decision_seq,
+            spec: r.spec,
+            host: r.host,
+            state: r.state,
+        };
+        placement::spawn_finish(&s, &prev, VmState::Stopped);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -254,6 +293,10 @@ impl IntoResponse for PlaceFailure {
             PlaceFailure::BadRequest(m) => err(StatusCode::BAD_REQUEST, m),
             PlaceFailure::NoNode(m) => err(StatusCode::UNPROCESSABLE_ENTITY, m),
             PlaceFailure::Refused(m) => err(StatusCode::BAD_GATEWAY, m),
+            PlaceFailure::NotAgreed(m) => err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("placement decision not agreed: {m}"),
+            ),
         }
     }
 }

@@ -38,10 +38,18 @@
 //!
 //! Only committee members' votes count (f bounds faulty members, not keys).
 //!
+//! * [`crate::cert::VM_DECISION_TAG`]: a VM decision (placement, later states), submitted by
+//!   any ready node through [`Consensus::decide`] and applied under [`AcpState`]'s lifecycle
+//!   rules. The submitter gets the commit certificate: a member from its own engine, a node
+//!   outside the committee as PBFT's reply to the client (section 4.1), a signed
+//!   [`ConsensusReply`] from each of the first f+1 members; the certificate proves itself,
+//!   a refusal is believed from f+1 members. Placement (`crate::placement`) hands it to the
+//!   host, which checks it before creating the VM, and writes `vms/<id>`.
+//!
 //! **Not done yet:** persistence of votes across restarts (a restarted replica should only
 //! vote from the next view on; today it starts a fresh engine at sequence 0 and catches up by
 //! `Fetch`), epoch reconfiguration, rewards from participation records, certified records
-//! for quarantines from lesser offences and for releases, and VM decisions through consensus.
+//! for quarantines from lesser offences and for releases.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -61,15 +69,24 @@ use dwcp_consensus::{
     Command, Committee, ConsensusMsg, Engine, Input, Offence, Request, committee::CommitteeError,
 };
 use dwcp_net::{Client, GossipMessage, PeerId, Service, Validation};
-use dwcp_protocol::{MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
+use dwcp_protocol::{
+    Message, MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, ValidationError, Verified,
+    VmId,
+};
 use dwcp_reputation::{EVIDENCE_OP_TAG, Evidence};
+use dwcp_statesync::{
+    CertError, CertificateVerifier, VmDecision, VmState, cert::MAX_CERTIFICATE_BYTES,
+};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    cert::{Grounds, QUARANTINE_DECISION_TAG, QuarantineDecisionOp, certificate_for},
+    cert::{
+        CommitteeVerifier, Grounds, QUARANTINE_DECISION_TAG, QuarantineDecisionOp, VM_DECISION_TAG,
+        VmDecisionOp, certificate_for,
+    },
     config::AcpSection,
     daemon::Shared,
 };
@@ -130,6 +147,42 @@ impl QuarantineVote {
     }
 }
 
+/// A committee member's answer to a node outside the committee that submitted a request
+/// (PBFT's reply to its client, section 4.1): the request's commit certificate when the
+/// replicated state accepted it, else why not. A certificate proves itself (2f+1 signed
+/// commits); a refusal is believed once f+1 distinct members sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsensusReply {
+    /// The request's nonce.
+    pub nonce: u64,
+    /// What became of it.
+    pub outcome: ReplyOutcome,
+}
+
+/// What became of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyOutcome {
+    /// Applied; the certificate ([`crate::cert`]).
+    Certified(#[serde(with = "dwcp_consensus::messages::serde_bytes_vec")] Vec<u8>),
+    /// Committed but refused by the replicated state, with the reason.
+    Refused(String),
+}
+
+impl Message for ConsensusReply {
+    const KIND: MessageKind = MessageKind::ConsensusReply;
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        let (field, len, max) = match &self.outcome {
+            ReplyOutcome::Certified(c) => ("certificate", c.len(), MAX_CERTIFICATE_BYTES),
+            ReplyOutcome::Refused(r) => ("reason", r.len(), MAX_REASON_LEN),
+        };
+        if len > max {
+            return Err(ValidationError::TooLong { field, len, max });
+        }
+        Ok(())
+    }
+}
+
 /// The replicated state the committed operations build: reputation plus operator votes.
 /// Pure: applied in decision order with decision times, it is equal on every honest replica.
 #[derive(Debug)]
@@ -143,7 +196,12 @@ pub struct AcpState {
     offences: BTreeMap<NodeId, Vec<(String, u64)>>,
     /// Nodes with a committed quarantine decision, and the batch it committed in.
     decided: BTreeMap<NodeId, u64>,
+    /// VMs with a committed decision that are not finished, and their hosts.
+    vms: BTreeMap<VmId, Option<NodeId>>,
 }
+
+/// Most unfinished VMs the replicated state tracks; decisions placing more are refused.
+pub const MAX_LIVE_VMS: usize = 100_000;
 
 /// What applying one operation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +220,15 @@ pub enum Applied {
     /// The first valid quarantine decision for a node: its certificate goes into the
     /// cluster document.
     Decided(NodeId),
+    /// A VM decision was accepted: its certificate goes into the cluster document.
+    Vm {
+        /// The VM.
+        vm: VmId,
+        /// Its host after the decision.
+        host: Option<NodeId>,
+        /// Its state after the decision.
+        state: VmState,
+    },
     /// Nothing (a repeat, or evidence that does not verify).
     Nothing(String),
 }
@@ -175,6 +242,7 @@ impl AcpState {
             voted_out: BTreeSet::new(),
             offences: BTreeMap::new(),
             decided: BTreeMap::new(),
+            vms: BTreeMap::new(),
         }
     }
 
@@ -252,9 +320,70 @@ impl AcpState {
                     Err(e) => Applied::Nothing(format!("quarantine decision refused: {e}")),
                 }
             }
+            Some(&VM_DECISION_TAG) => match VmDecisionOp::decode(op) {
+                Ok(_) if self.is_quarantined(&client) => {
+                    Applied::Nothing("vm decision from a quarantined node".into())
+                }
+                Ok(d) => self.apply_vm(d),
+                Err(e) => Applied::Nothing(format!("vm decision refused: {e}")),
+            },
             Some(&PROBE_TAG) if op.len() <= 64 => Applied::Nothing("probe".into()),
             _ => Applied::Nothing("unknown operation".into()),
         }
+    }
+
+    /// The VM lifecycle rules every replica applies in order: a VM is placed once, on a host
+    /// that is not quarantined; later decisions (running, migrating to another host, stopped,
+    /// failed) need a VM that is placed and not finished; a finished VM is forgotten.
+    fn apply_vm(&mut self, d: VmDecisionOp) -> Applied {
+        let refuse = |why: &str| Applied::Nothing(format!("vm decision refused: {why}"));
+        let Some(state) = VmState::parse(&d.state) else {
+            return refuse("unknown state");
+        };
+        if let Some(h) = &d.host
+            && self.is_quarantined(h)
+        {
+            return refuse("the host is quarantined");
+        }
+        match state {
+            VmState::Pending => return refuse("pending is not a decision"),
+            VmState::Placed => {
+                if self.vms.contains_key(&d.vm) {
+                    return refuse("the vm is already placed");
+                }
+                if d.host.is_none() {
+                    return refuse("a placement needs a host");
+                }
+                if self.vms.len() >= MAX_LIVE_VMS {
+                    return refuse("too many vms");
+                }
+                self.vms.insert(d.vm, d.host);
+            }
+            VmState::Running | VmState::Migrating => match self.vms.get_mut(&d.vm) {
+                None => return refuse("unknown vm"),
+                Some(h) => {
+                    if d.host.is_none() {
+                        return refuse("a running vm needs a host");
+                    }
+                    *h = d.host;
+                }
+            },
+            VmState::Stopped | VmState::Failed => {
+                if self.vms.remove(&d.vm).is_none() {
+                    return refuse("unknown vm");
+                }
+            }
+        }
+        Applied::Vm {
+            vm: d.vm,
+            host: d.host,
+            state,
+        }
+    }
+
+    /// The host of an unfinished VM with a committed decision.
+    pub fn vm_host(&self, vm: &VmId) -> Option<Option<NodeId>> {
+        self.vms.get(vm).copied()
     }
 
     /// Whether a node is quarantined (by reputation or by votes).
@@ -298,6 +427,9 @@ pub enum DriverInput {
     },
     /// Submit an operation signed by this node; answers with its nonce.
     Submit(Vec<u8>, oneshot::Sender<anyhow::Result<u64>>),
+    /// Submit an operation and answer once it committed: its certificate, or why the
+    /// replicated state refused it.
+    Decide(Vec<u8>, oneshot::Sender<anyhow::Result<Vec<u8>>>),
     /// Submit a probe and answer once it committed here, with the time it took.
     Probe(oneshot::Sender<anyhow::Result<Duration>>),
 }
@@ -377,6 +509,7 @@ pub struct AcpView {
 #[derive(Debug, Clone)]
 pub struct Consensus {
     tx: mpsc::Sender<DriverInput>,
+    verifier: CommitteeVerifier,
     quarantined: watch::Receiver<BTreeSet<NodeId>>,
     view: watch::Receiver<Arc<AcpView>>,
 }
@@ -392,9 +525,34 @@ impl Consensus {
         self.quarantined.borrow().contains(node)
     }
 
+    /// Checks a VM decision's certificate against the committees this node knows.
+    pub fn verify_vm(&self, certificate: &[u8]) -> Result<VmDecision, CertError> {
+        self.verifier.verify_vm(certificate)
+    }
+
     /// Hands an input over without waiting; false when the queue is full.
     pub fn offer(&self, i: DriverInput) -> bool {
         self.tx.try_send(i).is_ok()
+    }
+
+    /// Submits `op` and waits until it commits: its certificate ([`crate::cert`]), or why the
+    /// replicated state refused it, or an error after `timeout`. Works on members and on
+    /// nodes outside the committee (the first f+1 members reply to those).
+    pub async fn decide(&self, op: Vec<u8>, timeout: Duration) -> anyhow::Result<Vec<u8>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(DriverInput::Decide(op, tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("the consensus driver has stopped"))?;
+        tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the committee did not commit the decision within {} s",
+                    timeout.as_secs()
+                )
+            })?
+            .map_err(|_| anyhow::anyhow!("the consensus driver has stopped"))?
     }
 
     async fn ask<T>(
@@ -543,7 +701,22 @@ struct Driver {
     vote_envs: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
     /// Nodes this replica proposed a quarantine decision for.
     decisions_proposed: BTreeSet<NodeId>,
+    /// Decisions this node submitted and waits for: nonce -> waiter.
+    waiting: BTreeMap<u64, Waiter>,
+    /// Opens the certificates members reply with.
+    verifier: CommitteeVerifier,
 }
+
+/// A submitted decision waiting for its commit.
+#[derive(Debug)]
+struct Waiter {
+    reply: oneshot::Sender<anyhow::Result<Vec<u8>>>,
+    /// Members that replied "refused", with their reasons.
+    refusals: BTreeMap<NodeId, String>,
+}
+
+/// Most decisions waiting at once; the oldest gives up first.
+const MAX_WAITING: usize = 256;
 
 /// Most nodes with pending quarantine votes whose envelopes are kept.
 const MAX_VOTE_TARGETS: usize = 1024;
@@ -611,6 +784,8 @@ pub fn spawn(
         replica = engine.is_some(),
         "consensus committee loaded"
     );
+    let verifier = CommitteeVerifier::new(Some(committee.clone()));
+    let d_verifier = verifier.clone();
     let (tx, rx) = mpsc::channel(1024);
     let (q_tx, q_rx) = watch::channel(BTreeSet::new());
     let (v_tx, v_rx) = watch::channel(Arc::new(AcpView::default()));
@@ -640,6 +815,8 @@ pub fn spawn(
         sync: statesync,
         vote_envs: BTreeMap::new(),
         decisions_proposed: BTreeSet::new(),
+        waiting: BTreeMap::new(),
+        verifier,
     };
     if d.equivocate {
         warn!("BYZANTINE TEST MODE: this replica equivocates on every vote (acp.byzantine)");
@@ -648,6 +825,7 @@ pub fn spawn(
     Ok(Some((
         Consensus {
             tx,
+            verifier: d_verifier,
             quarantined: q_rx,
             view: v_rx,
         },
@@ -658,6 +836,7 @@ pub fn spawn(
 enum Decoded {
     Msg(Verified<ConsensusMsg>),
     Req(Verified<Request>),
+    Reply(Verified<ConsensusReply>),
 }
 
 fn decode(bytes: &[u8]) -> Result<Decoded, String> {
@@ -670,6 +849,10 @@ fn decode(bytes: &[u8]) -> Result<Decoded, String> {
         MessageKind::ConsensusRequest => env
             .verify::<Request>()
             .map(Decoded::Req)
+            .map_err(|e| e.to_string()),
+        MessageKind::ConsensusReply => env
+            .verify::<ConsensusReply>()
+            .map(Decoded::Reply)
             .map_err(|e| e.to_string()),
         k => Err(format!("unexpected kind {k:?} on the consensus path")),
     }
@@ -752,6 +935,46 @@ impl Driver {
                 }
                 Ok(())
             }
+            Decoded::Reply(r) => {
+                if !self.committee.contains(&r.signer()) {
+                    return Err("not_member");
+                }
+                self.on_reply(&r)
+            }
+        }
+    }
+
+    /// A member's reply to a request this node submitted (see [`ConsensusReply`]).
+    fn on_reply(&mut self, r: &Verified<ConsensusReply>) -> Result<(), &'static str> {
+        let nonce = r.message().nonce;
+        let Some(w) = self.waiting.get_mut(&nonce) else {
+            return Ok(()); // answered already, or not ours
+        };
+        match &r.message().outcome {
+            ReplyOutcome::Certified(c) => match self.verifier.open(c) {
+                Ok((_, req)) if req.request.signer() == self.me && req.request.nonce == nonce => {
+                    if let Some(w) = self.waiting.remove(&nonce) {
+                        let _ = w.reply.send(Ok(c.clone()));
+                    }
+                    Ok(())
+                }
+                Ok(_) => Err("certificate_for_another_request"),
+                Err(e) => {
+                    warn!(member = %r.signer().short(), error = %e, "a member replied with a certificate that does not verify");
+                    Err("bad_certificate")
+                }
+            },
+            ReplyOutcome::Refused(why) => {
+                w.refusals.insert(r.signer(), why.clone());
+                if w.refusals.len() > self.committee.f()
+                    && let Some(w) = self.waiting.remove(&nonce)
+                {
+                    let _ = w.reply.send(Err(anyhow::anyhow!(
+                        "the committee refused the decision: {why}"
+                    )));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -784,6 +1007,30 @@ impl Driver {
             },
             DriverInput::Submit(op, reply) => {
                 let _ = reply.send(self.submit(op));
+            }
+            DriverInput::Decide(op, reply) => {
+                self.waiting.retain(|_, w| !w.reply.is_closed());
+                if self.waiting.len() >= MAX_WAITING
+                    && let Some((_, old)) = self.waiting.pop_first()
+                {
+                    let _ = old
+                        .reply
+                        .send(Err(anyhow::anyhow!("too many decisions waiting")));
+                }
+                match self.submit(op) {
+                    Ok(nonce) => {
+                        self.waiting.insert(
+                            nonce,
+                            Waiter {
+                                reply,
+                                refusals: BTreeMap::new(),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             DriverInput::Probe(reply) => {
                 // Waiters are bounded: the oldest gives up first.
@@ -985,8 +1232,12 @@ impl Driver {
                     self.vote_envs.remove(node);
                     self.record_decision(&d, r, *node, client);
                 }
+                Applied::Vm { vm, host, state } => {
+                    info!(%vm, host = ?host.map(|h| h.short()), state = state.as_str(), seq = d.seq, "vm decision committed");
+                }
                 Applied::Nothing(why) => debug!(why, "committed operation changed nothing"),
             }
+            self.answer(&d, r, client, &out);
         }
         while let Some(o) = self.state.poll_output() {
             match o {
@@ -1005,6 +1256,64 @@ impl Driver {
             .push_back((d.seq, d.view, d.requests.len(), d.time.as_millis()));
         while self.recent.len() > MAX_HISTORY.min(32) {
             self.recent.pop_front();
+        }
+    }
+
+    /// Tells the submitter of a committed request what became of it: this node's own waiter,
+    /// or (if this node is one of the first f+1 members) a signed [`ConsensusReply`] to a
+    /// submitter outside the committee. Members learn their requests' fate themselves.
+    fn answer(
+        &mut self,
+        d: &dwcp_consensus::Decision,
+        r: &Verified<Request>,
+        client: NodeId,
+        out: &Applied,
+    ) {
+        let certificate = || {
+            let index = d.certificate.batch.iter().position(|e| e == r.envelope())?;
+            certificate_for(&d.certificate, self.committee.epoch(), index)
+        };
+        if client == self.me {
+            if let Some(w) = self.waiting.remove(&r.nonce) {
+                let res = match out {
+                    Applied::Nothing(why) => {
+                        Err(anyhow::anyhow!("the committee refused the decision: {why}"))
+                    }
+                    _ => certificate()
+                        .ok_or_else(|| anyhow::anyhow!("no certificate for a committed request")),
+                };
+                let _ = w.reply.send(res);
+            }
+            return;
+        }
+        if self.engine.is_none() || self.committee.contains(&client) {
+            return;
+        }
+        let answers = self
+            .committee
+            .members()
+            .iter()
+            .take(self.committee.f() + 1)
+            .any(|m| *m == self.me);
+        if !answers {
+            return;
+        }
+        let outcome = match out {
+            Applied::Nothing(why) => ReplyOutcome::Refused(truncate(why, MAX_REASON_LEN)),
+            _ => match certificate() {
+                Some(c) => ReplyOutcome::Certified(c),
+                None => return,
+            },
+        };
+        match Verified::sign(
+            &self.key,
+            ConsensusReply {
+                nonce: r.nonce,
+                outcome,
+            },
+        ) {
+            Ok(reply) => self.send(client, reply.envelope().encode()),
+            Err(e) => warn!(error = %e, "could not sign a consensus reply"),
         }
     }
 
@@ -1415,6 +1724,136 @@ mod tests {
         assert!(s.is_decided(&victim) && s.is_quarantined(&victim));
         let a = s.apply(t, 4, &committee, keys[2].node_id(), &good.encode());
         assert!(matches!(a, Applied::Nothing(_)), "{a:?}");
+    }
+
+    fn vm_op(vm: u8, host: Option<NodeId>, state: VmState) -> Vec<u8> {
+        VmDecisionOp {
+            vm: VmId::from_bytes([vm; 16]),
+            vcpus: 1,
+            memory_mib: 128,
+            disk_gib: 0,
+            host,
+            state: state.as_str().to_owned(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn vm_decisions_follow_the_lifecycle_rules() {
+        let keys = ids(5);
+        let committee = Committee::new(0, keys[..4].iter().map(|k| k.node_id()).collect()).unwrap();
+        let outsider = keys[4].node_id();
+        let (h1, h2) = (keys[1].node_id(), keys[2].node_id());
+        let mut s = AcpState::new();
+        let apply =
+            |s: &mut AcpState, op: Vec<u8>| s.apply(Timestamp(1), 1, &committee, outsider, &op);
+        let refused = |a: Applied, why: &str| match a {
+            Applied::Nothing(w) => assert!(w.contains(why), "{w} (wanted {why})"),
+            other => panic!("{other:?} (wanted refusal: {why})"),
+        };
+        // Later states need a placed VM; a placement needs a host.
+        refused(
+            apply(&mut s, vm_op(1, Some(h1), VmState::Running)),
+            "unknown vm",
+        );
+        refused(
+            apply(&mut s, vm_op(1, None, VmState::Placed)),
+            "needs a host",
+        );
+        refused(
+            apply(&mut s, vm_op(1, Some(h1), VmState::Pending)),
+            "not a decision",
+        );
+        // Placed once, by a node outside the committee too.
+        assert_eq!(
+            apply(&mut s, vm_op(1, Some(h1), VmState::Placed)),
+            Applied::Vm {
+                vm: VmId::from_bytes([1; 16]),
+                host: Some(h1),
+                state: VmState::Placed
+            }
+        );
+        assert_eq!(s.vm_host(&VmId::from_bytes([1; 16])), Some(Some(h1)));
+        refused(
+            apply(&mut s, vm_op(1, Some(h2), VmState::Placed)),
+            "already placed",
+        );
+        // Migrating moves it; stopped ends it; then it is unknown again.
+        assert!(matches!(
+            apply(&mut s, vm_op(1, Some(h2), VmState::Migrating)),
+            Applied::Vm { .. }
+        ));
+        assert_eq!(s.vm_host(&VmId::from_bytes([1; 16])), Some(Some(h2)));
+        assert!(matches!(
+            apply(&mut s, vm_op(1, Some(h2), VmState::Stopped)),
+            Applied::Vm { .. }
+        ));
+        assert_eq!(s.vm_host(&VmId::from_bytes([1; 16])), None);
+        refused(
+            apply(&mut s, vm_op(1, Some(h2), VmState::Failed)),
+            "unknown vm",
+        );
+        // No placement on a quarantined host, and none from a quarantined submitter.
+        for voter in [0, 3] {
+            let vote = QuarantineVote {
+                node: h1,
+                reason: "test".into(),
+            }
+            .encode();
+            s.apply(Timestamp(1), 2, &committee, keys[voter].node_id(), &vote);
+        }
+        assert!(s.is_quarantined(&h1));
+        refused(
+            apply(&mut s, vm_op(2, Some(h1), VmState::Placed)),
+            "quarantined",
+        );
+        let from_quarantined = s.apply(
+            Timestamp(1),
+            3,
+            &committee,
+            h1,
+            &vm_op(3, Some(h2), VmState::Placed),
+        );
+        refused(from_quarantined, "quarantined node");
+        // Garbage after the tag is refused, never a panic.
+        refused(
+            apply(&mut s, vec![VM_DECISION_TAG, 0xff, 0x00]),
+            "vm decision refused",
+        );
+    }
+
+    #[test]
+    fn consensus_replies_are_bounded_and_signed() {
+        let key = NodeKey::from_secret_bytes([9; 32]);
+        let ok = ConsensusReply {
+            nonce: 7,
+            outcome: ReplyOutcome::Refused("the host is quarantined".into()),
+        };
+        let env = Verified::sign(&key, ok.clone())
+            .unwrap()
+            .envelope()
+            .encode();
+        match decode(&env) {
+            Ok(Decoded::Reply(r)) => {
+                assert_eq!(r.message(), &ok);
+                assert_eq!(r.signer(), key.node_id());
+            }
+            _ => panic!("a signed reply did not decode as one"),
+        }
+        let big = ConsensusReply {
+            nonce: 7,
+            outcome: ReplyOutcome::Certified(vec![0; MAX_CERTIFICATE_BYTES + 1]),
+        };
+        assert!(Verified::sign(&key, big).is_err());
+        let long = ConsensusReply {
+            nonce: 7,
+            outcome: ReplyOutcome::Refused("x".repeat(MAX_REASON_LEN + 1)),
+        };
+        assert!(Verified::sign(&key, long).is_err());
+        let mut forged = env.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(decode(&forged).is_err());
     }
 
     #[test]

@@ -108,10 +108,21 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
             st.recent.truncate(16);
             ControlResponse::AmstStatus(Box::new(st))
         }
-        ControlRequest::CreateVm { cluster_id, vm } => {
+        ControlRequest::CreateVm {
+            cluster_id,
+            vm,
+            decision,
+        } => {
             if let Some(refusal) = other_cluster(shared, &cluster_id) {
                 return refusal;
             }
+            let id = match crate::placement::check_decision(shared, &vm, decision.as_deref()) {
+                Ok(id) => id,
+                Err(why) => {
+                    warn!(%from, %why, "refused a peer's vm: no valid placement decision");
+                    return ControlResponse::refused(ControlErrorCode::NotAgreed, why);
+                }
+            };
             let Some(_slot) = shared.placement.control_slot() else {
                 return ControlResponse::refused(
                     ControlErrorCode::Unavailable,
@@ -119,7 +130,7 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
                 );
             };
             let name = vm.name.clone();
-            match shared.vms.create(vm).await {
+            match shared.vms.create(vm, id).await {
                 Ok(v) => {
                     info!(vm = %v.id, %name, %from, "vm created for a peer's placement");
                     ControlResponse::VmCreated(v)

@@ -7,10 +7,18 @@
 //!      │            heartbeat: health, allocated) + this node's VM table
 //!      │  hosts = donated share - min free memory - allocated - pending   (per node)
 //!      │  Engine: Hosts, Place ──> Placed { host, score, filtered } | Rejected
+//!      ├─ consensus on: commit a VM decision (id, spec, host, `placed`) ──> certificate
 //!      ├─ chosen = this node ──> Vms::create (the backend re-checks the donated share)
-//!      └─ chosen = other    ──> control request CreateVm ──> its Vms::create
-//!                               refused / unreachable: next decision without it (3 tries)
+//!      └─ chosen = other    ──> control request CreateVm + certificate
+//!                               ──> host: check_decision ──> its Vms::create
+//!                               refused / unreachable: `failed` decision, next node (3 tries)
+//!      created: the certified record goes to state sync (`vms/<id>`)
 //! ```
+//!
+//! With a committee configured (`acp.committee`), no VM is created anywhere without a
+//! committed decision: the host refuses a create whose certificate is missing, does not
+//! verify, names another host or another spec, or was used before. Without a committee,
+//! placement is this node's own call and nothing is recorded in the cluster document.
 //!
 //! What the engine sees of a node is its placeable share as capacity (the donated share,
 //! minus `placement.constraints.min_free_memory_percent` of its memory) and, recorded as
@@ -39,7 +47,7 @@ use dwcp_placement::{
     Timestamp, Vm, model::Dim,
 };
 use dwcp_protocol::{
-    Allocation, DonatedShare, HealthStatus, NodeId, Resources,
+    Allocation, DonatedShare, HealthStatus, NodeId, Resources, VmId,
     api::{
         AvoidMode, AvoidView, ConstraintKindShare, ConstraintView, FilteredNode,
         PlacementExplanation, PlacementStats, SetSolverRequest, SolverSettingsView,
@@ -47,9 +55,12 @@ use dwcp_protocol::{
     },
     control::{ControlErrorCode, ControlRequest, ControlResponse},
 };
+use dwcp_statesync::{Certified, VmDecision, VmState};
 use tracing::{info, warn};
 
-use crate::{config::PlacementSection, daemon::Shared, metrics::Metrics, vms::VmError};
+use crate::{
+    cert::VmDecisionOp, config::PlacementSection, daemon::Shared, metrics::Metrics, vms::VmError,
+};
 
 /// Nodes tried for one create before giving up (the first choice plus two more).
 pub const MAX_ATTEMPTS: usize = 3;
@@ -99,6 +110,9 @@ pub enum PlaceFailure {
     /// No node can take the VM.
     #[error("{0}")]
     NoNode(String),
+    /// The committee did not agree to the placement (refused, or no commit in time).
+    #[error("placement decision not agreed: {0}")]
+    NotAgreed(String),
     /// The chosen (or pinned) node refused, or could not be asked.
     #[error("{0}")]
     Refused(String),
@@ -392,18 +406,46 @@ impl Placement {
     }
 
     /// Creates the VM on `node`: here, or through the control service.
+    /// With consensus on, the placement is first agreed (a committed VM decision naming the
+    /// VM id, its spec and `node`); the host checks that certificate before it creates the
+    /// VM, and the certified record goes into the cluster document. A VM the host then
+    /// refuses gets a `failed` decision, so the cluster does not count it.
     async fn create_on(
         &self,
         shared: &Shared,
         node: NodeId,
         vm: &VmCreateRequest,
     ) -> Result<VmView, PlaceFailure> {
+        let agreed = agree(shared, node, vm).await?;
+        let result = self.create_agreed(shared, node, vm, agreed.as_ref()).await;
+        if let Some(a) = agreed {
+            match &result {
+                Ok(_) => record(shared, a),
+                Err(e) => {
+                    info!(vm = %a.decision.vm, error = %e, "agreed placement failed on its host; deciding `failed`");
+                    spawn_finish(shared, &a.decision, VmState::Failed);
+                }
+            }
+        }
+        result
+    }
+
+    async fn create_agreed(
+        &self,
+        shared: &Shared,
+        node: NodeId,
+        vm: &VmCreateRequest,
+        agreed: Option<&Agreed>,
+    ) -> Result<VmView, PlaceFailure> {
         if node == shared.node_id() {
-            return Ok(shared.vms.create(vm.clone()).await?);
+            return Ok(shared
+                .vms
+                .create(vm.clone(), agreed.map(|a| a.decision.vm))
+                .await?);
         }
         let metrics = &shared.metrics;
         self.lock().counters.forwarded += 1;
-        let result = forward(shared, node, vm).await;
+        let result = forward(shared, node, vm, agreed).await;
         let label = match &result {
             Ok(_) => "created",
             Err(ForwardError::Refused { .. }) => "refused",
@@ -901,6 +943,7 @@ fn check_request(vm: &VmCreateRequest) -> Result<(), PlaceFailure> {
     ControlRequest::CreateVm {
         cluster_id: String::new(),
         vm: vm.clone(),
+        decision: None,
     }
     .validate()
     .map_err(|e| PlaceFailure::BadRequest(e.to_string()))
@@ -1232,6 +1275,153 @@ fn summary(c: &Chosen, refused: &[FilteredNode], local: bool) -> String {
 }
 
 /// Why a forwarded create failed.
+/// How long a placement waits for its decision to commit: longer than one view change
+/// (10 s by default), so a silent primary does not fail the create.
+pub const DECISION_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// A placement decision the committee committed.
+#[derive(Debug, Clone)]
+pub struct Agreed {
+    /// What the certificate proves.
+    pub decision: VmDecision,
+    /// The commit certificate ([`crate::cert`]).
+    pub certificate: Vec<u8>,
+}
+
+/// The spec a VM decision records for a create request (disk rounded up to whole GiB).
+fn decision_op(vm: &VmCreateRequest, id: VmId, host: NodeId, state: VmState) -> VmDecisionOp {
+    VmDecisionOp {
+        vm: id,
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_mib.unwrap_or(0).div_ceil(1024),
+        host: Some(host),
+        state: state.as_str().to_owned(),
+    }
+}
+
+/// Agrees on placing `vm` on `node` through consensus, under a fresh VM id. `None` when the
+/// node runs no consensus (no committee configured): placement is then this node's own call.
+pub async fn agree(
+    shared: &Shared,
+    node: NodeId,
+    vm: &VmCreateRequest,
+) -> Result<Option<Agreed>, PlaceFailure> {
+    let Some(c) = shared.consensus() else {
+        return Ok(None);
+    };
+    let id = VmId::from_bytes(rand::random());
+    let op = decision_op(vm, id, node, VmState::Placed);
+    let started = Instant::now();
+    let certificate = c
+        .decide(op.encode(), DECISION_TIMEOUT)
+        .await
+        .map_err(|e| PlaceFailure::NotAgreed(format!("{e:#}")))?;
+    let decision = c
+        .verify_vm(&certificate)
+        .map_err(|e| PlaceFailure::NotAgreed(format!("the certificate does not verify: {e}")))?;
+    if decision.vm != id || decision.host != Some(node) {
+        return Err(PlaceFailure::NotAgreed(
+            "the certificate is for another decision".into(),
+        ));
+    }
+    info!(vm = %id, host = %node.short(), ms = started.elapsed().as_millis() as u64, cert_bytes = certificate.len(), "placement agreed by the committee");
+    Ok(Some(Agreed {
+        decision,
+        certificate,
+    }))
+}
+
+/// Hands a certified VM record to state sync (written into the cluster document at once).
+pub fn record(shared: &Shared, a: Agreed) {
+    record_in(shared.statesync(), a);
+}
+
+fn record_in(sync: Option<&crate::statesync::StateSync>, a: Agreed) {
+    let Some(sync) = sync else {
+        return;
+    };
+    let vm = a.decision.vm;
+    if !sync.offer(crate::statesync::Input::Vm(Certified {
+        decision: a.decision,
+        certificate: a.certificate,
+    })) {
+        warn!(%vm, "state-sync queue full: vm record not written");
+    }
+}
+
+/// Decides a later state of an agreed VM (`stopped`, `failed`) in the background and records
+/// it; failures are logged (the VM stays counted until a later decision).
+pub fn spawn_finish(shared: &Shared, prev: &VmDecision, state: VmState) {
+    let Some(host) = prev.host else { return };
+    let Some(c) = shared.consensus().cloned() else {
+        return;
+    };
+    let sync = shared.statesync().cloned();
+    let op = VmDecisionOp {
+        vm: prev.vm,
+        vcpus: prev.spec.vcpus,
+        memory_mib: prev.spec.memory_mib,
+        disk_gib: prev.spec.disk_gib,
+        host: Some(host),
+        state: state.as_str().to_owned(),
+    };
+    tokio::spawn(async move {
+        match c.decide(op.encode(), DECISION_TIMEOUT).await {
+            Ok(certificate) => match c.verify_vm(&certificate) {
+                Ok(decision) => record_in(
+                    sync.as_ref(),
+                    Agreed {
+                        decision,
+                        certificate,
+                    },
+                ),
+                Err(e) => warn!(vm = %op.vm, error = %e, "vm decision certificate does not verify"),
+            },
+            Err(e) => {
+                warn!(vm = %op.vm, state = %op.state, error = %format!("{e:#}"), "vm decision not agreed")
+            }
+        }
+    });
+}
+
+/// What a host checks before it creates a VM another node placed on it: with consensus on,
+/// a certificate of a committed `placed` decision naming this node as host and the request's
+/// spec; its VM id is the id to use. Without consensus: no id, no check.
+pub fn check_decision(
+    shared: &Shared,
+    vm: &VmCreateRequest,
+    certificate: Option<&[u8]>,
+) -> Result<Option<VmId>, String> {
+    let Some(c) = shared.consensus() else {
+        return Ok(None);
+    };
+    let Some(cert) = certificate else {
+        return Err(
+            "this cluster places VMs by consensus: the create carries no placement decision".into(),
+        );
+    };
+    let d = c
+        .verify_vm(cert)
+        .map_err(|e| format!("the placement decision does not verify: {e}"))?;
+    if d.host != Some(shared.node_id()) {
+        return Err("the placement decision names another host".into());
+    }
+    if d.state != VmState::Placed {
+        return Err(format!(
+            "the decision is `{}`, not a placement",
+            d.state.as_str()
+        ));
+    }
+    let want = decision_op(vm, d.vm, shared.node_id(), VmState::Placed);
+    if (d.spec.vcpus, d.spec.memory_mib, d.spec.disk_gib)
+        != (want.vcpus, want.memory_mib, want.disk_gib)
+    {
+        return Err("the VM differs from the one the placement decision names".into());
+    }
+    Ok(Some(d.vm))
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
     #[error("{message}")]
@@ -1247,6 +1437,7 @@ async fn forward(
     shared: &Shared,
     node: NodeId,
     vm: &VmCreateRequest,
+    agreed: Option<&Agreed>,
 ) -> Result<VmView, ForwardError> {
     let peer = node
         .to_peer_id()
@@ -1254,6 +1445,7 @@ async fn forward(
     let req = ControlRequest::CreateVm {
         cluster_id: shared.cluster_id().to_owned(),
         vm: vm.clone(),
+        decision: agreed.map(|a| a.certificate.clone()),
     };
     let bytes = shared
         .client()

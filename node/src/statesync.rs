@@ -37,7 +37,7 @@ use axum::{
 };
 use dwcp_net::{Client, GossipMessage, PeerId, ReplyHandle, Service, Validation};
 use dwcp_protocol::{
-    HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey, Timestamp,
+    HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey, Timestamp, VmId,
     api::{
         ForceSyncRequest, GossipStatus, SyncChecksum, SyncLagRow, SyncLagStatus, SyncSessionRow,
         SyncVerdict, SyncVerifyReport, SyncVerifyRow,
@@ -45,6 +45,7 @@ use dwcp_protocol::{
 };
 use dwcp_statesync::{
     Certified, ChangeHash, ClusterDoc, Command, Config, Engine, Offence, QuarantineDecision,
+    VmDecision, VmRecord,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -102,6 +103,9 @@ pub enum Input {
         /// How long to wait for another node's write first.
         delay: Duration,
     },
+    /// A committed VM decision with its certificate, from the node that submitted it (the
+    /// placing node, or the host for later states): written at once.
+    Vm(Certified<VmDecision>),
     /// An API query.
     Query(Query),
 }
@@ -121,6 +125,8 @@ pub enum Query {
     ForceSync(Vec<NodeId>, oneshot::Sender<usize>),
     /// Sessions for `gossip status`.
     Sessions(oneshot::Sender<(Vec<SyncSessionRow>, usize, u64)>),
+    /// One VM's record in the document.
+    Vm(VmId, oneshot::Sender<Option<VmRecord>>),
 }
 
 /// The daemon's handle on the driver.
@@ -561,6 +567,27 @@ impl Driver {
                 }
             }
             Input::Query(q) => self.on_query(now, q),
+            Input::Vm(c) => {
+                let d = &c.decision;
+                if self
+                    .engine
+                    .doc()
+                    .vm(&d.vm)
+                    .is_some_and(|r| r.decision_seq >= d.decision_seq)
+                {
+                    return;
+                }
+                match self.engine.write_vm(self.now(), &c) {
+                    Ok(()) => info!(
+                        vm = %d.vm,
+                        state = d.state.as_str(),
+                        decision_seq = d.decision_seq,
+                        cert_bytes = c.certificate.len(),
+                        "vm record written into the cluster document"
+                    ),
+                    Err(e) => warn!(vm = %d.vm, error = %e, "writing a vm record failed"),
+                }
+            }
             Input::Quarantine { decision, delay } => {
                 if self.pending.len() >= MAX_PENDING_RECORDS {
                     warn!("too many certified records waiting; dropped the oldest");
@@ -616,6 +643,9 @@ impl Driver {
 
     fn on_query(&mut self, now: Timestamp, q: Query) {
         match q {
+            Query::Vm(vm, reply) => {
+                let _ = reply.send(self.engine.doc().vm(&vm));
+            }
             Query::Lag(reply) => {
                 let doc = self.engine.doc();
                 let mut rows: Vec<SyncLagRow> = doc
@@ -855,6 +885,11 @@ impl StateSync {
     /// Starts sessions now; returns how many peers.
     pub async fn force_sync(&self, nodes: Vec<NodeId>) -> anyhow::Result<usize> {
         self.ask(|r| Query::ForceSync(nodes, r)).await
+    }
+
+    /// One VM's record in this node's view of the document.
+    pub async fn vm_record(&self, vm: VmId) -> anyhow::Result<Option<VmRecord>> {
+        self.ask(|r| Query::Vm(vm, r)).await
     }
 
     /// Sessions, fanout and interval.

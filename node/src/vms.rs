@@ -207,15 +207,39 @@ impl Vms {
 
     /// Defines and starts a VM. Refused with [`VmError::DoesNotFit`] when it exceeds the
     /// donated share.
-    pub async fn create(&self, req: VmCreateRequest) -> Result<VmView, VmError> {
+    ///
+    /// `id`: the VM id a committed placement decision gave it (a fresh random id when none).
+    pub async fn create(
+        &self,
+        req: VmCreateRequest,
+        id: Option<dwcp_protocol::VmId>,
+    ) -> Result<VmView, VmError> {
         let b = self.backend()?;
         if req.name.is_empty() || req.name.len() > 64 || req.name.chars().any(char::is_control) {
             return Err(VmError::BadRequest(
                 "name must be 1 to 64 printable characters".into(),
             ));
         }
-        let id_bytes: [u8; 16] = rand::random();
+        let given_id = id.is_some();
+        let id_bytes: [u8; 16] = id.map_or_else(rand::random, |i| *i.as_bytes());
         let id = dwcp_hypervisor::VmId::new(hex::encode(id_bytes))?;
+        if self.get(id.as_str()).await.is_ok() {
+            return Err(VmError::Conflict(format!("vm {id} exists already")));
+        }
+        // A placement decision is used once: its VM id is remembered (under a key no VM id
+        // takes), so a replayed certificate cannot bring back a VM deleted here.
+        let used_key = [b"decision/".as_slice(), id.as_str().as_bytes()].concat();
+        if given_id {
+            match self.names.insert(&used_key, b"".as_slice()) {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    return Err(VmError::Conflict(format!(
+                        "the placement decision for vm {id} was used already"
+                    )));
+                }
+                Err(e) => return Err(VmError::Internal(format!("sled: {e}"))),
+            }
+        }
         let disk = match &req.image {
             None => None,
             Some(img) => {

@@ -34,6 +34,9 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_CMDLINE_LEN: usize = 4096;
 /// Longest VM name.
 pub const MAX_VM_NAME_LEN: usize = 64;
+/// Longest placement-decision certificate in a forwarded VM request (the node's
+/// certificates stay under 16 KiB).
+pub const MAX_DECISION_LEN: usize = 16 * 1024;
 /// Longest error message in a response.
 pub const MAX_MESSAGE_LEN: usize = 4096;
 
@@ -47,6 +50,10 @@ pub enum ControlRequest {
         cluster_id: String,
         /// The VM.
         vm: VmCreateRequest,
+        /// The commit certificate of the placement decision (VM id, spec, this node as
+        /// host), required by a receiver whose cluster runs consensus.
+        #[serde(default)]
+        decision: Option<Vec<u8>>,
     },
     /// Receive a bulk transfer (AMST) from the sender: expect streams that carry this
     /// transfer id, each on its own connection authenticated as the sender.
@@ -92,6 +99,8 @@ pub enum ControlErrorCode {
     Unavailable,
     /// The receiver failed while creating the VM.
     Internal,
+    /// The create carries no valid committed placement decision for the receiver.
+    NotAgreed,
 }
 
 impl ControlErrorCode {
@@ -102,6 +111,7 @@ impl ControlErrorCode {
             Self::BadRequest => "bad_request",
             Self::DoesNotFit => "does_not_fit",
             Self::Unavailable => "unavailable",
+            Self::NotAgreed => "not_agreed",
             Self::Internal => "internal",
         }
     }
@@ -183,8 +193,18 @@ impl ControlRequest {
     /// Checks the bounds of every field.
     pub fn validate(&self) -> Result<(), ControlDecodeError> {
         match self {
-            ControlRequest::CreateVm { cluster_id, vm } => {
+            ControlRequest::CreateVm {
+                cluster_id,
+                vm,
+                decision,
+            } => {
                 check("cluster_id", Some(cluster_id), MAX_CLUSTER_ID_LEN)?;
+                if decision
+                    .as_ref()
+                    .is_some_and(|d| d.len() > MAX_DECISION_LEN)
+                {
+                    return Err(ControlDecodeError::OutOfBounds("decision"));
+                }
                 check("vm.name", Some(&vm.name), MAX_VM_NAME_LEN)?;
                 check("vm.image", vm.image.as_deref(), MAX_PATH_LEN)?;
                 check("vm.kernel", vm.kernel.as_deref(), MAX_PATH_LEN)?;
@@ -285,6 +305,7 @@ mod tests {
         let r = ControlRequest::CreateVm {
             cluster_id: "c".into(),
             vm: vm(),
+            decision: Some(vec![1, 2, 3]),
         };
         let b = r.encode();
         assert_eq!(ControlRequest::decode(&b).unwrap(), r);
@@ -308,10 +329,20 @@ mod tests {
                 kernel: Some("/".repeat(MAX_PATH_LEN + 1)),
                 ..vm()
             },
+            decision: None,
         };
         assert_eq!(
             ControlRequest::decode(&long.encode()),
             Err(ControlDecodeError::OutOfBounds("vm.kernel"))
+        );
+        let big_decision = ControlRequest::CreateVm {
+            cluster_id: "c".into(),
+            vm: vm(),
+            decision: Some(vec![7; MAX_DECISION_LEN + 1]),
+        };
+        assert_eq!(
+            ControlRequest::decode(&big_decision.encode()),
+            Err(ControlDecodeError::OutOfBounds("decision"))
         );
 
         let view = VmView {

@@ -56,17 +56,21 @@ pub enum MessageKind {
     StateSync,
     /// A bulk-transfer control message.
     Transfer,
+    /// A committee member's answer to a node that submitted a request: the commit
+    /// certificate of that request.
+    ConsensusReply,
 }
 
 impl MessageKind {
     /// Every kind, for tests and documentation.
-    pub const ALL: [MessageKind; 6] = [
+    pub const ALL: [MessageKind; 7] = [
         Self::NodeAnnouncement,
         Self::Heartbeat,
         Self::Consensus,
         Self::ConsensusRequest,
         Self::StateSync,
         Self::Transfer,
+        Self::ConsensusReply,
     ];
 
     /// The wire code.
@@ -78,6 +82,7 @@ impl MessageKind {
             Self::ConsensusRequest => 4,
             Self::StateSync => 5,
             Self::Transfer => 6,
+            Self::ConsensusReply => 7,
         }
     }
 
@@ -90,6 +95,7 @@ impl MessageKind {
             Self::ConsensusRequest => "dwcp/v3/consensus-request",
             Self::StateSync => "dwcp/v3/state-sync",
             Self::Transfer => "dwcp/v3/transfer",
+            Self::ConsensusReply => "dwcp/v3/consensus-reply",
         }
     }
 
@@ -102,6 +108,7 @@ impl MessageKind {
             Self::ConsensusRequest => 64 * 1024,
             Self::StateSync => 1024 * 1024,
             Self::Transfer => 64 * 1024,
+            Self::ConsensusReply => 64 * 1024,
         }
     }
 

@@ -506,16 +506,19 @@ pub(crate) fn payload_of(msg: &ConsensusMsg) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
-/// Serialises `Vec<u8>` as a CBOR byte string.
-pub(crate) mod serde_bytes_vec {
+/// Serialises `Vec<u8>` as a CBOR byte string (`#[serde(with = "...")]`; other crates' signed
+/// messages use it too).
+pub mod serde_bytes_vec {
     use serde::{Deserializer, Serializer, de};
     use std::fmt;
 
-    pub(crate) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    /// Writes the bytes as one byte string.
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(b)
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    /// Reads one byte string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         struct V;
         impl de::Visitor<'_> for V {
             type Value = Vec<u8>;

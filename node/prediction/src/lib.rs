@@ -45,16 +45,18 @@
 //!
 //! | source | 30 s | 60 s | 120 s | 300 s |
 //! | --- | --- | --- | --- | --- |
-//! | fcc (home broadband) | 0.043 vs 0.050 (-15 %) | 0.039 vs 0.045 (-15 %) | 0.041 vs 0.046 (-10 %) | 0.049 vs 0.056 (-13 %) |
-//! | lumos5g_4g (4G) | 0.261 vs 0.316 (-18 %) | 0.285 vs 0.389 (-27 %) | 0.291 vs 0.457 (-36 %) | 0.335 vs 0.418 (-20 %) |
-//! | norway_hsdpa (3G) | 0.203 vs 0.197 (+3 %) | 0.200 vs 0.240 (-17 %) | 0.203 vs 0.285 (-29 %) | 0.213 vs 0.320 (-33 %) |
+//! | fcc (home broadband) | 0.044 vs 0.050 (-11 %) | 0.040 vs 0.045 (-12 %) | 0.040 vs 0.046 (-12 %) | 0.050 vs 0.056 (-11 %) |
+//! | lumos5g_4g (4G) | 0.267 vs 0.316 (-16 %) | 0.279 vs 0.389 (-28 %) | 0.284 vs 0.457 (-38 %) | 0.320 vs 0.418 (-24 %) |
+//! | norway_hsdpa (3G) | 0.193 vs 0.197 (-2 %) | 0.199 vs 0.240 (-17 %) | 0.208 vs 0.285 (-27 %) | 0.189 vs 0.320 (-41 %) |
 //!
-//! The 20 % target is met on 5 of 12 cells. The model's p10 covers 7.7-10.9 % on FCC but
-//! 13.5-18.6 % on the cellular traces (too high), and a median forecast over-estimates a
-//! cellular link by more than 10 % about 40 % of the time, like the baselines. The
-//! engine's online p10 recalibration brings 6 of 12 cells within 10 +- 3 %. Inference:
-//! 0.40-0.53 ms per forecast in a release build on a loaded machine (target 1 ms); the model
-//! is 78.5 kB (one LSTM layer of 64, 19,208 parameters).
+//! The 20 % target is met on 5 of 12 cells. The model (two LSTMs of 64 averaged, its p10
+//! recalibrated on held-out training traces; `models/MODEL_CARD.md`) covers 8.0-10.9 % with
+//! its p10 on six cellular cells, 14.6 % on 4G at 300 s, and 4.1-5.5 % (too low, the safe
+//! side) on FCC and 3G at 300 s. A median forecast over-estimates a cellular link by more
+//! than 10 % about 40 % of the time, like the baselines. With the engine's online p10
+//! recalibration 8 of 12 cells are within 10 +- 3 %. Inference: 365 us per forecast in a
+//! release build on a loaded machine (target 1 ms); the model is 287.6 kB (one block-diagonal
+//! LSTM of 128 holding both members, 38,416 trained parameters).
 //!
 //! Decisions that follow: the engine never trusts the model blindly. Per horizon it
 //! answers with the model only while the model's median APE on the link's own recent

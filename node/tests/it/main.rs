@@ -14,3 +14,4 @@ mod pba;
 mod placement;
 mod statesync;
 mod vm;
+mod vm_decisions;
