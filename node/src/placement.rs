@@ -49,7 +49,7 @@ use dwcp_placement::{
 use dwcp_protocol::{
     Allocation, DonatedShare, HealthStatus, NodeId, Resources, VmId,
     api::{
-        AvoidMode, AvoidView, ConstraintKindShare, ConstraintView, FilteredNode,
+        AgreedView, AvoidMode, AvoidView, ConstraintKindShare, ConstraintView, FilteredNode,
         PlacementExplanation, PlacementStats, SetSolverRequest, SolverSettingsView,
         SolverStatsView, VmCreateRequest, VmView,
     },
@@ -270,7 +270,7 @@ impl Placement {
         let _one_at_a_time = self.create_lock.lock().await;
         if let Some(node) = pinned {
             let started = Instant::now();
-            let view = match self.create_on(shared, node, &vm).await {
+            let (view, agreed) = match self.create_on(shared, node, &vm).await {
                 Ok(v) => v,
                 Err(PlaceFailure::Refused(why)) => {
                     return Err(PlaceFailure::Refused(format!(
@@ -299,10 +299,12 @@ impl Placement {
                     refused: Vec::new(),
                     decision_ms: 0.0,
                     summary: format!(
-                        "pinned to node {} with --node (no placement decision; created in {:.0} ms)",
+                        "pinned to node {} with --node (not chosen by placement; created in {:.0} ms){}",
                         node.short(),
-                        started.elapsed().as_secs_f64() * 1e3
+                        started.elapsed().as_secs_f64() * 1e3,
+                        agreed_note(agreed.as_ref())
                     ),
+                    agreed,
                 },
             ));
         }
@@ -324,12 +326,16 @@ impl Placement {
             };
             decision_ms += chosen.elapsed_ms;
             match self.create_on(shared, chosen.node, &vm).await {
-                Ok(view) => {
+                Ok((view, agreed)) => {
                     let local = chosen.node == shared.node_id();
                     if !local {
                         self.reserve(shared, chosen.node, demand);
                     }
-                    let summary = summary(&chosen, &refused, local);
+                    let summary = format!(
+                        "{}{}",
+                        summary(&chosen, &refused, local),
+                        agreed_note(agreed.as_ref())
+                    );
                     info!(vm = %view.id, node = %chosen.node, score = chosen.decision.score, "vm placed");
                     return Ok((
                         view,
@@ -350,6 +356,7 @@ impl Placement {
                                 .collect(),
                             refused,
                             decision_ms,
+                            agreed,
                             summary,
                         },
                     ));
@@ -415,9 +422,14 @@ impl Placement {
         shared: &Shared,
         node: NodeId,
         vm: &VmCreateRequest,
-    ) -> Result<VmView, PlaceFailure> {
+    ) -> Result<(VmView, Option<AgreedView>), PlaceFailure> {
         let agreed = agree(shared, node, vm).await?;
         let result = self.create_agreed(shared, node, vm, agreed.as_ref()).await;
+        let view = agreed.as_ref().map(|a| AgreedView {
+            decision_seq: a.decision.decision_seq,
+            certificate_bytes: a.certificate.len(),
+            commit_ms: a.commit_ms,
+        });
         if let Some(a) = agreed {
             match &result {
                 Ok(_) => record(shared, a),
@@ -427,7 +439,7 @@ impl Placement {
                 }
             }
         }
-        result
+        result.map(|v| (v, view))
     }
 
     async fn create_agreed(
@@ -1286,6 +1298,19 @@ pub struct Agreed {
     pub decision: VmDecision,
     /// The commit certificate ([`crate::cert`]).
     pub certificate: Vec<u8>,
+    /// From submission to commit, milliseconds.
+    pub commit_ms: f64,
+}
+
+/// The summary's note on the committed decision.
+fn agreed_note(a: Option<&AgreedView>) -> String {
+    a.map(|a| {
+        format!(
+            "; agreed by the committee in {:.0} ms (decision {}, certificate {} B)",
+            a.commit_ms, a.decision_seq, a.certificate_bytes
+        )
+    })
+    .unwrap_or_default()
 }
 
 /// The spec a VM decision records for a create request (disk rounded up to whole GiB).
@@ -1329,6 +1354,7 @@ pub async fn agree(
     Ok(Some(Agreed {
         decision,
         certificate,
+        commit_ms: started.elapsed().as_secs_f64() * 1e3,
     }))
 }
 
@@ -1374,6 +1400,7 @@ pub fn spawn_finish(shared: &Shared, prev: &VmDecision, state: VmState) {
                     Agreed {
                         decision,
                         certificate,
+                        commit_ms: 0.0,
                     },
                 ),
                 Err(e) => warn!(vm = %op.vm, error = %e, "vm decision certificate does not verify"),

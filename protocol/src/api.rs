@@ -328,7 +328,7 @@ pub struct PlacementExplanation {
     pub node: NodeId,
     /// The VM was created by the answering node itself (not forwarded).
     pub local: bool,
-    /// The node was given with `--node` (no placement decision).
+    /// The node was given with `--node` (placement did not choose it).
     pub pinned: bool,
     /// Score of the chosen node (lower is better), when placement chose it.
     pub score: Option<f64>,
@@ -346,8 +346,22 @@ pub struct PlacementExplanation {
     pub refused: Vec<FilteredNode>,
     /// Wall time of the placement decisions, milliseconds (creation not included).
     pub decision_ms: f64,
+    /// The committed decision behind it, when the cluster runs consensus.
+    #[serde(default)]
+    pub agreed: Option<AgreedView>,
     /// One line for humans.
     pub summary: String,
+}
+
+/// A placement's committed decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgreedView {
+    /// Its decision sequence number (`seq * 1024 + index in the batch`).
+    pub decision_seq: u64,
+    /// Size of its commit certificate, bytes.
+    pub certificate_bytes: usize,
+    /// From submission to commit, milliseconds.
+    pub commit_ms: f64,
 }
 
 /// `POST /v1/placement/vms` answer: the VM (same fields as [`VmView`]) plus `placement`.

@@ -98,7 +98,7 @@ enum VmCmd {
     /// Create and start a VM on the node placement chooses among the ready nodes (or the
     /// one given with --node); the answer says where and why.
     Create {
-        /// Create it on this node (id, peer id or unique hex prefix): no placement decision.
+        /// Create it on this node (id, peer id or unique hex prefix): placement does not choose.
         #[arg(long)]
         node: Option<String>,
         /// A name for it.

@@ -163,6 +163,15 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     assert!(ok, "vm create failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["node"], host.to_string().as_str(), "{out}");
+    let agreed = &v["placement"]["agreed"];
+    assert!(agreed["certificate_bytes"].as_u64().unwrap() > 0, "{out}");
+    assert!(
+        v["placement"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("agreed by the committee"),
+        "{out}"
+    );
     let vm_hex = v["id"].as_str().unwrap().to_owned();
     let vm = VmId::from_bytes(hex::decode(&vm_hex).unwrap().try_into().unwrap());
 
