@@ -85,7 +85,7 @@ use tracing::{debug, info, warn};
 use crate::{
     cert::{
         CommitteeVerifier, Grounds, QUARANTINE_DECISION_TAG, QuarantineDecisionOp, VM_DECISION_TAG,
-        VmDecisionOp, certificate_for,
+        VmDecisionOp, compact_certificate_for,
     },
     config::AcpSection,
     daemon::Shared,
@@ -1271,7 +1271,7 @@ impl Driver {
     ) {
         let certificate = || {
             let index = d.certificate.batch.iter().position(|e| e == r.envelope())?;
-            certificate_for(&d.certificate, self.committee.epoch(), index)
+            compact_certificate_for(&d.certificate, &self.committee, index)
         };
         if client == self.me {
             if let Some(w) = self.waiting.remove(&r.nonce) {
@@ -1398,7 +1398,7 @@ impl Driver {
             warn!("a committed request is missing from its certificate's batch");
             return;
         };
-        let Some(certificate) = certificate_for(&d.certificate, self.committee.epoch(), index)
+        let Some(certificate) = compact_certificate_for(&d.certificate, &self.committee, index)
         else {
             return;
         };

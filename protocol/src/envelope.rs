@@ -265,6 +265,29 @@ impl SignedEnvelope {
         }
     }
 
+    /// Rebuilds the envelope a signer would have sent for `msg`, from its signature alone
+    /// (compact certificates keep a vote's signature and its signer's committee index, not
+    /// the whole envelope). Not verified: use [`SignedEnvelope::verify`].
+    pub fn from_signature<T: Message>(signer: NodeId, msg: &T, signature: [u8; 64]) -> Self {
+        Self {
+            kind: T::KIND,
+            signer,
+            payload: to_cbor(msg),
+            signature: signature.to_vec(),
+        }
+    }
+
+    /// The 64-byte signature, if it has that length.
+    pub fn signature_bytes(&self) -> Option<[u8; 64]> {
+        self.signature.as_slice().try_into().ok()
+    }
+
+    /// Whether the payload is exactly the canonical encoding of `msg` (so the envelope can
+    /// be rebuilt with [`SignedEnvelope::from_signature`]).
+    pub fn carries<T: Message>(&self, msg: &T) -> bool {
+        self.kind == T::KIND && self.payload == to_cbor(msg)
+    }
+
     /// The envelope's bytes on the wire.
     pub fn encode(&self) -> Vec<u8> {
         to_cbor(self)

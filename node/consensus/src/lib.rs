@@ -168,8 +168,9 @@ mod engine;
 pub mod messages;
 
 pub use certificate::{
-    CastVote, CertificateError, CertifiedBatch, CommitProof, CommittedRequest, RequestProof,
-    VoteKind, check_contradiction, check_equivocation, contradicts, read_vote,
+    CastVote, CertificateError, CertifiedBatch, CommitProof, CommittedRequest, CompactRequestProof,
+    CompactVote, RequestProof, VoteKind, check_contradiction, check_equivocation, contradicts,
+    read_vote,
 };
 pub use committee::Committee;
 pub use engine::{Command, Config, ConfigError, Decision, Engine, Input, Offence};

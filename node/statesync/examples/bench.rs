@@ -157,6 +157,13 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(100);
+    // `--cert-bytes N`: VM certificates of N bytes (the real ones: ~1 KB at n = 4).
+    let cert_bytes: usize = args
+        .iter()
+        .position(|a| a == "--cert-bytes")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     println!("# dwcp-statesync bench (virtual time; interval 1 s, fanout 6, latency 10-60 ms)\n");
 
     // 1. Convergence of one change.
@@ -202,7 +209,7 @@ fn main() {
         println!(
             "\n## State of 1,000 nodes + 10,000 VMs (target <= 20 MB; manual: ~100 MB per 10,000 VMs)\n"
         );
-        let committee = FakeCommittee::new(2);
+        let committee = FakeCommittee::with_certificate_bytes(2, cert_bytes);
         let v = committee.verifier();
         let mut changes: Vec<Change> = Vec::new();
         let mut sigs = std::collections::BTreeMap::new();
@@ -222,6 +229,7 @@ fn main() {
             }
         }
         let mut writer = ClusterDoc::new(fake_node_key(5000), "bench", 1).expect("doc");
+        let mut cert_len = 0;
         for i in 0..10_000u32 {
             let mut b = [0u8; 16];
             b[..4].copy_from_slice(&i.to_be_bytes());
@@ -236,9 +244,9 @@ fn main() {
                 host: Some(hosts[(i % 1000) as usize]),
                 state: VmState::Running,
             };
-            writer
-                .write_vm(Timestamp(T0 + 2), &committee.certify_vm(d), &v)
-                .expect("vm");
+            let c = committee.certify_vm(d);
+            cert_len = c.certificate.len();
+            writer.write_vm(Timestamp(T0 + 2), &c, &v).expect("vm");
         }
         for c in writer.automerge().get_changes(&[]) {
             if let Some(s) = writer.signature(&c.hash()) {
@@ -299,6 +307,7 @@ fn main() {
             view.nodes.len(),
             view.vms.len()
         );
+        println!("| VM certificate size | {cert_len} B |");
         println!("| changes / ops in history | {} / {} |", st.changes, st.ops);
         println!(
             "| memory, document with full history (loaded) | {:.2} MB |",

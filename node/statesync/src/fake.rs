@@ -21,6 +21,9 @@ const DOMAIN: &[u8] = b"dwcp/test/fake-committee\0";
 #[derive(Debug, Clone)]
 pub struct FakeCommittee {
     key: SigningKey,
+    /// Certificates are padded to this many bytes (0: no padding), with incompressible
+    /// bytes, so that benchmarks can stand in for real certificates of a given size.
+    pad_to: usize,
 }
 
 /// Verifies certificates made by a [`FakeCommittee`] (tests and simulator only).
@@ -74,6 +77,17 @@ impl FakeCommittee {
     pub fn new(seed: u8) -> Self {
         Self {
             key: SigningKey::from_bytes(&[seed; 32]),
+            pad_to: 0,
+        }
+    }
+
+    /// A committee whose certificates are `bytes` long (padded after the decision with
+    /// pseudo-random bytes, which the verifier ignores): the size of the real PBFT
+    /// certificates (about 1 KB at n = 4, 4 KB at n = 31) for memory benchmarks.
+    pub fn with_certificate_bytes(seed: u8, bytes: usize) -> Self {
+        Self {
+            pad_to: bytes,
+            ..Self::new(seed)
         }
     }
 
@@ -85,6 +99,17 @@ impl FakeCommittee {
     }
 
     fn seal(&self, mut body: Vec<u8>) -> Vec<u8> {
+        let want = self.pad_to.saturating_sub(64);
+        let mut block = {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(&body)
+        };
+        while body.len() < want {
+            use sha2::Digest as _;
+            let take = (want - body.len()).min(block.len());
+            body.extend_from_slice(&block[..take]);
+            block = sha2::Sha256::digest(block);
+        }
         let mut m = DOMAIN.to_vec();
         m.extend_from_slice(&body);
         body.extend_from_slice(&self.key.sign(&m).to_bytes());
