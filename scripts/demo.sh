@@ -55,7 +55,7 @@ echo; echo "== AMST: node 0 sends to node 1 for 3 s, one noise-authenticated TCP
 SECOND=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][1]['id'])" "$DIR/testnet.json")
 "$BIN/dwcp-cli" --api "$API" network speedtest --target "$SECOND" --duration 3s || true
 "$BIN/dwcp-cli" --api "$API" amst status || true
-echo; echo "== a VM placed by node 0 (ITP) and booted under QEMU: the test guest (Debian cloud kernel + busybox)"
+echo; echo "== a VM placed by node 0 (ITP), agreed by the committee (PBFT), booted under QEMU: the test guest (Debian cloud kernel + busybox)"
 scripts/build-guest.sh >/dev/null
 . "${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/guest/guest.env"
 PLACED=$("$BIN/dwcp-cli" --api "$API" --format json vm create --name demo-guest --cpu 1 --memory 128M \
@@ -65,6 +65,8 @@ HOST=$(python3 -c "import json,sys;print(json.load(sys.stdin)['placement']['node
 echo "-- placement: $(python3 -c "import json,sys;print(json.load(sys.stdin)['placement']['summary'])" <<<"$PLACED")"
 HOST_API=$(python3 -c "import json,sys;print([n['api'] for n in json.load(open(sys.argv[1]))['nodes'] if n['id']==sys.argv[2]][0])" "$DIR/testnet.json" "$HOST")
 "$BIN/dwcp-cli" --api "$HOST_API" vm list
+echo "-- the committed placement in the replicated cluster document, seen from node 0:"
+sleep 2; "$BIN/dwcp-cli" --api "$API" vm list --cluster || true
 for _ in $(seq 60); do
   "$BIN/dwcp-cli" --api "$HOST_API" vm console --vm "$VM" | grep -q 'tick 3' && break; sleep 1
 done

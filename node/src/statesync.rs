@@ -39,8 +39,8 @@ use dwcp_net::{Client, GossipMessage, PeerId, ReplyHandle, Service, Validation};
 use dwcp_protocol::{
     HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey, Timestamp, VmId,
     api::{
-        ForceSyncRequest, GossipStatus, SyncChecksum, SyncLagRow, SyncLagStatus, SyncSessionRow,
-        SyncVerdict, SyncVerifyReport, SyncVerifyRow,
+        ClusterVmRecord, ForceSyncRequest, GossipStatus, SyncChecksum, SyncLagRow, SyncLagStatus,
+        SyncSessionRow, SyncVerdict, SyncVerifyReport, SyncVerifyRow,
     },
 };
 use dwcp_statesync::{
@@ -127,6 +127,8 @@ pub enum Query {
     Sessions(oneshot::Sender<(Vec<SyncSessionRow>, usize, u64)>),
     /// One VM's record in the document.
     Vm(VmId, oneshot::Sender<Option<VmRecord>>),
+    /// Every VM record in the document.
+    Vms(oneshot::Sender<Vec<ClusterVmRecord>>),
 }
 
 /// The daemon's handle on the driver.
@@ -646,6 +648,26 @@ impl Driver {
             Query::Vm(vm, reply) => {
                 let _ = reply.send(self.engine.doc().vm(&vm));
             }
+            Query::Vms(reply) => {
+                let rows = self
+                    .engine
+                    .doc()
+                    .view()
+                    .vms
+                    .into_iter()
+                    .map(|(id, r)| ClusterVmRecord {
+                        id: id.to_string(),
+                        host: r.host,
+                        state: r.state.as_str().to_owned(),
+                        decision_seq: r.decision_seq,
+                        vcpus: r.spec.vcpus,
+                        memory_mib: r.spec.memory_mib,
+                        disk_gib: r.spec.disk_gib,
+                        certificate_bytes: r.certificate.len(),
+                    })
+                    .collect();
+                let _ = reply.send(rows);
+            }
             Query::Lag(reply) => {
                 let doc = self.engine.doc();
                 let mut rows: Vec<SyncLagRow> = doc
@@ -892,6 +914,11 @@ impl StateSync {
         self.ask(|r| Query::Vm(vm, r)).await
     }
 
+    /// Every VM record in this node's view of the document.
+    pub async fn vm_records(&self) -> anyhow::Result<Vec<ClusterVmRecord>> {
+        self.ask(Query::Vms).await
+    }
+
     /// Sessions, fanout and interval.
     pub async fn sessions(&self) -> anyhow::Result<(Vec<SyncSessionRow>, usize, u64)> {
         self.ask(Query::Sessions).await
@@ -905,6 +932,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/v1/state-sync/checksum", get(api_checksum))
         .route("/v1/state-sync/verify", post(api_verify))
         .route("/v1/state-sync/export", get(api_export))
+        .route("/v1/state-sync/vms", get(api_vms))
         .route("/v1/state-sync/force-sync", post(api_force_sync))
         .route("/v1/gossip/status", get(api_gossip_status))
 }
@@ -931,6 +959,16 @@ async fn api_checksum(State(s): State<Arc<Shared>>) -> Response {
     };
     match sync.checksum().await {
         Ok(v) => Json(v).into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn api_vms(State(s): State<Arc<Shared>>) -> Response {
+    let Some(sync) = s.statesync() else {
+        return not_running();
+    };
+    match sync.vm_records().await {
+        Ok(rows) => Json(rows).into_response(),
         Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

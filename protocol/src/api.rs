@@ -211,6 +211,28 @@ pub struct SyncLagStatus {
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
+/// A VM record of the cluster document (`GET /v1/state-sync/vms`, `dwcp-cli vm list
+/// --cluster`): the last committed decision about the VM, as this node's view holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterVmRecord {
+    /// VM id (32 hex characters).
+    pub id: String,
+    /// Host, when placed.
+    pub host: Option<NodeId>,
+    /// `placed`, `running`, `migrating`, `stopped`, `failed`.
+    pub state: String,
+    /// Decision sequence number of the record.
+    pub decision_seq: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Disk, GiB.
+    pub disk_gib: u64,
+    /// Size of the record's commit certificate, bytes.
+    pub certificate_bytes: usize,
+}
+
 /// A node's state checksum (`GET /v1/state-sync/checksum`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncChecksum {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use dwcp_protocol::api::{
-    ApiError, ClusterHealth, ClusterStatus, NodeInfo, NodeMetrics, PeerStatus, VmConsole,
-    VmCreateRequest, VmView,
+    ApiError, ClusterHealth, ClusterStatus, ClusterVmRecord, NodeInfo, NodeMetrics, PeerStatus,
+    VmConsole, VmCreateRequest, VmView,
 };
 use serde::de::DeserializeOwned;
 
@@ -127,8 +127,13 @@ enum VmCmd {
         #[arg(long)]
         append: Option<String>,
     },
-    /// VMs on this node.
-    List,
+    /// VMs on this node; `--cluster`: every VM record of the cluster document (committed
+    /// placements, wherever they run).
+    List {
+        /// List the cluster document's VM records instead.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// One VM; `--field memory_size` prints just that field.
     Inspect {
         /// VM id.
@@ -524,7 +529,32 @@ async fn run_vm(api: &Api, json: bool, cmd: VmCmd) -> anyhow::Result<()> {
             placement_cmd::print_placement(&placed);
             return Ok(());
         }
-        VmCmd::List => {
+        VmCmd::List { cluster: true } => {
+            let rows: Vec<ClusterVmRecord> = api.get("/v1/state-sync/vms").await?;
+            if json {
+                return print_json(&rows);
+            }
+            table(
+                &[
+                    "ID", "HOST", "STATE", "VCPU", "MEM_MIB", "DECISION", "CERT_B",
+                ],
+                rows.iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.host.map(|h| h.short()).unwrap_or_default(),
+                            r.state.clone(),
+                            r.vcpus.to_string(),
+                            r.memory_mib.to_string(),
+                            r.decision_seq.to_string(),
+                            r.certificate_bytes.to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
+            return Ok(());
+        }
+        VmCmd::List { cluster: false } => {
             let vms: Vec<VmView> = api.get("/v1/vms").await?;
             if json {
                 return print_json(&vms);

@@ -195,6 +195,18 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
         );
         assert_eq!((r.spec.vcpus, r.spec.memory_mib), (1, 128), "{api}");
     }
+    // `vm list --cluster` on a member that neither placed nor hosts it shows the record.
+    let (ok, rows, err) = cli(apis[2], &["--format", "json", "vm", "list", "--cluster"]).await;
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&rows).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["id"], vm_hex.as_str(), "{rows}");
+    assert_eq!(row["host"], host.to_string().as_str(), "{rows}");
+    assert_eq!(row["state"], "placed", "{rows}");
+    assert_eq!(
+        row["certificate_bytes"].as_u64().unwrap() as usize,
+        placed[2].certificate.len()
+    );
     let mut forged = placed[0].certificate.clone();
     let last = forged.len() - 1;
     forged[last] ^= 1;
