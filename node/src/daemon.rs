@@ -91,6 +91,13 @@ impl Shared {
         self.pba.as_ref()
     }
 
+    /// Whether a node is quarantined: by this node's replicated consensus state, or by a
+    /// certified record in the cluster document (all a node outside the committee has).
+    pub fn is_quarantined(&self, node: &NodeId) -> bool {
+        self.consensus().is_some_and(|c| c.is_quarantined(node))
+            || self.statesync().is_some_and(|s| s.is_quarantined(node))
+    }
+
     /// The state-sync driver, when it runs.
     pub fn statesync(&self) -> Option<&StateSync> {
         self.statesync.as_ref()
@@ -119,7 +126,7 @@ impl Shared {
         rows.into_iter()
             .filter(|r| r.status == dwcp_protocol::api::PeerStatus::Ready)
             // Quarantined nodes never host VMs.
-            .filter(|r| !self.consensus().is_some_and(|c| c.is_quarantined(&r.id)))
+            .filter(|r| !self.is_quarantined(&r.id))
             .map(|r| {
                 let hb = g.membership.heartbeat(&r.id);
                 let link = (!r.is_self)
@@ -652,10 +659,7 @@ impl Daemon {
             Event::PeerConnected(p) => {
                 debug!(peer = %p, "peer connected");
                 if let Ok(id) = NodeId::from_peer_id(&p)
-                    && self
-                        .shared
-                        .consensus()
-                        .is_some_and(|c| c.is_quarantined(&id))
+                    && self.shared.is_quarantined(&id)
                 {
                     // The peer manager keeps quarantined nodes out.
                     let client = self.client.clone();

@@ -22,7 +22,7 @@
 //! stranger must not be able to spend.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -135,8 +135,17 @@ pub enum Query {
 #[derive(Debug, Clone)]
 pub struct StateSync {
     tx: mpsc::Sender<Input>,
+    quarantined: watch::Receiver<BTreeSet<NodeId>>,
     budget: Arc<Mutex<PeerBudget>>,
     frames_refused: IntCounterVec,
+}
+
+impl StateSync {
+    /// Whether the document holds a certified quarantine of `node` (how a node outside the
+    /// committee, which runs no replica, learns quarantines).
+    pub fn is_quarantined(&self, node: &NodeId) -> bool {
+        self.quarantined.borrow().contains(node)
+    }
 }
 
 impl StateSync {
@@ -361,6 +370,8 @@ struct Driver {
     last_hb_write: Option<Instant>,
     last_hb_status: Option<HealthStatus>,
     max_staleness: Duration,
+    /// Nodes the document's certified records quarantine.
+    quarantined: watch::Sender<BTreeSet<NodeId>>,
 }
 
 /// What the driver needs to start.
@@ -433,6 +444,7 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
     let engine = Engine::new(ecfg, doc, verifier)?;
     let (tx, rx) = mpsc::channel(1024);
     let saved_heads = engine.doc().heads();
+    let (q_tx, q_rx) = watch::channel(engine.doc().quarantined_nodes());
     let d = Driver {
         engine,
         pending: Vec::new(),
@@ -446,12 +458,14 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
         last_hb_write: None,
         last_hb_status: None,
         max_staleness: cfg.consistency.max_staleness,
+        quarantined: q_tx,
     };
     let frames_refused = d.metrics.frames_refused.clone();
     let task = tokio::spawn(d.run(rx, stop, cfg.persist_interval));
     Ok((
         StateSync {
             tx,
+            quarantined: q_rx,
             budget: Arc::default(),
             frames_refused,
         },
@@ -506,6 +520,12 @@ impl Driver {
                     let now = self.now();
                     let stats = self.engine.stats();
                     self.metrics.update(now, self.engine.doc(), stats);
+                    let q = self.engine.doc().quarantined_nodes();
+                    self.quarantined.send_if_modified(|old| {
+                        let changed = *old != q;
+                        *old = q;
+                        changed
+                    });
                 }
             }
             self.drain(None).await;

@@ -54,7 +54,7 @@
 //! its p10 on six cellular cells, 14.6 % on 4G at 300 s, and 4.1-5.5 % (too low, the safe
 //! side) on FCC and 3G at 300 s. A median forecast over-estimates a cellular link by more
 //! than 10 % about 40 % of the time, like the baselines. With the engine's online p10
-//! recalibration 8 of 12 cells are within 10 +- 3 %. Inference: 365 us per forecast in a
+//! recalibration 8 of 12 cells are within 10 +- 3 %. Inference: 365-381 us per forecast in a
 //! release build on a loaded machine (target 1 ms); the model is 287.6 kB (one block-diagonal
 //! LSTM of 128 holding both members, 38,416 trained parameters).
 //!

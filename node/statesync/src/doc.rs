@@ -836,6 +836,16 @@ impl ClusterDoc {
             .max_by(|a, b| (a.decision_seq, &a.certificate).cmp(&(b.decision_seq, &b.certificate)))
     }
 
+    /// Nodes whose newest quarantine record says quarantined (records are certified, so
+    /// this is what consensus decided, as far as this document knows).
+    pub fn quarantined_nodes(&self) -> std::collections::BTreeSet<NodeId> {
+        self.doc
+            .keys(&self.quarantine_obj)
+            .filter_map(|k| k.parse::<NodeId>().ok())
+            .filter(|id| self.quarantine(id).is_some_and(|r| r.quarantined))
+            .collect()
+    }
+
     /// Ids of all node entries.
     pub fn node_ids(&self) -> Vec<NodeId> {
         self.doc

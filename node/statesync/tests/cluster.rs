@@ -121,6 +121,26 @@ fn typed_writes_read_back() {
 
     let c = committee.certify_vm(decision(1, 10, Some(me), VmState::Running));
     d.write_vm(Timestamp(T0 + 10), &c, &v).unwrap();
+    // Certified quarantine records: the newest decision per node counts.
+    assert!(d.quarantined_nodes().is_empty());
+    let bad = fake_node_key(77).node_id();
+    let q = |seq, quarantined| {
+        committee.certify_quarantine(dwcp_statesync::QuarantineDecision {
+            node: bad,
+            decision_seq: seq,
+            quarantined,
+            reason: "test".into(),
+        })
+    };
+    d.write_quarantine(Timestamp(T0 + 10), &q(3, true), &v)
+        .unwrap();
+    assert_eq!(
+        d.quarantined_nodes().into_iter().collect::<Vec<_>>(),
+        vec![bad]
+    );
+    d.write_quarantine(Timestamp(T0 + 10), &q(4, false), &v)
+        .unwrap();
+    assert!(d.quarantined_nodes().is_empty());
     let r = d.vm(&vm(1)).unwrap();
     assert_eq!(
         (r.decision_seq, r.host, r.state),
