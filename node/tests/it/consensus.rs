@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{RunningNode, loopback_config};
+use crate::common::{RunningNode, loopback_config, wait_in_documents};
 use dwcp_consensus::Committee;
 use dwcp_node::cert::CommitteeVerifier;
 use dwcp_node::{
@@ -13,7 +13,7 @@ use dwcp_node::{
     identity,
 };
 use dwcp_protocol::NodeId;
-use dwcp_statesync::{CertificateVerifier, QuarantineRecord, read_export};
+use dwcp_statesync::{CertificateVerifier, QuarantineRecord};
 
 async fn reputation(api: &str) -> Vec<ReputationRow> {
     reqwest::get(format!("{api}/v1/reputation"))
@@ -209,30 +209,11 @@ async fn a_four_node_committee_commits_quarantine_votes_identically() {
 
 /// Waits until every node's exported cluster document holds a quarantine record for `victim`.
 async fn wait_quarantine_records(apis: &[String], victim: NodeId) -> Vec<QuarantineRecord> {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    for api in apis {
-        loop {
-            let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            let view = read_export(&bytes).unwrap();
-            if let Some(r) = view.quarantine.get(&victim) {
-                out.push(r.clone());
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{api}: no quarantine record in the cluster document: {:?}",
-                view.quarantine
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    out
+    let apis: Vec<&str> = apis.iter().map(String::as_str).collect();
+    wait_in_documents(&apis, "quarantine record", |v| {
+        v.quarantine.get(&victim).cloned()
+    })
+    .await
 }
 
 /// An equivocating member (it signs a second, conflicting prepare and commit for every slot

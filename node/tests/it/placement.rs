@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{cli, loopback_config};
+use crate::common::{cli, create_guest, loopback_config};
 use dwcp_hypervisor::test_guest::TestGuest;
 use dwcp_node::config::{AccelSetting, NodeConfig};
 
@@ -60,28 +60,7 @@ async fn a_vm_lands_on_the_node_with_room_and_boots_there() {
     }
 
     // No target: A places it, on B (A has no memory to lend), and B boots it.
-    let (ok, out, err) = cli(
-        &a.api,
-        &[
-            "--format",
-            "json",
-            "vm",
-            "create",
-            "--name",
-            "placed-1",
-            "--cpu",
-            "1",
-            "--memory",
-            "128M",
-            "--kernel",
-            guest.kernel.to_str().unwrap(),
-            "--initrd",
-            guest.initrd.to_str().unwrap(),
-            "--append",
-            &guest.cmdline,
-        ],
-    )
-    .await;
+    let (ok, out, err) = create_guest(&a.api, &guest, "placed-1", &[]).await;
     assert!(ok, "vm create failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let vm = v["id"].as_str().unwrap().to_owned();

@@ -3,42 +3,14 @@
 //! delete leaving nothing behind. Needs `scripts/build-guest.sh` (the test fails, saying so,
 //! without it).
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use crate::common::{RunningNode, loopback_config};
+use crate::common::{RunningNode, cli, create_guest, loopback_config};
 use dwcp_hypervisor::test_guest::{TestGuest, last_tick, ticks};
 use dwcp_node::config::{AccelSetting, NodeConfig};
 
-fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
-        .arg("--api")
-        .arg(api)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-async fn cli_async(api: &str, args: &[&str]) -> (bool, String, String) {
-    let api = api.to_owned();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        cli(&api, &a)
-    })
-    .await
-    .unwrap()
-}
-
 async fn console(api: &str, vm: &str) -> String {
-    cli_async(api, &["vm", "console", "--vm", vm, "--bytes", "65536"])
+    cli(api, &["vm", "console", "--vm", vm, "--bytes", "65536"])
         .await
         .1
 }
@@ -61,7 +33,7 @@ async fn a_real_guest_through_the_node_api() {
     let (id, api) = (node.id.to_string(), node.api.clone());
 
     // Larger than the donated share: refused with a clear error, nothing started.
-    let (ok, _, err) = cli_async(
+    let (ok, _, err) = cli(
         &api,
         &[
             "vm",
@@ -83,28 +55,7 @@ async fn a_real_guest_through_the_node_api() {
     assert!(err.contains("memory") && err.contains("donated"), "{err}");
 
     let booted = Instant::now();
-    let (ok, out, err) = cli_async(
-        &api,
-        &[
-            "--format",
-            "json",
-            "vm",
-            "create",
-            "--name",
-            "guest-1",
-            "--cpu",
-            "1",
-            "--memory",
-            "128M",
-            "--kernel",
-            guest.kernel.to_str().unwrap(),
-            "--initrd",
-            guest.initrd.to_str().unwrap(),
-            "--append",
-            &guest.cmdline,
-        ],
-    )
-    .await;
+    let (ok, out, err) = create_guest(&api, &guest, "guest-1", &[]).await;
     assert!(ok, "vm create failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let vm = v["id"].as_str().unwrap().to_owned();
@@ -130,7 +81,7 @@ async fn a_real_guest_through_the_node_api() {
     );
 
     // Pause: the counter stops. Resume: it goes on from where it was (no restart).
-    assert!(cli_async(&api, &["vm", "pause", "--vm", &vm]).await.0);
+    assert!(cli(&api, &["vm", "pause", "--vm", &vm]).await.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let paused_at = last_tick(&console(&api, &vm).await).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -139,7 +90,7 @@ async fn a_real_guest_through_the_node_api() {
         paused_at,
         "ticked while paused"
     );
-    assert!(cli_async(&api, &["vm", "resume", "--vm", &vm]).await.0);
+    assert!(cli(&api, &["vm", "resume", "--vm", &vm]).await.0);
     let resumed = Instant::now();
     loop {
         let text = console(&api, &vm).await;
@@ -159,19 +110,19 @@ async fn a_real_guest_through_the_node_api() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    let (_, size, _) = cli_async(
+    let (_, size, _) = cli(
         &api,
         &["vm", "inspect", "--vm", &vm, "--field", "memory_size"],
     )
     .await;
     assert_eq!(size.trim(), (128u64 << 20).to_string());
-    let (_, count, _) = cli_async(&api, &["vm", "count", "--node", &id]).await;
+    let (_, count, _) = cli(&api, &["vm", "count", "--node", &id]).await;
     // The count comes from the gauge the heartbeat refreshes; wait for one heartbeat.
     let mut count = count;
     let t0 = Instant::now();
     while count.trim() != "1" && t0.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        count = cli_async(&api, &["vm", "count", "--node", &id]).await.1;
+        count = cli(&api, &["vm", "count", "--node", &id]).await.1;
     }
     assert_eq!(count.trim(), "1");
     let metrics = reqwest::get(format!("{}/metrics", node.metrics))
@@ -198,7 +149,7 @@ async fn a_real_guest_through_the_node_api() {
     let before =
         last_tick(&std::fs::read_to_string(serial_log(dir.path(), &vm)).unwrap_or_default());
     let node = RunningNode::start(NodeConfig::load(&cfg_path).unwrap(), dir.path()).await;
-    let (ok, out, err) = cli_async(&api, &["--format", "json", "vm", "inspect", "--vm", &vm]).await;
+    let (ok, out, err) = cli(&api, &["--format", "json", "vm", "inspect", "--vm", &vm]).await;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["state"], "running");
@@ -218,14 +169,14 @@ async fn a_real_guest_through_the_node_api() {
     }
 
     // Stop, delete: no process, no files.
-    assert!(cli_async(&api, &["vm", "stop", "--vm", &vm]).await.0);
-    let (ok, _, err) = cli_async(&api, &["vm", "delete", "--vm", &vm]).await;
+    assert!(cli(&api, &["vm", "stop", "--vm", &vm]).await.0);
+    let (ok, _, err) = cli(&api, &["vm", "delete", "--vm", &vm]).await;
     assert!(ok, "{err}");
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "qemu {pid} survived"
     );
-    let (_, list, _) = cli_async(&api, &["--format", "json", "vm", "list"]).await;
+    let (_, list, _) = cli(&api, &["--format", "json", "vm", "list"]).await;
     assert_eq!(list.trim(), "[]");
     let leftovers: Vec<_> = walk(&dir.path().join("hypervisor"))
         .into_iter()

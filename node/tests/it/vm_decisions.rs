@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{KillLeftovers, RunningNode, cli, loopback_config};
+use crate::common::{
+    KillLeftovers, RunningNode, cli, create_guest, loopback_config, wait_in_documents,
+};
 use dwcp_consensus::Committee;
 use dwcp_hypervisor::test_guest::TestGuest;
 use dwcp_node::{
@@ -20,7 +22,7 @@ use dwcp_node::{
     identity,
 };
 use dwcp_protocol::{NodeId, VmId};
-use dwcp_statesync::{CertificateVerifier, VmRecord, VmState, read_export};
+use dwcp_statesync::{CertificateVerifier, VmRecord, VmState};
 
 fn config(memory_percent: u8) -> NodeConfig {
     let mut c = loopback_config("vm-decision-test");
@@ -38,31 +40,12 @@ fn config(memory_percent: u8) -> NodeConfig {
 
 /// Waits until every API's document holds a record of `vm` in `state`; returns them.
 async fn wait_records(apis: &[&str], vm: VmId, state: VmState) -> Vec<VmRecord> {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    for api in apis {
-        loop {
-            let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            let view = read_export(&bytes).unwrap();
-            if let Some(r) = view.vms.get(&vm).filter(|r| r.state == state) {
-                out.push(r.clone());
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{api}: no `{}` record of vm {vm}: {:?}",
-                state.as_str(),
-                view.vms
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-    out
+    wait_in_documents(
+        apis,
+        &format!("`{}` record of vm {vm}", state.as_str()),
+        |v| v.vms.get(&vm).filter(|r| r.state == state).cloned(),
+    )
+    .await
 }
 
 async fn wait_ready(api: &str, others: &[NodeId], lender: NodeId) {
@@ -138,28 +121,7 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     }
 
     // The outsider places a VM: it lands on the only lender, as a committed decision.
-    let (ok, out, err) = cli(
-        outsider,
-        &[
-            "--format",
-            "json",
-            "vm",
-            "create",
-            "--name",
-            "agreed-1",
-            "--cpu",
-            "1",
-            "--memory",
-            "128M",
-            "--kernel",
-            guest.kernel.to_str().unwrap(),
-            "--initrd",
-            guest.initrd.to_str().unwrap(),
-            "--append",
-            &guest.cmdline,
-        ],
-    )
-    .await;
+    let (ok, out, err) = create_guest(outsider, &guest, "agreed-1", &[]).await;
     assert!(ok, "vm create failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["node"], host.to_string().as_str(), "{out}");

@@ -136,6 +136,72 @@ pub(crate) async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
     .unwrap()
 }
 
+/// `dwcp-cli --format json vm create` of the test guest (1 vCPU, 128 MiB, its kernel, initrd
+/// and command line) named `name`, plus `extra` arguments: (exit success, stdout, stderr).
+pub(crate) async fn create_guest(
+    api: &str,
+    guest: &dwcp_hypervisor::test_guest::TestGuest,
+    name: &str,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let (kernel, initrd) = (
+        guest.kernel.to_str().unwrap(),
+        guest.initrd.to_str().unwrap(),
+    );
+    let mut args = vec![
+        "--format",
+        "json",
+        "vm",
+        "create",
+        "--name",
+        name,
+        "--cpu",
+        "1",
+        "--memory",
+        "128M",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--append",
+        &guest.cmdline,
+    ];
+    args.extend_from_slice(extra);
+    cli(api, &args).await
+}
+
+/// Waits (at most 60 s in all) until `pick` finds what it looks for in the exported cluster
+/// document of every API; returns what it found, in API order. `what` names it in the failure.
+pub(crate) async fn wait_in_documents<T>(
+    apis: &[&str],
+    what: &str,
+    pick: impl Fn(&dwcp_statesync::ClusterView) -> Option<T>,
+) -> Vec<T> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    for api in apis {
+        loop {
+            let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let view = dwcp_statesync::read_export(&bytes).unwrap();
+            if let Some(found) = pick(&view) {
+                out.push(found);
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{api}: no {what} in the cluster document: {view:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    out
+}
+
 /// Starts node A in `root/a`, then node B in `root/b` bootstrapping through A.
 pub(crate) async fn start_pair(
     root: &Path,
