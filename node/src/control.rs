@@ -116,8 +116,8 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
             if let Some(refusal) = other_cluster(shared, &cluster_id) {
                 return refusal;
             }
-            let id = match crate::placement::check_decision(shared, &vm, decision.as_deref()) {
-                Ok(id) => id,
+            let agreed = match crate::placement::check_decision(shared, &vm, decision.as_deref()) {
+                Ok(a) => a,
                 Err(why) => {
                     warn!(%from, %why, "refused a peer's vm: no valid placement decision");
                     return ControlResponse::refused(ControlErrorCode::NotAgreed, why);
@@ -130,9 +130,16 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
                 );
             };
             let name = vm.name.clone();
-            match shared.vms.create(vm, id).await {
+            match shared
+                .vms
+                .create(vm, agreed.as_ref().map(|a| a.decision.vm))
+                .await
+            {
                 Ok(v) => {
                     info!(vm = %v.id, %name, %from, "vm created for a peer's placement");
+                    if let Some(a) = agreed {
+                        crate::placement::record(shared, a);
+                    }
                     ControlResponse::VmCreated(v)
                 }
                 Err(e) => {

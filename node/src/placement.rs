@@ -12,7 +12,7 @@
 //!      └─ chosen = other    ──> control request CreateVm + certificate
 //!                               ──> host: check_decision ──> its Vms::create
 //!                               refused / unreachable: `failed` decision, next node (3 tries)
-//!      created: the certified record goes to state sync (`vms/<id>`)
+//!      created: the host hands the certified record to state sync (`vms/<id>`)
 //! ```
 //!
 //! With a committee configured (`acp.committee`), no VM is created anywhere without a
@@ -432,7 +432,9 @@ impl Placement {
         });
         if let Some(a) = agreed {
             match &result {
-                Ok(_) => record(shared, a),
+                // The host writes the record of a VM it created for another node.
+                Ok(_) if node == shared.node_id() => record(shared, a),
+                Ok(_) => {}
                 Err(e) => {
                     info!(vm = %a.decision.vm, error = %e, "agreed placement failed on its host; deciding `failed`");
                     spawn_finish(shared, &a.decision, VmState::Failed);
@@ -1414,12 +1416,13 @@ pub fn spawn_finish(shared: &Shared, prev: &VmDecision, state: VmState) {
 
 /// What a host checks before it creates a VM another node placed on it: with consensus on,
 /// a certificate of a committed `placed` decision naming this node as host and the request's
-/// spec; its VM id is the id to use. Without consensus: no id, no check.
+/// spec; its VM id is the id to use, and the host writes the record once the VM exists.
+/// Without consensus: nothing to check.
 pub fn check_decision(
     shared: &Shared,
     vm: &VmCreateRequest,
     certificate: Option<&[u8]>,
-) -> Result<Option<VmId>, String> {
+) -> Result<Option<Agreed>, String> {
     let Some(c) = shared.consensus() else {
         return Ok(None);
     };
@@ -1446,7 +1449,11 @@ pub fn check_decision(
     {
         return Err("the VM differs from the one the placement decision names".into());
     }
-    Ok(Some(d.vm))
+    Ok(Some(Agreed {
+        decision: d,
+        certificate: cert.to_vec(),
+        commit_ms: 0.0,
+    }))
 }
 
 #[derive(Debug, thiserror::Error)]
