@@ -14,9 +14,11 @@
 //! **Committee.** The genesis committee comes from configuration (`acp.committee`, node ids,
 //! size 3f+1), like a chain's genesis file: every node must be given the same list; the testnet
 //! writes it. A node outside the committee runs no replica: it submits its requests to every
-//! member directly and learns nothing else yet. Epoch reconfiguration (joins and leaves through
-//! committed membership operations, `dwcp_consensus::committee::next_committee`) is not run by
-//! the node yet.
+//! member directly, learns the fate of its own requests from the members' replies
+//! ([`ConsensusReply`]; `consensus probe` works there too), and quarantines from the cluster
+//! document's certified records. Epoch reconfiguration (joins and leaves through committed
+//! membership operations, `dwcp_consensus::committee::next_committee`) is not run by the node
+//! yet.
 //!
 //! **Operations** (the first byte of a request's `op`):
 //! * [`dwcp_reputation::EVIDENCE_OP_TAG`]: evidence of an offence the engine reported
@@ -947,12 +949,18 @@ impl Driver {
     /// A member's reply to a request this node submitted (see [`ConsensusReply`]).
     fn on_reply(&mut self, r: &Verified<ConsensusReply>) -> Result<(), &'static str> {
         let nonce = r.message().nonce;
-        let Some(w) = self.waiting.get_mut(&nonce) else {
+        if !self.waiting.contains_key(&nonce) && !self.probes.contains_key(&nonce) {
             return Ok(()); // answered already, or not ours
-        };
+        }
         match &r.message().outcome {
             ReplyOutcome::Certified(c) => match self.verifier.open(c) {
                 Ok((_, req)) if req.request.signer() == self.me && req.request.nonce == nonce => {
+                    if let Some(at) = self.submitted.remove(&nonce) {
+                        self.metrics.latency.observe(at.elapsed().as_secs_f64());
+                        if let Some(p) = self.probes.remove(&nonce) {
+                            let _ = p.send(Ok(at.elapsed()));
+                        }
+                    }
                     if let Some(w) = self.waiting.remove(&nonce) {
                         let _ = w.reply.send(Ok(c.clone()));
                     }
@@ -965,6 +973,9 @@ impl Driver {
                 }
             },
             ReplyOutcome::Refused(why) => {
+                let Some(w) = self.waiting.get_mut(&nonce) else {
+                    return Ok(());
+                };
                 w.refusals.insert(r.signer(), why.clone());
                 if w.refusals.len() > self.committee.f()
                     && let Some(w) = self.waiting.remove(&nonce)
@@ -1298,8 +1309,10 @@ impl Driver {
         if !answers {
             return;
         }
+        // A probe changes nothing by design: its commit is the answer.
+        let probe = r.op.first() == Some(&PROBE_TAG);
         let outcome = match out {
-            Applied::Nothing(why) => ReplyOutcome::Refused(truncate(why, MAX_REASON_LEN)),
+            Applied::Nothing(why) if !probe => ReplyOutcome::Refused(truncate(why, MAX_REASON_LEN)),
             _ => match certificate() {
                 Some(c) => ReplyOutcome::Certified(c),
                 None => return,

@@ -120,6 +120,10 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
         wait_ready(api, &others, host).await;
     }
 
+    // The outsider runs no replica, yet its probes commit: members reply with certificates.
+    let (ok, out, err) = cli(outsider, &["consensus", "probe", "--count", "2"]).await;
+    assert!(ok && out.contains("probe 2: committed in"), "{out}{err}");
+
     // The outsider places a VM: it lands on the only lender, as a committed decision.
     let (ok, out, err) = create_guest(outsider, &guest, "agreed-1", &[]).await;
     assert!(ok, "vm create failed: {err}");
