@@ -212,6 +212,18 @@ impl VmDecisionOp {
         Ok(v)
     }
 
+    /// The next decision about the VM of `prev`: same spec and host, state `state`.
+    pub fn next(prev: &VmDecision, state: VmState) -> Self {
+        Self {
+            vm: prev.vm,
+            vcpus: prev.spec.vcpus,
+            memory_mib: prev.spec.memory_mib,
+            disk_gib: prev.spec.disk_gib,
+            host: prev.host,
+            state: state.as_str().to_owned(),
+        }
+    }
+
     fn decision(&self, decision_seq: u64) -> Result<VmDecision, CertError> {
         Ok(VmDecision {
             vm: self.vm,

@@ -1270,6 +1270,23 @@ impl Driver {
         }
     }
 
+    /// The position in its batch and the certificate ([`crate::cert`], compact form) of
+    /// request `r` committed in `d`.
+    fn certificate_of(
+        &self,
+        d: &dwcp_consensus::Decision,
+        r: &Verified<Request>,
+    ) -> Option<(usize, Vec<u8>)> {
+        let Some(index) = d.certificate.batch.iter().position(|e| e == r.envelope()) else {
+            warn!("a committed request is missing from its certificate's batch");
+            return None;
+        };
+        Some((
+            index,
+            compact_certificate_for(&d.certificate, &self.committee, index)?,
+        ))
+    }
+
     /// Tells the submitter of a committed request what became of it: this node's own waiter,
     /// or (if this node is one of the first f+1 members) a signed [`ConsensusReply`] to a
     /// submitter outside the committee. Members learn their requests' fate themselves.
@@ -1280,17 +1297,15 @@ impl Driver {
         client: NodeId,
         out: &Applied,
     ) {
-        let certificate = || {
-            let index = d.certificate.batch.iter().position(|e| e == r.envelope())?;
-            compact_certificate_for(&d.certificate, &self.committee, index)
-        };
         if client == self.me {
             if let Some(w) = self.waiting.remove(&r.nonce) {
                 let res = match out {
                     Applied::Nothing(why) => {
                         Err(anyhow::anyhow!("the committee refused the decision: {why}"))
                     }
-                    _ => certificate()
+                    _ => self
+                        .certificate_of(d, r)
+                        .map(|(_, c)| c)
                         .ok_or_else(|| anyhow::anyhow!("no certificate for a committed request")),
                 };
                 let _ = w.reply.send(res);
@@ -1313,7 +1328,7 @@ impl Driver {
         let probe = r.op.first() == Some(&PROBE_TAG);
         let outcome = match out {
             Applied::Nothing(why) if !probe => ReplyOutcome::Refused(truncate(why, MAX_REASON_LEN)),
-            _ => match certificate() {
+            _ => match self.certificate_of(d, r).map(|(_, c)| c) {
                 Some(c) => ReplyOutcome::Certified(c),
                 None => return,
             },
@@ -1407,12 +1422,7 @@ impl Driver {
         client: NodeId,
     ) {
         let Some(sync) = &self.sync else { return };
-        let Some(index) = d.certificate.batch.iter().position(|e| e == r.envelope()) else {
-            warn!("a committed request is missing from its certificate's batch");
-            return;
-        };
-        let Some(certificate) = compact_certificate_for(&d.certificate, &self.committee, index)
-        else {
+        let Some((index, certificate)) = self.certificate_of(d, r) else {
             return;
         };
         let Ok(op) = QuarantineDecisionOp::decode(&r.op) else {

@@ -1381,19 +1381,14 @@ fn record_in(sync: Option<&crate::statesync::StateSync>, a: Agreed) {
 /// Decides a later state of an agreed VM (`stopped`, `failed`) in the background and records
 /// it; failures are logged (the VM stays counted until a later decision).
 pub fn spawn_finish(shared: &Shared, prev: &VmDecision, state: VmState) {
-    let Some(host) = prev.host else { return };
+    if prev.host.is_none() {
+        return;
+    }
     let Some(c) = shared.consensus().cloned() else {
         return;
     };
     let sync = shared.statesync().cloned();
-    let op = VmDecisionOp {
-        vm: prev.vm,
-        vcpus: prev.spec.vcpus,
-        memory_mib: prev.spec.memory_mib,
-        disk_gib: prev.spec.disk_gib,
-        host: Some(host),
-        state: state.as_str().to_owned(),
-    };
+    let op = VmDecisionOp::next(prev, state);
     tokio::spawn(async move {
         match c.decide(op.encode(), DECISION_TIMEOUT).await {
             Ok(certificate) => match c.verify_vm(&certificate) {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{RunningNode, loopback_config, wait_in_documents};
+use crate::common::{RunningNode, loopback_config, start_group, wait_in_documents};
 use dwcp_consensus::Committee;
 use dwcp_node::cert::CommitteeVerifier;
 use dwcp_node::{
@@ -100,18 +100,8 @@ async fn committee(
             configs[3].acp.byzantine = Some("equivocate".into());
         }
     }
-    let boot = format!(
-        "{}/p2p/{}",
-        configs[0].network.listen[0],
-        ids[0].to_peer_id().unwrap()
-    );
-    for c in configs.iter_mut().skip(1) {
-        c.cluster.bootstrap = vec![boot.clone()];
-    }
-    let mut nodes = Vec::new();
-    for (c, d) in configs.into_iter().zip(&dirs) {
-        nodes.push(RunningNode::start(c, d.path()).await);
-    }
+    let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let nodes = start_group(configs, &dir_paths).await;
     let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
     assert!(nodes.iter().zip(&ids).all(|(n, i)| n.id == *i));
 

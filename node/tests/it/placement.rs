@@ -60,7 +60,7 @@ async fn a_vm_lands_on_the_node_with_room_and_boots_there() {
     }
 
     // No target: A places it, on B (A has no memory to lend), and B boots it.
-    let (ok, out, err) = create_guest(&a.api, &guest, "placed-1", &[]).await;
+    let (ok, out, err) = create_guest(&a.api, &guest, "placed-1", "128M", &[]).await;
     assert!(ok, "vm create failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let vm = v["id"].as_str().unwrap().to_owned();

@@ -33,29 +33,12 @@ async fn a_real_guest_through_the_node_api() {
     let (id, api) = (node.id.to_string(), node.api.clone());
 
     // Larger than the donated share: refused with a clear error, nothing started.
-    let (ok, _, err) = cli(
-        &api,
-        &[
-            "vm",
-            "create",
-            "--name",
-            "too-big",
-            "--cpu",
-            "1",
-            "--memory",
-            "2G",
-            "--kernel",
-            guest.kernel.to_str().unwrap(),
-            "--initrd",
-            guest.initrd.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (ok, _, err) = create_guest(&api, &guest, "too-big", "2G", &[]).await;
     assert!(!ok);
     assert!(err.contains("memory") && err.contains("donated"), "{err}");
 
     let booted = Instant::now();
-    let (ok, out, err) = create_guest(&api, &guest, "guest-1", &[]).await;
+    let (ok, out, err) = create_guest(&api, &guest, "guest-1", "128M", &[]).await;
     assert!(ok, "vm create failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let vm = v["id"].as_str().unwrap().to_owned();

@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::common::{
-    KillLeftovers, RunningNode, cli, create_guest, loopback_config, wait_in_documents,
+    KillLeftovers, cli, create_guest, loopback_config, start_group, wait_in_documents,
 };
 use dwcp_consensus::Committee;
 use dwcp_hypervisor::test_guest::TestGuest;
@@ -92,7 +92,7 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     }
     let ids: Vec<NodeId> = dirs.iter().map(|d| key_of(d)).collect();
     let members: Vec<String> = ids[..4].iter().map(ToString::to_string).collect();
-    let mut configs: Vec<NodeConfig> = (0..6)
+    let configs: Vec<NodeConfig> = (0..6)
         .map(|i| {
             let mut c = config(if i == 1 { 50 } else { 0 });
             if i < 5 {
@@ -101,18 +101,8 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
             c
         })
         .collect();
-    let boot = format!(
-        "{}/p2p/{}",
-        configs[0].network.listen[0],
-        ids[0].to_peer_id().unwrap()
-    );
-    for c in configs.iter_mut().skip(1) {
-        c.cluster.bootstrap = vec![boot.clone()];
-    }
-    let mut nodes: Vec<RunningNode> = Vec::new();
-    for (c, d) in configs.into_iter().zip(&dirs) {
-        nodes.push(RunningNode::start(c, d).await);
-    }
+    let dirs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+    let nodes = start_group(configs, &dirs).await;
     let apis: Vec<&str> = nodes.iter().map(|n| n.api.as_str()).collect();
     let (host, outsider, rogue) = (ids[1], apis[4], apis[5]);
     for (i, api) in apis.iter().enumerate() {
@@ -125,7 +115,7 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     assert!(ok && out.contains("probe 2: committed in"), "{out}{err}");
 
     // The outsider places a VM: it lands on the only lender, as a committed decision.
-    let (ok, out, err) = create_guest(outsider, &guest, "agreed-1", &[]).await;
+    let (ok, out, err) = create_guest(outsider, &guest, "agreed-1", "128M", &[]).await;
     assert!(ok, "vm create failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["node"], host.to_string().as_str(), "{out}");
@@ -179,26 +169,8 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     assert!(verifier.verify_vm(&forged).is_err());
 
     // A node that skips consensus cannot place a VM on the host.
-    let (ok, _, err) = cli(
-        rogue,
-        &[
-            "vm",
-            "create",
-            "--name",
-            "unagreed",
-            "--node",
-            &host.to_string(),
-            "--cpu",
-            "1",
-            "--memory",
-            "64M",
-            "--kernel",
-            guest.kernel.to_str().unwrap(),
-            "--initrd",
-            guest.initrd.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let host_id = host.to_string();
+    let (ok, _, err) = create_guest(rogue, &guest, "unagreed", "64M", &["--node", &host_id]).await;
     assert!(!ok, "a create without a decision was accepted");
     assert!(err.contains("no placement decision"), "{err}");
     let (_, list, _) = cli(apis[1], &["--format", "json", "vm", "list"]).await;

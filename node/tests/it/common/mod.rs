@@ -136,12 +136,14 @@ pub(crate) async fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
     .unwrap()
 }
 
-/// `dwcp-cli --format json vm create` of the test guest (1 vCPU, 128 MiB, its kernel, initrd
-/// and command line) named `name`, plus `extra` arguments: (exit success, stdout, stderr).
+/// `dwcp-cli --format json vm create` of the test guest (1 vCPU, `memory`, its kernel,
+/// initrd and command line) named `name`, plus `extra` arguments: (exit success, stdout,
+/// stderr).
 pub(crate) async fn create_guest(
     api: &str,
     guest: &dwcp_hypervisor::test_guest::TestGuest,
     name: &str,
+    memory: &str,
     extra: &[&str],
 ) -> (bool, String, String) {
     let (kernel, initrd) = (
@@ -158,7 +160,7 @@ pub(crate) async fn create_guest(
         "--cpu",
         "1",
         "--memory",
-        "128M",
+        memory,
         "--kernel",
         kernel,
         "--initrd",
@@ -200,6 +202,27 @@ pub(crate) async fn wait_in_documents<T>(
         }
     }
     out
+}
+
+/// Starts one node per `(config, data dir)`: the first on its own, every other
+/// bootstrapping through it (the identities in the data dirs are created if absent).
+pub(crate) async fn start_group(configs: Vec<NodeConfig>, dirs: &[&Path]) -> Vec<RunningNode> {
+    let first = identity::load_or_create(&dirs[0].join(identity::IDENTITY_FILE))
+        .unwrap()
+        .node_id();
+    let boot = format!(
+        "{}/p2p/{}",
+        configs[0].network.listen[0],
+        first.to_peer_id().unwrap()
+    );
+    let mut nodes = Vec::new();
+    for (i, (mut c, d)) in configs.into_iter().zip(dirs).enumerate() {
+        if i > 0 {
+            c.cluster.bootstrap = vec![boot.clone()];
+        }
+        nodes.push(RunningNode::start(c, d).await);
+    }
+    nodes
 }
 
 /// Starts node A in `root/a`, then node B in `root/b` bootstrapping through A.
