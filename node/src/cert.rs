@@ -7,6 +7,7 @@
 //! | --- | --- | --- |
 //! | [`QUARANTINE_DECISION_TAG`] `0xA2` | [`QuarantineDecisionOp`]: node, reason, grounds | `quarantine/<node>` |
 //! | [`VM_DECISION_TAG`] `0xA3` | [`VmDecisionOp`]: vm, spec, host, state | `vms/<vm>` |
+//! | [`CUT_DECISION_TAG`] `0xA5` | [`CutDecisionOp`]: a compaction cut with f+1 member endorsements | none: every node compacts its document at the cut |
 //!
 //! Its certificate is `0x02 || CBOR { epoch, proof }` ([`compact_certificate_for`]: each
 //! commit as the voter's committee index and signature, what the node writes) or the full
@@ -54,6 +55,13 @@ use crate::consensus::{QUARANTINE_VOTE_TAG, QuarantineVote};
 pub const QUARANTINE_DECISION_TAG: u8 = 0xA2;
 /// First byte of a VM decision operation.
 pub const VM_DECISION_TAG: u8 = 0xA3;
+/// First byte of a compaction cut decision operation.
+pub const CUT_DECISION_TAG: u8 = 0xA5;
+/// First byte of a member's endorsement of a compaction cut (a signed request that is never
+/// submitted on its own; f+1 of them are the grounds of a [`CutDecisionOp`]).
+pub const CUT_ENDORSE_TAG: u8 = 0xA6;
+/// Most heads a compaction cut names.
+pub const MAX_CUT_HEADS: usize = 64;
 /// First byte of a certificate in the full form (format version 1: whole commit envelopes).
 pub const CERT_VERSION: u8 = 1;
 /// First byte of a certificate in the compact form (format version 2: each commit as its
@@ -110,6 +118,131 @@ pub struct VmDecisionOp {
     pub host: Option<NodeId>,
     /// State text (`pending`, `placed`, `running`, `migrating`, `stopped`, `failed`).
     pub state: String,
+}
+
+/// Where the cluster document is compacted: the heads whose state becomes the next epoch's
+/// snapshot, and the heartbeat age below which node entries are dropped
+/// (`dwcp_statesync::EpochCut`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutSpec {
+    /// The document epoch this cut starts (current + 1).
+    pub epoch: u64,
+    /// Change hashes of the heads (at most [`MAX_CUT_HEADS`]).
+    pub heads: Vec<[u8; 32]>,
+    /// Node entries whose last heartbeat is older than this (ms since the Unix epoch) are
+    /// dropped.
+    pub departed_before_ms: u64,
+}
+
+impl CutSpec {
+    /// The statesync core's form of the cut.
+    pub fn to_epoch_cut(&self) -> dwcp_statesync::EpochCut {
+        dwcp_statesync::EpochCut {
+            epoch: self.epoch,
+            heads: self
+                .heads
+                .iter()
+                .map(|h| dwcp_statesync::ChangeHash(*h))
+                .collect(),
+            departed_before_ms: self.departed_before_ms,
+        }
+    }
+
+    /// What a member signs to endorse this cut: its epoch and the digest of its CBOR form
+    /// (so f+1 endorsements do not repeat the heads).
+    pub fn endorsement(&self) -> CutEndorsement {
+        let mut cbor = Vec::new();
+        // Writing into a Vec cannot fail for this plain struct.
+        let _ = ciborium::into_writer(self, &mut cbor);
+        CutEndorsement {
+            epoch: self.epoch,
+            cut: dwcp_consensus::Digest::of("dwcp/v3/compaction-cut", &[&cbor]).0,
+        }
+    }
+
+    /// The endorsement operation of this cut (`CUT_ENDORSE_TAG || CBOR(endorsement)`), which a
+    /// member signs as a request once it holds every head.
+    pub fn endorsement_op(&self) -> Vec<u8> {
+        encode_tagged(CUT_ENDORSE_TAG, &self.endorsement())
+    }
+}
+
+/// A member's endorsement of a compaction cut (the operation of a signed request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutEndorsement {
+    /// The epoch the cut starts.
+    pub epoch: u64,
+    /// Digest of the cut's CBOR form.
+    pub cut: [u8; 32],
+}
+
+impl CutEndorsement {
+    /// Decodes an endorsement operation.
+    pub fn decode(op: &[u8]) -> Result<Self, CertError> {
+        decode_tagged(CUT_ENDORSE_TAG, op)
+    }
+}
+
+/// A compaction of the cluster document, decided by the committee.
+///
+/// **Why endorsements.** A commit certificate proves that the operation was ordered, not that
+/// anybody holds the heads it names: a faulty proposer could commit a cut of invented heads,
+/// and no honest node could ever compact at it. So the operation carries exactly f+1 signed
+/// endorsements of the same cut from distinct committee members; each member endorses only
+/// when its document holds every head, so at least one honest node has them and anti-entropy
+/// brings them to everyone. Replicas apply the first valid cut per epoch in decision order;
+/// nodes outside the committee take a cut only when f+1 members answer with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutDecisionOp {
+    /// The cut.
+    pub cut: CutSpec,
+    /// f+1 signed endorsement requests (op [`CutSpec::endorsement_op`]) from distinct members.
+    pub endorsements: Vec<SignedEnvelope>,
+}
+
+impl CutDecisionOp {
+    /// `CUT_DECISION_TAG || CBOR`.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_tagged(CUT_DECISION_TAG, self)
+    }
+
+    /// Decodes an operation (see [`CutDecisionOp::check`] for the endorsements).
+    pub fn decode(op: &[u8]) -> Result<Self, CertError> {
+        decode_tagged(CUT_DECISION_TAG, op)
+    }
+
+    /// Checks the cut's bounds and its endorsements against `committee`; pure, the same on
+    /// every node.
+    pub fn check(&self, committee: &Committee) -> Result<(), CertError> {
+        let bad = |s: &str| Err(CertError::InvalidDecision(s.to_owned()));
+        if self.cut.heads.is_empty() || self.cut.heads.len() > MAX_CUT_HEADS {
+            return bad("a cut names 1 to 64 heads");
+        }
+        if self.cut.epoch == 0 {
+            return bad("epoch 0 is the genesis document");
+        }
+        if self.endorsements.len() != committee.f() + 1 {
+            return bad("a cut needs exactly f+1 endorsements");
+        }
+        let mut endorsers = std::collections::BTreeSet::new();
+        for env in &self.endorsements {
+            let Ok(r) = env.clone().verify::<dwcp_consensus::Request>() else {
+                return bad("an endorsement is not a validly signed request");
+            };
+            match CutEndorsement::decode(&r.op) {
+                Ok(e) if e == self.cut.endorsement() => {}
+                Ok(_) => return bad("an endorsement is for another cut"),
+                Err(_) => return bad("an endorsement does not decode"),
+            }
+            if !committee.contains(&r.signer()) {
+                return bad("an endorsement is from a non-member");
+            }
+            if !endorsers.insert(r.signer()) {
+                return bad("two endorsements from one member");
+            }
+        }
+        Ok(())
+    }
 }
 
 fn encode_tagged<T: Serialize>(tag: u8, v: &T) -> Vec<u8> {
@@ -360,6 +493,17 @@ impl CommitteeVerifier {
     }
 }
 
+impl CommitteeVerifier {
+    /// Opens the certificate of a compaction cut decision and checks its endorsements; returns
+    /// the operation and its decision sequence number.
+    pub fn verify_cut(&self, certificate: &[u8]) -> Result<(CutDecisionOp, u64), CertError> {
+        let (committee, req) = self.open(certificate)?;
+        let op = CutDecisionOp::decode(&req.request.op)?;
+        op.check(committee)?;
+        Ok((op, decision_seq(req.slot.seq, req.index)))
+    }
+}
+
 impl CertificateVerifier for CommitteeVerifier {
     fn verify_vm(&self, certificate: &[u8]) -> Result<VmDecision, CertError> {
         let (_, req) = self.open(certificate)?;
@@ -489,6 +633,84 @@ mod tests {
         );
         // A quarantine certificate is not a VM certificate.
         assert_eq!(v.verify_vm(&cert).unwrap_err(), CertError::WrongKind);
+    }
+
+    fn cut_op(endorsers: &[usize], heads: usize) -> CutDecisionOp {
+        let cut = CutSpec {
+            epoch: 1,
+            heads: (0..heads).map(|i| [i as u8; 32]).collect(),
+            departed_before_ms: 1,
+        };
+        let endorsements = endorsers
+            .iter()
+            .map(|i| request(*i, 1, cut.endorsement_op()))
+            .collect();
+        CutDecisionOp { cut, endorsements }
+    }
+
+    #[test]
+    fn cut_certificates_verify_with_f_plus_one_endorsements_and_fit_at_n31() {
+        let c = committee(4);
+        let v = CommitteeVerifier::new(Some(c.clone()));
+        let op = cut_op(&[0, 2], 3);
+        let cert = compact_certificate_for(
+            &commit(&c, 7, vec![request(1, 1, op.encode())], None),
+            &c,
+            0,
+        )
+        .unwrap();
+        let (got, seq) = v.verify_cut(&cert).unwrap();
+        assert_eq!((got, seq), (op.clone(), 7 * SEQ_STRIDE));
+        // A cut certificate is not a VM or quarantine certificate, and vice versa.
+        assert_eq!(v.verify_vm(&cert).unwrap_err(), CertError::WrongKind);
+        let q = certificate_for(
+            &commit(
+                &c,
+                5,
+                vec![request(2, 2, quarantine_op(4, 3, 8).encode())],
+                None,
+            ),
+            0,
+            0,
+        )
+        .unwrap();
+        assert_eq!(v.verify_cut(&q).unwrap_err(), CertError::WrongKind);
+        // Ordered but without valid grounds: refused by every verifier.
+        for (what, bad) in [
+            ("one endorsement", cut_op(&[0], 3)),
+            ("a non-member", cut_op(&[0, 9], 3)),
+            ("twice one member", cut_op(&[1, 1], 3)),
+            ("no heads", cut_op(&[0, 1], 0)),
+            ("65 heads", cut_op(&[0, 1], 65)),
+            ("another cut", {
+                let mut o = cut_op(&[0, 1], 3);
+                o.cut.heads[0] = [0xee; 32];
+                o
+            }),
+        ] {
+            let cert = compact_certificate_for(
+                &commit(&c, 7, vec![request(1, 1, bad.encode())], None),
+                &c,
+                0,
+            )
+            .unwrap();
+            assert!(
+                matches!(v.verify_cut(&cert), Err(CertError::InvalidDecision(_))),
+                "{what}"
+            );
+        }
+        // The largest cut (64 heads) with f+1 = 11 endorsements at n = 31 fits.
+        let c31 = committee(31);
+        let op = cut_op(&(0..11).collect::<Vec<_>>(), MAX_CUT_HEADS);
+        let cert = compact_certificate_for(
+            &commit(&c31, 7, vec![request(1, 1, op.encode())], None),
+            &c31,
+            0,
+        )
+        .unwrap();
+        println!("n=31 cut with 64 heads: certificate {} bytes", cert.len());
+        assert!(cert.len() <= MAX_CERTIFICATE_BYTES);
+        CommitteeVerifier::new(Some(c31)).verify_cut(&cert).unwrap();
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //!   gossip: { fanout: 6, interval: 1s }
 //!   consistency: { max_staleness: 10s }  # our heartbeat is written into the document this often
 //!   persist_interval: 5s
+//!   compaction: { after_changes: 50000, departed_after: 24h, check_interval: 30s }  # 0: manual only
 //! placement:                      # ITP (manual 2.2.5)
 //!   constraints: { max_vms_per_node: 100, min_free_memory_percent: 10 }
 //!   solver: { target_optimality: 1.0 }  # max_time: 5s bounds re-plans
@@ -431,6 +432,8 @@ pub struct AssSection {
     /// How often the document is saved to sled when it changed (and always at shutdown).
     #[serde(with = "humantime_serde")]
     pub persist_interval: Duration,
+    /// When the document is compacted at a committed cut.
+    pub compaction: AssCompaction,
 }
 
 impl Default for AssSection {
@@ -439,6 +442,32 @@ impl Default for AssSection {
             gossip: AssGossip::default(),
             consistency: AssConsistency::default(),
             persist_interval: Duration::from_secs(5),
+            compaction: AssCompaction::default(),
+        }
+    }
+}
+
+/// `ass.compaction:` when a committee member proposes a compaction cut, and what it drops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssCompaction {
+    /// Propose a cut once the history since the last one holds this many changes (0: only
+    /// when an operator runs `dwcp-cli state-sync compact`).
+    pub after_changes: usize,
+    /// Node entries whose last heartbeat is older than this at the cut are dropped.
+    #[serde(with = "humantime_serde")]
+    pub departed_after: Duration,
+    /// How often the history length is checked.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for AssCompaction {
+    fn default() -> Self {
+        Self {
+            after_changes: 50_000,
+            departed_after: Duration::from_secs(24 * 3600),
+            check_interval: Duration::from_secs(30),
         }
     }
 }
@@ -858,6 +887,9 @@ impl NodeConfig {
         }
         if a.consistency.max_staleness < a.gossip.interval {
             bail!("ass.consistency.max_staleness must be at least ass.gossip.interval");
+        }
+        if a.compaction.check_interval.is_zero() {
+            bail!("ass.compaction.check_interval must be positive");
         }
         if a.persist_interval.is_zero() {
             bail!("ass.persist_interval must be positive");

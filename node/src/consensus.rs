@@ -48,6 +48,10 @@
 //!   a refusal is believed from f+1 members. Placement (`crate::placement`) hands it to the
 //!   host, which checks it before creating the VM, and writes `vms/<id>`.
 //!
+//! * [`crate::cert::CUT_DECISION_TAG`]: a compaction cut of the cluster document with f+1
+//!   member endorsements ([`crate::compaction`]); the first valid cut per document epoch is
+//!   applied and handed to the statesync driver.
+//!
 //! **Not done yet:** persistence of votes across restarts (a restarted replica should only
 //! vote from the next view on; today it starts a fresh engine at sequence 0 and catches up by
 //! `Fetch`), epoch reconfiguration, rewards from participation records, certified records
@@ -86,8 +90,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cert::{
-        CommitteeVerifier, Grounds, QUARANTINE_DECISION_TAG, QuarantineDecisionOp, VM_DECISION_TAG,
-        VmDecisionOp, compact_certificate_for,
+        CUT_DECISION_TAG, CommitteeVerifier, CutDecisionOp, Grounds, QUARANTINE_DECISION_TAG,
+        QuarantineDecisionOp, VM_DECISION_TAG, VmDecisionOp, compact_certificate_for,
     },
     config::AcpSection,
     daemon::Shared,
@@ -200,6 +204,8 @@ pub struct AcpState {
     decided: BTreeMap<NodeId, u64>,
     /// VMs with a committed decision that are not finished, and their hosts.
     vms: BTreeMap<VmId, Option<NodeId>>,
+    /// Compaction cuts applied so far (the document epoch the committed log has reached).
+    cut_epoch: u64,
 }
 
 /// Most unfinished VMs the replicated state tracks; decisions placing more are refused.
@@ -231,6 +237,8 @@ pub enum Applied {
         /// Its state after the decision.
         state: VmState,
     },
+    /// The compaction cut of the next document epoch: every node compacts at it.
+    Cut(u64),
     /// Nothing (a repeat, or evidence that does not verify).
     Nothing(String),
 }
@@ -245,6 +253,7 @@ impl AcpState {
             offences: BTreeMap::new(),
             decided: BTreeMap::new(),
             vms: BTreeMap::new(),
+            cut_epoch: 0,
         }
     }
 
@@ -329,6 +338,23 @@ impl AcpState {
                 Ok(d) => self.apply_vm(d),
                 Err(e) => Applied::Nothing(format!("vm decision refused: {e}")),
             },
+            Some(&CUT_DECISION_TAG) => {
+                match CutDecisionOp::decode(op).and_then(|d| d.check(committee).map(|()| d)) {
+                    Ok(d) if d.cut.epoch != self.cut_epoch + 1 => Applied::Nothing(format!(
+                        "cut for epoch {} refused: the next epoch is {}",
+                        d.cut.epoch,
+                        self.cut_epoch + 1
+                    )),
+                    Ok(d) if d.cut.departed_before_ms > time.as_millis() => {
+                        Applied::Nothing("cut refused: its departure bound is in the future".into())
+                    }
+                    Ok(d) => {
+                        self.cut_epoch = d.cut.epoch;
+                        Applied::Cut(d.cut.epoch)
+                    }
+                    Err(e) => Applied::Nothing(format!("cut refused: {e}")),
+                }
+            }
             Some(&PROBE_TAG) if op.len() <= 64 => Applied::Nothing("probe".into()),
             _ => Applied::Nothing("unknown operation".into()),
         }
@@ -391,6 +417,11 @@ impl AcpState {
     /// Whether a node is quarantined (by reputation or by votes).
     pub fn is_quarantined(&self, node: &NodeId) -> bool {
         self.reputation.is_quarantined(node) || self.voted_out.contains(node)
+    }
+
+    /// The document epoch of the last committed compaction cut (0: none yet).
+    pub fn cut_epoch(&self) -> u64 {
+        self.cut_epoch
     }
 
     /// Whether a quarantine decision for the node has committed.
@@ -535,6 +566,11 @@ impl Consensus {
     /// Hands an input over without waiting; false when the queue is full.
     pub fn offer(&self, i: DriverInput) -> bool {
         self.tx.try_send(i).is_ok()
+    }
+
+    /// The genesis committee (configuration `acp.committee`).
+    pub fn genesis(&self) -> Option<&Committee> {
+        self.verifier.committee(0)
     }
 
     /// Submits `op` and waits until it commits: its certificate ([`crate::cert`]), or why the
@@ -1246,6 +1282,10 @@ impl Driver {
                 Applied::Vm { vm, host, state } => {
                     info!(%vm, host = ?host.map(|h| h.short()), state = state.as_str(), seq = d.seq, "vm decision committed");
                 }
+                Applied::Cut(epoch) => {
+                    info!(epoch, seq = d.seq, "compaction cut committed");
+                    self.hand_cut_over(&d, r, *epoch);
+                }
                 Applied::Nothing(why) => debug!(why, "committed operation changed nothing"),
             }
             self.answer(&d, r, client, &out);
@@ -1444,6 +1484,21 @@ impl Driver {
         };
         if !sync.offer(crate::statesync::Input::Quarantine { decision, delay }) {
             warn!(node = %node.short(), "state-sync queue full: quarantine record not handed over");
+        }
+    }
+
+    /// Hands a committed compaction cut with its certificate to state sync, which keeps it
+    /// (to answer nodes outside the committee) and compacts once it holds the heads.
+    fn hand_cut_over(&self, d: &dwcp_consensus::Decision, r: &Verified<Request>, epoch: u64) {
+        let Some(sync) = &self.sync else { return };
+        let Some((_, certificate)) = self.certificate_of(d, r) else {
+            return;
+        };
+        if !sync.offer(crate::statesync::Input::Cut(certificate)) {
+            warn!(
+                epoch,
+                "state-sync queue full: compaction cut not handed over"
+            );
         }
     }
 
@@ -1696,6 +1751,70 @@ mod tests {
             "{a:?}"
         );
         assert!(s.is_quarantined(&victim));
+    }
+
+    fn cut_op(keys: &[NodeKey], endorsers: &[usize], epoch: u64, departed: u64) -> Vec<u8> {
+        let cut = crate::cert::CutSpec {
+            epoch,
+            heads: vec![[7; 32]],
+            departed_before_ms: departed,
+        };
+        let endorsements = endorsers
+            .iter()
+            .map(|i| {
+                Verified::sign(
+                    &keys[*i],
+                    Request {
+                        nonce: epoch,
+                        op: cut.endorsement_op(),
+                    },
+                )
+                .unwrap()
+                .envelope()
+                .clone()
+            })
+            .collect();
+        CutDecisionOp { cut, endorsements }.encode()
+    }
+
+    #[test]
+    fn compaction_cuts_apply_once_per_epoch_in_order() {
+        let keys = ids(5);
+        let committee = Committee::new(0, keys[..4].iter().map(|k| k.node_id()).collect()).unwrap();
+        let mut s = AcpState::new();
+        let t = Timestamp(10_000);
+        let by = keys[0].node_id();
+        // Not the next epoch, too few endorsers, a non-member endorser, a bound in the future.
+        let refused = [
+            cut_op(&keys, &[0, 1], 2, 5_000),
+            cut_op(&keys, &[0], 1, 5_000),
+            cut_op(&keys, &[0, 4], 1, 5_000),
+            cut_op(&keys, &[0, 0], 1, 5_000),
+            cut_op(&keys, &[0, 1], 1, 20_000),
+        ];
+        for (i, op) in refused.iter().enumerate() {
+            let a = s.apply(t, i as u64, &committee, by, op);
+            assert!(matches!(a, Applied::Nothing(_)), "case {i}: {a:?}");
+            assert_eq!(s.cut_epoch(), 0);
+        }
+        assert_eq!(
+            s.apply(t, 10, &committee, by, &cut_op(&keys, &[2, 1], 1, 5_000)),
+            Applied::Cut(1)
+        );
+        assert_eq!(s.cut_epoch(), 1);
+        // A second valid cut for epoch 1 (another proposer, later in the log) is ignored.
+        let again = s.apply(t, 11, &committee, by, &cut_op(&keys, &[0, 3], 1, 4_000));
+        assert!(matches!(again, Applied::Nothing(_)), "{again:?}");
+        assert_eq!(
+            s.apply(t, 12, &committee, by, &cut_op(&keys, &[0, 3], 2, 4_000)),
+            Applied::Cut(2)
+        );
+        // Endorsements of another cut do not count for this one.
+        let mut op = CutDecisionOp::decode(&cut_op(&keys, &[0, 1], 3, 1)).unwrap();
+        op.cut.departed_before_ms = 2;
+        let a = s.apply(t, 13, &committee, by, &op.encode());
+        assert!(matches!(a, Applied::Nothing(_)), "{a:?}");
+        assert_eq!(s.cut_epoch(), 2);
     }
 
     #[test]

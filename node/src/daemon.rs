@@ -59,6 +59,7 @@ pub struct Shared {
     cluster_id: String,
     started: Instant,
     bootstrap_peers: usize,
+    compaction: crate::config::AssCompaction,
     inner: Mutex<Inner>,
 }
 
@@ -79,6 +80,11 @@ impl Shared {
     /// The bulk-transfer service (AMST).
     pub fn amst(&self) -> &Arc<crate::amst::Amst> {
         &self.amst
+    }
+
+    /// `ass.compaction` configuration.
+    pub fn compaction_config(&self) -> &crate::config::AssCompaction {
+        &self.compaction
     }
 
     /// The consensus driver, when a committee is configured.
@@ -853,6 +859,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         cluster_id: config.cluster.id.clone(),
         started: Instant::now(),
         bootstrap_peers: config.cluster.bootstrap.len(),
+        compaction: config.ass.compaction.clone(),
         inner: Mutex::new(Inner {
             membership,
             me,
@@ -866,6 +873,17 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
             },
             net: NetStats::default(),
         }),
+    });
+
+    let compaction_task = shared.consensus().cloned().and_then(|c| {
+        crate::compaction::spawn(
+            config.ass.compaction.clone(),
+            sync.clone(),
+            c,
+            client.clone(),
+            id,
+            stop_rx.clone(),
+        )
     });
 
     let endpoints_file = data_dir.join(ENDPOINTS_FILE);
@@ -963,6 +981,9 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
     }
     if let Some(t) = acp_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    if let Some(t) = compaction_task {
+        t.abort();
     }
     if let Some(t) = metrics_task {
         let _ = t.await;

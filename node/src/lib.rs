@@ -19,6 +19,7 @@
 pub mod amst;
 pub mod api;
 pub mod cert;
+pub mod compaction;
 pub mod config;
 pub mod consensus;
 pub mod control;

@@ -16,10 +16,20 @@
 //!
 //! On the wire (service `Sync`) the first byte says what follows: `0` an engine frame (one-way;
 //! the answer is an empty acknowledgement, anything else counts as a failed send), `1` a
-//! checksum query (the answer is [`encode_checksum`]'s bytes). Frames are accepted only from
+//! checksum query (the answer is [`encode_checksum`]'s bytes), `2` a compaction cut query
+//! (epoch, u64 BE; the answer is the certificate of that epoch's committed cut, or `0xff`), `3`
+//! an endorsement request (CBOR [`CutSpec`]; the answer is this node's signed endorsement,
+//! given only when its document holds every head, or `0xff`). Frames are accepted only from
 //! peers whose signed announcement we hold, and at most [`PEER_BYTES_PER_SEC`] per peer per
 //! second: the engine checks every change's signature and ownership, which costs CPU a
 //! stranger must not be able to spend.
+//!
+//! **Compaction.** A committed cut ([`crate::cert::CutDecisionOp`], proposed by
+//! [`crate::compaction`]) reaches a member's driver from its consensus driver
+//! ([`Input::Cut`]); the driver keeps the certificate in sled (`cut/<epoch>`) and compacts as
+//! soon as its document holds the cut's heads. A node that meets a peer on a later epoch (the
+//! engine's `EpochMismatch`) asks the committee members for the cut and takes it once f+1 of
+//! them answer with the same verifying cut.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,7 +47,8 @@ use axum::{
 };
 use dwcp_net::{Client, GossipMessage, PeerId, ReplyHandle, Service, Validation};
 use dwcp_protocol::{
-    HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey, Timestamp, VmId,
+    HealthStatus, Heartbeat, NodeAnnouncement, NodeId, NodeKey, SignedEnvelope, Timestamp,
+    Verified, VmId,
     api::{
         ClusterVmRecord, ForceSyncRequest, GossipStatus, SyncChecksum, SyncLagRow, SyncLagStatus,
         SyncSessionRow, SyncVerdict, SyncVerifyReport, SyncVerifyRow,
@@ -51,12 +62,28 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::{cert::CommitteeVerifier, config::AssSection, daemon::Shared};
+use crate::{
+    cert::{CommitteeVerifier, CutDecisionOp, CutSpec},
+    config::AssSection,
+    daemon::Shared,
+};
 
 /// Tag of an engine frame on the sync service.
 const TAG_FRAME: u8 = 0;
 /// Tag of a checksum query on the sync service.
 const TAG_CHECKSUM: u8 = 1;
+/// Tag of a compaction cut query on the sync service.
+const TAG_CUT: u8 = 2;
+/// Tag of an endorsement request on the sync service.
+pub const TAG_ENDORSE: u8 = 3;
+/// Longest endorsement request body (a CBOR [`CutSpec`] with at most 64 heads).
+const MAX_ENDORSE_REQUEST: usize = 4096;
+/// Committed cuts kept in sled to answer nodes that are behind.
+const KEEP_CUTS: usize = 8;
+/// How long a node waits before asking again for a cut it could not learn.
+const CUT_RETRY: Duration = Duration::from_secs(5);
+/// The sled key prefix of committed cuts.
+const CUT_PREFIX: &[u8] = b"cut/";
 /// The sled key of the saved document.
 const DOC_KEY: &[u8] = b"doc";
 /// Sync bytes accepted from one peer per second (burst: twice that).
@@ -106,6 +133,9 @@ pub enum Input {
     /// A committed VM decision with its certificate, from the node that submitted it (the
     /// placing node, or the host for later states): written at once.
     Vm(Certified<VmDecision>),
+    /// The certificate of a committed compaction cut (from the consensus driver, the
+    /// proposer, or learned from f+1 members): kept, and applied once the heads are here.
+    Cut(Vec<u8>),
     /// An API query.
     Query(Query),
 }
@@ -129,6 +159,23 @@ pub enum Query {
     Vm(VmId, oneshot::Sender<Option<VmRecord>>),
     /// Every VM record in the document.
     Vms(oneshot::Sender<Vec<ClusterVmRecord>>),
+    /// Epoch, history length and heads (what a compaction proposal cuts at).
+    Summary(oneshot::Sender<DocSummary>),
+    /// Sign an endorsement of a cut if the document holds all its heads.
+    Endorse(CutSpec, oneshot::Sender<Result<SignedEnvelope, String>>),
+    /// The certificate of the committed cut of an epoch, if kept.
+    Cut(u64, oneshot::Sender<Option<Vec<u8>>>),
+}
+
+/// What a compaction proposal needs to know of the document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocSummary {
+    /// Document epoch.
+    pub epoch: u64,
+    /// Changes in the history since the last compaction.
+    pub changes: usize,
+    /// Current heads.
+    pub heads: Vec<[u8; 32]>,
 }
 
 /// The daemon's handle on the driver.
@@ -222,6 +269,8 @@ struct SyncMetrics {
     peers_reported: IntCounterVec,
     frames_refused: IntCounterVec,
     doc_bytes: IntGauge,
+    epoch: IntGauge,
+    compactions: IntCounter,
     last: dwcp_statesync::SyncStats,
 }
 
@@ -289,11 +338,20 @@ impl SyncMetrics {
                 "dwcp_state_sync_document_bytes",
                 "Size of the saved cluster document (history and signatures)",
             )?,
+            epoch: reg.g(
+                "dwcp_state_sync_epoch",
+                "Document epoch: compactions at committed cuts so far",
+            )?,
+            compactions: reg.c(
+                "dwcp_state_sync_compactions_total",
+                "Compactions of the cluster document at committed cuts since start",
+            )?,
             last: dwcp_statesync::SyncStats::default(),
         })
     }
 
     fn update(&mut self, now: Timestamp, doc: &ClusterDoc, s: dwcp_statesync::SyncStats) {
+        self.epoch.set(doc.epoch() as i64);
         let lag = doc.lag(now);
         self.lag.reset();
         let mut max = 0;
@@ -372,6 +430,12 @@ struct Driver {
     max_staleness: Duration,
     /// Nodes the document's certified records quarantine.
     quarantined: watch::Sender<BTreeSet<NodeId>>,
+    /// Signs endorsements of compaction cuts.
+    key: NodeKey,
+    /// Committed cuts by epoch: the operation and its certificate (the last [`KEEP_CUTS`]).
+    cuts: BTreeMap<u64, (CutDecisionOp, Vec<u8>)>,
+    /// The epoch whose cut is being asked for, and since when.
+    learning: Option<(u64, Instant)>,
 }
 
 /// What the driver needs to start.
@@ -445,6 +509,7 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
     let (tx, rx) = mpsc::channel(1024);
     let saved_heads = engine.doc().heads();
     let (q_tx, q_rx) = watch::channel(engine.doc().quarantined_nodes());
+    let cuts = load_cuts(&tree, engine.verifier());
     let d = Driver {
         engine,
         pending: Vec::new(),
@@ -459,6 +524,9 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
         last_hb_status: None,
         max_staleness: cfg.consistency.max_staleness,
         quarantined: q_tx,
+        key,
+        cuts,
+        learning: None,
     };
     let frames_refused = d.metrics.frames_refused.clone();
     let task = tokio::spawn(d.run(rx, stop, cfg.persist_interval));
@@ -517,6 +585,7 @@ impl Driver {
                 _ = persist.tick() => self.save(false),
                 _ = refresh.tick() => {
                     self.write_due_records();
+                    self.try_compact();
                     let now = self.now();
                     let stats = self.engine.stats();
                     self.metrics.update(now, self.engine.doc(), stats);
@@ -610,6 +679,7 @@ impl Driver {
                     Err(e) => warn!(vm = %d.vm, error = %e, "writing a vm record failed"),
                 }
             }
+            Input::Cut(certificate) => self.on_cut(certificate),
             Input::Quarantine { decision, delay } => {
                 if self.pending.len() >= MAX_PENDING_RECORDS {
                     warn!("too many certified records waiting; dropped the oldest");
@@ -653,6 +723,178 @@ impl Driver {
         }
     }
 
+    /// Keeps a committed cut (checked again here: it may come from the network) and compacts
+    /// if its epoch is next.
+    fn on_cut(&mut self, certificate: Vec<u8>) {
+        let (op, _) = match self.engine.verifier().verify_cut(&certificate) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "a compaction cut certificate does not verify; ignored");
+                return;
+            }
+        };
+        let epoch = op.cut.epoch;
+        if epoch <= self.engine.doc().epoch() || self.cuts.contains_key(&epoch) {
+            return;
+        }
+        let mut key = CUT_PREFIX.to_vec();
+        key.extend_from_slice(&epoch.to_be_bytes());
+        if let Err(e) = self.tree.insert(key, certificate.as_slice()) {
+            warn!(error = %e, "saving a compaction cut failed");
+        }
+        self.cuts.insert(epoch, (op, certificate));
+        while self.cuts.len() > KEEP_CUTS {
+            if let Some((old, _)) = self.cuts.pop_first() {
+                let mut key = CUT_PREFIX.to_vec();
+                key.extend_from_slice(&old.to_be_bytes());
+                let _ = self.tree.remove(key);
+            }
+        }
+        self.try_compact();
+    }
+
+    /// Compacts at every kept cut whose epoch is next, as long as the document holds its heads
+    /// (otherwise waits: anti-entropy brings them, and the refresh tick tries again).
+    fn try_compact(&mut self) {
+        loop {
+            let next = self.engine.doc().epoch() + 1;
+            let Some((op, _)) = self.cuts.get(&next) else {
+                return;
+            };
+            let cut = op.cut.to_epoch_cut();
+            let before = self.engine.doc().stats().changes;
+            let now = self.now();
+            match self.engine.compact(now, &cut) {
+                Ok(base) => {
+                    let after = self.engine.doc().stats().changes;
+                    info!(
+                        epoch = next,
+                        base = %hex::encode(&base.0[..8]),
+                        changes_before = before,
+                        changes_after = after,
+                        nodes = self.engine.doc().node_ids().len(),
+                        vms = self.engine.doc().vm_count(),
+                        "compacted the cluster document at the committed cut"
+                    );
+                    self.metrics.compactions.inc();
+                    self.metrics.epoch.set(next as i64);
+                    self.learning = None;
+                    self.save(true);
+                }
+                Err(dwcp_statesync::CompactError::MissingHeads(n)) => {
+                    debug!(epoch = next, missing = n, "waiting for the cut's heads");
+                    return;
+                }
+                Err(e) => {
+                    warn!(epoch = next, error = %e, "compacting at the committed cut failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Signs an endorsement of `spec` if it is the next epoch's cut, its departure bound is
+    /// not in the future and the document holds every head.
+    fn endorse(&self, now: Timestamp, spec: CutSpec) -> Result<SignedEnvelope, String> {
+        let doc = self.engine.doc();
+        if spec.epoch != doc.epoch() + 1 {
+            return Err(format!(
+                "the cut is for epoch {}, the next epoch here is {}",
+                spec.epoch,
+                doc.epoch() + 1
+            ));
+        }
+        if spec.heads.is_empty() || spec.heads.len() > crate::cert::MAX_CUT_HEADS {
+            return Err("a cut names 1 to 64 heads".into());
+        }
+        if spec.departed_before_ms > now.as_millis() {
+            return Err("the departure bound is in the future".into());
+        }
+        let missing = spec
+            .heads
+            .iter()
+            .filter(|h| !doc.has_change(&ChangeHash(**h)))
+            .count();
+        if missing > 0 {
+            return Err(format!("{missing} heads of the cut are not here yet"));
+        }
+        Verified::sign(
+            &self.key,
+            dwcp_consensus::Request {
+                nonce: spec.epoch,
+                op: spec.endorsement_op(),
+            },
+        )
+        .map(|v| v.envelope().clone())
+        .map_err(|e| e.to_string())
+    }
+
+    /// A peer is on a later epoch: ask the committee for the cut of our next epoch (at most
+    /// every [`CUT_RETRY`]) and take it once f+1 members answer with the same verifying cut.
+    fn learn_cut(&mut self, theirs: u64) {
+        let next = self.engine.doc().epoch() + 1;
+        if theirs < next || self.cuts.contains_key(&next) {
+            return;
+        }
+        if self
+            .learning
+            .is_some_and(|(e, at)| e == next && at.elapsed() < CUT_RETRY)
+        {
+            return;
+        }
+        let Some(committee) = self.engine.verifier().committee(0).cloned() else {
+            return;
+        };
+        self.learning = Some((next, Instant::now()));
+        let verifier = self.engine.verifier().clone();
+        let client = self.client.clone();
+        let tx = self.tx.clone();
+        let me = self.engine.doc().node_id();
+        tokio::spawn(async move {
+            let mut asks = tokio::task::JoinSet::new();
+            for m in committee.members().iter().filter(|m| **m != me) {
+                let Ok(pid) = m.to_peer_id() else { continue };
+                let client = client.clone();
+                let member = *m;
+                let mut q = vec![TAG_CUT];
+                q.extend_from_slice(&next.to_be_bytes());
+                asks.spawn(async move {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.request(pid, Service::Sync, q),
+                    )
+                    .await;
+                    (member, r.ok().and_then(|r| r.ok()))
+                });
+            }
+            // Matching answers by the operation they prove (certificates of one decision
+            // differ between members: each holds the commits that reached it first).
+            let mut seen: BTreeMap<Vec<u8>, (BTreeSet<NodeId>, Vec<u8>)> = BTreeMap::new();
+            while let Some(Ok((member, answer))) = asks.join_next().await {
+                let Some(cert) = answer.filter(|a| a.first() != Some(&0xff) && !a.is_empty())
+                else {
+                    continue;
+                };
+                let Ok((op, _)) = verifier.verify_cut(&cert) else {
+                    warn!(peer = %member.short(), "a member answered with a cut that does not verify");
+                    continue;
+                };
+                if op.cut.epoch != next {
+                    continue;
+                }
+                let e = seen
+                    .entry(op.encode())
+                    .or_insert_with(|| (BTreeSet::new(), cert));
+                e.0.insert(member);
+                if e.0.len() > committee.f() {
+                    let _ = tx.send(Input::Cut(e.1.clone())).await;
+                    return;
+                }
+            }
+            debug!(epoch = next, "fewer than f+1 members answered with the cut");
+        });
+    }
+
     fn checksum(&self) -> SyncChecksum {
         let doc = self.engine.doc();
         SyncChecksum {
@@ -667,6 +909,20 @@ impl Driver {
         match q {
             Query::Vm(vm, reply) => {
                 let _ = reply.send(self.engine.doc().vm(&vm));
+            }
+            Query::Summary(reply) => {
+                let doc = self.engine.doc();
+                let _ = reply.send(DocSummary {
+                    epoch: doc.epoch(),
+                    changes: doc.stats().changes,
+                    heads: doc.heads().into_iter().map(|h| h.0).collect(),
+                });
+            }
+            Query::Endorse(spec, reply) => {
+                let _ = reply.send(self.endorse(now, spec));
+            }
+            Query::Cut(epoch, reply) => {
+                let _ = reply.send(self.cuts.get(&epoch).map(|(_, c)| c.clone()));
             }
             Query::Vms(reply) => {
                 let rows = self
@@ -711,6 +967,7 @@ impl Driver {
                     ("messages_truncated", s.messages_truncated),
                     ("session_resets", s.session_resets),
                     ("commands_dropped", s.commands_dropped),
+                    ("history_changes", doc.stats().changes as u64),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
@@ -804,7 +1061,10 @@ impl Driver {
                     warn!(peer = %peer.short(), ?offence, "peer sent state-sync data that was refused");
                 }
                 Command::EpochMismatch { peer, ours, theirs } => {
-                    info!(peer = %peer.short(), ours, theirs, "peer is on another state epoch (epoch cuts come with consensus)");
+                    debug!(peer = %peer.short(), ours, theirs, "peer is on another document epoch");
+                    if theirs > ours {
+                        self.learn_cut(theirs);
+                    }
                 }
                 other => debug!(?other, "unhandled state-sync command"),
             }
@@ -835,6 +1095,26 @@ impl Driver {
             }
         });
     }
+}
+
+/// Loads the kept cuts from sled; a cut that no longer verifies is dropped.
+fn load_cuts(
+    tree: &sled::Tree,
+    verifier: &CommitteeVerifier,
+) -> BTreeMap<u64, (CutDecisionOp, Vec<u8>)> {
+    let mut cuts = BTreeMap::new();
+    for (k, v) in tree.scan_prefix(CUT_PREFIX).flatten() {
+        match verifier.verify_cut(&v) {
+            Ok((op, _)) if k.len() == CUT_PREFIX.len() + 8 => {
+                cuts.insert(op.cut.epoch, (op, v.to_vec()));
+            }
+            _ => {
+                warn!("a saved compaction cut does not verify; dropped");
+                let _ = tree.remove(k);
+            }
+        }
+    }
+    cuts
 }
 
 impl StateSync {
@@ -892,8 +1172,40 @@ impl StateSync {
             Some((&TAG_CHECKSUM, [])) => {
                 self.ask(Query::ChecksumBytes).await.map_err(|_| "stopped")
             }
+            Some((&TAG_CUT, epoch)) => {
+                let epoch = u64::from_be_bytes(epoch.try_into().map_err(|_| "malformed")?);
+                self.ask(|tx| Query::Cut(epoch, tx))
+                    .await
+                    .map_err(|_| "stopped")?
+                    .ok_or("no_cut")
+            }
+            Some((&TAG_ENDORSE, mut body)) if body.len() <= MAX_ENDORSE_REQUEST => {
+                let spec: CutSpec = ciborium::from_reader(&mut body).map_err(|_| "malformed")?;
+                if !body.is_empty() {
+                    return Err("malformed");
+                }
+                match self.endorse(spec).await {
+                    Ok(env) => Ok(env.encode()),
+                    Err(e) => {
+                        debug!(error = %e, "did not endorse a compaction cut");
+                        Err("not_endorsed")
+                    }
+                }
+            }
             _ => Err("malformed"),
         }
+    }
+
+    /// Epoch, history length and heads of the document.
+    pub async fn summary(&self) -> anyhow::Result<DocSummary> {
+        self.ask(Query::Summary).await
+    }
+
+    /// This node's endorsement of a compaction cut, or why it gives none.
+    pub async fn endorse(&self, spec: CutSpec) -> anyhow::Result<SignedEnvelope> {
+        self.ask(|tx| Query::Endorse(spec, tx))
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))
     }
 
     /// `GET /v1/state-sync/lag`.
@@ -954,6 +1266,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/v1/state-sync/export", get(api_export))
         .route("/v1/state-sync/vms", get(api_vms))
         .route("/v1/state-sync/force-sync", post(api_force_sync))
+        .route("/v1/state-sync/compact", post(api_compact))
         .route("/v1/gossip/status", get(api_gossip_status))
 }
 
@@ -1018,6 +1331,38 @@ async fn api_force_sync(
         Ok(n) => Json(serde_json::json!({ "peers": n })).into_response(),
         Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e),
     }
+}
+
+/// `POST /v1/state-sync/compact` (`dwcp-cli state-sync compact`): proposes a compaction cut
+/// at this node's heads and answers once it committed.
+async fn api_compact(State(s): State<Arc<Shared>>, body: Option<Json<CompactRequest>>) -> Response {
+    let Some(sync) = s.statesync() else {
+        return not_running();
+    };
+    let Some(consensus) = s.consensus() else {
+        return fail(
+            StatusCode::CONFLICT,
+            "compaction is decided by the committee; no committee is configured (acp.committee)",
+        );
+    };
+    let departed_after = body
+        .and_then(|Json(b)| b.departed_after_s)
+        .map(Duration::from_secs)
+        .unwrap_or(s.compaction_config().departed_after);
+    match crate::compaction::compact_now(sync, consensus, s.client(), s.node_id(), departed_after)
+        .await
+    {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+/// Body of `POST /v1/state-sync/compact`.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+pub struct CompactRequest {
+    /// Drop node entries whose last heartbeat is older than this many seconds (default:
+    /// `ass.compaction.departed_after`).
+    pub departed_after_s: Option<u64>,
 }
 
 async fn api_verify(State(s): State<Arc<Shared>>) -> Response {

@@ -9,6 +9,7 @@ mod common;
 
 mod amst;
 mod cli;
+mod compaction;
 mod consensus;
 mod pba;
 mod placement;

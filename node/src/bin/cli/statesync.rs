@@ -8,6 +8,8 @@ use dwcp_protocol::api::{
     ForceSyncRequest, GossipStatus, NodeInfo, SyncLagStatus, SyncVerdict, SyncVerifyReport,
 };
 
+use dwcp_node::{compaction::CompactReport, statesync::CompactRequest};
+
 use super::{Api, ago, print_json, table};
 
 /// `state-sync` subcommands.
@@ -39,6 +41,15 @@ pub(crate) enum StateSyncCmd {
         /// Nodes.
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
+    },
+    /// Compacts the cluster document through consensus: cuts at this node's heads, collects
+    /// f+1 member endorsements, commits the cut; every node then replaces its history by the
+    /// snapshot at the cut (departed nodes, finished VMs and released quarantines dropped).
+    Compact {
+        /// Drop node entries whose last heartbeat is older than this many seconds (default:
+        /// the node's `ass.compaction.departed_after`).
+        #[arg(long)]
+        departed_after_s: Option<u64>,
     },
 }
 
@@ -192,6 +203,28 @@ pub(crate) async fn run_state_sync(api: &Api, json: bool, cmd: StateSyncCmd) -> 
                 return print_json(&v);
             }
             println!("sync started with {} peer(s)", v["peers"]);
+        }
+        StateSyncCmd::Compact { departed_after_s } => {
+            let body = serde_json::to_value(CompactRequest { departed_after_s })?;
+            let r: CompactReport = api.post("/v1/state-sync/compact", Some(body)).await?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "compaction cut for epoch {} committed in {} ms: {} head(s), {} changes in the proposer's history, certificate {} B",
+                r.epoch, r.elapsed_ms, r.heads, r.changes_before, r.certificate_bytes
+            );
+            println!(
+                "endorsed by: {}",
+                r.endorsers
+                    .iter()
+                    .map(|n| n.short())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "every node compacts once it holds the cut's heads (state-sync lag-status shows the epoch)"
+            );
         }
     }
     Ok(())

@@ -1,0 +1,208 @@
+//! Compaction of the cluster document through consensus: four committee members, a node
+//! outside the committee and a node that leaves. A member runs `dwcp-cli state-sync compact`;
+//! the cut commits with f+1 endorsements, every member compacts at it, the node outside the
+//! committee learns it from f+1 members, and the departed node's entry is gone everywhere
+//! while the live nodes' entries survive and the documents converge again. A second cut then
+//! takes every document to epoch 2.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{cli, loopback_config, start_group};
+use dwcp_node::{compaction::CompactReport, identity};
+use dwcp_protocol::{
+    NodeId,
+    api::{SyncLagStatus, SyncVerdict, SyncVerifyReport},
+};
+
+async fn lag(api: &str) -> SyncLagStatus {
+    reqwest::get(format!("{api}/v1/state-sync/lag"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn node_ids_in_document(api: &str) -> Vec<NodeId> {
+    let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    dwcp_statesync::read_export(&bytes)
+        .unwrap()
+        .nodes
+        .keys()
+        .copied()
+        .collect()
+}
+
+/// Waits (at most `secs`) until `ok` holds for every API.
+async fn wait_all<F, Fut>(apis: &[&str], secs: u64, what: &str, ok: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    for api in apis {
+        loop {
+            match ok(api.to_string()).await {
+                Ok(()) => break,
+                Err(e) => assert!(
+                    start.elapsed() < Duration::from_secs(secs),
+                    "{api}: {what}: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
+    let dirs: Vec<_> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids: Vec<NodeId> = dirs
+        .iter()
+        .map(|d| {
+            identity::load_or_create(&d.path().join(identity::IDENTITY_FILE))
+                .unwrap()
+                .node_id()
+        })
+        .collect();
+    let configs = (0..6)
+        .map(|_| {
+            let mut c = loopback_config("compaction-test");
+            c.hypervisor.enabled = false;
+            c.network.heartbeat_interval = Duration::from_millis(500);
+            c.network.unreachable_after = Duration::from_secs(5);
+            c.acp.committee = ids[..4].iter().map(|i| i.to_string()).collect();
+            c.ass.compaction.after_changes = 0;
+            c
+        })
+        .collect();
+    let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let mut nodes = start_group(configs, &dir_paths).await;
+    let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
+    let all: Vec<&str> = apis.iter().map(|s| s.as_str()).collect();
+
+    // Every document holds all six nodes.
+    wait_all(&all, 90, "six node entries", |api| async move {
+        let n = node_ids_in_document(&api).await;
+        if n.len() == 6 {
+            Ok(())
+        } else {
+            Err(format!("{} entries", n.len()))
+        }
+    })
+    .await;
+
+    // Node 5 leaves; after a while its last heartbeat is old enough to count as departed.
+    let leaver = nodes.pop().unwrap();
+    let departed = leaver.id;
+    leaver.stop().await;
+    // Live nodes write their heartbeat into the document at least every 10 s
+    // (`ass.consistency.max_staleness`); the cut drops entries older than 15 s.
+    tokio::time::sleep(Duration::from_secs(17)).await;
+    let live = &all[..5];
+    let before: Vec<u64> = {
+        let mut v = Vec::new();
+        for api in live {
+            v.push(lag(api).await.counters["history_changes"]);
+        }
+        v
+    };
+    assert!(before.iter().all(|c| *c > 20), "history before: {before:?}");
+
+    // A member proposes; the cut commits with f+1 endorsements.
+    let (ok, out, err) = cli(
+        live[1],
+        &[
+            "state-sync",
+            "compact",
+            "--departed-after-s",
+            "15",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "compact failed: {out} {err}");
+    let report: CompactReport = serde_json::from_str(&out).unwrap();
+    assert_eq!(report.epoch, 1);
+    assert_eq!(report.endorsers.len(), 2, "f+1 endorsements: {report:?}");
+    assert!(report.endorsers.iter().all(|e| ids[..4].contains(e)));
+    assert!(report.certificate_bytes > 0 && report.heads > 0);
+
+    // Every live node, the one outside the committee included, reaches epoch 1 with a short
+    // history, and none holds the departed node while all live ones are there.
+    wait_all(live, 60, "compacted at epoch 1", |api| async move {
+        let l = lag(&api).await;
+        if l.epoch != 1 {
+            return Err(format!("epoch {}", l.epoch));
+        }
+        let n = node_ids_in_document(&api).await;
+        if n.contains(&departed) {
+            return Err("the departed node is still in the document".into());
+        }
+        if n.len() != 5 {
+            return Err(format!("{} node entries: {n:?}", n.len()));
+        }
+        Ok(())
+    })
+    .await;
+    for (api, b) in live.iter().zip(&before) {
+        let after = lag(api).await.counters["history_changes"];
+        println!("{api}: history {b} -> {after} changes");
+        assert!(after < *b, "{api}: history {b} -> {after}");
+    }
+    println!("cut: {report:?}");
+
+    // The documents converge again: equal checksums everywhere.
+    wait_all(&live[..1], 60, "equal checksums", |api| async move {
+        let (ok, out, err) = cli(&api, &["state-sync", "verify", "--format", "json"]).await;
+        if !ok {
+            return Err(format!("{out} {err}"));
+        }
+        let v: SyncVerifyReport = serde_json::from_str(&out).unwrap();
+        let same = v
+            .rows
+            .iter()
+            .filter(|r| r.verdict == SyncVerdict::Same)
+            .count();
+        if same == 4 {
+            Ok(())
+        } else {
+            Err(format!("{same} of 4 the same: {v:?}"))
+        }
+    })
+    .await;
+
+    // The epoch is exported as a metric.
+    let m = reqwest::get(format!("{}/metrics", nodes[4].metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("dwcp_state_sync_epoch 1"), "{m}");
+
+    // The next proposal (another member) cuts epoch 2.
+    let (ok, out, err) = cli(live[3], &["state-sync", "compact", "--format", "json"]).await;
+    assert!(ok, "second compact failed: {out} {err}");
+    let r2: CompactReport = serde_json::from_str(&out).unwrap();
+    assert_eq!(r2.epoch, 2);
+    wait_all(live, 60, "compacted at epoch 2", |api| async move {
+        let e = lag(&api).await.epoch;
+        if e == 2 {
+            Ok(())
+        } else {
+            Err(format!("epoch {e}"))
+        }
+    })
+    .await;
+
+    for n in nodes {
+        n.stop().await;
+    }
+}
