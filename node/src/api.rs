@@ -202,13 +202,13 @@ async fn vm_create(
     {
         Ok(v) => {
             if let Some(a) = agreed {
-                placement::record(&s, a);
+                placement::created(&s, a);
             }
             Ok((StatusCode::CREATED, Json(v)))
         }
         Err(e) => {
             if let Some(a) = agreed {
-                placement::spawn_finish(&s, &a.decision, VmState::Failed);
+                placement::spawn_next(&s, &a.decision, VmState::Failed);
             }
             Err(e.into())
         }
@@ -243,7 +243,7 @@ async fn vm_delete(
             host: r.host,
             state: r.state,
         };
-        placement::spawn_finish(&s, &prev, VmState::Stopped);
+        placement::spawn_next(&s, &prev, VmState::Stopped);
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -46,7 +46,9 @@
 //!   outside the committee as PBFT's reply to the client (section 4.1), a signed
 //!   [`ConsensusReply`] from each of the first f+1 members; the certificate proves itself,
 //!   a refusal is believed from f+1 members. Placement (`crate::placement`) hands it to the
-//!   host, which checks it before creating the VM, and writes `vms/<id>`.
+//!   host, which checks it before creating the VM, writes `vms/<id>` and commits `running`.
+//!   A placement not `running` after [`PLACED_TTL_MS`] of decision time is failed by the
+//!   first f+1 members ([`AcpState::overdue`]), whose decision goes into the document.
 //!
 //! * [`crate::cert::CUT_DECISION_TAG`]: a compaction cut of the cluster document with f+1
 //!   member endorsements ([`crate::compaction`]); the first valid cut per document epoch is
@@ -105,6 +107,8 @@ pub const QUARANTINE_VOTE_TAG: u8 = 0xA1;
 /// Longest reason text in a quarantine vote.
 pub const MAX_REASON_LEN: usize = 256;
 const MAX_IN_FLIGHT: usize = 64;
+/// Most overdue placements a member has `failed` decisions in flight for.
+const MAX_EXPIRING: usize = 64;
 /// Decisions remembered for `consensus analyze` / `reputation analyze`.
 const MAX_HISTORY: usize = 256;
 
@@ -202,14 +206,19 @@ pub struct AcpState {
     offences: BTreeMap<NodeId, Vec<(String, u64)>>,
     /// Nodes with a committed quarantine decision, and the batch it committed in.
     decided: BTreeMap<NodeId, u64>,
-    /// VMs with a committed decision that are not finished, and their hosts.
-    vms: BTreeMap<VmId, Option<NodeId>>,
+    /// VMs with a committed decision that are not finished: their last decision and its
+    /// batch time (ms).
+    vms: BTreeMap<VmId, (VmDecisionOp, u64)>,
     /// Compaction cuts applied so far (the document epoch the committed log has reached).
     cut_epoch: u64,
 }
 
 /// Most unfinished VMs the replicated state tracks; decisions placing more are refused.
 pub const MAX_LIVE_VMS: usize = 100_000;
+/// A VM still only `placed` this long (decision time) after its placement is overdue: its host
+/// commits `running` once the VM exists, so the placing node or the host failed in between.
+/// The first f+1 members then submit `failed` for it ([`AcpState::overdue`]).
+pub const PLACED_TTL_MS: u64 = 15 * 60 * 1000;
 
 /// What applying one operation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,7 +344,7 @@ impl AcpState {
                 Ok(_) if self.is_quarantined(&client) => {
                     Applied::Nothing("vm decision from a quarantined node".into())
                 }
-                Ok(d) => self.apply_vm(d),
+                Ok(d) => self.apply_vm(time, d),
                 Err(e) => Applied::Nothing(format!("vm decision refused: {e}")),
             },
             Some(&CUT_DECISION_TAG) => {
@@ -363,7 +372,7 @@ impl AcpState {
     /// The VM lifecycle rules every replica applies in order: a VM is placed once, on a host
     /// that is not quarantined; later decisions (running, migrating to another host, stopped,
     /// failed) need a VM that is placed and not finished; a finished VM is forgotten.
-    fn apply_vm(&mut self, d: VmDecisionOp) -> Applied {
+    fn apply_vm(&mut self, time: Timestamp, d: VmDecisionOp) -> Applied {
         let refuse = |why: &str| Applied::Nothing(format!("vm decision refused: {why}"));
         let Some(state) = VmState::parse(&d.state) else {
             return refuse("unknown state");
@@ -385,15 +394,15 @@ impl AcpState {
                 if self.vms.len() >= MAX_LIVE_VMS {
                     return refuse("too many vms");
                 }
-                self.vms.insert(d.vm, d.host);
+                self.vms.insert(d.vm, (d.clone(), time.as_millis()));
             }
             VmState::Running | VmState::Migrating => match self.vms.get_mut(&d.vm) {
                 None => return refuse("unknown vm"),
-                Some(h) => {
+                Some(last) => {
                     if d.host.is_none() {
                         return refuse("a running vm needs a host");
                     }
-                    *h = d.host;
+                    *last = (d.clone(), time.as_millis());
                 }
             },
             VmState::Stopped | VmState::Failed => {
@@ -411,7 +420,25 @@ impl AcpState {
 
     /// The host of an unfinished VM with a committed decision.
     pub fn vm_host(&self, vm: &VmId) -> Option<Option<NodeId>> {
-        self.vms.get(vm).copied()
+        self.vms.get(vm).map(|(d, _)| d.host)
+    }
+
+    /// `failed` decisions for the VMs still only `placed` [`PLACED_TTL_MS`] after their
+    /// placement, at decision time `now` (at most `max` of them, oldest VM ids first). Pure:
+    /// every replica computes the same list from the same log.
+    pub fn overdue(&self, now: Timestamp, max: usize) -> Vec<VmDecisionOp> {
+        self.vms
+            .values()
+            .filter(|(d, since)| {
+                d.state == VmState::Placed.as_str()
+                    && since.saturating_add(PLACED_TTL_MS) <= now.as_millis()
+            })
+            .take(max)
+            .map(|(d, _)| VmDecisionOp {
+                state: VmState::Failed.as_str().to_owned(),
+                ..d.clone()
+            })
+            .collect()
     }
 
     /// Whether a node is quarantined (by reputation or by votes).
@@ -735,6 +762,8 @@ struct Driver {
     equivocate: bool,
     /// Where certified decisions go (the cluster document).
     sync: Option<crate::statesync::StateSync>,
+    /// Overdue placements this member submitted `failed` for (bounded by [`MAX_EXPIRING`]).
+    expiring: BTreeSet<VmId>,
     /// Signed quarantine votes per target, the grounds of a decision (bounded).
     vote_envs: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
     /// Nodes this replica proposed a quarantine decision for.
@@ -853,6 +882,7 @@ pub fn spawn(
         sync: statesync,
         vote_envs: BTreeMap::new(),
         decisions_proposed: BTreeSet::new(),
+        expiring: BTreeSet::new(),
         waiting: BTreeMap::new(),
         verifier,
     };
@@ -1281,6 +1311,9 @@ impl Driver {
                 }
                 Applied::Vm { vm, host, state } => {
                     info!(%vm, host = ?host.map(|h| h.short()), state = state.as_str(), seq = d.seq, "vm decision committed");
+                    if client == self.me && self.expiring.remove(vm) {
+                        self.record_vm(&d, r);
+                    }
                 }
                 Applied::Cut(epoch) => {
                     info!(epoch, seq = d.seq, "compaction cut committed");
@@ -1301,6 +1334,7 @@ impl Driver {
                 dwcp_reputation::Output::Penalised { .. } => {}
             }
         }
+        self.expire_overdue(d.time);
         self.refresh_reputation_metrics();
         self.publish_quarantine();
         self.recent
@@ -1484,6 +1518,61 @@ impl Driver {
         };
         if !sync.offer(crate::statesync::Input::Quarantine { decision, delay }) {
             warn!(node = %node.short(), "state-sync queue full: quarantine record not handed over");
+        }
+    }
+
+    /// Submits `failed` for placements still not `running` [`PLACED_TTL_MS`] after they
+    /// committed, if this replica is one of the first f+1 members (at least one is honest; the
+    /// first decision that commits ends the VM, the others are refused as repeats).
+    fn expire_overdue(&mut self, now: Timestamp) {
+        if self.engine.is_none()
+            || !self
+                .committee
+                .members()
+                .iter()
+                .take(self.committee.f() + 1)
+                .any(|m| *m == self.me)
+        {
+            return;
+        }
+        // Ours that another member's decision ended are done.
+        let state = &self.state;
+        self.expiring.retain(|vm| state.vm_host(vm).is_some());
+        let room = MAX_EXPIRING.saturating_sub(self.expiring.len());
+        let overdue: Vec<VmDecisionOp> = self
+            .state
+            .overdue(now, MAX_EXPIRING)
+            .into_iter()
+            .filter(|op| !self.expiring.contains(&op.vm))
+            .take(room)
+            .collect();
+        for op in overdue {
+            warn!(vm = %op.vm, host = ?op.host.map(|h| h.short()), "placement never reported running; submitting `failed`");
+            match self.submit(op.encode()) {
+                Ok(_) => {
+                    self.expiring.insert(op.vm);
+                }
+                Err(e) => warn!(error = %e, "submitting a vm decision failed"),
+            }
+        }
+    }
+
+    /// Writes the record of a VM decision this node submitted into the cluster document.
+    fn record_vm(&self, d: &dwcp_consensus::Decision, r: &Verified<Request>) {
+        let Some(sync) = &self.sync else { return };
+        let Some((_, certificate)) = self.certificate_of(d, r) else {
+            return;
+        };
+        match self.verifier.verify_vm(&certificate) {
+            Ok(decision) => {
+                if !sync.offer(crate::statesync::Input::Vm(dwcp_statesync::Certified {
+                    decision,
+                    certificate,
+                })) {
+                    warn!("state-sync queue full: vm record not handed over");
+                }
+            }
+            Err(e) => warn!(error = %e, "the certificate of our own vm decision does not verify"),
         }
     }
 
@@ -1878,6 +1967,56 @@ mod tests {
             state: state.as_str().to_owned(),
         }
         .encode()
+    }
+
+    #[test]
+    fn placements_never_reported_running_become_overdue() {
+        let keys = ids(4);
+        let committee = Committee::new(0, keys.iter().map(|k| k.node_id()).collect()).unwrap();
+        let host = Some(keys[1].node_id());
+        let by = keys[0].node_id();
+        let mut s = AcpState::new();
+        let t0 = Timestamp(1_000_000);
+        for vm in [1u8, 2, 3] {
+            s.apply(
+                t0,
+                u64::from(vm),
+                &committee,
+                by,
+                &vm_op(vm, host, VmState::Placed),
+            );
+        }
+        // VM 2's host reports it running; VM 3 is stopped.
+        let t1 = Timestamp(t0.as_millis() + 60_000);
+        s.apply(t1, 4, &committee, by, &vm_op(2, host, VmState::Running));
+        s.apply(t1, 5, &committee, by, &vm_op(3, host, VmState::Stopped));
+        // Just before the deadline nothing is overdue; at it, only VM 1.
+        let deadline = t0.as_millis() + PLACED_TTL_MS;
+        assert!(s.overdue(Timestamp(deadline - 1), 10).is_empty());
+        let due = s.overdue(Timestamp(deadline), 10);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].vm, VmId::from_bytes([1; 16]));
+        assert_eq!(due[0].state, "failed");
+        assert_eq!(due[0].host, host);
+        assert!(s.overdue(Timestamp(deadline), 0).is_empty());
+        // Its `failed` decision applies and ends it; the list is empty afterwards, and a
+        // second `failed` for it is refused.
+        let failed = due[0].encode();
+        assert!(matches!(
+            s.apply(Timestamp(deadline), 6, &committee, by, &failed),
+            Applied::Vm {
+                state: VmState::Failed,
+                ..
+            }
+        ));
+        assert!(
+            s.overdue(Timestamp(deadline + PLACED_TTL_MS), 10)
+                .is_empty()
+        );
+        assert!(matches!(
+            s.apply(Timestamp(deadline), 7, &committee, by, &failed),
+            Applied::Nothing(_)
+        ));
     }
 
     #[test]

@@ -138,7 +138,7 @@ async fn serve(shared: &Shared, peer: dwcp_net::PeerId, data: &[u8]) -> ControlR
                 Ok(v) => {
                     info!(vm = %v.id, %name, %from, "vm created for a peer's placement");
                     if let Some(a) = agreed {
-                        crate::placement::record(shared, a);
+                        crate::placement::created(shared, a);
                     }
                     ControlResponse::VmCreated(v)
                 }

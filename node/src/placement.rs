@@ -433,11 +433,11 @@ impl Placement {
         if let Some(a) = agreed {
             match &result {
                 // The host writes the record of a VM it created for another node.
-                Ok(_) if node == shared.node_id() => record(shared, a),
+                Ok(_) if node == shared.node_id() => created(shared, a),
                 Ok(_) => {}
                 Err(e) => {
                     info!(vm = %a.decision.vm, error = %e, "agreed placement failed on its host; deciding `failed`");
-                    spawn_finish(shared, &a.decision, VmState::Failed);
+                    spawn_next(shared, &a.decision, VmState::Failed);
                 }
             }
         }
@@ -1365,6 +1365,14 @@ pub fn record(shared: &Shared, a: Agreed) {
     record_in(shared.statesync(), a);
 }
 
+/// What the host does once it created an agreed VM: records the placement and commits
+/// `running` (which replaces the record when it commits).
+pub fn created(shared: &Shared, a: Agreed) {
+    let decision = a.decision.clone();
+    record(shared, a);
+    spawn_next(shared, &decision, VmState::Running);
+}
+
 fn record_in(sync: Option<&crate::statesync::StateSync>, a: Agreed) {
     let Some(sync) = sync else {
         return;
@@ -1378,9 +1386,11 @@ fn record_in(sync: Option<&crate::statesync::StateSync>, a: Agreed) {
     }
 }
 
-/// Decides a later state of an agreed VM (`stopped`, `failed`) in the background and records
-/// it; failures are logged (the VM stays counted until a later decision).
-pub fn spawn_finish(shared: &Shared, prev: &VmDecision, state: VmState) {
+/// Decides a later state of an agreed VM (`running` once its host created it, `stopped`,
+/// `failed`) in the background and records it; failures are logged (a VM left `placed` is
+/// failed by the committee after `PLACED_TTL_MS`; a `stopped` that did not commit leaves the
+/// record `running` until a later decision).
+pub fn spawn_next(shared: &Shared, prev: &VmDecision, state: VmState) {
     if prev.host.is_none() {
         return;
     }

@@ -132,16 +132,17 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     let vm = VmId::from_bytes(hex::decode(&vm_hex).unwrap().try_into().unwrap());
 
     // Every node's document holds the certified record, and the certificate verifies
-    // against the committee on its own.
+    // against the committee on its own: first the placement, then the host's `running`
+    // (committed once the VM exists), which replaces it.
     let verifier = CommitteeVerifier::new(Some(Committee::new(0, ids[..4].to_vec()).unwrap()));
     // (Node 5 runs without a committee, so it cannot check certificates and keeps such
     // changes out of its document: only nodes 0..5 are asked.)
-    let placed = wait_records(&apis[..5], vm, VmState::Placed).await;
+    let placed = wait_records(&apis[..5], vm, VmState::Running).await;
     for (api, r) in apis.iter().zip(&placed) {
         let d = verifier.verify_vm(&r.certificate).unwrap();
         assert_eq!(
             (d.vm, d.host, d.state),
-            (vm, Some(host), VmState::Placed),
+            (vm, Some(host), VmState::Running),
             "{api}"
         );
         assert_eq!(
@@ -158,7 +159,7 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     let row = &rows[0];
     assert_eq!(row["id"], vm_hex.as_str(), "{rows}");
     assert_eq!(row["host"], host.to_string().as_str(), "{rows}");
-    assert_eq!(row["state"], "placed", "{rows}");
+    assert_eq!(row["state"], "running", "{rows}");
     assert_eq!(
         row["certificate_bytes"].as_u64().unwrap() as usize,
         placed[2].certificate.len()
