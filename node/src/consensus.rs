@@ -54,10 +54,14 @@
 //!   member endorsements ([`crate::compaction`]); the first valid cut per document epoch is
 //!   applied and handed to the statesync driver.
 //!
-//! **Not done yet:** persistence of votes across restarts (a restarted replica should only
-//! vote from the next view on; today it starts a fresh engine at sequence 0 and catches up by
-//! `Fetch`), epoch reconfiguration, rewards from participation records, certified records
-//! for quarantines from lesser offences and for releases.
+//! **Restarts.** A restarted replica starts a fresh engine (view 0, sequence 0) and catches
+//! up by `Fetch`; every vote it sends is first made durable in its vote log
+//! ([`crate::votelog`]), and a message whose vote conflicts with one cast before the restart
+//! is held back, so it never equivocates (test
+//! `a_restarted_primary_never_equivocates_and_decisions_go_on`).
+//!
+//! **Not done yet:** epoch reconfiguration, rewards from participation records, certified
+//! records for quarantines from lesser offences and for releases.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -646,6 +650,7 @@ struct AcpMetrics {
     view: IntGauge,
     committee: IntGauge,
     dropped: IntCounter,
+    withheld: IntCounter,
 }
 
 impl AcpMetrics {
@@ -693,6 +698,10 @@ impl AcpMetrics {
                 "dwcp_consensus_messages_dropped_total",
                 "Consensus messages dropped: undecodable, bad signature, not from a member",
             )?,
+            withheld: reg.c(
+                "dwcp_pbft_votes_withheld_total",
+                "Outgoing messages this replica held back because they carried a vote conflicting with one it cast before (after a restart), or the vote could not be made durable",
+            )?,
         })
     }
 }
@@ -714,6 +723,8 @@ pub struct AcpSetup<'a> {
     pub stop: watch::Receiver<bool>,
     /// The state-sync driver, which records certified decisions in the cluster document.
     pub statesync: Option<crate::statesync::StateSync>,
+    /// Where this replica's votes are kept across restarts ([`crate::votelog`]).
+    pub votes: Option<sled::Tree>,
 }
 
 /// The genesis committee of a configuration, or `None` when none is configured.
@@ -764,6 +775,8 @@ struct Driver {
     sync: Option<crate::statesync::StateSync>,
     /// Overdue placements this member submitted `failed` for (bounded by [`MAX_EXPIRING`]).
     expiring: BTreeSet<VmId>,
+    /// The votes this replica cast, on disk.
+    votes: Option<crate::votelog::VoteLog>,
     /// Signed quarantine votes per target, the grounds of a decision (bounded).
     vote_envs: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
     /// Nodes this replica proposed a quarantine decision for.
@@ -825,6 +838,7 @@ pub fn spawn(
         registry,
         stop,
         statesync,
+        votes,
     } = setup;
     let metrics = AcpMetrics::new(registry)?;
     let Some(committee) = genesis_committee(cfg)? else {
@@ -883,6 +897,7 @@ pub fn spawn(
         vote_envs: BTreeMap::new(),
         decisions_proposed: BTreeSet::new(),
         expiring: BTreeSet::new(),
+        votes: votes.map(|t| crate::votelog::VoteLog::new(t, me)),
         waiting: BTreeMap::new(),
         verifier,
     };
@@ -1178,6 +1193,9 @@ impl Driver {
         while let Some(c) = self.engine.as_mut().and_then(|e| e.poll_command()) {
             match c {
                 Command::Broadcast(env) => {
+                    if !self.may_send(&env) {
+                        continue;
+                    }
                     if self.equivocate {
                         self.equivocate_on(&env);
                     }
@@ -1191,7 +1209,11 @@ impl Driver {
                         }
                     }
                 }
-                Command::Send { to, envelope } => self.send(to, envelope.encode()),
+                Command::Send { to, envelope } => {
+                    if self.may_send(&envelope) {
+                        self.send(to, envelope.encode());
+                    }
+                }
                 Command::Deliver(d) => self.apply(*d),
                 Command::ReportPeer { peer, offence } => self.on_offence(peer, offence),
                 Command::ViewChangeStarted { view } => {
@@ -1202,7 +1224,26 @@ impl Driver {
                 Command::NewViewInstalled { view, primary } => {
                     info!(view, primary = %primary.short(), "new view installed");
                 }
-                Command::StableCheckpoint { seq, .. } => debug!(seq, "stable checkpoint"),
+                Command::StableCheckpoint { seq, .. } => {
+                    debug!(seq, "stable checkpoint");
+                    if let Some(v) = &self.votes {
+                        v.prune(seq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the votes an outgoing message carries before it leaves; false (message held
+    /// back) if one conflicts with a vote cast before a restart or cannot be made durable.
+    fn may_send(&self, env: &SignedEnvelope) -> bool {
+        let Some(v) = &self.votes else { return true };
+        match v.admit(env) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "held back an outgoing consensus message");
+                self.metrics.withheld.inc();
+                false
             }
         }
     }

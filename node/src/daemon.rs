@@ -819,6 +819,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         registry: &metrics.registry,
         stop: stop_rx.clone(),
         statesync: Some(sync.clone()),
+        votes: Some(store.tree("consensus_votes")?),
     })?;
     let (pba, pba_task) = match crate::pba::spawn(crate::pba::PbaSetup {
         cfg: &config.pba,

@@ -34,6 +34,7 @@ pub mod placement;
 pub mod statesync;
 pub mod store;
 pub mod vms;
+pub mod votelog;
 
 /// Resolves on SIGTERM or SIGINT: how the daemons (`dwcp-node`, `dwcp-bootstrap`) learn to
 /// stop. Without signal handlers (they could not be installed) it never resolves and the

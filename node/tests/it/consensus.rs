@@ -74,6 +74,7 @@ async fn committee(
     Vec<NodeId>,
     Vec<RunningNode>,
     Vec<String>,
+    Vec<dwcp_node::config::NodeConfig>,
 ) {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let ids: Vec<NodeId> = dirs
@@ -101,6 +102,7 @@ async fn committee(
         }
     }
     let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let kept = configs.clone();
     let nodes = start_group(configs, &dir_paths).await;
     let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
     assert!(nodes.iter().zip(&ids).all(|(n, i)| n.id == *i));
@@ -125,12 +127,12 @@ async fn committee(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    (dirs, ids, nodes, apis)
+    (dirs, ids, nodes, apis, kept)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_node_committee_commits_quarantine_votes_identically() {
-    let (_dirs, ids, nodes, apis) = committee(false).await;
+    let (_dirs, ids, nodes, apis, _) = committee(false).await;
     let s = status(&apis[0]).await;
     assert_eq!((s.n, s.f, s.quorum), (4, 1, 3));
     assert!(s.replica);
@@ -212,7 +214,7 @@ async fn wait_quarantine_records(apis: &[String], victim: NodeId) -> Vec<Quarant
 #[cfg(feature = "byzantine")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_equivocating_member_is_quarantined_and_decisions_go_on() {
-    let (_dirs, ids, nodes, apis) = committee(true).await;
+    let (_dirs, ids, nodes, apis, _) = committee(true).await;
     let byz = ids[3];
     let start = Instant::now();
     'outer: loop {
@@ -266,6 +268,84 @@ async fn an_equivocating_member_is_quarantined_and_decisions_go_on() {
         .await
         .unwrap();
     assert_eq!(r["committed"], true, "{r}");
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+async fn probe(api: &str) -> Result<(), String> {
+    let r = reqwest::Client::new()
+        .post(format!("{api}/v1/consensus/probe"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status().is_success() {
+        Ok(())
+    } else {
+        Err(r.text().await.unwrap_or_default())
+    }
+}
+
+/// The primary of view 0 restarts: its fresh engine is primary of view 0 at sequence 0 again
+/// and would propose new batches for sequence numbers it already proposed (equivocation, for
+/// which an honest node would be quarantined). Its vote log (`dwcp_node::votelog`) holds
+/// those back; the others change view, decisions go on, and nobody accuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_primary_never_equivocates_and_decisions_go_on() {
+    let (dirs, ids, mut nodes, apis, configs) = committee(false).await;
+    for _ in 0..3 {
+        probe(&apis[1]).await.unwrap();
+    }
+    let before = status(&apis[1]).await.last_executed;
+    assert!(before >= 3, "{before}");
+
+    // Restart node 0 (the primary of view 0) with the same identity, data and ports.
+    let first = nodes.remove(0);
+    first.stop().await;
+    let mut cfg = configs[0].clone();
+    cfg.cluster.bootstrap = vec![format!(
+        "{}/p2p/{}",
+        configs[1].network.listen[0],
+        ids[1].to_peer_id().unwrap()
+    )];
+    nodes.insert(0, RunningNode::start(cfg, dirs[0].path()).await);
+
+    // Requests through the restarted node and through another one commit.
+    let start = Instant::now();
+    let mut committed = 0;
+    while committed < 4 {
+        let api = &apis[committed % 2];
+        match probe(api).await {
+            Ok(()) => committed += 1,
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "probes stopped committing after the restart: {e}"
+            ),
+        }
+    }
+    assert!(status(&apis[1]).await.last_executed > before);
+
+    // Nobody holds an offence against the restarted node.
+    for api in &apis {
+        let rows = reputation(api).await;
+        let row = rows.iter().find(|r| r.node == ids[0]);
+        assert!(
+            row.is_none_or(|r| !r.quarantined && r.offences.is_empty()),
+            "{api}: {row:?}"
+        );
+    }
+    let text = reqwest::get(format!("{}/metrics", nodes[0].metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let withheld = text
+        .lines()
+        .find(|l| l.starts_with("dwcp_pbft_votes_withheld_total"))
+        .unwrap_or("none");
+    println!("restarted primary: {withheld}");
+
     for n in nodes {
         n.stop().await;
     }
