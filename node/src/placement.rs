@@ -1365,12 +1365,36 @@ pub fn record(shared: &Shared, a: Agreed) {
     record_in(shared.statesync(), a);
 }
 
-/// What the host does once it created an agreed VM: records the placement and commits
-/// `running` (which replaces the record when it commits).
+/// What the host does once it created an agreed VM: commits `running` and writes that record
+/// (one certified record per VM in the document's history instead of two); if `running`
+/// does not commit, the placement's own record is written instead.
 pub fn created(shared: &Shared, a: Agreed) {
-    let decision = a.decision.clone();
-    record(shared, a);
-    spawn_next(shared, &decision, VmState::Running);
+    let Some(c) = shared.consensus().cloned() else {
+        record(shared, a);
+        return;
+    };
+    let sync = shared.statesync().cloned();
+    let op = VmDecisionOp::next(&a.decision, VmState::Running);
+    tokio::spawn(async move {
+        let running = match c.decide(op.encode(), DECISION_TIMEOUT).await {
+            Ok(certificate) => c
+                .verify_vm(&certificate)
+                .map(|decision| Agreed {
+                    decision,
+                    certificate,
+                    commit_ms: 0.0,
+                })
+                .map_err(|e| anyhow::anyhow!(e)),
+            Err(e) => Err(e),
+        };
+        match running {
+            Ok(r) => record_in(sync.as_ref(), r),
+            Err(e) => {
+                warn!(vm = %op.vm, error = %format!("{e:#}"), "`running` not agreed; recording the placement");
+                record_in(sync.as_ref(), a);
+            }
+        }
+    });
 }
 
 fn record_in(sync: Option<&crate::statesync::StateSync>, a: Agreed) {

@@ -73,12 +73,13 @@ pub(crate) async fn run_state_sync(api: &Api, json: bool, cmd: StateSyncCmd) -> 
             }
             let max = s.rows.iter().filter_map(|r| r.lag_ms).max();
             println!(
-                "Node {} epoch {}: {} nodes, {} VMs in the document, {} heads; max lag {}",
+                "Node {} epoch {}: {} nodes, {} VMs in the document, {} heads, {} changes of history; max lag {}",
                 s.node.short(),
                 s.epoch,
                 s.nodes,
                 s.vms,
                 s.heads.len(),
+                s.counters.get("history_changes").copied().unwrap_or(0),
                 lag_text(max)
             );
             let n = if show_all { s.rows.len() } else { 20 };
