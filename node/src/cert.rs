@@ -132,6 +132,9 @@ pub struct CutSpec {
     /// Node entries whose last heartbeat is older than this (ms since the Unix epoch) are
     /// dropped.
     pub departed_before_ms: u64,
+    /// Hash of the base change the compaction builds (`ClusterDoc::cut_base`): endorsers
+    /// check it, and a node that cannot build the snapshot takes it from a peer by this hash.
+    pub base: [u8; 32],
 }
 
 impl CutSpec {
@@ -640,6 +643,7 @@ mod tests {
             epoch: 1,
             heads: (0..heads).map(|i| [i as u8; 32]).collect(),
             departed_before_ms: 1,
+            base: [9; 32],
         };
         let endorsements = endorsers
             .iter()

@@ -32,7 +32,7 @@ use tokio::{sync::watch, task::JoinSet};
 use tracing::{debug, info, warn};
 
 use crate::{
-    cert::{CutDecisionOp, CutEndorsement, CutSpec, MAX_CUT_HEADS},
+    cert::{CutDecisionOp, CutEndorsement, CutSpec},
     config::AssCompaction,
     consensus::Consensus,
     statesync::{StateSync, TAG_ENDORSE},
@@ -81,16 +81,10 @@ pub async fn compact_now(
         .genesis()
         .cloned()
         .context("no committee is configured")?;
-    let summary = sync.summary().await?;
-    let heads: Vec<[u8; 32]> = summary.heads.into_iter().take(MAX_CUT_HEADS).collect();
-    if heads.is_empty() {
-        bail!("the document has no heads to cut at");
-    }
-    let spec = CutSpec {
-        epoch: summary.epoch + 1,
-        heads,
-        departed_before_ms: wall_ms().saturating_sub(departed_after.as_millis() as u64),
-    };
+    let changes_before = sync.summary().await?.changes;
+    let spec = sync
+        .plan_cut(wall_ms().saturating_sub(departed_after.as_millis() as u64))
+        .await?;
     let (endorsers, endorsements) = endorse(sync, client, &committee, me, &spec)
         .await?
         .into_iter()
@@ -112,7 +106,7 @@ pub async fn compact_now(
     Ok(CompactReport {
         epoch: spec.epoch,
         heads: spec.heads.len(),
-        changes_before: summary.changes,
+        changes_before,
         endorsers,
         certificate_bytes,
         elapsed_ms: started.elapsed().as_millis() as u64,

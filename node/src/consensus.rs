@@ -1888,6 +1888,7 @@ mod tests {
             epoch,
             heads: vec![[7; 32]],
             departed_before_ms: departed,
+            base: [8; 32],
         };
         let endorsements = endorsers
             .iter()

@@ -19,7 +19,9 @@
 //! checksum query (the answer is [`encode_checksum`]'s bytes), `2` a compaction cut query
 //! (epoch, u64 BE; the answer is the certificate of that epoch's committed cut, or `0xff`), `3`
 //! an endorsement request (CBOR [`CutSpec`]; the answer is this node's signed endorsement,
-//! given only when its document holds every head, or `0xff`). Frames are accepted only from
+//! given only when its document holds every head and builds the same snapshot, or `0xff`),
+//! `4` a snapshot request (epoch and offset; the answer is a chunk of that epoch's base
+//! change). Frames are accepted only from
 //! peers whose signed announcement we hold, and at most [`PEER_BYTES_PER_SEC`] per peer per
 //! second: the engine checks every change's signature and ownership, which costs CPU a
 //! stranger must not be able to spend.
@@ -28,8 +30,11 @@
 //! [`crate::compaction`]) reaches a member's driver from its consensus driver
 //! ([`Input::Cut`]); the driver keeps the certificate in sled (`cut/<epoch>`) and compacts as
 //! soon as its document holds the cut's heads. A node that meets a peer on a later epoch (the
-//! engine's `EpochMismatch`) asks the committee members for the cut and takes it once f+1 of
-//! them answer with the same verifying cut.
+//! engine's `EpochMismatch`) asks the committee members for that epoch's cut and takes it
+//! once f+1 of them answer with the same verifying cut. A node that cannot compact (it lacks
+//! the heads for [`ADOPT_AFTER`], or it is more than one epoch behind, or it is new) downloads
+//! the snapshot (the base change) from a member and adopts it if it hashes to the base the
+//! cut certifies.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -76,6 +81,16 @@ const TAG_CHECKSUM: u8 = 1;
 const TAG_CUT: u8 = 2;
 /// Tag of an endorsement request on the sync service.
 pub const TAG_ENDORSE: u8 = 3;
+/// Tag of a snapshot request on the sync service: epoch (u64 BE), offset (u32 BE); the
+/// answer is the total length (u32 BE) and up to [`BASE_CHUNK`] bytes of that epoch's base
+/// change from the offset on, or `0xff`.
+const TAG_BASE: u8 = 4;
+/// Bytes of a snapshot per answer.
+const BASE_CHUNK: usize = 512 * 1024;
+/// Largest snapshot a node downloads.
+const MAX_BASE_BYTES: usize = 256 * 1024 * 1024;
+/// How long a node waits for a cut's heads before it takes the snapshot from a peer.
+const ADOPT_AFTER: Duration = Duration::from_secs(10);
 /// Longest endorsement request body (a CBOR [`CutSpec`] with at most 64 heads).
 const MAX_ENDORSE_REQUEST: usize = 4096;
 /// Committed cuts kept in sled to answer nodes that are behind.
@@ -136,6 +151,13 @@ pub enum Input {
     /// The certificate of a committed compaction cut (from the consensus driver, the
     /// proposer, or learned from f+1 members): kept, and applied once the heads are here.
     Cut(Vec<u8>),
+    /// A downloaded snapshot of `epoch` (checked against the kept cut before use).
+    Base {
+        /// Its epoch.
+        epoch: u64,
+        /// The base change's bytes.
+        bytes: Vec<u8>,
+    },
     /// An API query.
     Query(Query),
 }
@@ -161,8 +183,14 @@ pub enum Query {
     Vms(oneshot::Sender<Vec<ClusterVmRecord>>),
     /// Epoch, history length and heads (what a compaction proposal cuts at).
     Summary(oneshot::Sender<DocSummary>),
-    /// Sign an endorsement of a cut if the document holds all its heads.
+    /// Sign an endorsement of a cut if the document holds all its heads and builds the same
+    /// snapshot.
     Endorse(CutSpec, oneshot::Sender<Result<SignedEnvelope, String>>),
+    /// A cut at the current heads dropping nodes silent since the given time (ms), with the
+    /// hash of the snapshot it builds.
+    PlanCut(u64, oneshot::Sender<Result<CutSpec, String>>),
+    /// A chunk of the current epoch's base change: (total length, bytes from the offset).
+    Base(u64, usize, oneshot::Sender<Option<(usize, Vec<u8>)>>),
     /// The certificate of the committed cut of an epoch, if kept.
     Cut(u64, oneshot::Sender<Option<Vec<u8>>>),
 }
@@ -436,6 +464,10 @@ struct Driver {
     cuts: BTreeMap<u64, (CutDecisionOp, Vec<u8>)>,
     /// The epoch whose cut is being asked for, and since when.
     learning: Option<(u64, Instant)>,
+    /// The next epoch's cut waits for heads since then.
+    stuck: Option<(u64, Instant)>,
+    /// The epoch whose snapshot is being downloaded, and since when.
+    fetching: Option<(u64, Instant)>,
 }
 
 /// What the driver needs to start.
@@ -527,6 +559,8 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
         key,
         cuts,
         learning: None,
+        stuck: None,
+        fetching: None,
     };
     let frames_refused = d.metrics.frames_refused.clone();
     let task = tokio::spawn(d.run(rx, stop, cfg.persist_interval));
@@ -680,6 +714,7 @@ impl Driver {
                 }
             }
             Input::Cut(certificate) => self.on_cut(certificate),
+            Input::Base { epoch, bytes } => self.on_base(epoch, &bytes),
             Input::Quarantine { decision, delay } => {
                 if self.pending.len() >= MAX_PENDING_RECORDS {
                     warn!("too many certified records waiting; dropped the oldest");
@@ -754,42 +789,130 @@ impl Driver {
     }
 
     /// Compacts at every kept cut whose epoch is next, as long as the document holds its heads
-    /// (otherwise waits: anti-entropy brings them, and the refresh tick tries again).
+    /// (otherwise waits: anti-entropy brings them, and the refresh tick tries again). A node
+    /// that waited [`ADOPT_AFTER`] for the heads, or is more than one epoch behind, downloads
+    /// the latest cut's snapshot instead.
     fn try_compact(&mut self) {
         loop {
             let next = self.engine.doc().epoch() + 1;
             let Some((op, _)) = self.cuts.get(&next) else {
-                return;
+                break;
             };
             let cut = op.cut.to_epoch_cut();
+            let certified = op.cut.base;
             let before = self.engine.doc().stats().changes;
             let now = self.now();
             match self.engine.compact(now, &cut) {
                 Ok(base) => {
-                    let after = self.engine.doc().stats().changes;
-                    info!(
-                        epoch = next,
-                        base = %hex::encode(&base.0[..8]),
-                        changes_before = before,
-                        changes_after = after,
-                        nodes = self.engine.doc().node_ids().len(),
-                        vms = self.engine.doc().vm_count(),
-                        "compacted the cluster document at the committed cut"
+                    if base.0 != certified {
+                        warn!(
+                            epoch = next,
+                            "the snapshot built here differs from the certified one"
+                        );
+                    }
+                    self.compacted(
+                        next,
+                        before,
+                        "compacted the cluster document at the committed cut",
                     );
-                    self.metrics.compactions.inc();
-                    self.metrics.epoch.set(next as i64);
-                    self.learning = None;
-                    self.save(true);
                 }
                 Err(dwcp_statesync::CompactError::MissingHeads(n)) => {
                     debug!(epoch = next, missing = n, "waiting for the cut's heads");
-                    return;
+                    if self.stuck.is_none_or(|(e, _)| e != next) {
+                        self.stuck = Some((next, Instant::now()));
+                    }
+                    break;
                 }
                 Err(e) => {
                     warn!(epoch = next, error = %e, "compacting at the committed cut failed");
                     return;
                 }
             }
+        }
+        let ours = self.engine.doc().epoch();
+        let Some((&latest, (op, _))) = self.cuts.last_key_value() else {
+            return;
+        };
+        let waited = self
+            .stuck
+            .is_some_and(|(e, t)| e == ours + 1 && t.elapsed() >= ADOPT_AFTER);
+        if latest > ours + 1 || (latest == ours + 1 && waited) {
+            self.fetch_base(latest, op.cut.base);
+        }
+    }
+
+    fn compacted(&mut self, epoch: u64, before: usize, what: &str) {
+        let after = self.engine.doc().stats().changes;
+        info!(
+            epoch,
+            changes_before = before,
+            changes_after = after,
+            nodes = self.engine.doc().node_ids().len(),
+            vms = self.engine.doc().vm_count(),
+            "{what}"
+        );
+        self.metrics.compactions.inc();
+        self.metrics.epoch.set(epoch as i64);
+        self.learning = None;
+        self.stuck = None;
+        self.fetching = None;
+        self.save(true);
+    }
+
+    /// Downloads the snapshot of `epoch` from a committee member (at most every
+    /// [`CUT_RETRY`] twice over); the driver checks it against the certified hash.
+    fn fetch_base(&mut self, epoch: u64, base: [u8; 32]) {
+        if self
+            .fetching
+            .is_some_and(|(e, at)| e == epoch && at.elapsed() < 2 * CUT_RETRY)
+        {
+            return;
+        }
+        let Some(committee) = self.engine.verifier().committee(0).cloned() else {
+            return;
+        };
+        self.fetching = Some((epoch, Instant::now()));
+        let me = self.engine.doc().node_id();
+        let (client, tx) = (self.client.clone(), self.tx.clone());
+        info!(
+            epoch,
+            "downloading the snapshot of a later epoch from a committee member"
+        );
+        tokio::spawn(async move {
+            for m in committee.members().iter().filter(|m| **m != me) {
+                let Ok(pid) = m.to_peer_id() else { continue };
+                match download_base(&client, pid, epoch).await {
+                    Some(bytes)
+                        if dwcp_statesync::change_hash(&bytes)
+                            == Some(dwcp_statesync::ChangeHash(base)) =>
+                    {
+                        let _ = tx.send(Input::Base { epoch, bytes }).await;
+                        return;
+                    }
+                    Some(_) => {
+                        warn!(peer = %m.short(), epoch, "a member sent a snapshot that is not the certified one")
+                    }
+                    None => debug!(peer = %m.short(), epoch, "no snapshot from this member"),
+                }
+            }
+        });
+    }
+
+    /// Adopts a downloaded snapshot if a kept cut certifies it.
+    fn on_base(&mut self, epoch: u64, bytes: &[u8]) {
+        let Some((op, _)) = self.cuts.get(&epoch) else {
+            return;
+        };
+        let base = dwcp_statesync::ChangeHash(op.cut.base);
+        let before = self.engine.doc().stats().changes;
+        let now = self.now();
+        match self.engine.adopt_base(now, epoch, bytes, base) {
+            Ok(()) => self.compacted(
+                epoch,
+                before,
+                "took the snapshot of a later epoch from a peer",
+            ),
+            Err(e) => warn!(epoch, error = %e, "the downloaded snapshot was refused"),
         }
     }
 
@@ -818,6 +941,11 @@ impl Driver {
         if missing > 0 {
             return Err(format!("{missing} heads of the cut are not here yet"));
         }
+        match doc.cut_base(&spec.to_epoch_cut()) {
+            Ok(b) if b.0 == spec.base => {}
+            Ok(_) => return Err("the cut builds another snapshot here".into()),
+            Err(e) => return Err(e.to_string()),
+        }
         Verified::sign(
             &self.key,
             dwcp_consensus::Request {
@@ -832,8 +960,10 @@ impl Driver {
     /// A peer is on a later epoch: ask the committee for the cut of our next epoch (at most
     /// every [`CUT_RETRY`]) and take it once f+1 members answer with the same verifying cut.
     fn learn_cut(&mut self, theirs: u64) {
-        let next = self.engine.doc().epoch() + 1;
-        if theirs < next || self.cuts.contains_key(&next) {
+        // The peer's epoch: if it is more than one ahead, only its snapshot can catch us up.
+        let next = theirs;
+        if next <= self.engine.doc().epoch() || self.cuts.contains_key(&next) {
+            self.try_compact();
             return;
         }
         if self
@@ -920,6 +1050,41 @@ impl Driver {
             }
             Query::Endorse(spec, reply) => {
                 let _ = reply.send(self.endorse(now, spec));
+            }
+            Query::PlanCut(departed_before_ms, reply) => {
+                let doc = self.engine.doc();
+                let heads: Vec<[u8; 32]> = doc
+                    .heads()
+                    .into_iter()
+                    .take(crate::cert::MAX_CUT_HEADS)
+                    .map(|h| h.0)
+                    .collect();
+                let mut spec = CutSpec {
+                    epoch: doc.epoch() + 1,
+                    heads,
+                    departed_before_ms,
+                    base: [0; 32],
+                };
+                let r = doc
+                    .cut_base(&spec.to_epoch_cut())
+                    .map(|b| {
+                        spec.base = b.0;
+                        spec
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Query::Base(epoch, offset, reply) => {
+                let doc = self.engine.doc();
+                let chunk = (doc.epoch() == epoch && epoch > 0)
+                    .then(|| doc.base_change_bytes())
+                    .flatten()
+                    .filter(|b| offset <= b.len())
+                    .map(|b| {
+                        let end = (offset + BASE_CHUNK).min(b.len());
+                        (b.len(), b[offset..end].to_vec())
+                    });
+                let _ = reply.send(chunk);
             }
             Query::Cut(epoch, reply) => {
                 let _ = reply.send(self.cuts.get(&epoch).map(|(_, c)| c.clone()));
@@ -1097,6 +1262,38 @@ impl Driver {
     }
 }
 
+/// Downloads a peer's base change of `epoch` in chunks (at most [`MAX_BASE_BYTES`]).
+async fn download_base(client: &Client, peer: PeerId, epoch: u64) -> Option<Vec<u8>> {
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let mut q = vec![TAG_BASE];
+        q.extend_from_slice(&epoch.to_be_bytes());
+        q.extend_from_slice(&u32::try_from(out.len()).ok()?.to_be_bytes());
+        let a = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(peer, Service::Sync, q),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        if a.len() < 4 || a.first() == Some(&0xff) && a.len() == 1 {
+            return None;
+        }
+        let total = u32::from_be_bytes(a[..4].try_into().ok()?) as usize;
+        let chunk = &a[4..];
+        if total > MAX_BASE_BYTES || out.len() + chunk.len() > total {
+            return None;
+        }
+        out.extend_from_slice(chunk);
+        if out.len() == total {
+            return Some(out);
+        }
+        if chunk.is_empty() {
+            return None;
+        }
+    }
+}
+
 /// Loads the kept cuts from sled; a cut that no longer verifies is dropped.
 fn load_cuts(
     tree: &sled::Tree,
@@ -1179,6 +1376,19 @@ impl StateSync {
                     .map_err(|_| "stopped")?
                     .ok_or("no_cut")
             }
+            Some((&TAG_BASE, q)) if q.len() == 12 => {
+                let epoch = u64::from_be_bytes(q[..8].try_into().map_err(|_| "malformed")?);
+                let offset = u32::from_be_bytes(q[8..].try_into().map_err(|_| "malformed")?);
+                let (total, chunk) = self
+                    .ask(|tx| Query::Base(epoch, offset as usize, tx))
+                    .await
+                    .map_err(|_| "stopped")?
+                    .ok_or("no_snapshot")?;
+                let mut out = Vec::with_capacity(4 + chunk.len());
+                out.extend_from_slice(&(total as u32).to_be_bytes());
+                out.extend_from_slice(&chunk);
+                Ok(out)
+            }
             Some((&TAG_ENDORSE, mut body)) if body.len() <= MAX_ENDORSE_REQUEST => {
                 let spec: CutSpec = ciborium::from_reader(&mut body).map_err(|_| "malformed")?;
                 if !body.is_empty() {
@@ -1199,6 +1409,13 @@ impl StateSync {
     /// Epoch, history length and heads of the document.
     pub async fn summary(&self) -> anyhow::Result<DocSummary> {
         self.ask(Query::Summary).await
+    }
+
+    /// A cut at the current heads (see [`Query::PlanCut`]).
+    pub async fn plan_cut(&self, departed_before_ms: u64) -> anyhow::Result<CutSpec> {
+        self.ask(|tx| Query::PlanCut(departed_before_ms, tx))
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))
     }
 
     /// This node's endorsement of a compaction cut, or why it gives none.

@@ -202,6 +202,12 @@ fn am(e: automerge::AutomergeError) -> WriteError {
     WriteError::Automerge(e.to_string())
 }
 
+/// The hash of a change given as bytes (`None` if they are not one): lets a downloader check a
+/// snapshot against a certified hash before handing it over.
+pub fn change_hash(bytes: &[u8]) -> Option<ChangeHash> {
+    Change::from_bytes(bytes.to_vec()).ok().map(|c| c.hash())
+}
+
 /// The actor of a base change (genesis when `epoch` is 0, otherwise an epoch snapshot).
 fn base_actor(cluster_id: &str, epoch: u64) -> ActorId {
     let mut h = Sha256::new();
@@ -1171,6 +1177,25 @@ impl ClusterDoc {
         cut: &EpochCut,
         verifier: &dyn CertificateVerifier,
     ) -> Result<ChangeHash, CompactError> {
+        let (at_cut, snap) = self.snapshot_at(cut)?;
+        let (doc, base) = Self::build_base(&self.cluster_id, cut.epoch, &snap)
+            .map_err(|e| CompactError::Automerge(e.to_string()))?;
+        self.replace(now, doc, base, cut.epoch, &at_cut, verifier)?;
+        Ok(base)
+    }
+
+    /// The hash of the base change a compaction at `cut` builds, without compacting: what a
+    /// proposer puts into the cut and an endorser checks, so that a node that cannot build
+    /// the snapshot itself can take it from a peer ([`ClusterDoc::adopt_base`]).
+    pub fn cut_base(&self, cut: &EpochCut) -> Result<ChangeHash, CompactError> {
+        let (_, snap) = self.snapshot_at(cut)?;
+        Self::build_base(&self.cluster_id, cut.epoch, &snap)
+            .map(|(_, h)| h)
+            .map_err(|e| CompactError::Automerge(e.to_string()))
+    }
+
+    /// The state at the cut's heads, and the snapshot built from it.
+    fn snapshot_at(&self, cut: &EpochCut) -> Result<(ClusterView, ClusterView), CompactError> {
         if cut.epoch != self.epoch + 1 {
             return Err(CompactError::WrongEpoch {
                 current: self.epoch,
@@ -1181,7 +1206,6 @@ impl ClusterDoc {
         if missing > 0 {
             return Err(CompactError::MissingHeads(missing));
         }
-        let current = self.view();
         let at_cut = {
             let fork = self
                 .doc
@@ -1196,8 +1220,64 @@ impl ClusterDoc {
             .retain(|_, n| n.last_heartbeat_ms >= cut.departed_before_ms);
         snap.vms.retain(|_, r| !r.state.is_finished());
         snap.quarantine.retain(|_, r| r.quarantined);
-        let (doc, base) = Self::build_base(&self.cluster_id, cut.epoch, &snap)
-            .map_err(|e| CompactError::Automerge(e.to_string()))?;
+        Ok((at_cut, snap))
+    }
+
+    /// The raw bytes of this epoch's base change, for a node that cannot build it itself.
+    pub fn base_change_bytes(&self) -> Option<Vec<u8>> {
+        self.doc
+            .get_change_by_hash(&self.base)
+            .map(|c| c.raw_bytes().to_vec())
+    }
+
+    /// Replaces the document by the snapshot of `epoch` received as its base change's bytes,
+    /// which must hash to `base` (the hash a committed cut certifies) and be written by that
+    /// epoch's base actor. For a node that fell behind a compaction and cannot get the cut's
+    /// heads (peers on the new epoch no longer sync the old one). As in
+    /// [`ClusterDoc::compact`], our own entry and newer certified VM records are carried over.
+    pub fn adopt_base(
+        &mut self,
+        now: Timestamp,
+        epoch: u64,
+        bytes: &[u8],
+        base: ChangeHash,
+        verifier: &dyn CertificateVerifier,
+    ) -> Result<(), CompactError> {
+        if epoch <= self.epoch {
+            return Err(CompactError::WrongEpoch {
+                current: self.epoch,
+                got: epoch,
+            });
+        }
+        let bad = |s: &str| CompactError::Automerge(s.to_owned());
+        let change = Change::from_bytes(bytes.to_vec()).map_err(|e| bad(&e.to_string()))?;
+        if change.hash() != base {
+            return Err(bad("the snapshot does not hash to the certified base"));
+        }
+        if change.actor_id() != &base_actor(&self.cluster_id, epoch) || !change.deps().is_empty() {
+            return Err(bad("the snapshot is not a base change of this epoch"));
+        }
+        let mut doc = Automerge::new();
+        doc.apply_changes([change])
+            .map_err(|e| bad(&e.to_string()))?;
+        let snap = ClusterDocView::new(&doc)
+            .ok_or_else(|| bad("the snapshot lacks the root maps"))?
+            .view();
+        self.replace(now, doc, base, epoch, &snap, verifier)
+    }
+
+    /// Makes `doc` (a base change of `epoch`) this document, then re-writes our own entry and
+    /// the certified VM records newer than `at_cut` on top of it.
+    fn replace(
+        &mut self,
+        now: Timestamp,
+        doc: Automerge,
+        base: ChangeHash,
+        epoch: u64,
+        at_cut: &ClusterView,
+        verifier: &dyn CertificateVerifier,
+    ) -> Result<(), CompactError> {
+        let current = self.view();
         let incarnation = {
             let b = self.actor.to_bytes();
             let mut inc = [0u8; 8];
@@ -1210,13 +1290,14 @@ impl ClusterDoc {
             incarnation,
             doc,
             base,
-            cut.epoch,
+            epoch,
         )
         .map_err(|e| CompactError::Automerge(e.to_string()))?;
         *self = fresh;
+        let in_base = self.view();
         // Carry forward what happened after the cut and is ours to write.
         if let Some(mine) = current.nodes.get(&self.me)
-            && snap.nodes.get(&self.me) != Some(mine)
+            && in_base.nodes.get(&self.me) != Some(mine)
         {
             self.rewrite_own_entry(now, mine)
                 .map_err(|e| CompactError::Automerge(e.to_string()))?;
@@ -1241,7 +1322,7 @@ impl ClusterDoc {
                 let _ = self.write_vm(now, &c, verifier);
             }
         }
-        Ok(base)
+        Ok(())
     }
 
     fn rewrite_own_entry(&mut self, now: Timestamp, n: &NodeEntry) -> Result<(), WriteError> {

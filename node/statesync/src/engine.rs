@@ -879,11 +879,30 @@ impl<V: CertificateVerifier> Engine<V> {
     /// session, since the history changed.
     pub fn compact(&mut self, now: Timestamp, cut: &EpochCut) -> Result<ChangeHash, CompactError> {
         let base = self.doc.compact(now, cut, &self.verifier)?;
+        self.restart_sessions();
+        Ok(base)
+    }
+
+    /// Takes the snapshot of a later epoch from its base change's bytes (see
+    /// [`ClusterDoc::adopt_base`]) and restarts every session.
+    pub fn adopt_base(
+        &mut self,
+        now: Timestamp,
+        epoch: u64,
+        bytes: &[u8],
+        base: ChangeHash,
+    ) -> Result<(), CompactError> {
+        self.doc
+            .adopt_base(now, epoch, bytes, base, &self.verifier)?;
+        self.restart_sessions();
+        Ok(())
+    }
+
+    fn restart_sessions(&mut self) {
         let _ = self.doc.take_local_changes();
         for p in self.peers.values_mut() {
             p.sync = sync::State::new();
         }
-        Ok(base)
     }
 }
 

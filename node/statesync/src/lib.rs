@@ -84,7 +84,7 @@ pub use automerge::ChangeHash;
 pub use cert::{CertError, CertificateVerifier, Certified, QuarantineDecision, VmDecision};
 pub use doc::{
     ChangeSignature, ClusterDoc, CompactError, ConflictCounts, DocStats, EpochCut, IngestReport,
-    LoadError, WriteError, read_export,
+    LoadError, WriteError, change_hash, read_export,
 };
 pub use engine::{Command, Config, ConfigError, Engine, Offence, PeerStatus, SyncStats};
 pub use schema::{ClusterView, NodeEntry, QuarantineRecord, VmRecord, VmSpec, VmState};

@@ -7,8 +7,8 @@ use dwcp_protocol::{
     VmId,
 };
 use dwcp_statesync::{
-    ClusterDoc, Command, Config, EpochCut, LoadError, Offence, Reject, Violation, VmDecision,
-    VmSpec, VmState,
+    ChangeHash, ClusterDoc, Command, Config, EpochCut, LoadError, Offence, Reject, Violation,
+    VmDecision, VmSpec, VmState,
     fake::{FakeCommittee, fake_node_key},
     harness::{SimCluster, SimConfig},
 };
@@ -658,12 +658,38 @@ fn compaction_is_identical_everywhere_and_drops_departed_and_finished() {
         heads: sim.engines[0].doc().heads(),
         departed_before_ms: T0 - 60_000,
     };
+    // The base a cut would build is known before compacting (what a proposer certifies).
+    let planned = sim.engines[2].doc().cut_base(&cut).unwrap();
     let mut bases = Vec::new();
-    for i in 0..3 {
+    for i in 0..2 {
         let now = Timestamp(sim.now());
         bases.push(sim.engines[i].compact(now, &cut).unwrap());
     }
-    assert!(bases.windows(2).all(|w| w[0] == w[1]), "snapshots differ");
+    assert!(bases.iter().all(|b| *b == planned), "snapshots differ");
+    // Node 2 takes the snapshot from node 0's bytes instead of building it: tampered bytes,
+    // another hash or an old epoch are refused; the real bytes give the same document.
+    let bytes = sim.engines[0].doc().base_change_bytes().unwrap();
+    let now = Timestamp(sim.now());
+    let mut tampered = bytes.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(
+        sim.engines[2]
+            .adopt_base(now, 1, &tampered, planned)
+            .is_err()
+    );
+    assert!(
+        sim.engines[2]
+            .adopt_base(now, 1, &bytes, ChangeHash([7; 32]))
+            .is_err()
+    );
+    assert!(sim.engines[2].adopt_base(now, 0, &bytes, planned).is_err());
+    assert_eq!(sim.engines[2].doc().epoch(), 0);
+    sim.engines[2].adopt_base(now, 1, &bytes, planned).unwrap();
+    assert_eq!(sim.engines[2].doc().epoch(), 1);
+    assert_eq!(sim.engines[2].doc().base_change_bytes().unwrap(), bytes);
+    // Node 2 departed by the cut, so the snapshot lacks it; adopting re-wrote its own entry.
+    assert!(sim.engines[2].doc().node(&sim.ids[2]).is_some());
     let d = sim.engines[1].doc();
     assert_eq!(d.epoch(), 1);
     assert!(d.node(&sim.ids[2]).is_none(), "departed node kept");

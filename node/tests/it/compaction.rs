@@ -70,7 +70,7 @@ async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
                 .node_id()
         })
         .collect();
-    let configs = (0..6)
+    let configs: Vec<_> = (0..6)
         .map(|_| {
             let mut c = loopback_config("compaction-test");
             c.hypervisor.enabled = false;
@@ -82,6 +82,7 @@ async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
         })
         .collect();
     let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let first_listen = configs[0].network.listen[0].clone();
     let mut nodes = start_group(configs, &dir_paths).await;
     let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
     let all: Vec<&str> = apis.iter().map(|s| s.as_str()).collect();
@@ -201,6 +202,57 @@ async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
         }
     })
     .await;
+
+    // A node that joins now (empty document, epoch 0) cannot build the snapshot (it never had
+    // the heads): it downloads the base of epoch 2 from a member, checks it against the
+    // certified hash, and then syncs normally.
+    let late_dir = tempfile::tempdir().unwrap();
+    let mut late_cfg = loopback_config("compaction-test");
+    late_cfg.hypervisor.enabled = false;
+    late_cfg.network.heartbeat_interval = Duration::from_millis(500);
+    late_cfg.network.unreachable_after = Duration::from_secs(5);
+    late_cfg.acp.committee = ids[..4].iter().map(|i| i.to_string()).collect();
+    late_cfg.ass.compaction.after_changes = 0;
+    late_cfg.cluster.bootstrap = vec![format!(
+        "{}/p2p/{}",
+        first_listen,
+        ids[0].to_peer_id().unwrap()
+    )];
+    let late = crate::common::RunningNode::start(late_cfg, late_dir.path()).await;
+    let late_api = late.api.clone();
+    let live_ids: Vec<NodeId> = ids[..5].to_vec();
+    wait_all(
+        &[late_api.as_str()],
+        90,
+        "late node on epoch 2 with every live node",
+        |api| {
+            let live_ids = live_ids.clone();
+            async move {
+                let l = lag(&api).await;
+                if l.epoch != 2 {
+                    return Err(format!("epoch {}", l.epoch));
+                }
+                let n = node_ids_in_document(&api).await;
+                if live_ids.iter().all(|i| n.contains(i)) {
+                    Ok(())
+                } else {
+                    Err(format!("{} node entries", n.len()))
+                }
+            }
+        },
+    )
+    .await;
+    // And the others learn about it.
+    let late_id = late.id;
+    wait_all(&live[..1], 60, "the late node's entry", |api| async move {
+        if node_ids_in_document(&api).await.contains(&late_id) {
+            Ok(())
+        } else {
+            Err("missing".into())
+        }
+    })
+    .await;
+    late.stop().await;
 
     for n in nodes {
         n.stop().await;
