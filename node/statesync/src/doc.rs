@@ -1220,6 +1220,15 @@ impl ClusterDoc {
             .retain(|_, n| n.last_heartbeat_ms >= cut.departed_before_ms);
         snap.vms.retain(|_, r| !r.state.is_finished());
         snap.quarantine.retain(|_, r| r.quarantined);
+        // The snapshot's records go without their certificates: the cut certifies the
+        // snapshot as a whole (f+1 members computed its hash from records they had verified),
+        // which keeps a compacted document's size independent of the committee's.
+        for r in snap.vms.values_mut() {
+            r.certificate.clear();
+        }
+        for r in snap.quarantine.values_mut() {
+            r.certificate.clear();
+        }
         Ok((at_cut, snap))
     }
 

@@ -21,11 +21,12 @@
 //! │       ├─ host           str          highest decision_seq among concurrent records)
 //! │       ├─ state          str          pending|placed|running|migrating|stopped|failed
 //! │       ├─ spec           Map { vcpus, memory_mib, disk_gib: u64 }
-//! │       └─ cert           bytes        the commit certificate of the decision
+//! │       └─ cert           bytes        the commit certificate of the decision (empty in an
+//! │                                      epoch snapshot: the committed cut certifies it)
 //! └─ quarantine Map
 //!     └─ <node id, 64 hex>  Map          a certified record, like a VM record
 //!         ├─ decision_seq u64, quarantined bool, reason str
-//!         └─ cert         bytes
+//!         └─ cert         bytes        (empty in an epoch snapshot, as for VMs)
 //! ```
 //!
 //! Every value is a plain Automerge scalar or map, so any Automerge implementation can read an
