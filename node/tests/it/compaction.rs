@@ -258,3 +258,45 @@ async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
         n.stop().await;
     }
 }
+
+/// With `ass.compaction.after_changes` set, the member whose turn it is proposes a cut on its
+/// own once the history is that long, and every member compacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_compact_on_their_own_past_the_history_threshold() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids: Vec<NodeId> = dirs
+        .iter()
+        .map(|d| {
+            identity::load_or_create(&d.path().join(identity::IDENTITY_FILE))
+                .unwrap()
+                .node_id()
+        })
+        .collect();
+    let configs: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = loopback_config("auto-compaction-test");
+            c.hypervisor.enabled = false;
+            c.network.heartbeat_interval = Duration::from_millis(500);
+            c.acp.committee = ids.iter().map(|i| i.to_string()).collect();
+            c.ass.consistency.max_staleness = Duration::from_secs(1);
+            c.ass.compaction.after_changes = 15;
+            c.ass.compaction.check_interval = Duration::from_secs(2);
+            c
+        })
+        .collect();
+    let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let nodes = start_group(configs, &dir_paths).await;
+    let apis: Vec<&str> = nodes.iter().map(|n| n.api.as_str()).collect();
+    wait_all(&apis, 90, "compacted on their own", |api| async move {
+        let e = lag(&api).await.epoch;
+        if e >= 1 {
+            Ok(())
+        } else {
+            Err(format!("epoch {e}"))
+        }
+    })
+    .await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
