@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{cli, loopback_config, start_group};
-use dwcp_node::{compaction::CompactReport, identity};
+use crate::common::{cli, exported_view, fresh_dirs, loopback_config, start_group};
+use dwcp_node::compaction::CompactReport;
 use dwcp_protocol::{
     NodeId,
     api::{SyncLagStatus, SyncVerdict, SyncVerifyReport},
@@ -24,18 +24,18 @@ async fn lag(api: &str) -> SyncLagStatus {
 }
 
 async fn node_ids_in_document(api: &str) -> Vec<NodeId> {
-    let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    dwcp_statesync::read_export(&bytes)
-        .unwrap()
-        .nodes
-        .keys()
-        .copied()
-        .collect()
+    exported_view(api).await.nodes.keys().copied().collect()
+}
+
+/// A node of these tests: no hypervisor, fast heartbeats, the given committee.
+fn config(cluster: &str, committee: &[NodeId]) -> dwcp_node::config::NodeConfig {
+    let mut c = loopback_config(cluster);
+    c.hypervisor.enabled = false;
+    c.network.heartbeat_interval = Duration::from_millis(500);
+    c.network.unreachable_after = Duration::from_secs(5);
+    c.acp.committee = committee.iter().map(|i| i.to_string()).collect();
+    c.ass.compaction.after_changes = 0;
+    c
 }
 
 /// Waits (at most `secs`) until `ok` holds for every API.
@@ -61,25 +61,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
-    let dirs: Vec<_> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
-    let ids: Vec<NodeId> = dirs
-        .iter()
-        .map(|d| {
-            identity::load_or_create(&d.path().join(identity::IDENTITY_FILE))
-                .unwrap()
-                .node_id()
-        })
-        .collect();
+    let (dirs, ids) = fresh_dirs(6);
     let configs: Vec<_> = (0..6)
-        .map(|_| {
-            let mut c = loopback_config("compaction-test");
-            c.hypervisor.enabled = false;
-            c.network.heartbeat_interval = Duration::from_millis(500);
-            c.network.unreachable_after = Duration::from_secs(5);
-            c.acp.committee = ids[..4].iter().map(|i| i.to_string()).collect();
-            c.ass.compaction.after_changes = 0;
-            c
-        })
+        .map(|_| config("compaction-test", &ids[..4]))
         .collect();
     let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
     let first_listen = configs[0].network.listen[0].clone();
@@ -207,12 +191,7 @@ async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
     // the heads): it downloads the base of epoch 2 from a member, checks it against the
     // certified hash, and then syncs normally.
     let late_dir = tempfile::tempdir().unwrap();
-    let mut late_cfg = loopback_config("compaction-test");
-    late_cfg.hypervisor.enabled = false;
-    late_cfg.network.heartbeat_interval = Duration::from_millis(500);
-    late_cfg.network.unreachable_after = Duration::from_secs(5);
-    late_cfg.acp.committee = ids[..4].iter().map(|i| i.to_string()).collect();
-    late_cfg.ass.compaction.after_changes = 0;
+    let mut late_cfg = config("compaction-test", &ids[..4]);
     late_cfg.cluster.bootstrap = vec![format!(
         "{}/p2p/{}",
         first_listen,
@@ -263,21 +242,10 @@ async fn a_committed_cut_compacts_every_document_and_drops_departed_nodes() {
 /// own once the history is that long, and every member compacts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_compact_on_their_own_past_the_history_threshold() {
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let ids: Vec<NodeId> = dirs
-        .iter()
-        .map(|d| {
-            identity::load_or_create(&d.path().join(identity::IDENTITY_FILE))
-                .unwrap()
-                .node_id()
-        })
-        .collect();
+    let (dirs, ids) = fresh_dirs(4);
     let configs: Vec<_> = (0..4)
         .map(|_| {
-            let mut c = loopback_config("auto-compaction-test");
-            c.hypervisor.enabled = false;
-            c.network.heartbeat_interval = Duration::from_millis(500);
-            c.acp.committee = ids.iter().map(|i| i.to_string()).collect();
+            let mut c = config("auto-compaction-test", &ids);
             c.ass.consistency.max_staleness = Duration::from_secs(1);
             c.ass.compaction.after_changes = 15;
             c.ass.compaction.check_interval = Duration::from_secs(2);

@@ -5,13 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{RunningNode, loopback_config, start_group, wait_in_documents};
+use crate::common::{RunningNode, fresh_dirs, loopback_config, start_group, wait_in_documents};
 use dwcp_consensus::Committee;
 use dwcp_node::cert::CommitteeVerifier;
-use dwcp_node::{
-    consensus::{QuarantineRequest, QuorumStatus, ReputationRow},
-    identity,
-};
+use dwcp_node::consensus::{QuarantineRequest, QuorumStatus, ReputationRow};
 use dwcp_protocol::NodeId;
 use dwcp_statesync::{CertificateVerifier, QuarantineRecord};
 
@@ -76,15 +73,7 @@ async fn committee(
     Vec<String>,
     Vec<dwcp_node::config::NodeConfig>,
 ) {
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let ids: Vec<NodeId> = dirs
-        .iter()
-        .map(|d| {
-            identity::load_or_create(&d.path().join(identity::IDENTITY_FILE))
-                .unwrap()
-                .node_id()
-        })
-        .collect();
+    let (dirs, ids) = fresh_dirs(4);
     let mut configs = Vec::new();
     for _ in 0..4 {
         let mut c = loopback_config("consensus-test");

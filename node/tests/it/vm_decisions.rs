@@ -12,14 +12,13 @@ use std::{
 };
 
 use crate::common::{
-    KillLeftovers, cli, create_guest, loopback_config, start_group, wait_in_documents,
+    KillLeftovers, cli, create_guest, loopback_config, node_id_in, start_group, wait_in_documents,
 };
 use dwcp_consensus::Committee;
 use dwcp_hypervisor::test_guest::TestGuest;
 use dwcp_node::{
     cert::CommitteeVerifier,
     config::{AccelSetting, NodeConfig},
-    identity,
 };
 use dwcp_protocol::{NodeId, VmId};
 use dwcp_statesync::{CertificateVerifier, VmRecord, VmState};
@@ -73,12 +72,6 @@ async fn wait_ready(api: &str, others: &[NodeId], lender: NodeId) {
     }
 }
 
-fn key_of(dir: &Path) -> NodeId {
-    identity::load_or_create(&dir.join(identity::IDENTITY_FILE))
-        .unwrap()
-        .node_id()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_is_a_committed_decision_the_host_checks() {
     let guest = TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
@@ -90,7 +83,7 @@ async fn a_placement_is_a_committed_decision_the_host_checks() {
     for d in &dirs {
         std::fs::create_dir_all(d).unwrap();
     }
-    let ids: Vec<NodeId> = dirs.iter().map(|d| key_of(d)).collect();
+    let ids: Vec<NodeId> = dirs.iter().map(|d| node_id_in(d)).collect();
     let members: Vec<String> = ids[..4].iter().map(ToString::to_string).collect();
     let configs: Vec<NodeConfig> = (0..6)
         .map(|i| {

@@ -172,6 +172,31 @@ pub(crate) async fn create_guest(
     cli(api, &args).await
 }
 
+/// The node id of the identity in `dir` (created if absent).
+pub(crate) fn node_id_in(dir: &Path) -> NodeId {
+    identity::load_or_create(&dir.join(identity::IDENTITY_FILE))
+        .unwrap()
+        .node_id()
+}
+
+/// `n` fresh data directories and the node ids of their identities.
+pub(crate) fn fresh_dirs(n: usize) -> (Vec<tempfile::TempDir>, Vec<NodeId>) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids = dirs.iter().map(|d| node_id_in(d.path())).collect();
+    (dirs, ids)
+}
+
+/// A node's exported cluster document, read back.
+pub(crate) async fn exported_view(api: &str) -> dwcp_statesync::ClusterView {
+    let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    dwcp_statesync::read_export(&bytes).unwrap()
+}
+
 /// Waits (at most 60 s in all) until `pick` finds what it looks for in the exported cluster
 /// document of every API; returns what it found, in API order. `what` names it in the failure.
 pub(crate) async fn wait_in_documents<T>(
@@ -183,13 +208,7 @@ pub(crate) async fn wait_in_documents<T>(
     let mut out = Vec::new();
     for api in apis {
         loop {
-            let bytes = reqwest::get(format!("{api}/v1/state-sync/export"))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            let view = dwcp_statesync::read_export(&bytes).unwrap();
+            let view = exported_view(api).await;
             if let Some(found) = pick(&view) {
                 out.push(found);
                 break;
