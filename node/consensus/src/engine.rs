@@ -35,8 +35,12 @@ pub struct Config {
     pub resend_interval_ms: u64,
     /// Most client requests waiting to be ordered.
     pub max_pending: usize,
-    /// Commit certificates kept to serve catch-up.
+    /// Most commit certificates kept to serve catch-up (the newest ones).
     pub retained_certificates: usize,
+    /// Most bytes of commit certificates kept to serve catch-up (encoded size; the oldest go
+    /// first). A replica that missed more decisions than its peers retain can never catch up
+    /// (there is no state transfer), so this bounds how long it may be down, not only memory.
+    pub retained_certificate_bytes: usize,
     /// Largest difference between a batch's time and the local clock a backup accepts.
     pub max_clock_skew_ms: u64,
 }
@@ -52,7 +56,11 @@ impl Default for Config {
             max_inflight: 4,
             resend_interval_ms: 1_000,
             max_pending: 10_000,
-            retained_certificates: 400,
+            // The byte budget binds first: at n = 7 a certificate of a small batch is about
+            // 2 KB, so 64 MiB keep some 30,000 decisions (minutes at the simulator's commit
+            // rate; 400, the former count, was 13 s). Full 96 KiB batches keep about 650.
+            retained_certificates: 65_536,
+            retained_certificate_bytes: 64 * 1024 * 1024,
             max_clock_skew_ms: 60_000,
         }
     }
@@ -101,6 +109,11 @@ impl Config {
         }
         if self.max_pending == 0 {
             return Err(ConfigError::Invalid("max_pending must be positive"));
+        }
+        if self.retained_certificates == 0 || self.retained_certificate_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "retained_certificates and retained_certificate_bytes must be positive",
+            ));
         }
         Ok(self)
     }
@@ -323,7 +336,10 @@ pub struct Engine {
     log: BTreeMap<u64, Entry>,
     checkpoints: BTreeMap<u64, BTreeMap<NodeId, (Digest, SignedEnvelope)>>,
     my_checkpoint: Option<SignedEnvelope>,
-    certs: BTreeMap<u64, CommitCertificate>,
+    /// Executed decisions' certificates served to replicas catching up, with their sizes.
+    certs: BTreeMap<u64, (CommitCertificate, usize)>,
+    /// Sum of the sizes in `certs`.
+    cert_bytes: usize,
     pending: BTreeMap<(NodeId, u64), Verified<Request>>,
     pending_order: VecDeque<(NodeId, u64)>,
     proposed: BTreeSet<(NodeId, u64)>,
@@ -379,6 +395,7 @@ impl Engine {
             checkpoints: BTreeMap::new(),
             my_checkpoint: None,
             certs: BTreeMap::new(),
+            cert_bytes: 0,
             pending: BTreeMap::new(),
             pending_order: VecDeque::new(),
             proposed: BTreeSet::new(),
@@ -1084,10 +1101,7 @@ impl Engine {
                 self.mark_executed(key.0, key.1);
                 requests.push(v);
             }
-            self.certs.insert(seq, cert.clone());
-            while self.certs.len() > self.cfg.retained_certificates {
-                self.certs.pop_first();
-            }
+            self.retain_certificate(seq, cert.clone());
             self.out.push_back(Command::Deliver(Box::new(Decision {
                 seq,
                 view: pp.slot.view,
@@ -1209,14 +1223,8 @@ impl Engine {
     fn on_fetch(&mut self, from: NodeId, from_seq: u64) {
         let mut certs = Vec::new();
         let mut bytes = 0usize;
-        for (_, c) in self.certs.range(from_seq..) {
-            let size = c
-                .batch
-                .iter()
-                .chain(&c.commits)
-                .map(|e| e.encode().len())
-                .sum::<usize>()
-                + 256;
+        for (c, size) in self.certs.range(from_seq..).map(|(_, c)| c) {
+            let size = *size;
             if certs.len() >= MAX_CERTS_PER_REPLY || bytes + size > 192 * 1024 {
                 break;
             }
@@ -1231,6 +1239,29 @@ impl Engine {
                 to: from,
                 envelope: d,
             });
+        }
+    }
+
+    /// Keeps an executed decision's certificate for catch-up, dropping the oldest beyond the
+    /// count and byte budgets.
+    fn retain_certificate(&mut self, seq: u64, cert: CommitCertificate) {
+        let size = std::iter::once(&cert.pre_prepare)
+            .chain(&cert.batch)
+            .chain(&cert.commits)
+            .map(|e| e.encode().len())
+            .sum::<usize>()
+            + 256;
+        if let Some((_, old)) = self.certs.insert(seq, (cert, size)) {
+            self.cert_bytes = self.cert_bytes.saturating_sub(old);
+        }
+        self.cert_bytes = self.cert_bytes.saturating_add(size);
+        while self.certs.len() > self.cfg.retained_certificates
+            || self.cert_bytes > self.cfg.retained_certificate_bytes
+        {
+            let Some((_, (_, old))) = self.certs.pop_first() else {
+                break;
+            };
+            self.cert_bytes = self.cert_bytes.saturating_sub(old);
         }
     }
 
@@ -2066,6 +2097,7 @@ impl Engine {
             .or_else(|| {
                 self.certs
                     .get(&seq)
+                    .map(|(c, _)| c)
                     .filter(|c| {
                         open_header(&c.pre_prepare).is_some_and(|(_, pp)| pp.slot.digest == digest)
                     })
