@@ -82,9 +82,9 @@ PID=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1
 kill -9 "$PID"; sleep 7
 "$BIN/dwcp-cli" --api "$API" node list
 echo; echo "== the cluster document compacted at a cut the committee commits (f+1 members endorse that they hold its heads)"
-"$BIN/dwcp-cli" --api "$API" state-sync lag-status | head -1
+"$BIN/dwcp-cli" --api "$API" state-sync lag-status | sed -n 1p
 "$BIN/dwcp-cli" --api "$API" state-sync compact || true
-sleep 3; "$BIN/dwcp-cli" --api "$API" state-sync lag-status | head -1
+sleep 3; "$BIN/dwcp-cli" --api "$API" state-sync lag-status | sed -n 1p
 if "$BIN/dwcp-testnet" sim --help >/dev/null 2>&1; then
   echo; echo "== deterministic simulator: PBFT with one Byzantine replica of 4, 5 seeds"
   "$BIN/dwcp-testnet" sim consensus --nodes 4 --byzantine 1 --strategy equivocate --seeds 5 || true
