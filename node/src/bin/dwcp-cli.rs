@@ -622,7 +622,26 @@ async fn run_vm(api: &Api, json: bool, cmd: VmCmd) -> anyhow::Result<()> {
     }
 }
 
+/// `dwcp-cli ... | head` closes the pipe early; `println!` then panics. Like any Unix tool,
+/// exit quietly instead (status 141, what a shell reports for SIGPIPE).
+fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
+    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -84,6 +84,27 @@ async fn cli_talks_to_a_running_node_and_fails_clearly() {
         "{metrics}"
     );
 
+    // Output into a pipe the reader already closed (`dwcp-cli ... | head`): a quiet exit with
+    // the shell's SIGPIPE status, not a panic.
+    let out = tokio::task::spawn_blocking({
+        let api = api.clone();
+        move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
+                .args(["--api", &api, "node", "list"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+
     node.stop().await;
 
     // The node is gone: one clear line, non-zero exit.
