@@ -87,6 +87,9 @@ pub const TAG_ENDORSE: u8 = 3;
 const TAG_BASE: u8 = 4;
 /// Bytes of a snapshot per answer.
 const BASE_CHUNK: usize = 512 * 1024;
+/// What an endorsement request is charged to the peer's byte budget (it makes this node build
+/// a snapshot): at most a few per second per peer.
+const ENDORSE_COST: usize = 2 * 1024 * 1024;
 /// Largest snapshot a node downloads.
 const MAX_BASE_BYTES: usize = 256 * 1024 * 1024;
 /// How long a node waits for a cut's heads before it takes the snapshot from a peer.
@@ -468,6 +471,8 @@ struct Driver {
     stuck: Option<(u64, Instant)>,
     /// The epoch whose snapshot is being downloaded, and since when.
     fetching: Option<(u64, Instant)>,
+    /// The last cut this node endorsed (a proposer asks again until it has f+1).
+    endorsed: Option<(CutSpec, SignedEnvelope)>,
 }
 
 /// What the driver needs to start.
@@ -561,6 +566,7 @@ pub fn spawn(setup: SyncSetup<'_>) -> anyhow::Result<(StateSync, tokio::task::Jo
         learning: None,
         stuck: None,
         fetching: None,
+        endorsed: None,
     };
     let frames_refused = d.metrics.frames_refused.clone();
     let task = tokio::spawn(d.run(rx, stop, cfg.persist_interval));
@@ -864,7 +870,7 @@ impl Driver {
     fn fetch_base(&mut self, epoch: u64, base: [u8; 32]) {
         if self
             .fetching
-            .is_some_and(|(e, at)| e == epoch && at.elapsed() < 2 * CUT_RETRY)
+            .is_some_and(|(_, at)| at.elapsed() < 2 * CUT_RETRY)
         {
             return;
         }
@@ -918,7 +924,12 @@ impl Driver {
 
     /// Signs an endorsement of `spec` if it is the next epoch's cut, its departure bound is
     /// not in the future and the document holds every head.
-    fn endorse(&self, now: Timestamp, spec: CutSpec) -> Result<SignedEnvelope, String> {
+    fn endorse(&mut self, now: Timestamp, spec: CutSpec) -> Result<SignedEnvelope, String> {
+        if let Some((s, env)) = &self.endorsed
+            && *s == spec
+        {
+            return Ok(env.clone());
+        }
         let doc = self.engine.doc();
         if spec.epoch != doc.epoch() + 1 {
             return Err(format!(
@@ -946,7 +957,7 @@ impl Driver {
             Ok(_) => return Err("the cut builds another snapshot here".into()),
             Err(e) => return Err(e.to_string()),
         }
-        Verified::sign(
+        let env = Verified::sign(
             &self.key,
             dwcp_consensus::Request {
                 nonce: spec.epoch,
@@ -954,7 +965,9 @@ impl Driver {
             },
         )
         .map(|v| v.envelope().clone())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        self.endorsed = Some((spec, env.clone()));
+        Ok(env)
     }
 
     /// A peer is on a later epoch: ask the committee for the cut of our next epoch (at most
@@ -966,9 +979,11 @@ impl Driver {
             self.try_compact();
             return;
         }
+        // One question at a time whatever the epoch: a peer claiming ever higher epochs must
+        // not make this node flood the committee.
         if self
             .learning
-            .is_some_and(|(e, at)| e == next && at.elapsed() < CUT_RETRY)
+            .is_some_and(|(_, at)| at.elapsed() < CUT_RETRY)
         {
             return;
         }
@@ -1346,6 +1361,23 @@ impl StateSync {
         let node = NodeId::from_peer_id(&peer).map_err(|_| "bad_peer_id")?;
         if !member {
             return Err("not_member");
+        }
+        // Snapshot chunks and endorsements cost the answering node far more than the request's
+        // bytes (a copy of the snapshot; building a snapshot to compare hashes), so they are
+        // charged to the peer's budget at that cost.
+        let cost = match data.first() {
+            Some(&TAG_BASE) => BASE_CHUNK,
+            Some(&TAG_ENDORSE) => ENDORSE_COST,
+            _ => 0,
+        };
+        if cost > 0
+            && !self.budget.lock().unwrap_or_else(|p| p.into_inner()).admit(
+                node,
+                cost,
+                Instant::now(),
+            )
+        {
+            return Err("rate");
         }
         match data.split_first() {
             Some((&TAG_FRAME, frame)) => {
