@@ -39,7 +39,7 @@
 //!   accuracy_threshold: 0.70
 //! acp:                             # agreement (manual 2.2.6)
 //!   committee: [<node id>, ...]    # genesis committee, 3f+1 ids, same on every node; empty: off
-//!   pbft: { checkpoint_interval: 100, view_change_timeout: 10s }
+//!   pbft: { checkpoint_interval: 100, view_change_timeout: 10s, catch_up_mib: 64 }
 //! transport:
 //!   amst:                          # multi-stream bulk transfers (manual 2.2.1)
 //!     listen: 0.0.0.0:0            # port 0: any free port; behind NAT pick one and open it
@@ -410,6 +410,9 @@ pub struct PbftSection {
     /// View-change timeout (doubles per failed view change).
     #[serde(with = "humantime_serde")]
     pub view_change_timeout: Duration,
+    /// MiB of commit certificates a replica keeps to catch up others: a replica that missed
+    /// more decisions than its peers keep cannot catch up (there is no state transfer yet).
+    pub catch_up_mib: usize,
 }
 
 impl Default for PbftSection {
@@ -417,6 +420,7 @@ impl Default for PbftSection {
         Self {
             checkpoint_interval: 100,
             view_change_timeout: Duration::from_secs(10),
+            catch_up_mib: 64,
         }
     }
 }
@@ -941,6 +945,9 @@ impl NodeConfig {
         if p.view_change_timeout < Duration::from_millis(100) {
             bail!("acp.pbft.view_change_timeout must be at least 100ms");
         }
+        if p.catch_up_mib == 0 || p.catch_up_mib > 4096 {
+            bail!("acp.pbft.catch_up_mib must be 1 to 4096");
+        }
         #[cfg(feature = "byzantine")]
         if let Some(b) = &self.acp.byzantine
             && b != "equivocate"
@@ -1058,6 +1065,32 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("unreachable_after")
+        );
+        for (yaml, named) in [
+            ("acp:\n  pbft:\n    catch_up_mib: 0\n", "catch_up_mib"),
+            (
+                "ass:\n  compaction:\n    check_interval: 0s\n",
+                "compaction.check_interval",
+            ),
+        ] {
+            let err = NodeConfig::from_yaml(yaml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{yaml}: {err}");
+        }
+        let c = NodeConfig::from_yaml(
+            "acp:\n  pbft:\n    catch_up_mib: 16\nass:\n  compaction:\n    after_changes: 0\n    departed_after: 1h\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.acp.pbft.catch_up_mib, 16);
+        assert_eq!(c.ass.compaction.after_changes, 0);
+        assert_eq!(
+            c.ass.compaction.departed_after,
+            std::time::Duration::from_secs(3600)
         );
     }
 

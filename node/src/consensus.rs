@@ -851,6 +851,7 @@ pub fn spawn(
         checkpoint_interval: cfg.pbft.checkpoint_interval,
         log_window: 2 * cfg.pbft.checkpoint_interval,
         view_change_timeout_ms: cfg.pbft.view_change_timeout.as_millis() as u64,
+        retained_certificate_bytes: cfg.pbft.catch_up_mib.saturating_mul(1024 * 1024),
         ..dwcp_consensus::Config::default()
     }
     .validate()?;
