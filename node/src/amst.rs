@@ -219,6 +219,8 @@ pub struct Amst {
     metrics: AmstMetrics,
     pba: Option<crate::pba::Pba>,
     state: Mutex<State>,
+    /// Where completed receives are reported: (sender, bytes, duration).
+    received: Mutex<Option<mpsc::Sender<(NodeId, u64, Duration)>>>,
 }
 
 impl std::fmt::Debug for Amst {
@@ -296,6 +298,7 @@ impl Amst {
                 streams_default: cfg.streams.default,
                 ..State::default()
             }),
+            received: Mutex::new(None),
         });
         info!(%listen, cc = this.cc_label(), "amst listening");
         let mut stop2 = stop.clone();
@@ -350,6 +353,12 @@ impl Amst {
             }
         });
         Ok(this)
+    }
+
+    /// Reports every completed receive from now on: (sender, bytes, duration), dropped when
+    /// the queue is full.
+    pub fn report_receives(&self, tx: mpsc::Sender<(NodeId, u64, Duration)>) {
+        *self.received.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -440,6 +449,7 @@ impl Amst {
         }
         let cfg = self.base.clone();
         let amst = Arc::clone(self);
+        let started = Instant::now();
         tokio::spawn(async move {
             let r = io::receive(
                 ChannelAcceptor(rx),
@@ -463,6 +473,15 @@ impl Amst {
             };
             amst.lock().expected.remove(&transfer);
             amst.finish(transfer, state, bytes, error);
+            if state == "done"
+                && let Some(tx) = amst
+                    .received
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+            {
+                let _ = tx.try_send((from, bytes, started.elapsed()));
+            }
         });
         info!(%from, "amst transfer accepted");
         ControlResponse::AmstAccepted {

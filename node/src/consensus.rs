@@ -22,7 +22,10 @@
 //!
 //! **Operations** (the first byte of a request's `op`):
 //! * [`dwcp_reputation::EVIDENCE_OP_TAG`]: evidence of an offence the engine reported
-//!   (equivocation, a vote against a certificate), checked again by every replica when applied;
+//!   (equivocation, a vote against a certificate), or of a capacity claim contradicted by
+//!   measurement (a node's signed announcement and f+1 members' signed measurements of what
+//!   AMST transfers from it achieved, [`report_measurement`]), checked again by every replica
+//!   when applied;
 //! * [`QUARANTINE_VOTE_TAG`]: an operator's signed request to quarantine a node
 //!   (`dwcp-cli reputation quarantine`). One node cannot quarantine another on its own: a node is
 //!   quarantined when votes from f+1 distinct nodes are committed (so at least one honest node
@@ -496,6 +499,65 @@ pub enum DriverInput {
     Decide(Vec<u8>, oneshot::Sender<anyhow::Result<Vec<u8>>>),
     /// Submit a probe and answer once it committed here, with the time it took.
     Probe(oneshot::Sender<anyhow::Result<Duration>>),
+    /// This member measured what transfers from a node achieved: its signed
+    /// `BandwidthMeasurement` and the node's signed announcement (its capacity claim). Kept,
+    /// sent to the other members, and turned into evidence once f+1 members' measurements
+    /// contradict the claim.
+    Measured {
+        /// The node's signed announcement.
+        claim: SignedEnvelope,
+        /// Our signed measurement of it.
+        measurement: SignedEnvelope,
+    },
+}
+
+/// Nodes whose claims and measurements a member keeps.
+const MAX_MEASURED: usize = 1024;
+/// Smallest transfer whose rate counts as a measurement.
+pub const MIN_MEASURED_BYTES: u64 = 8 * 1024 * 1024;
+
+/// A member's measurement of a completed transfer from `from`: signed and handed to the
+/// consensus driver with `from`'s signed announcement (its claim). Transfers shorter than a
+/// second or smaller than [`MIN_MEASURED_BYTES`] say too little and are ignored.
+pub fn report_measurement(
+    shared: &Shared,
+    key: &NodeKey,
+    from: NodeId,
+    bytes: u64,
+    took: Duration,
+) {
+    let Some(c) = shared.consensus() else { return };
+    let me = shared.node_id();
+    if from == me
+        || !c.genesis().is_some_and(|g| g.contains(&me))
+        || bytes < MIN_MEASURED_BYTES
+        || took < Duration::from_secs(1)
+    {
+        return;
+    }
+    let Some(claim) = shared.announcement_envelope(&from) else {
+        return;
+    };
+    let mbps = (bytes as f64 * 8.0 / took.as_secs_f64() / 1e6).min(f64::from(u32::MAX)) as u32;
+    match Verified::sign(
+        key,
+        dwcp_reputation::BandwidthMeasurement {
+            subject: from,
+            measured_mbps: mbps,
+            at: Timestamp(wall_ms()),
+        },
+    ) {
+        Ok(m) => {
+            debug!(node = %from.short(), mbps, "measured a transfer from a node");
+            if !c.offer(DriverInput::Measured {
+                claim,
+                measurement: m.envelope().clone(),
+            }) {
+                debug!("consensus queue full: measurement dropped");
+            }
+        }
+        Err(e) => warn!(error = %e, "could not sign a bandwidth measurement"),
+    }
 }
 
 /// `GET /v1/consensus/status`.
@@ -777,6 +839,12 @@ struct Driver {
     expiring: BTreeSet<VmId>,
     /// The votes this replica cast, on disk.
     votes: Option<crate::votelog::VoteLog>,
+    /// Nodes' newest signed announcements (capacity claims): node -> (seq, envelope).
+    claims: BTreeMap<NodeId, (u64, SignedEnvelope)>,
+    /// Members' newest bandwidth measurements of nodes: node -> measurer -> envelope.
+    measurements: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
+    /// Claims this member submitted evidence against: (node, announcement seq).
+    claims_accused: BTreeSet<(NodeId, u64)>,
     /// Signed quarantine votes per target, the grounds of a decision (bounded).
     vote_envs: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
     /// Nodes this replica proposed a quarantine decision for.
@@ -899,6 +967,9 @@ pub fn spawn(
         decisions_proposed: BTreeSet::new(),
         expiring: BTreeSet::new(),
         votes: votes.map(|t| crate::votelog::VoteLog::new(t, me)),
+        claims: BTreeMap::new(),
+        measurements: BTreeMap::new(),
+        claims_accused: BTreeSet::new(),
         waiting: BTreeMap::new(),
         verifier,
     };
@@ -921,6 +992,11 @@ enum Decoded {
     Msg(Verified<ConsensusMsg>),
     Req(Verified<Request>),
     Reply(Verified<ConsensusReply>),
+    Claim(SignedEnvelope, Verified<dwcp_protocol::NodeAnnouncement>),
+    Measurement(
+        SignedEnvelope,
+        Verified<dwcp_reputation::BandwidthMeasurement>,
+    ),
 }
 
 fn decode(bytes: &[u8]) -> Result<Decoded, String> {
@@ -937,6 +1013,16 @@ fn decode(bytes: &[u8]) -> Result<Decoded, String> {
         MessageKind::ConsensusReply => env
             .verify::<ConsensusReply>()
             .map(Decoded::Reply)
+            .map_err(|e| e.to_string()),
+        MessageKind::NodeAnnouncement => env
+            .clone()
+            .verify::<dwcp_protocol::NodeAnnouncement>()
+            .map(|v| Decoded::Claim(env, v))
+            .map_err(|e| e.to_string()),
+        MessageKind::Transfer => env
+            .clone()
+            .verify::<dwcp_reputation::BandwidthMeasurement>()
+            .map(|v| Decoded::Measurement(env, v))
             .map_err(|e| e.to_string()),
         k => Err(format!("unexpected kind {k:?} on the consensus path")),
     }
@@ -1025,6 +1111,80 @@ impl Driver {
                 }
                 self.on_reply(&r)
             }
+            Decoded::Claim(env, a) => {
+                self.remember_claim(env, &a);
+                Ok(())
+            }
+            Decoded::Measurement(env, m) => {
+                if !self.committee.contains(&m.signer()) || m.signer() == m.subject {
+                    return Err("not_member");
+                }
+                self.remember_measurement(env, &m);
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps a node's newest signed announcement (its capacity claim).
+    fn remember_claim(
+        &mut self,
+        env: SignedEnvelope,
+        a: &Verified<dwcp_protocol::NodeAnnouncement>,
+    ) {
+        let who = a.signer();
+        if !self.claims.contains_key(&who) && self.claims.len() >= MAX_MEASURED {
+            return;
+        }
+        let newer = self.claims.get(&who).is_none_or(|(seq, _)| a.seq > *seq);
+        if newer {
+            self.claims.insert(who, (a.seq, env));
+            self.check_claim(who);
+        }
+    }
+
+    /// Keeps a member's newest measurement of a node.
+    fn remember_measurement(
+        &mut self,
+        env: SignedEnvelope,
+        m: &Verified<dwcp_reputation::BandwidthMeasurement>,
+    ) {
+        if !self.measurements.contains_key(&m.subject) && self.measurements.len() >= MAX_MEASURED {
+            return;
+        }
+        self.measurements
+            .entry(m.subject)
+            .or_default()
+            .insert(m.signer(), env);
+        self.check_claim(m.subject);
+    }
+
+    /// Submits claim evidence against `who` once f+1 members' measurements contradict its
+    /// newest claim (checked with the same rule every replica applies), once per claim.
+    fn check_claim(&mut self, who: NodeId) {
+        let (Some((seq, claim)), Some(by)) = (self.claims.get(&who), self.measurements.get(&who))
+        else {
+            return;
+        };
+        if by.len() <= self.committee.f() || self.claims_accused.contains(&(who, *seq)) {
+            return;
+        }
+        let ev = Evidence::ClaimContradicted {
+            claim: claim.clone(),
+            measurements: by.values().cloned().collect(),
+        };
+        if ev
+            .verify(&self.committee, &dwcp_reputation::Config::default())
+            .is_err()
+        {
+            return;
+        }
+        let key = (who, *seq);
+        info!(node = %who.short(), measurers = by.len(), "measurements contradict a capacity claim; submitting evidence");
+        match self.submit(ev.encode()) {
+            Ok(_) => {
+                self.claims_accused.insert(key);
+            }
+            Err(e) => warn!(error = %e, "submitting claim evidence failed"),
         }
     }
 
@@ -1140,6 +1300,20 @@ impl Driver {
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            DriverInput::Measured { claim, measurement } => {
+                // Both go to the other members, which check them as they check any input.
+                for m in self.committee.members().to_vec() {
+                    if m != self.me {
+                        self.send(m, claim.encode());
+                        self.send(m, measurement.encode());
+                    }
+                }
+                for env in [claim, measurement] {
+                    if let Ok(d) = decode(&env.encode()) {
+                        let _ = self.feed(d);
                     }
                 }
             }

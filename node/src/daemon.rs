@@ -109,6 +109,14 @@ impl Shared {
         self.statesync.as_ref()
     }
 
+    /// A peer's signed announcement (its capacity claim), if known.
+    pub fn announcement_envelope(&self, id: &NodeId) -> Option<dwcp_protocol::SignedEnvelope> {
+        self.lock()
+            .membership
+            .announcement(id)
+            .map(|a| a.envelope().clone())
+    }
+
     /// Whether a peer's signed announcement is known (it is a member of our cluster).
     pub fn is_member(&self, id: &NodeId) -> bool {
         self.lock().membership.announcement(id).is_some()
@@ -876,6 +884,18 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         }),
     });
 
+    // Members measure what transfers from other nodes achieve (AMST receives): the
+    // measurements check their capacity claims (reputation evidence).
+    let measure_task = {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(NodeId, u64, Duration)>(64);
+        shared.amst().report_receives(tx);
+        let (shared, key) = (shared.clone(), key.clone());
+        tokio::spawn(async move {
+            while let Some((from, bytes, took)) = rx.recv().await {
+                crate::consensus::report_measurement(&shared, &key, from, bytes, took);
+            }
+        })
+    };
     let compaction_task = shared.consensus().cloned().and_then(|c| {
         crate::compaction::spawn(
             config.ass.compaction.clone(),
@@ -986,6 +1006,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
     if let Some(t) = compaction_task {
         t.abort();
     }
+    measure_task.abort();
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

@@ -63,9 +63,10 @@ async fn wait_all(apis: &[String], victim: NodeId, votes: usize, quarantined: bo
 }
 
 /// Starts four nodes forming the genesis committee; `byzantine` marks node 3 as an equivocator
-/// (feature `byzantine` only).
+/// (feature `byzantine` only); `uplink_claim` is node 3's announced uplink (Mbit/s).
 async fn committee(
     byzantine: bool,
+    uplink_claim: u32,
 ) -> (
     Vec<tempfile::TempDir>,
     Vec<NodeId>,
@@ -84,6 +85,7 @@ async fn committee(
         c.acp.pbft.view_change_timeout = Duration::from_secs(3);
         configs.push(c);
     }
+    configs[3].node.donated.uplink_mbps = uplink_claim;
     if byzantine {
         #[cfg(feature = "byzantine")]
         {
@@ -121,7 +123,7 @@ async fn committee(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_node_committee_commits_quarantine_votes_identically() {
-    let (_dirs, ids, nodes, apis, _) = committee(false).await;
+    let (_dirs, ids, nodes, apis, _) = committee(false, 0).await;
     let s = status(&apis[0]).await;
     assert_eq!((s.n, s.f, s.quorum), (4, 1, 3));
     assert!(s.replica);
@@ -203,7 +205,7 @@ async fn wait_quarantine_records(apis: &[String], victim: NodeId) -> Vec<Quarant
 #[cfg(feature = "byzantine")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_equivocating_member_is_quarantined_and_decisions_go_on() {
-    let (_dirs, ids, nodes, apis, _) = committee(true).await;
+    let (_dirs, ids, nodes, apis, _) = committee(true, 0).await;
     let byz = ids[3];
     let start = Instant::now();
     'outer: loop {
@@ -281,7 +283,7 @@ async fn probe(api: &str) -> Result<(), String> {
 /// those back; the others change view, decisions go on, and nobody accuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_primary_never_equivocates_and_decisions_go_on() {
-    let (dirs, ids, mut nodes, apis, configs) = committee(false).await;
+    let (dirs, ids, mut nodes, apis, configs) = committee(false, 0).await;
     for _ in 0..3 {
         probe(&apis[1]).await.unwrap();
     }
@@ -335,6 +337,52 @@ async fn a_restarted_primary_never_equivocates_and_decisions_go_on() {
         .unwrap_or("none");
     println!("restarted primary: {withheld}");
 
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// A member announces an uplink of 1 Tbit/s; two other members measure what its AMST
+/// speed tests to them achieve, sign the measurements and share them; once f+1 = 2 contradict
+/// the claim (median below half of it), the evidence is committed and every node lowers the
+/// liar's score by the same 0.10. Nodes that claim nothing are not accused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measurements_that_contradict_a_capacity_claim_become_committed_evidence() {
+    let (_dirs, ids, nodes, apis, _) = committee(false, 1_000_000).await;
+    let liar = ids[3];
+    for target in [ids[0], ids[1]] {
+        let t = target.to_string();
+        let (ok, out, err) = crate::common::cli(
+            &apis[3],
+            &["network", "speedtest", "--target", &t, "--duration", "2s"],
+        )
+        .await;
+        assert!(ok, "speedtest failed: {out}{err}");
+    }
+    let start = Instant::now();
+    for api in &apis {
+        loop {
+            let rows = reputation(api).await;
+            let row = rows.iter().find(|r| r.node == liar);
+            if let Some(r) = row
+                && r.offences.iter().any(|(k, _)| k == "claim_contradicted")
+            {
+                assert!((r.score - 0.90).abs() < 1e-6, "{api}: {r:?}");
+                assert!(
+                    rows.iter()
+                        .filter(|o| o.node != liar)
+                        .all(|o| o.offences.is_empty()),
+                    "{api}: {rows:?}"
+                );
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{api}: no committed claim evidence: {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     for n in nodes {
         n.stop().await;
     }
