@@ -13,10 +13,12 @@
 //!
 //! **Committee.** The genesis committee comes from configuration (`acp.committee`, node ids,
 //! size 3f+1), like a chain's genesis file: every node must be given the same list; the testnet
-//! writes it. A node outside the committee runs no replica: it submits its requests to every
-//! member directly, learns the fate of its own requests from the members' replies
-//! ([`ConsensusReply`]; `consensus probe` works there too), and quarantines from the cluster
-//! document's certified records. Epoch reconfiguration (joins and leaves through committed
+//! writes it. A node outside the committee runs the engine as an observer: it never votes,
+//! fetches the members' commit certificates (served at most every 200 ms per observer) and
+//! executes them, so it applies the same committed operations and computes the same
+//! reputation; it submits its requests to every member directly and learns their fate from
+//! the members' replies ([`ConsensusReply`]) or from its own execution, whichever comes
+//! first. Epoch reconfiguration (joins and leaves through committed
 //! membership operations, `dwcp_consensus::committee::next_committee`) is not run by the node
 //! yet.
 //!
@@ -511,8 +513,10 @@ pub enum DriverInput {
     },
 }
 
-/// Nodes whose claims and measurements a member keeps.
+/// Nodes whose claims and measurements a member keeps (and observers it serves).
 const MAX_MEASURED: usize = 1024;
+/// How often one observer's fetch is served.
+const FETCH_EVERY: Duration = Duration::from_millis(200);
 /// Smallest transfer whose rate counts as a measurement.
 pub const MIN_MEASURED_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -845,6 +849,8 @@ struct Driver {
     measurements: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
     /// Claims this member submitted evidence against: (node, announcement seq).
     claims_accused: BTreeSet<(NodeId, u64)>,
+    /// When each observer's last fetch was served.
+    fetches: BTreeMap<NodeId, Instant>,
     /// Signed quarantine votes per target, the grounds of a decision (bounded).
     vote_envs: BTreeMap<NodeId, BTreeMap<NodeId, SignedEnvelope>>,
     /// Nodes this replica proposed a quarantine decision for.
@@ -923,15 +929,14 @@ pub fn spawn(
         ..dwcp_consensus::Config::default()
     }
     .validate()?;
-    let engine = if committee.contains(&me) {
-        Some(Engine::new(ecfg, key.clone(), committee.clone())?)
-    } else {
-        None
-    };
+    // Nodes outside the committee run the engine as an observer: it never votes, fetches
+    // the members' commit certificates and executes them, so every node applies the same
+    // committed operations (reputation, quarantines, VM lifecycle, compaction cuts).
+    let engine = Some(Engine::new(ecfg, key.clone(), committee.clone())?);
     info!(
         n = committee.n(),
         f = committee.f(),
-        replica = engine.is_some(),
+        replica = committee.contains(&me),
         "consensus committee loaded"
     );
     let verifier = CommitteeVerifier::new(Some(committee.clone()));
@@ -970,6 +975,7 @@ pub fn spawn(
         claims: BTreeMap::new(),
         measurements: BTreeMap::new(),
         claims_accused: BTreeSet::new(),
+        fetches: BTreeMap::new(),
         waiting: BTreeMap::new(),
         verifier,
     };
@@ -1088,7 +1094,13 @@ impl Driver {
         match d {
             Decoded::Msg(m) => {
                 if !self.committee.contains(&m.signer()) {
-                    return Err("not_member");
+                    // Observers (nodes outside the committee) may ask for certificates, at
+                    // most every FETCH_EVERY each.
+                    if !matches!(m.message(), ConsensusMsg::Fetch { .. })
+                        || !self.admit_fetch(m.signer())
+                    {
+                        return Err("not_member");
+                    }
                 }
                 // A quarantined member is treated as silent: PBFT tolerates f of those.
                 if self.state.is_quarantined(&m.signer()) {
@@ -1123,6 +1135,25 @@ impl Driver {
                 Ok(())
             }
         }
+    }
+
+    /// Whether an observer's fetch may be served now (per-observer rate limit).
+    fn admit_fetch(&mut self, who: NodeId) -> bool {
+        let now = Instant::now();
+        if let Some(last) = self.fetches.get(&who)
+            && now.duration_since(*last) < FETCH_EVERY
+        {
+            return false;
+        }
+        if !self.fetches.contains_key(&who) && self.fetches.len() >= MAX_MEASURED {
+            self.fetches
+                .retain(|_, t| now.duration_since(*t) < FETCH_EVERY);
+            if self.fetches.len() >= MAX_MEASURED {
+                return false;
+            }
+        }
+        self.fetches.insert(who, now);
+        true
     }
 
     /// Keeps a node's newest signed announcement (its capacity claim).
@@ -1602,7 +1633,7 @@ impl Driver {
             }
             return;
         }
-        if self.engine.is_none() || self.committee.contains(&client) {
+        if !self.committee.contains(&self.me) || self.committee.contains(&client) {
             return;
         }
         let answers = self
@@ -1741,7 +1772,7 @@ impl Driver {
     /// committed, if this replica is one of the first f+1 members (at least one is honest; the
     /// first decision that commits ends the VM, the others are refused as repeats).
     fn expire_overdue(&mut self, now: Timestamp) {
-        if self.engine.is_none()
+        if !self.committee.contains(&self.me)
             || !self
                 .committee
                 .members()
@@ -1858,7 +1889,7 @@ impl Driver {
         let e = self.engine.as_ref();
         QuorumStatus {
             node: self.me,
-            replica: e.is_some(),
+            replica: c.contains(&self.me),
             epoch: c.epoch(),
             members: c.members().to_vec(),
             n: c.n(),

@@ -345,11 +345,27 @@ async fn a_restarted_primary_never_equivocates_and_decisions_go_on() {
 /// A member announces an uplink of 1 Tbit/s; two other members measure what its AMST
 /// speed tests to them achieve, sign the measurements and share them; once f+1 = 2 contradict
 /// the claim (median below half of it), the evidence is committed and every node lowers the
-/// liar's score by the same 0.10. Nodes that claim nothing are not accused.
+/// liar's score by the same 0.10. Nodes that claim nothing are not accused. A node outside
+/// the committee (an observer: it fetches and executes the members' certificates) computes
+/// the same scores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measurements_that_contradict_a_capacity_claim_become_committed_evidence() {
-    let (_dirs, ids, nodes, apis, _) = committee(false, 1_000_000).await;
+    let (_dirs, ids, mut nodes, mut apis, configs) = committee(false, 1_000_000).await;
     let liar = ids[3];
+    let observer_dir = tempfile::tempdir().unwrap();
+    let mut oc = loopback_config("consensus-test");
+    oc.hypervisor.enabled = false;
+    oc.network.heartbeat_interval = Duration::from_millis(500);
+    oc.acp.committee = configs[0].acp.committee.clone();
+    oc.cluster.bootstrap = vec![format!(
+        "{}/p2p/{}",
+        configs[0].network.listen[0],
+        ids[0].to_peer_id().unwrap()
+    )];
+    let observer = RunningNode::start(oc, observer_dir.path()).await;
+    assert!(!status(&observer.api).await.replica);
+    apis.push(observer.api.clone());
+    nodes.push(observer);
     for target in [ids[0], ids[1]] {
         let t = target.to_string();
         let (ok, out, err) = crate::common::cli(
@@ -368,6 +384,7 @@ async fn measurements_that_contradict_a_capacity_claim_become_committed_evidence
                 && r.offences.iter().any(|(k, _)| k == "claim_contradicted")
             {
                 assert!((r.score - 0.90).abs() < 1e-6, "{api}: {r:?}");
+                assert_eq!(r.offences.len(), 1, "{api}: {r:?}");
                 assert!(
                     rows.iter()
                         .filter(|o| o.node != liar)
