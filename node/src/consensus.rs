@@ -517,6 +517,12 @@ pub enum DriverInput {
 const MAX_MEASURED: usize = 1024;
 /// How often one observer's fetch is served.
 const FETCH_EVERY: Duration = Duration::from_millis(200);
+/// A request of ours not committed after this long is sent to every member again.
+const RESEND_AFTER: Duration = Duration::from_secs(3);
+/// Retransmission of a request stops after this long.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
+/// Most uncommitted requests of ours retransmitted (the oldest are given up first).
+const MAX_UNANSWERED: usize = 256;
 /// Smallest transfer whose rate counts as a measurement.
 pub const MIN_MEASURED_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -823,6 +829,8 @@ struct Driver {
     next_nonce: u64,
     /// nonce -> submitted at
     submitted: BTreeMap<u64, Instant>,
+    /// Our requests not committed yet: nonce -> (first sent, last sent, envelope bytes).
+    unanswered: BTreeMap<u64, (Instant, Instant, Vec<u8>)>,
     /// Offenders with an evidence request in flight.
     evidence_pending: BTreeSet<NodeId>,
     decisions: u64,
@@ -957,6 +965,7 @@ pub fn spawn(
         // Nonces grow across restarts: the wall clock in ms.
         next_nonce: wall_ms(),
         submitted: BTreeMap::new(),
+        unanswered: BTreeMap::new(),
         evidence_pending: BTreeSet::new(),
         decisions: 0,
         view_changes: 0,
@@ -1046,6 +1055,8 @@ impl Driver {
 
     async fn run(mut self, mut rx: mpsc::Receiver<DriverInput>, mut stop: watch::Receiver<bool>) {
         self.publish_view();
+        let mut resend = tokio::time::interval(RESEND_AFTER);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self
                 .engine
@@ -1077,6 +1088,7 @@ impl Driver {
                         e.handle_timeout(Timestamp(wall_ms()));
                     }
                 }
+                _ = resend.tick() => self.retransmit(),
             }
             self.drain().await;
             if let Some(e) = &self.engine {
@@ -1133,6 +1145,44 @@ impl Driver {
                 }
                 self.remember_measurement(env, &m);
                 Ok(())
+            }
+        }
+    }
+
+    /// PBFT's client retransmission (section 4.1): a request of ours not committed after
+    /// [`RESEND_AFTER`] goes to every member again (the engines drop repeats by client and
+    /// nonce), so a request whose first sends were lost still reaches the primary and the
+    /// backups' timers; given up after [`GIVE_UP_AFTER`].
+    fn retransmit(&mut self) {
+        let now = Instant::now();
+        self.unanswered
+            .retain(|_, (first, _, _)| now.duration_since(*first) < GIVE_UP_AFTER);
+        let due: Vec<Vec<u8>> = self
+            .unanswered
+            .values_mut()
+            .filter(|(_, last, _)| now.duration_since(*last) >= RESEND_AFTER)
+            .map(|(_, last, bytes)| {
+                *last = now;
+                bytes.clone()
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        debug!(
+            requests = due.len(),
+            "retransmitting requests not committed yet"
+        );
+        let members: Vec<NodeId> = self
+            .committee
+            .members()
+            .iter()
+            .copied()
+            .filter(|m| *m != self.me)
+            .collect();
+        for bytes in due {
+            for m in &members {
+                self.send(*m, bytes.clone());
             }
         }
     }
@@ -1228,6 +1278,7 @@ impl Driver {
         match &r.message().outcome {
             ReplyOutcome::Certified(c) => match self.verifier.open(c) {
                 Ok((_, req)) if req.request.signer() == self.me && req.request.nonce == nonce => {
+                    self.unanswered.remove(&nonce);
                     if let Some(at) = self.submitted.remove(&nonce) {
                         self.metrics.latency.observe(at.elapsed().as_secs_f64());
                         if let Some(p) = self.probes.remove(&nonce) {
@@ -1357,6 +1408,11 @@ impl Driver {
         let req = Verified::sign(&self.key, Request { nonce, op })?;
         let bytes = req.envelope().encode();
         self.submitted.insert(nonce, Instant::now());
+        self.unanswered
+            .insert(nonce, (Instant::now(), Instant::now(), bytes.clone()));
+        while self.unanswered.len() > MAX_UNANSWERED {
+            self.unanswered.pop_first();
+        }
         if self.submitted.len() > 4096
             && let Some(&oldest) = self.submitted.keys().next()
         {
@@ -1519,7 +1575,10 @@ impl Driver {
         for r in &d.requests {
             let client = r.signer();
             if client == self.me
-                && let Some(at) = self.submitted.remove(&r.nonce)
+                && let Some(at) = {
+                    self.unanswered.remove(&r.nonce);
+                    self.submitted.remove(&r.nonce)
+                }
             {
                 self.metrics.latency.observe(at.elapsed().as_secs_f64());
                 if let Some(w) = self.probes.remove(&r.nonce) {
@@ -1742,6 +1801,11 @@ impl Driver {
         node: NodeId,
         client: NodeId,
     ) {
+        // Observers apply the decision too but leave the writing to the members: a cluster of
+        // many observers would otherwise write the same record many times.
+        if !self.committee.contains(&self.me) {
+            return;
+        }
         let Some(sync) = &self.sync else { return };
         let Some((index, certificate)) = self.certificate_of(d, r) else {
             return;
