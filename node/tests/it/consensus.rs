@@ -132,14 +132,16 @@ async fn a_four_node_committee_commits_quarantine_votes_identically() {
     // One vote (through node 1): committed everywhere, not enough to quarantine.
     vote(&apis[1], victim).await;
     wait_all(&apis, victim, 1, false).await;
-    // A second, distinct voter (node 2): f+1 = 2, quarantined on every node.
+    // A second, distinct voter (node 2): f+1 = 2, quarantined on every other node. (The
+    // victim itself may not see it: the others disconnect a quarantined node at once, and
+    // the race with the last commits reaching it is lost about one run in ten.)
     vote(&apis[2], victim).await;
-    wait_all(&apis, victim, 2, true).await;
+    wait_all(&apis[..3], victim, 2, true).await;
 
-    // Every node executed the same decisions; the submitters measured commit latency.
+    // The other nodes executed the same decisions; the submitters measured commit latency.
     let execs: Vec<u64> = {
         let mut v = Vec::new();
-        for api in &apis {
+        for api in &apis[..3] {
             v.push(status(api).await.last_executed);
         }
         v
