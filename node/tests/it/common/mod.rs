@@ -11,13 +11,23 @@ use dwcp_node::{config::NodeConfig, daemon, identity};
 use dwcp_protocol::NodeId;
 use std::process::Command;
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below Linux's ephemeral range (32768-60999): a port from
+/// that range, picked now and bound later, can meanwhile become the source port of one of
+/// the earlier nodes' outgoing connections ("address already in use" at start, seen here).
+/// Each test process starts at its own offset (by pid) and walks on from there.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let offset = (std::process::id() % 300) * 40;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left below the ephemeral range");
+        let port = (LOW + (offset + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The default config with a cluster id and fresh loopback ports for libp2p, API and metrics.
@@ -60,10 +70,16 @@ impl RunningNode {
             },
         ));
         let start = Instant::now();
+        let mut task = task;
         while reqwest::get(format!("{api}/v1/cluster/status"))
             .await
             .is_err()
         {
+            // A daemon that stopped (a port taken since it was picked, say) says why.
+            if task.is_finished() {
+                let why = (&mut task).await;
+                panic!("the node stopped while starting: {why:?}");
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "node API did not come up"
