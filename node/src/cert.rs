@@ -31,12 +31,16 @@
 //! Replicas apply the first valid decision per node ([`crate::consensus::AcpState`]) and
 //! ignore later ones.
 //!
-//! **Committees.** Only the genesis committee (configuration `acp.committee`, epoch 0) is
-//! known today. [`CommitteeVerifier::insert`] takes later epochs' committees. A certificate
+//! **Committees.** The genesis committee (configuration `acp.committee`, epoch 0), and each
+//! later epoch's committee once this node's consensus driver reaches that epoch and computes
+//! it from committed state ([`CommitteeVerifier::insert`]). A certificate
 //! from an epoch not known is refused with [`CertError::UnknownCommittee`], which the document
 //! does not remember as bad content, so the change is taken when it comes again later.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
 
 use dwcp_consensus::{
     CertificateError, CommitCertificate, CommittedRequest, Committee, CompactRequestProof,
@@ -432,36 +436,58 @@ fn cert_error(e: CertificateError) -> CertError {
     }
 }
 
-/// Checks decision certificates against the committees it knows (today: the genesis committee
-/// from `acp.committee`). With no committee it refuses every certificate, so the document
-/// holds node entries only.
+/// Checks decision certificates against the committees it knows: the genesis committee from
+/// `acp.committee` and every later epoch's committee this node computed from committed state
+/// (the consensus driver adds them). Clones share one table, so the state-sync driver and the
+/// API learn a new epoch's committee the moment consensus reaches it. With no committee it
+/// refuses every certificate, so the document holds node entries only.
 #[derive(Debug, Clone, Default)]
 pub struct CommitteeVerifier {
-    committees: BTreeMap<u64, Committee>,
+    committees: Arc<RwLock<BTreeMap<u64, Committee>>>,
 }
+
+/// Most committees a verifier keeps (the oldest go first; certificates of those epochs are
+/// refused as of an unknown committee, and compaction drops their records anyway).
+pub const MAX_KNOWN_COMMITTEES: usize = 1024;
 
 impl CommitteeVerifier {
     /// A verifier knowing `genesis` (none: refuses everything).
     pub fn new(genesis: Option<Committee>) -> Self {
-        let mut v = Self::default();
+        let v = Self::default();
         if let Some(c) = genesis {
             v.insert(c);
         }
         v
     }
 
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Committee>> {
+        // A panic while holding the lock cannot leave the map half-written (insert is one
+        // call), so a poisoned lock is still consistent.
+        self.committees.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Adds the committee of its epoch (replacing one known for that epoch).
-    pub fn insert(&mut self, committee: Committee) {
-        self.committees.insert(committee.epoch(), committee);
+    pub fn insert(&self, committee: Committee) {
+        let mut t = self.committees.write().unwrap_or_else(|e| e.into_inner());
+        t.insert(committee.epoch(), committee);
+        while t.len() > MAX_KNOWN_COMMITTEES {
+            t.pop_first();
+        }
     }
 
     /// The committee of `epoch`, if known.
-    pub fn committee(&self, epoch: u64) -> Option<&Committee> {
-        self.committees.get(&epoch)
+    pub fn committee(&self, epoch: u64) -> Option<Committee> {
+        self.table().get(&epoch).cloned()
     }
 
-    /// Opens a certificate: bounds, format, committee, commit proof, Merkle path.
-    pub fn open(&self, certificate: &[u8]) -> Result<(&Committee, CommittedRequest), CertError> {
+    /// The committee of the latest epoch known.
+    pub fn latest(&self) -> Option<Committee> {
+        self.table().values().next_back().cloned()
+    }
+
+    /// Opens a certificate: bounds, format, committee, commit proof, Merkle path. The
+    /// certificate's epoch must be the one of the view its slot committed in.
+    pub fn open(&self, certificate: &[u8]) -> Result<(Committee, CommittedRequest), CertError> {
         if certificate.len() > MAX_CERTIFICATE_BYTES {
             return Err(CertError::TooLong(certificate.len()));
         }
@@ -474,22 +500,30 @@ impl CommitteeVerifier {
             Ok(w)
         }
         let committee_of = |epoch: u64| {
-            self.committees
-                .get(&epoch)
+            self.committee(epoch)
                 .ok_or(CertError::UnknownCommittee(epoch))
+        };
+        let same_epoch = |epoch: u64, req: CommittedRequest| {
+            if dwcp_consensus::epoch_of_view(req.slot.view) == epoch {
+                Ok(req)
+            } else {
+                Err(CertError::Malformed(
+                    "the certificate's epoch is not the one of its view".into(),
+                ))
+            }
         };
         match certificate.split_first() {
             Some((&CERT_VERSION, body)) => {
                 let w: WireCertificate = read(body)?;
                 let committee = committee_of(w.epoch)?;
-                let req = w.proof.verify(committee).map_err(cert_error)?;
-                Ok((committee, req))
+                let req = w.proof.verify(&committee).map_err(cert_error)?;
+                Ok((committee, same_epoch(w.epoch, req)?))
             }
             Some((&CERT_VERSION_COMPACT, body)) => {
                 let w: WireCompactCertificate = read(body)?;
                 let committee = committee_of(w.epoch)?;
-                let req = w.proof.verify(committee).map_err(cert_error)?;
-                Ok((committee, req))
+                let req = w.proof.verify(&committee).map_err(cert_error)?;
+                Ok((committee, same_epoch(w.epoch, req)?))
             }
             _ => Err(CertError::Malformed("unknown certificate version".into())),
         }
@@ -502,7 +536,7 @@ impl CommitteeVerifier {
     pub fn verify_cut(&self, certificate: &[u8]) -> Result<(CutDecisionOp, u64), CertError> {
         let (committee, req) = self.open(certificate)?;
         let op = CutDecisionOp::decode(&req.request.op)?;
-        op.check(committee)?;
+        op.check(&committee)?;
         Ok((op, decision_seq(req.slot.seq, req.index)))
     }
 }
@@ -517,7 +551,7 @@ impl CertificateVerifier for CommitteeVerifier {
     fn verify_quarantine(&self, certificate: &[u8]) -> Result<QuarantineDecision, CertError> {
         let (committee, req) = self.open(certificate)?;
         let op = QuarantineDecisionOp::decode(&req.request.op)?;
-        op.check(committee)?;
+        op.check(&committee)?;
         Ok(QuarantineDecision {
             node: op.node,
             decision_seq: decision_seq(req.slot.seq, req.index),

@@ -78,8 +78,7 @@ pub async fn compact_now(
 ) -> anyhow::Result<CompactReport> {
     let started = Instant::now();
     let committee = consensus
-        .genesis()
-        .cloned()
+        .committee()
         .context("no committee is configured")?;
     let changes_before = sync.summary().await?.changes;
     let spec = sync
@@ -227,9 +226,7 @@ pub fn spawn(
     if cfg.after_changes == 0 {
         return None;
     }
-    let committee = consensus.genesis().cloned()?;
-    let my_index = committee.index_of(&me)? as u64;
-    let n = committee.n() as u64;
+    consensus.committee()?;
     let cfg = Arc::new(cfg);
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(cfg.check_interval);
@@ -253,6 +250,14 @@ pub fn spawn(
                 _ => 0,
             };
             over = Some((s.epoch, ticks));
+            // The committee of the current consensus epoch takes turns.
+            let Some(committee) = consensus.committee() else {
+                continue;
+            };
+            let Some(my_index) = committee.index_of(&me) else {
+                continue;
+            };
+            let (my_index, n) = (u64::from(my_index), committee.n() as u64);
             let turn = (my_index + n - s.epoch % n) % n;
             if ticks < turn {
                 continue;

@@ -40,6 +40,8 @@
 //! acp:                             # agreement (manual 2.2.6)
 //!   committee: [<node id>, ...]    # genesis committee, 3f+1 ids, same on every node; empty: off
 //!   pbft: { checkpoint_interval: 100, view_change_timeout: 10s, catch_up_mib: 64 }
+//!   epochs:                        # committee reconfiguration; a consensus rule: same everywhere
+//!     { length: 1000, size: 0, min_uptime: 10m, min_reputation: 0.5, ready_ttl: 30m, serve: true }
 //! transport:
 //!   amst:                          # multi-stream bulk transfers (manual 2.2.1)
 //!     listen: 0.0.0.0:0            # port 0: any free port; behind NAT pick one and open it
@@ -393,12 +395,53 @@ pub struct AcpSection {
     pub committee: Vec<String>,
     /// PBFT parameters.
     pub pbft: PbftSection,
+    /// Committee epochs.
+    pub epochs: EpochsSection,
     /// Testnet fault injection, only in builds with the `byzantine` feature: `equivocate`
     /// makes this replica sign a second, conflicting vote for every vote it casts and send it
     /// to the other members (so honest replicas hold proof of its equivocation).
     #[cfg(feature = "byzantine")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<String>,
+}
+
+/// `acp.epochs:` when and from whom the committee is chosen again. Every node must have the
+/// same values (like `acp.committee`): they decide which committee a decision needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EpochsSection {
+    /// Decisions (sequence numbers) per epoch, a multiple of `pbft.checkpoint_interval`; at
+    /// the end of each the next committee is computed from committed state. 0: the genesis
+    /// committee serves forever.
+    pub length: u64,
+    /// Committee size: the largest 3f+1 not above it and not above the eligible nodes.
+    /// 0: the genesis committee's size.
+    pub size: usize,
+    /// How long since its committed join a node must be a member before it may serve.
+    #[serde(with = "humantime_serde")]
+    pub min_uptime: Duration,
+    /// Lowest reputation score that may serve.
+    pub min_reputation: f64,
+    /// A node is chosen only if it declared itself ready within this; nodes renew their
+    /// readiness every third of it, so a node that went away stops being chosen.
+    #[serde(with = "humantime_serde")]
+    pub ready_ttl: Duration,
+    /// Whether this node offers to serve on committees (a volunteer may lend capacity
+    /// without voting). Local: it decides what this node declares, not a consensus rule.
+    pub serve: bool,
+}
+
+impl Default for EpochsSection {
+    fn default() -> Self {
+        Self {
+            length: 1000,
+            size: 0,
+            min_uptime: Duration::from_secs(600),
+            min_reputation: 0.5,
+            ready_ttl: Duration::from_secs(1800),
+            serve: true,
+        }
+    }
 }
 
 /// `acp.pbft:`
@@ -948,6 +991,26 @@ impl NodeConfig {
         if p.catch_up_mib == 0 || p.catch_up_mib > 4096 {
             bail!("acp.pbft.catch_up_mib must be 1 to 4096");
         }
+        let e = &self.acp.epochs;
+        if !e.length.is_multiple_of(p.checkpoint_interval) {
+            bail!(
+                "acp.epochs.length ({}) must be a multiple of acp.pbft.checkpoint_interval ({})",
+                e.length,
+                p.checkpoint_interval
+            );
+        }
+        if e.size > dwcp_consensus::messages::MAX_VOTES {
+            bail!(
+                "acp.epochs.size must be at most {}",
+                dwcp_consensus::messages::MAX_VOTES
+            );
+        }
+        if !(0.0..=1.0).contains(&e.min_reputation) {
+            bail!("acp.epochs.min_reputation must be between 0 and 1");
+        }
+        if e.ready_ttl < Duration::from_secs(3) {
+            bail!("acp.epochs.ready_ttl must be at least 3s");
+        }
         #[cfg(feature = "byzantine")]
         if let Some(b) = &self.acp.byzantine
             && b != "equivocate"
@@ -1068,6 +1131,9 @@ mod tests {
         );
         for (yaml, named) in [
             ("acp:\n  pbft:\n    catch_up_mib: 0\n", "catch_up_mib"),
+            ("acp:\n  epochs:\n    length: 150\n", "acp.epochs.length"),
+            ("acp:\n  epochs:\n    min_reputation: 2\n", "min_reputation"),
+            ("acp:\n  epochs:\n    ready_ttl: 1s\n", "ready_ttl"),
             (
                 "ass:\n  compaction:\n    check_interval: 0s\n",
                 "compaction.check_interval",

@@ -18,9 +18,20 @@
 //! executes them, so it applies the same committed operations and computes the same
 //! reputation; it submits its requests to every member directly and learns their fate from
 //! the members' replies ([`ConsensusReply`]) or from its own execution, whichever comes
-//! first. Epoch reconfiguration (joins and leaves through committed
-//! membership operations, `dwcp_consensus::committee::next_committee`) is not run by the node
-//! yet.
+//! first.
+//!
+//! **Epochs** (`acp.epochs`). Every node commits its own [`MembershipOp`]s ([`MEMBERSHIP_TAG`]):
+//! a join at start and its readiness (`acp.epochs.serve`), renewed every third of
+//! `ready_ttl`. Epoch `e` ends at sequence number `(e + 1) * length`; the engine orders
+//! nothing above it. Once this node executes it, it computes the next committee from the
+//! committed membership, reputation, log digest and batch time
+//! (`dwcp_consensus::committee::next_committee`), the same on every honest node, and starts
+//! that epoch's engine where the ended one stopped ([`Engine::resume`]); views of epoch `e`
+//! start at `e * 2^32`. The ended engine stays (up to [`MAX_OLD_EPOCHS`]) to serve catch-up
+//! to nodes still in that epoch; incoming messages go to the engine whose epoch covers them
+//! ([`Engine::covers`]), and traffic of a later epoch makes a node that is behind ask for
+//! decisions. The new committee goes into the shared [`CommitteeVerifier`], so certificates
+//! of the new epoch verify in the cluster document.
 //!
 //! **Operations** (the first byte of a request's `op`):
 //! * [`dwcp_reputation::EVIDENCE_OP_TAG`]: evidence of an offence the engine reported
@@ -65,8 +76,10 @@
 //! is held back, so it never equivocates (test
 //! `a_restarted_primary_never_equivocates_and_decisions_go_on`).
 //!
-//! **Not done yet:** epoch reconfiguration, rewards from participation records, certified
-//! records for quarantines from lesser offences and for releases.
+//! **Not done yet:** rewards from participation records, certified records for quarantines
+//! from lesser offences and for releases; a node more than [`MAX_OLD_EPOCHS`] epochs (or
+//! `catch_up_mib` of certificates) behind cannot replay the log (no state transfer), and
+//! epoch changes are not persisted: a restarted node replays from the genesis epoch.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -83,7 +96,8 @@ use axum::{
     routing::{get, post},
 };
 use dwcp_consensus::{
-    Command, Committee, ConsensusMsg, Engine, Input, Offence, Request, committee::CommitteeError,
+    Command, Committee, ConsensusMsg, Engine, Input, Offence, Request,
+    committee::{CommitteeError, EpochRules, Membership, MembershipOp},
 };
 use dwcp_net::{Client, GossipMessage, PeerId, Service, Validation};
 use dwcp_protocol::{
@@ -220,6 +234,37 @@ pub struct AcpState {
     vms: BTreeMap<VmId, (VmDecisionOp, u64)>,
     /// Compaction cuts applied so far (the document epoch the committed log has reached).
     cut_epoch: u64,
+    /// Committed joins, readiness and leaves: where the next committees come from.
+    membership: Membership,
+}
+
+/// First byte of a membership operation: `0xA7` followed by a CBOR
+/// [`dwcp_consensus::committee::MembershipOp`] about the signing node itself (a node joins,
+/// declares itself ready and leaves only for itself).
+pub const MEMBERSHIP_TAG: u8 = 0xA7;
+/// Most nodes the membership registry holds; joins beyond it are refused.
+pub const MAX_MEMBERS: usize = 100_000;
+
+/// Encodes a membership operation as a request's `op`.
+pub fn membership_op(op: &MembershipOp) -> Vec<u8> {
+    let mut out = vec![MEMBERSHIP_TAG];
+    // Serializing an enum of node ids into a Vec cannot fail.
+    let _ = ciborium::into_writer(op, &mut out);
+    out
+}
+
+fn decode_membership(op: &[u8]) -> Result<MembershipOp, String> {
+    let Some((&MEMBERSHIP_TAG, mut body)) = op.split_first() else {
+        return Err("not a membership operation".into());
+    };
+    if body.len() > 128 {
+        return Err("membership operation too long".into());
+    }
+    let m: MembershipOp = ciborium::from_reader(&mut body).map_err(|e| e.to_string())?;
+    if !body.is_empty() {
+        return Err("trailing bytes".into());
+    }
+    Ok(m)
 }
 
 /// Most unfinished VMs the replicated state tracks; decisions placing more are refused.
@@ -257,6 +302,8 @@ pub enum Applied {
     },
     /// The compaction cut of the next document epoch: every node compacts at it.
     Cut(u64),
+    /// A node joined, declared itself ready (or not) or left.
+    Membership(MembershipOp),
     /// Nothing (a repeat, or evidence that does not verify).
     Nothing(String),
 }
@@ -272,7 +319,13 @@ impl AcpState {
             decided: BTreeMap::new(),
             vms: BTreeMap::new(),
             cut_epoch: 0,
+            membership: Membership::default(),
         }
+    }
+
+    /// The membership registry (committed joins, readiness, leaves).
+    pub fn membership(&self) -> &Membership {
+        &self.membership
     }
 
     /// Applies one committed operation from `client` at batch time `time`, decision `seq`.
@@ -373,6 +426,25 @@ impl AcpState {
                     Err(e) => Applied::Nothing(format!("cut refused: {e}")),
                 }
             }
+            Some(&MEMBERSHIP_TAG) => match decode_membership(op) {
+                Ok(m) => {
+                    let (MembershipOp::Join(n)
+                    | MembershipOp::Ready(n, _)
+                    | MembershipOp::Leave(n)) = &m;
+                    if *n != client {
+                        Applied::Nothing("membership operation about another node".into())
+                    } else if matches!(m, MembershipOp::Join(_))
+                        && !self.membership.contains(n)
+                        && self.membership.len() >= MAX_MEMBERS
+                    {
+                        Applied::Nothing("membership registry full".into())
+                    } else {
+                        self.membership.apply(time, &m);
+                        Applied::Membership(m)
+                    }
+                }
+                Err(e) => Applied::Nothing(format!("membership operation refused: {e}")),
+            },
             Some(&PROBE_TAG) if op.len() <= 64 => Applied::Nothing("probe".into()),
             _ => Applied::Nothing("unknown operation".into()),
         }
@@ -539,7 +611,7 @@ pub fn report_measurement(
     let Some(c) = shared.consensus() else { return };
     let me = shared.node_id();
     if from == me
-        || !c.genesis().is_some_and(|g| g.contains(&me))
+        || !c.committee().is_some_and(|g| g.contains(&me))
         || bytes < MIN_MEASURED_BYTES
         || took < Duration::from_secs(1)
     {
@@ -587,8 +659,17 @@ pub struct QuorumStatus {
     pub f: usize,
     /// Quorum size.
     pub quorum: usize,
-    /// Current view (replicas only).
+    /// Current view within the epoch (epoch `e` numbers its views from `e * 2^32`).
     pub view: u64,
+    /// The epoch's last sequence number (none: the committee serves forever).
+    #[serde(default)]
+    pub epoch_ends_at: Option<u64>,
+    /// Nodes in the committed membership registry.
+    #[serde(default)]
+    pub joined: usize,
+    /// Of those, how many declared themselves ready.
+    #[serde(default)]
+    pub ready: usize,
     /// Primary of the view.
     pub primary: Option<NodeId>,
     /// Whether the view is active (not changing).
@@ -671,9 +752,10 @@ impl Consensus {
         self.tx.try_send(i).is_ok()
     }
 
-    /// The genesis committee (configuration `acp.committee`).
-    pub fn genesis(&self) -> Option<&Committee> {
-        self.verifier.committee(0)
+    /// The committee of the latest epoch this node reached (the genesis committee,
+    /// configuration `acp.committee`, until the first epoch change).
+    pub fn committee(&self) -> Option<Committee> {
+        self.verifier.latest()
     }
 
     /// Submits `op` and waits until it commits: its certificate ([`crate::cert`]), or why the
@@ -721,6 +803,7 @@ struct AcpMetrics {
     decisions: IntCounter,
     view: IntGauge,
     committee: IntGauge,
+    epoch: IntGauge,
     dropped: IntCounter,
     withheld: IntCounter,
 }
@@ -766,6 +849,10 @@ impl AcpMetrics {
                 "dwcp_consensus_committee_size",
                 "Members of the current committee (0: no committee configured)",
             )?,
+            epoch: reg.g(
+                "dwcp_pbft_epoch",
+                "Committee epoch this node's consensus has reached",
+            )?,
             dropped: reg.c(
                 "dwcp_consensus_messages_dropped_total",
                 "Consensus messages dropped: undecodable, bad signature, not from a member",
@@ -797,6 +884,9 @@ pub struct AcpSetup<'a> {
     pub statesync: Option<crate::statesync::StateSync>,
     /// Where this replica's votes are kept across restarts ([`crate::votelog`]).
     pub votes: Option<sled::Tree>,
+    /// The committees this node knows, shared with the state-sync driver (the driver adds
+    /// each epoch's committee as it reaches it).
+    pub verifier: CommitteeVerifier,
 }
 
 /// The genesis committee of a configuration, or `None` when none is configured.
@@ -819,7 +909,20 @@ pub fn genesis_committee(cfg: &AcpSection) -> anyhow::Result<Option<Committee>> 
 struct Driver {
     me: NodeId,
     key: NodeKey,
+    /// The engine of the current epoch.
     engine: Option<Engine>,
+    /// Engines of ended epochs, newest first: they only serve catch-up to nodes still in
+    /// those epochs (at most [`MAX_OLD_EPOCHS`]).
+    old: std::collections::VecDeque<Engine>,
+    ecfg: dwcp_consensus::Config,
+    /// Epoch rules (`acp.epochs`); `None`: the genesis committee serves forever.
+    rules: Option<EpochRules>,
+    /// How often this node renews its readiness.
+    ready_every: Duration,
+    /// Whether it declares itself ready to serve (`acp.epochs.serve`).
+    serve: bool,
+    /// When the current engine was last asked to catch up because of later-epoch traffic.
+    nudged: Option<Instant>,
     committee: Committee,
     state: AcpState,
     client: Client,
@@ -868,6 +971,9 @@ struct Driver {
     /// Opens the certificates members reply with.
     verifier: CommitteeVerifier,
 }
+
+/// Most ended epochs whose engines are kept to serve catch-up.
+pub const MAX_OLD_EPOCHS: usize = 8;
 
 /// A submitted decision waiting for its commit.
 #[derive(Debug)]
@@ -921,6 +1027,7 @@ pub fn spawn(
         stop,
         statesync,
         votes,
+        verifier,
     } = setup;
     let metrics = AcpMetrics::new(registry)?;
     let Some(committee) = genesis_committee(cfg)? else {
@@ -940,14 +1047,31 @@ pub fn spawn(
     // Nodes outside the committee run the engine as an observer: it never votes, fetches
     // the members' commit certificates and executes them, so every node applies the same
     // committed operations (reputation, quarantines, VM lifecycle, compaction cuts).
-    let engine = Some(Engine::new(ecfg, key.clone(), committee.clone())?);
+    let rules = (cfg.epochs.length > 0).then(|| EpochRules {
+        epoch_length: cfg.epochs.length,
+        size: if cfg.epochs.size == 0 {
+            committee.n()
+        } else {
+            cfg.epochs.size
+        },
+        eligibility: dwcp_consensus::committee::Eligibility {
+            min_reputation: cfg.epochs.min_reputation,
+            min_uptime_s: cfg.epochs.min_uptime.as_secs(),
+            max_ready_age_s: cfg.epochs.ready_ttl.as_secs(),
+        },
+    });
+    let mut engine = Engine::new(ecfg.clone(), key.clone(), committee.clone())?;
+    if let Some(r) = &rules {
+        engine.set_end(r.epoch_length)?;
+    }
+    let engine = Some(engine);
     info!(
         n = committee.n(),
         f = committee.f(),
         replica = committee.contains(&me),
         "consensus committee loaded"
     );
-    let verifier = CommitteeVerifier::new(Some(committee.clone()));
+    verifier.insert(committee.clone());
     let d_verifier = verifier.clone();
     let (tx, rx) = mpsc::channel(1024);
     let (q_tx, q_rx) = watch::channel(BTreeSet::new());
@@ -956,6 +1080,12 @@ pub fn spawn(
         me,
         key,
         engine,
+        old: std::collections::VecDeque::new(),
+        ecfg,
+        rules,
+        ready_every: cfg.epochs.ready_ttl / 3,
+        serve: cfg.epochs.serve,
+        nudged: None,
         committee,
         state: AcpState::new(),
         client,
@@ -1057,11 +1187,18 @@ impl Driver {
         self.publish_view();
         let mut resend = tokio::time::interval(RESEND_AFTER);
         resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With epochs, a node joins the membership and renews its readiness (the first
+        // tick is immediate).
+        let mut ready = tokio::time::interval(self.ready_every.max(Duration::from_secs(1)));
+        ready.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut joined = false;
         loop {
             let wake = self
                 .engine
-                .as_ref()
-                .and_then(|e| e.poll_timeout())
+                .iter()
+                .chain(self.old.iter())
+                .filter_map(|e| e.poll_timeout())
+                .min()
                 .map(|t| {
                     tokio::time::Instant::now()
                         + Duration::from_millis(t.as_millis().saturating_sub(wall_ms()))
@@ -1084,15 +1221,34 @@ impl Driver {
                     None => break,
                 },
                 () = timer => {
-                    if let Some(e) = self.engine.as_mut() {
-                        e.handle_timeout(Timestamp(wall_ms()));
+                    let now = Timestamp(wall_ms());
+                    for e in self.engine.iter_mut().chain(self.old.iter_mut()) {
+                        if e.poll_timeout().is_some_and(|t| t <= now) {
+                            e.handle_timeout(now);
+                        }
                     }
                 }
                 _ = resend.tick() => self.retransmit(),
+                _ = ready.tick(), if self.rules.is_some() => {
+                    let mut ops = Vec::new();
+                    if !std::mem::replace(&mut joined, true) {
+                        ops.push(MembershipOp::Join(self.me));
+                    }
+                    ops.push(MembershipOp::Ready(self.me, self.serve));
+                    for op in ops {
+                        if let Err(e) = self.submit(membership_op(&op)) {
+                            warn!(error = %e, "could not submit a membership operation");
+                        }
+                    }
+                }
             }
             self.drain().await;
             if let Some(e) = &self.engine {
-                self.metrics.view.set(e.view() as i64);
+                self.metrics.view.set(
+                    e.view()
+                        .saturating_sub(dwcp_consensus::first_view(e.committee().epoch()))
+                        as i64,
+                );
             }
             if self.view_dirty || self.view_at.elapsed() >= Duration::from_millis(200) {
                 self.publish_view();
@@ -1105,7 +1261,35 @@ impl Driver {
         let now = Timestamp(wall_ms());
         match d {
             Decoded::Msg(m) => {
-                if !self.committee.contains(&m.signer()) {
+                // The engine of the message's epoch: the current one, or an ended one that
+                // serves nodes still catching up in it.
+                let target = if self.engine.as_ref().is_some_and(|e| e.covers(m.message())) {
+                    Some(0)
+                } else {
+                    self.old
+                        .iter()
+                        .position(|e| e.covers(m.message()))
+                        .map(|i| i + 1)
+                };
+                let Some(target) = target else {
+                    // Traffic of an epoch this node has not reached: it is behind, so it
+                    // asks for decisions (at most once a second).
+                    if self
+                        .nudged
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                        && let Some(e) = self.engine.as_mut()
+                    {
+                        self.nudged = Some(Instant::now());
+                        e.catch_up();
+                    }
+                    return Err("other_epoch");
+                };
+                let member = match target {
+                    0 => self.engine.as_ref().map(Engine::committee),
+                    i => self.old.get(i - 1).map(Engine::committee),
+                }
+                .is_some_and(|c| c.contains(&m.signer()));
+                if !member {
                     // Observers (nodes outside the committee) may ask for certificates, at
                     // most every FETCH_EVERY each.
                     if !matches!(m.message(), ConsensusMsg::Fetch { .. })
@@ -1118,7 +1302,11 @@ impl Driver {
                 if self.state.is_quarantined(&m.signer()) {
                     return Err("quarantined");
                 }
-                if let Some(e) = self.engine.as_mut() {
+                let e = match target {
+                    0 => self.engine.as_mut(),
+                    i => self.old.get_mut(i - 1),
+                };
+                if let Some(e) = e {
                     e.handle(now, Input::Message(m));
                 }
                 Ok(())
@@ -1130,7 +1318,7 @@ impl Driver {
                 Ok(())
             }
             Decoded::Reply(r) => {
-                if !self.committee.contains(&r.signer()) {
+                if !self.is_recent_member(&r.signer()) {
                     return Err("not_member");
                 }
                 self.on_reply(&r)
@@ -1140,13 +1328,97 @@ impl Driver {
                 Ok(())
             }
             Decoded::Measurement(env, m) => {
-                if !self.committee.contains(&m.signer()) || m.signer() == m.subject {
+                if !self.is_recent_member(&m.signer()) || m.signer() == m.subject {
                     return Err("not_member");
                 }
                 self.remember_measurement(env, &m);
                 Ok(())
             }
         }
+    }
+
+    /// Whether `node` is a member of the current committee or of one of the ended epochs
+    /// kept (replies and measurements may come from the committee that just handed over).
+    fn is_recent_member(&self, node: &NodeId) -> bool {
+        self.committee.contains(node) || self.old.iter().any(|e| e.committee().contains(node))
+    }
+
+    /// The next command of any engine: the current epoch's first, then ended ones'.
+    fn next_command(&mut self) -> Option<Command> {
+        if let Some(c) = self.engine.as_mut().and_then(Engine::poll_command) {
+            return Some(c);
+        }
+        self.old.iter_mut().find_map(Engine::poll_command)
+    }
+
+    /// At the end of an epoch (its last decision applied): computes the next committee from
+    /// committed state (membership, reputation, the log digest and batch time of the last
+    /// decision), starts its engine where this one ended, and keeps the ended engine to
+    /// serve catch-up. Every honest node computes the same committee.
+    fn next_epoch(&mut self, d: &dwcp_consensus::Decision) {
+        let Some(rules) = self.rules.clone() else {
+            return;
+        };
+        let Some(mut ended) = self.engine.take() else {
+            return;
+        };
+        let Some(mut handover) = ended.handover() else {
+            self.engine = Some(ended);
+            return;
+        };
+        handover.pending = ended.take_pending();
+        let state = &self.state;
+        let reputation = |n: &NodeId| (state.score(n), state.is_quarantined(n));
+        let next = dwcp_consensus::committee::next_committee(
+            &self.committee,
+            d.seq,
+            &d.state,
+            d.time,
+            &state.membership,
+            &reputation,
+            &rules,
+        );
+        let started = Engine::resume(self.ecfg.clone(), self.key.clone(), next.clone(), handover)
+            .and_then(|mut e| {
+                e.set_end(d.seq + rules.epoch_length)?;
+                Ok(e)
+            });
+        let mut engine = match started {
+            Ok(e) => e,
+            Err(e) => {
+                // Only a configuration error can get here (validated at start).
+                warn!(error = %e, "could not start the next epoch's engine");
+                self.engine = Some(ended);
+                return;
+            }
+        };
+        engine.handle_timeout(Timestamp(wall_ms()));
+        let changed = next.members() != self.committee.members();
+        info!(
+            epoch = next.epoch(),
+            seq = d.seq,
+            n = next.n(),
+            f = next.f(),
+            changed,
+            replica = next.contains(&self.me),
+            members = ?next.members().iter().map(NodeId::short).collect::<Vec<_>>(),
+            "consensus epoch begins"
+        );
+        self.old.push_front(ended);
+        self.old.truncate(MAX_OLD_EPOCHS);
+        self.engine = Some(engine);
+        self.verifier.insert(next.clone());
+        self.metrics.committee.set(next.n() as i64);
+        self.metrics.epoch.set(next.epoch() as i64);
+        self.committee = next;
+        self.view_dirty = true;
+        // Our requests still waiting go to the new members at once.
+        if let Some(due) = Instant::now().checked_sub(RESEND_AFTER) {
+            for (_, last, _) in self.unanswered.values_mut() {
+                *last = due;
+            }
+        }
+        self.retransmit();
     }
 
     /// PBFT's client retransmission (section 4.1): a request of ours not committed after
@@ -1452,7 +1724,7 @@ impl Driver {
     }
 
     async fn drain(&mut self) {
-        while let Some(c) = self.engine.as_mut().and_then(|e| e.poll_command()) {
+        while let Some(c) = self.next_command() {
             match c {
                 Command::Broadcast(env) => {
                     if !self.may_send(&env) {
@@ -1625,6 +1897,9 @@ impl Driver {
                     info!(epoch, seq = d.seq, "compaction cut committed");
                     self.hand_cut_over(&d, r, *epoch);
                 }
+                Applied::Membership(op) => {
+                    debug!(?op, seq = d.seq, "membership operation committed")
+                }
                 Applied::Nothing(why) => debug!(why, "committed operation changed nothing"),
             }
             self.answer(&d, r, client, &out);
@@ -1647,6 +1922,11 @@ impl Driver {
             .push_back((d.seq, d.view, d.requests.len(), d.time.as_millis()));
         while self.recent.len() > MAX_HISTORY.min(32) {
             self.recent.pop_front();
+        }
+        // The epoch's last decision (an engine catching up executes many decisions before
+        // the driver applies them: switch at the last one, not as soon as the engine ended).
+        if self.engine.as_ref().and_then(Engine::end) == Some(d.seq) {
+            self.next_epoch(&d);
         }
     }
 
@@ -1959,7 +2239,15 @@ impl Driver {
             n: c.n(),
             f: c.f(),
             quorum: c.quorum(),
-            view: e.map(|e| e.view()).unwrap_or(0),
+            view: e
+                .map(|e| {
+                    e.view()
+                        .saturating_sub(dwcp_consensus::first_view(c.epoch()))
+                })
+                .unwrap_or(0),
+            epoch_ends_at: e.and_then(Engine::end),
+            joined: self.state.membership.len(),
+            ready: self.state.membership.nodes().filter(|(_, r)| *r).count(),
             primary: e.map(|e| e.primary()),
             view_active: e.is_some_and(|e| e.is_view_active()),
             last_executed: e.map(|e| e.last_executed()).unwrap_or(0),
@@ -2447,6 +2735,42 @@ mod tests {
         let last = forged.len() - 1;
         forged[last] ^= 1;
         assert!(decode(&forged).is_err());
+    }
+
+    #[test]
+    fn membership_operations_speak_only_for_their_signer() {
+        let keys = ids(4);
+        let committee = Committee::new(0, keys.iter().map(|k| k.node_id()).collect()).unwrap();
+        let (a, b) = (keys[0].node_id(), keys[1].node_id());
+        let mut s = AcpState::new();
+        // Another node's join or readiness is refused; malformed bodies too.
+        for (client, op) in [
+            (a, membership_op(&MembershipOp::Join(b))),
+            (a, membership_op(&MembershipOp::Ready(b, true))),
+            (a, vec![MEMBERSHIP_TAG, 0xff]),
+            (a, [membership_op(&MembershipOp::Join(a)), vec![0]].concat()),
+        ] {
+            let out = s.apply(Timestamp(1), 1, &committee, client, &op);
+            assert!(matches!(out, Applied::Nothing(_)), "{out:?}");
+        }
+        assert!(s.membership().is_empty());
+        let out = s.apply(
+            Timestamp(2),
+            2,
+            &committee,
+            b,
+            &membership_op(&MembershipOp::Ready(b, true)),
+        );
+        assert_eq!(out, Applied::Membership(MembershipOp::Ready(b, true)));
+        assert_eq!(s.membership().nodes().collect::<Vec<_>>(), vec![(&b, true)]);
+        s.apply(
+            Timestamp(3),
+            3,
+            &committee,
+            b,
+            &membership_op(&MembershipOp::Leave(b)),
+        );
+        assert!(s.membership().is_empty());
     }
 
     #[test]

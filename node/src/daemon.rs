@@ -806,6 +806,9 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
             .set(1);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    // One table of committees for both drivers: consensus adds each epoch's committee.
+    let verifier =
+        crate::cert::CommitteeVerifier::new(crate::consensus::genesis_committee(&config.acp)?);
     let (sync, sync_task) = statesync::spawn(statesync::SyncSetup {
         cfg: &config.ass,
         key: key.clone(),
@@ -815,9 +818,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         topic: topics.statesync.clone(),
         registry: &metrics.registry,
         stop: stop_rx.clone(),
-        verifier: crate::cert::CommitteeVerifier::new(crate::consensus::genesis_committee(
-            &config.acp,
-        )?),
+        verifier: verifier.clone(),
     })?;
     let acp = crate::consensus::spawn(crate::consensus::AcpSetup {
         cfg: &config.acp,
@@ -828,6 +829,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         stop: stop_rx.clone(),
         statesync: Some(sync.clone()),
         votes: Some(store.tree("consensus_votes")?),
+        verifier,
     })?;
     let (pba, pba_task) = match crate::pba::spawn(crate::pba::PbaSetup {
         cfg: &config.pba,

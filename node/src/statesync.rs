@@ -874,7 +874,7 @@ impl Driver {
         {
             return;
         }
-        let Some(committee) = self.engine.verifier().committee(0).cloned() else {
+        let Some(committee) = self.engine.verifier().latest() else {
             return;
         };
         self.fetching = Some((epoch, Instant::now()));
@@ -987,7 +987,7 @@ impl Driver {
         {
             return;
         }
-        let Some(committee) = self.engine.verifier().committee(0).cloned() else {
+        let Some(committee) = self.engine.verifier().latest() else {
             return;
         };
         self.learning = Some((next, Instant::now()));

@@ -146,6 +146,9 @@ pub struct Eligibility {
     pub min_reputation: f64,
     /// Shortest uptime that may serve, in seconds.
     pub min_uptime_s: u64,
+    /// A node counts as ready only if it declared so at most this long ago, in seconds
+    /// (nodes renew it; one that went away stops being chosen). 0: no limit.
+    pub max_ready_age_s: u64,
 }
 
 impl Default for Eligibility {
@@ -153,6 +156,7 @@ impl Default for Eligibility {
         Self {
             min_reputation: 0.5,
             min_uptime_s: 600,
+            max_ready_age_s: 0,
         }
     }
 }
@@ -209,7 +213,7 @@ pub fn select(
 pub enum MembershipOp {
     /// A node joins (its uptime counts from the batch time of this operation).
     Join(NodeId),
-    /// A joined node declares itself ready (or not) to serve.
+    /// A node declares itself ready (or not) to serve; joins it if it had not joined.
     Ready(NodeId, bool),
     /// A node leaves.
     Leave(NodeId),
@@ -219,6 +223,8 @@ pub enum MembershipOp {
 struct MemberRecord {
     joined_at: Timestamp,
     ready: bool,
+    /// When the node last declared itself ready (its heartbeat in committed state).
+    ready_at: Timestamp,
 }
 
 /// The membership registry of a committed prefix: a pure function of the committed
@@ -236,12 +242,18 @@ impl Membership {
                 self.nodes.entry(*n).or_insert(MemberRecord {
                     joined_at: time,
                     ready: false,
+                    ready_at: time,
                 });
             }
             MembershipOp::Ready(n, ready) => {
-                if let Some(r) = self.nodes.get_mut(n) {
-                    r.ready = *ready;
-                }
+                // Readiness implies a join: a node's two requests may be ordered either way.
+                let r = self.nodes.entry(*n).or_insert(MemberRecord {
+                    joined_at: time,
+                    ready: false,
+                    ready_at: time,
+                });
+                r.ready = *ready;
+                r.ready_at = time;
             }
             MembershipOp::Leave(n) => {
                 self.nodes.remove(n);
@@ -259,20 +271,34 @@ impl Membership {
         self.nodes.is_empty()
     }
 
+    /// Whether `node` joined (and did not leave).
+    pub fn contains(&self, node: &NodeId) -> bool {
+        self.nodes.contains_key(node)
+    }
+
+    /// Joined nodes and whether each declared itself ready.
+    pub fn nodes(&self) -> impl Iterator<Item = (&NodeId, bool)> {
+        self.nodes.iter().map(|(n, r)| (n, r.ready))
+    }
+
     /// The candidates at batch time `now`; `reputation(node)` gives its committed score and
-    /// whether it is quarantined.
+    /// whether it is quarantined. A node whose last readiness is older than
+    /// `max_ready_age_s` (0: no limit) counts as not ready.
     pub fn candidates(
         &self,
         now: Timestamp,
+        max_ready_age_s: u64,
         reputation: &dyn Fn(&NodeId) -> (f64, bool),
     ) -> Vec<Candidate> {
         self.nodes
             .iter()
             .map(|(n, r)| {
                 let (score, quarantined) = reputation(n);
+                let fresh = max_ready_age_s == 0
+                    || now.saturating_since(r.ready_at) / 1_000 <= max_ready_age_s;
                 Candidate {
                     node: *n,
-                    ready: r.ready,
+                    ready: r.ready && fresh,
                     quarantined,
                     reputation: score,
                     uptime_s: now.saturating_since(r.joined_at) / 1_000,
@@ -317,7 +343,8 @@ pub fn next_committee(
 ) -> Committee {
     let epoch = boundary_seq / rules.epoch_length.max(1);
     let seed = epoch_seed(boundary_state, epoch);
-    let candidates = membership.candidates(boundary_time, reputation);
+    let candidates =
+        membership.candidates(boundary_time, rules.eligibility.max_ready_age_s, reputation);
     let eligible = candidates
         .iter()
         .filter(|c| {
@@ -430,6 +457,7 @@ mod tests {
             eligibility: Eligibility {
                 min_reputation: 0.5,
                 min_uptime_s: 60,
+                max_ready_age_s: 0,
             },
         };
         // Batch time of seq s is s seconds.
@@ -554,6 +582,7 @@ mod tests {
             eligibility: Eligibility {
                 min_reputation: 0.5,
                 min_uptime_s: 0,
+                max_ready_age_s: 0,
             },
         };
         let mut m = Membership::default();
@@ -572,5 +601,34 @@ mod tests {
             &rules,
         );
         assert_eq!((c.epoch(), c.n()), (2, 4), "6 eligible: n = 4 (f = 1)");
+    }
+
+    #[test]
+    fn nodes_that_stop_renewing_readiness_are_not_chosen() {
+        let mut m = Membership::default();
+        for i in 1..=5u8 {
+            m.apply(Timestamp(0), &MembershipOp::Join(node(i)));
+            m.apply(Timestamp(1_000), &MembershipOp::Ready(node(i), true));
+        }
+        // Nodes 1-4 renew at 50 min; node 5 went away after its first declaration.
+        for i in 1..=4u8 {
+            m.apply(Timestamp(3_000_000), &MembershipOp::Ready(node(i), true));
+        }
+        let now = Timestamp(3_600_000);
+        let ok = |_: &NodeId| (1.0, false);
+        let ready = |age| {
+            m.candidates(now, age, &ok)
+                .into_iter()
+                .filter(|c| c.ready)
+                .map(|c| c.node)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ready(0).len(), 5, "no limit");
+        let fresh = ready(1_800);
+        assert_eq!(fresh.len(), 4);
+        assert!(!fresh.contains(&node(5)));
+        assert!(m.contains(&node(5)));
+        m.apply(now, &MembershipOp::Leave(node(5)));
+        assert!(!m.contains(&node(5)));
     }
 }

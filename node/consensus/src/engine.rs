@@ -303,13 +303,40 @@ struct Reproposals {
 }
 
 /// Requests one client had executed: every nonce up to `floor`, and those in `above`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ClientWindow {
     floor: u64,
     above: BTreeSet<u64>,
 }
 
 const MAX_CLIENT_WINDOW: usize = 1024;
+/// Views of one epoch: epoch `e` uses views `e * 2^32 ..`, so no vote of one epoch can be
+/// taken for a vote of another.
+pub const VIEWS_PER_EPOCH: u64 = 1 << 32;
+
+/// The first view of `epoch`.
+pub fn first_view(epoch: u64) -> u64 {
+    epoch.saturating_mul(VIEWS_PER_EPOCH)
+}
+
+/// The epoch a view belongs to.
+pub fn epoch_of_view(view: u64) -> u64 {
+    view / VIEWS_PER_EPOCH
+}
+
+/// What an engine of one epoch hands to the engine of the next once it has executed its last
+/// sequence number: where the log stands and which requests already ran, so the next
+/// committee continues the same replicated log and executes no request twice.
+#[derive(Debug, Clone)]
+pub struct Handover {
+    /// The last sequence number of the epoch that ended.
+    pub seq: u64,
+    /// Digest of the replicated log after it.
+    pub state: Digest,
+    /// Requests that were waiting, not executed (the next committee orders them).
+    pub pending: Vec<Verified<Request>>,
+    clients: BTreeMap<NodeId, ClientWindow>,
+}
 const MAX_FUTURE_VIEWS: u64 = 4;
 const KIND_HEADER: u8 = 0;
 const KIND_PREPARE: u8 = 1;
@@ -369,6 +396,12 @@ pub struct Engine {
     restart_progress_timer: bool,
     fetch_rr: usize,
     out: VecDeque<Command>,
+    /// The sequence number this engine's epoch starts after (its "checkpoint 0").
+    start: u64,
+    /// The replicated-log digest at `start`.
+    start_state: Digest,
+    /// The epoch's last sequence number (`u64::MAX`: open-ended).
+    end: u64,
 }
 
 impl Engine {
@@ -417,7 +450,144 @@ impl Engine {
             restart_progress_timer: false,
             fetch_rr: 0,
             out: VecDeque::new(),
+            start: 0,
+            start_state: Digest::default(),
+            end: u64::MAX,
         })
+    }
+
+    /// A replica of a later epoch's `committee`, continuing the log where the previous
+    /// epoch's engine ended ([`Engine::handover`]): it starts in the epoch's first view
+    /// ([`first_view`]) with `handover.seq` as its stable checkpoint, which needs no proof
+    /// (every correct replica executed the same prefix to get there).
+    pub fn resume(
+        cfg: Config,
+        key: NodeKey,
+        committee: Committee,
+        handover: Handover,
+    ) -> Result<Self, ConfigError> {
+        let mut e = Self::new(cfg, key, committee)?;
+        if !handover.seq.is_multiple_of(e.cfg.checkpoint_interval) {
+            return Err(ConfigError::Invalid(
+                "an epoch must start at a multiple of checkpoint_interval",
+            ));
+        }
+        e.view = first_view(e.committee.epoch());
+        e.start = handover.seq;
+        e.start_state = handover.state;
+        e.next_seq = handover.seq + 1;
+        e.low = handover.seq;
+        e.known_stable = handover.seq;
+        e.last_exec = handover.seq;
+        e.state = handover.state;
+        e.stable_state = handover.state;
+        e.exec_states.insert(handover.seq, handover.state);
+        e.executed = handover.clients;
+        let relay = e.is_member() && !e.is_primary();
+        for r in handover.pending {
+            let key = (r.signer(), r.nonce);
+            if e.pending.len() < e.cfg.max_pending && !e.is_executed(&key.0, key.1) {
+                if relay {
+                    // Section 4.1: the new primary may never have seen it.
+                    e.out.push_back(Command::Send {
+                        to: e.primary(),
+                        envelope: r.envelope().clone(),
+                    });
+                }
+                e.pending.insert(key, r);
+                e.pending_order.push_back(key);
+            }
+        }
+        e.restart_progress_timer = true;
+        Ok(e)
+    }
+
+    /// Ends this engine's epoch at `seq` (a multiple of `checkpoint_interval` above where it
+    /// starts): nothing above it is proposed or accepted, and once it is executed the engine
+    /// stops voting and only serves catch-up. Call before feeding inputs.
+    pub fn set_end(&mut self, seq: u64) -> Result<(), ConfigError> {
+        if seq <= self.start || !seq.is_multiple_of(self.cfg.checkpoint_interval) {
+            return Err(ConfigError::Invalid(
+                "an epoch must end at a multiple of checkpoint_interval after its start",
+            ));
+        }
+        self.end = seq;
+        Ok(())
+    }
+
+    /// The epoch's last sequence number, if it has one.
+    pub fn end(&self) -> Option<u64> {
+        (self.end != u64::MAX).then_some(self.end)
+    }
+
+    /// The sequence number the epoch started after.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Whether the epoch's last sequence number is executed.
+    pub fn is_ended(&self) -> bool {
+        self.last_exec >= self.end
+    }
+
+    /// What the next epoch's engine starts from, once this one has ended.
+    pub fn handover(&self) -> Option<Handover> {
+        if !self.is_ended() {
+            return None;
+        }
+        Some(Handover {
+            seq: self.last_exec,
+            state: self.state,
+            pending: Vec::new(),
+            clients: self.executed.clone(),
+        })
+    }
+
+    /// Hands the requests still waiting to the next epoch (the engine has ended and orders
+    /// nothing more).
+    pub fn take_pending(&mut self) -> Vec<Verified<Request>> {
+        self.pending_order.clear();
+        self.proposed.clear();
+        std::mem::take(&mut self.pending).into_values().collect()
+    }
+
+    /// Asks a member for decisions now (the driver saw traffic of a later epoch: this
+    /// replica is behind). Does nothing once the epoch has ended.
+    pub fn catch_up(&mut self) {
+        if !self.is_ended() {
+            self.send_fetch();
+        }
+    }
+
+    /// Whether `m` belongs to this engine's epoch: by sequence number where it names one,
+    /// by view otherwise. A driver running engines of several epochs routes with it.
+    pub fn covers(&self, m: &ConsensusMsg) -> bool {
+        let seq_in = |s: u64| s > self.start && s <= self.end;
+        let view_in = |v: u64| epoch_of_view(v) == self.committee.epoch();
+        match m {
+            ConsensusMsg::PrePrepare(pp) => seq_in(pp.slot.seq),
+            ConsensusMsg::Proposal { header, .. } => header
+                .clone()
+                .verify::<ConsensusMsg>()
+                .ok()
+                .is_some_and(|h| match h.message() {
+                    ConsensusMsg::PrePrepare(pp) => seq_in(pp.slot.seq),
+                    _ => false,
+                }),
+            ConsensusMsg::Prepare { slot, .. } | ConsensusMsg::Commit(slot) => seq_in(slot.seq),
+            ConsensusMsg::Checkpoint { seq, .. }
+            | ConsensusMsg::FetchBatch { seq, .. }
+            | ConsensusMsg::Batch { seq, .. } => seq_in(*seq),
+            ConsensusMsg::Fetch { from_seq } => seq_in(*from_seq),
+            ConsensusMsg::Decided(certs) => certs
+                .first()
+                .and_then(CommitCertificate::seq_unverified)
+                .is_some_and(seq_in),
+            ConsensusMsg::ViewChange(vc) => view_in(vc.new_view),
+            ConsensusMsg::ViewChangeProofs(p) => view_in(p.new_view),
+            ConsensusMsg::NewView(nv) => view_in(nv.view),
+            ConsensusMsg::FetchViewChanges { view } => view_in(*view),
+        }
     }
 
     /// This replica's id.
@@ -484,7 +654,10 @@ impl Engine {
     /// progress, and let the primary propose what is waiting.
     fn finish(&mut self, now: Timestamp) {
         if std::mem::take(&mut self.restart_progress_timer) {
-            self.progress_deadline = if self.pending.is_empty() || !self.active || !self.is_member()
+            self.progress_deadline = if self.pending.is_empty()
+                || !self.active
+                || !self.is_member()
+                || self.is_ended()
             {
                 None
             } else {
@@ -556,7 +729,7 @@ impl Engine {
 
     fn on_request(&mut self, now: Timestamp, r: Verified<Request>) {
         let key = (r.signer(), r.nonce);
-        if self.is_executed(&key.0, key.1) || self.pending.contains_key(&key) {
+        if self.is_executed(&key.0, key.1) || self.pending.contains_key(&key) || self.is_ended() {
             return;
         }
         if self.pending.len() >= self.cfg.max_pending {
@@ -595,7 +768,9 @@ impl Engine {
     }
 
     fn in_window(&self, seq: u64) -> bool {
-        seq > self.low && seq <= self.low.max(self.known_stable) + self.cfg.log_window
+        seq > self.low
+            && seq <= self.end
+            && seq <= self.low.max(self.known_stable) + self.cfg.log_window
     }
 
     fn try_propose(&mut self, now: Timestamp) {
@@ -606,6 +781,7 @@ impl Engine {
         }
         while self.next_seq.saturating_sub(self.last_exec + 1) < self.cfg.max_inflight
             && self.next_seq <= self.low + self.cfg.log_window
+            && self.next_seq <= self.end
         {
             let mut batch = Vec::new();
             let mut keys = Vec::new();
@@ -1273,6 +1449,7 @@ impl Engine {
                 continue;
             };
             if seq <= self.last_exec
+                || seq > self.end
                 || seq > self.last_exec + 4 * self.cfg.log_window
                 || self.log.get(&seq).is_some_and(|e| e.committed.is_some())
             {
@@ -1310,6 +1487,9 @@ impl Engine {
     // ----- timers -------------------------------------------------------------------------
 
     fn tick(&mut self, now: Timestamp) {
+        if self.is_ended() {
+            return;
+        }
         self.fetch_missing();
         let progressed = std::mem::replace(&mut self.progressed_since_tick, false);
         let outstanding = !self.is_member()
@@ -1375,7 +1555,9 @@ impl Engine {
     // ----- view changes (section 4.4) -----------------------------------------------------
 
     fn start_view_change(&mut self, now: Timestamp, view: u64) {
-        if view <= self.view {
+        // An ended epoch orders nothing more: its replicas moved on to the next committee.
+        // Views stay inside the epoch's range.
+        if view <= self.view || self.is_ended() || epoch_of_view(view) != self.committee.epoch() {
             return;
         }
         self.view = view;
@@ -1479,8 +1661,9 @@ impl Engine {
         parts: Vec<(SignedEnvelope, Vec<PreparedProof>)>,
     ) -> Option<ValidVc> {
         if !vc.stable_seq.is_multiple_of(self.cfg.checkpoint_interval)
-            || (vc.stable_seq == 0) != vc.stable_proof.is_empty()
-            || (vc.stable_seq > 0 && vc.stable_proof.len() < self.committee.quorum())
+            || vc.stable_seq < self.start
+            || (vc.stable_seq == self.start) != vc.stable_proof.is_empty()
+            || (vc.stable_seq > self.start && vc.stable_proof.len() < self.committee.quorum())
         {
             return None;
         }
@@ -1519,7 +1702,7 @@ impl Engine {
             head: Digest::of_envelope(&head_env),
             envelopes,
             stable_seq: vc.stable_seq,
-            stable_state: (vc.stable_seq == 0).then(Digest::default),
+            stable_state: (vc.stable_seq == self.start).then_some(self.start_state),
             stable_proof: vc.stable_proof.clone(),
             prepared,
         })

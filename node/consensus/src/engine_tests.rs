@@ -1015,3 +1015,108 @@ fn retained_certificates_are_bounded_by_bytes_and_the_oldest_go_first() {
         .is_err()
     );
 }
+
+/// Five replicas' engines for `committee`, ending their epoch at `end`.
+fn epoch_net(committee: &Committee, end: u64) -> Net {
+    let engines = (0..5)
+        .map(|i| {
+            let mut e = Engine::new(cfg(), key(i), committee.clone()).unwrap();
+            e.set_end(end).unwrap();
+            e
+        })
+        .collect();
+    Net {
+        engines,
+        delivered: vec![Vec::new(); 5],
+        reports: Vec::new(),
+        down: vec![false; 5],
+        sent: Vec::new(),
+    }
+}
+
+#[test]
+fn an_epoch_hands_its_log_to_the_next_committee_and_no_request_runs_twice() {
+    // Epoch 0: replicas 0-3 (4 observes), ending at n = 4. Epoch 1: replicas 1-4 continue
+    // the same log from n = 4 (its stable checkpoint without proof, like checkpoint 0 of the
+    // genesis epoch), in views 2^32 and up.
+    let c0 = committee(4);
+    let c1 = Committee::new(1, (1..5).map(|i| key(i).node_id()).collect()).unwrap();
+    let mut net = epoch_net(&c0, 4);
+    for nonce in 1..=4 {
+        net.request_all(t(nonce * 10), &request(9, nonce));
+    }
+    // The observer learns the decisions it did not vote on by fetching them.
+    net.timeout_all(t(2_000));
+    for (i, e) in net.engines.iter().enumerate() {
+        assert_eq!(e.last_executed(), 4, "replica {i}");
+        assert!(e.is_ended(), "replica {i}");
+    }
+    // An ended epoch proposes nothing more and starts no view change.
+    net.request_all(t(3_000), &request(9, 5));
+    net.timeout_all(t(60_000));
+    assert!(net.engines.iter().all(|e| e.last_executed() == 4));
+    assert!(net.engines.iter().all(|e| e.view() == 0));
+    let old_slot = Slot {
+        view: 0,
+        seq: 3,
+        digest: Digest::default(),
+    };
+    assert!(net.engines[0].covers(&ConsensusMsg::Commit(old_slot)));
+
+    let handovers: Vec<_> = net.engines.iter().map(|e| e.handover().unwrap()).collect();
+    assert!(handovers.windows(2).all(|w| w[0].state == w[1].state));
+    let mut next = epoch_net(&c1, 8);
+    for (i, h) in handovers.into_iter().enumerate() {
+        let mut e = Engine::resume(cfg(), key(i), c1.clone(), h).unwrap();
+        e.set_end(8).unwrap();
+        next.engines[i] = e;
+    }
+    let e1 = &next.engines[1];
+    assert_eq!(e1.view(), crate::first_view(1));
+    assert_eq!(
+        e1.primary(),
+        key(1).node_id(),
+        "2^32 mod 4 = 0: member 0 of epoch 1"
+    );
+    assert!(!e1.covers(&ConsensusMsg::Commit(old_slot)));
+    assert!(e1.covers(&ConsensusMsg::Commit(Slot { seq: 5, ..old_slot })));
+    assert!(!net.engines[1].covers(&ConsensusMsg::Commit(Slot { seq: 5, ..old_slot })));
+
+    // A request executed in epoch 0 is not executed again; a new one commits at n = 5.
+    next.request_all(t(61_000), &request(9, 3));
+    assert!(next.delivered.iter().all(Vec::is_empty));
+    next.request_all(t(61_010), &request(9, 6));
+    for i in 1..5 {
+        assert_eq!(next.engines[i].last_executed(), 5, "replica {i}");
+    }
+    assert_eq!(next.delivered[1], next.delivered[4]);
+
+    // A view change inside epoch 1: its primary is down; the others move to view 2^32 + 1,
+    // proving their stable checkpoint n = 4 with no signatures (the epoch's start).
+    next.down[1] = true;
+    next.request_all(t(61_100), &request(9, 7));
+    next.timeout_all(t(80_000));
+    for i in 2..5 {
+        let e = &next.engines[i];
+        assert_eq!(e.view(), crate::first_view(1) + 1, "replica {i}");
+        assert!(e.is_view_active(), "replica {i}");
+        assert_eq!(e.last_executed(), 6, "replica {i}");
+    }
+    // Replica 0 is outside the committee now: no vote of its counts.
+    assert!(
+        !next
+            .sent
+            .iter()
+            .any(|(i, name)| *i == 0 && ["prepare", "commit", "view-change"].contains(name))
+    );
+}
+
+#[test]
+fn epochs_refuse_ends_and_starts_off_the_checkpoint_grid() {
+    let mut e = engine(0, 4);
+    assert!(e.set_end(3).is_err(), "K = 2");
+    assert!(e.set_end(0).is_err());
+    e.set_end(4).unwrap();
+    assert_eq!(e.end(), Some(4));
+    assert!(e.handover().is_none(), "not ended yet");
+}

@@ -99,8 +99,9 @@
 //! * committed state it needs across epochs: at a stable checkpoint that is an epoch boundary
 //!   ([`committee::is_epoch_boundary`]), compute the next committee with
 //!   [`committee::next_committee`] from the [`committee::Membership`] and the reputation
-//!   table *as of that checkpoint* and start a new engine for it (the engine itself does not
-//!   switch committees yet; see below).
+//!   table *as of that checkpoint* and start a new engine for it with [`Engine::resume`]
+//!   (the node ends each epoch's engine with [`Engine::set_end`] at the boundary and switches
+//!   once it executed it; see `node/src/consensus.rs`).
 //!
 //! **Act on every [`Command`]** (drain [`Engine::poll_command`] until `None` after each call):
 //! * `Broadcast(env)`: publish `env.encode()` on the gossipsub topic of consensus votes
@@ -159,8 +160,10 @@
 //! # Not done
 //!
 //! * The engine runs one committee; an epoch change means a new engine (the driver's job,
-//!   above). Handing over in-flight requests and the last stable checkpoint between engines
-//!   is not implemented.
+//!   above): [`Engine::set_end`] bounds an epoch, [`Engine::handover`] and
+//!   [`Engine::take_pending`] give the next epoch's [`Engine::resume`] the log digest, the
+//!   executed-request windows and the waiting requests, and [`Engine::covers`] routes
+//!   messages between epochs. The simulator runs a single epoch.
 //! * No persistence/snapshot API (see the driver contract).
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -176,7 +179,10 @@ pub use certificate::{
     read_vote,
 };
 pub use committee::Committee;
-pub use engine::{Command, Config, ConfigError, Decision, Engine, Input, Offence};
+pub use engine::{
+    Command, Config, ConfigError, Decision, Engine, Handover, Input, Offence, VIEWS_PER_EPOCH,
+    epoch_of_view, first_view,
+};
 pub use messages::{
     CommitCertificate, ConsensusMsg, Digest, MAX_PROOF_PART_BYTES, NewView, PrePrepare,
     PreparedProof, Request, Slot, ViewChange, ViewChangeProofs, VoteSignature,

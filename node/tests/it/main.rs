@@ -11,6 +11,7 @@ mod amst;
 mod cli;
 mod compaction;
 mod consensus;
+mod epochs;
 mod pba;
 mod placement;
 mod statesync;

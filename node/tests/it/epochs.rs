@@ -1,0 +1,160 @@
+//! Committee epochs on real nodes: a genesis committee of four, a fifth node that offers to
+//! serve and a genesis member that does not (`acp.epochs.serve: false`). Every node commits
+//! its join and readiness; at the end of epoch 0 every node computes the same next committee
+//! from committed state (the fifth node in, the member that stopped serving out), the new
+//! committee continues the same log, decisions keep committing from members and from the
+//! node that left the committee, and a node started afterwards replays both epochs (the
+//! ended epoch's engines serve it) to the same committee.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{RunningNode, fresh_dirs, loopback_config, start_group};
+use dwcp_node::consensus::QuorumStatus;
+use dwcp_protocol::NodeId;
+
+async fn status(api: &str) -> QuorumStatus {
+    reqwest::get(format!("{api}/v1/consensus/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn probe(api: &str) -> Result<(), String> {
+    let r = reqwest::Client::new()
+        .post(format!("{api}/v1/consensus/probe"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status().is_success() {
+        Ok(())
+    } else {
+        Err(r.text().await.unwrap_or_default())
+    }
+}
+
+fn config(committee: &[NodeId], serve: bool) -> dwcp_node::config::NodeConfig {
+    let mut c = loopback_config("epochs-test");
+    c.hypervisor.enabled = false;
+    c.network.heartbeat_interval = Duration::from_millis(500);
+    c.acp.committee = committee.iter().map(|i| i.to_string()).collect();
+    c.acp.pbft.checkpoint_interval = 10;
+    c.acp.epochs.length = 20;
+    c.acp.epochs.min_uptime = Duration::ZERO;
+    c.acp.epochs.serve = serve;
+    c.ass.compaction.after_changes = 0;
+    c
+}
+
+/// Waits until every status satisfies `done` (at most `secs`), probing through `probe_api`
+/// (when given) to make decisions.
+async fn drive_until(
+    probe_api: Option<&str>,
+    apis: &[&str],
+    secs: u64,
+    what: &str,
+    done: impl Fn(&QuorumStatus) -> bool,
+) -> Vec<QuorumStatus> {
+    let start = Instant::now();
+    loop {
+        let mut all = Vec::new();
+        for a in apis {
+            all.push(status(a).await);
+        }
+        if all.iter().all(&done) {
+            return all;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: {:?}",
+            all.iter()
+                .map(|s| (s.epoch, s.last_executed, s.joined, s.ready))
+                .collect::<Vec<_>>()
+        );
+        if let Some(api) = probe_api {
+            let _ = probe(api).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committee_of_the_next_epoch_comes_from_committed_membership() {
+    let (dirs, ids) = fresh_dirs(6);
+    let genesis = &ids[..4];
+    let configs: Vec<_> = (0..5).map(|i| config(genesis, i != 3)).collect();
+    let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let first_listen = configs[0].network.listen[0].clone();
+    let nodes = start_group(configs, &dir_paths[..5]).await;
+    let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
+    let all: Vec<&str> = apis.iter().map(|s| s.as_str()).collect();
+
+    // Every node commits its join and readiness (node 3 declares itself not ready).
+    let before = drive_until(None, &all, 90, "joins committed", |s| {
+        s.joined == 5 && s.ready == 4
+    })
+    .await;
+    assert!(
+        before
+            .iter()
+            .all(|s| s.epoch == 0 && s.epoch_ends_at == Some(20))
+    );
+
+    // Decisions until every node passed the end of epoch 0.
+    let after = drive_until(Some(all[1]), &all, 120, "epoch 1 reached", |s| s.epoch >= 1).await;
+    let sorted = |s: &QuorumStatus| {
+        let mut m = s.members.clone();
+        m.sort();
+        m
+    };
+    let mut expected: Vec<NodeId> = vec![ids[0], ids[1], ids[2], ids[4]];
+    expected.sort();
+    for (i, s) in after.iter().enumerate() {
+        assert_eq!(
+            sorted(s),
+            expected,
+            "node {i}: ready nodes 0, 1, 2 and 4 serve"
+        );
+        assert_eq!(s.n, 4);
+        assert_eq!(s.replica, i != 3, "node {i}");
+    }
+
+    // The new committee commits: probes from the new member and from the node that left.
+    for api in [all[4], all[3]] {
+        let t = Instant::now();
+        loop {
+            match probe(api).await {
+                Ok(()) => break,
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(60), "{api}: {e}"),
+            }
+        }
+    }
+    let s4 = status(all[4]).await;
+    assert!(s4.last_executed > 20, "{s4:?}");
+
+    // A node started now replays epoch 0 from the ended engines and epoch 1 from the
+    // current ones, reaching the same committee.
+    // It does not offer to serve, so the committee stays the same set meanwhile.
+    let mut late = config(genesis, false);
+    late.cluster.bootstrap = vec![format!(
+        "{first_listen}/p2p/{}",
+        ids[0].to_peer_id().unwrap()
+    )];
+    let late = RunningNode::start(late, dir_paths[5]).await;
+    let target = status(all[0]).await;
+    let s = drive_until(
+        None,
+        &[late.api.as_str()],
+        90,
+        "late node catches up",
+        |s| s.epoch >= target.epoch && s.last_executed >= target.last_executed,
+    )
+    .await;
+    assert_eq!(sorted(&s[0]), expected);
+    assert!(!s[0].replica);
+    late.stop().await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
