@@ -66,6 +66,10 @@ pub(crate) struct ConsensusArgs {
     /// Liveness phase after faults stop, virtual seconds.
     #[arg(long, default_value_t = 600)]
     liveness_s: u64,
+    /// Decisions per committee epoch (0: one epoch); a multiple of 100 (the checkpoint
+    /// interval). Every node switches to the next epoch's committee and engine at its end.
+    #[arg(long, default_value_t = 0)]
+    epoch_length: u64,
     /// Measure latency and throughput: no faults, no Byzantine nodes, uniform links.
     #[arg(long)]
     measure: bool,
@@ -116,13 +120,14 @@ fn run_seeds(
                     // (and its finished part read) while it runs.
                     if let Ok((r, secs)) = &r {
                         eprintln!(
-                            "seed {} {} passed={} live={} violations={} max_view={} {secs:.1} s",
+                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} {secs:.1} s",
                             r.seed,
                             r.strategy,
                             r.passed(),
                             r.live,
                             r.violations.len(),
-                            r.max_view
+                            r.max_view,
+                            r.max_epoch
                         );
                     }
                     if let Ok(mut m) = results.lock() {
@@ -184,6 +189,7 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         s.liveness_phase_ms = a.liveness_s * 1_000;
         // Clients keep submitting for 60 s after the faults stop, then the run drains.
         s.drain_ms = s.liveness_phase_ms.saturating_sub(60_000);
+        s.epoch_length = a.epoch_length;
         s
     };
     let started = Instant::now();
@@ -199,8 +205,8 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         e.3 += secs;
         if !r.passed() {
             failures.push(format!(
-                "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --reproduce {seed}",
-                r.strategy, r.violations, r.live, r.liveness_detail, a.nodes, r.strategy
+                "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --epoch-length {} --reproduce {seed}",
+                r.strategy, r.violations, r.live, r.liveness_detail, a.nodes, r.strategy, a.epoch_length
             ));
         }
         reports.push(r);
@@ -239,6 +245,7 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         "messages": reports.iter().map(|r| r.messages).sum::<u64>(),
         "rejected_forged_messages": reports.iter().map(|r| r.rejected_messages).sum::<u64>(),
         "max_view": reports.iter().map(|r| r.max_view).max().unwrap_or(0),
+        "max_epoch": reports.iter().map(|r| r.max_epoch).max().unwrap_or(0),
         "determinism_self_check": determinism,
         "wall_seconds": wall,
         "jobs": a.jobs,

@@ -57,6 +57,9 @@ use invariants::{
 /// every this many sequence numbers, by the committee member whose turn it is.
 pub const REWARD_EVERY: u64 = 10;
 
+/// Most ended epochs whose engines a node keeps (as the node does).
+pub const MAX_OLD_EPOCHS: usize = 8;
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct Scenario {
@@ -86,6 +89,11 @@ pub struct Scenario {
     pub client_retry_ms: u64,
     /// Views within which an offender must be quarantined.
     pub quarantine_k_views: u64,
+    /// Decisions per committee epoch (0: one epoch). At each epoch's last decision every node
+    /// computes the next committee (the same nodes, ordered by a seed from the log digest, so
+    /// primaries rotate) and continues the log with a new engine (`Engine::resume`); ended
+    /// engines serve catch-up. A multiple of the checkpoint interval.
+    pub epoch_length: u64,
 }
 
 impl Scenario {
@@ -106,6 +114,7 @@ impl Scenario {
             client_window: 1,
             client_retry_ms: 5_000,
             quarantine_k_views: 4,
+            epoch_length: 0,
         }
     }
 
@@ -131,6 +140,7 @@ impl Scenario {
             client_window,
             client_retry_ms: 5_000,
             quarantine_k_views: 4,
+            epoch_length: 0,
         }
     }
 }
@@ -166,8 +176,10 @@ pub struct Report {
     pub messages: u64,
     /// Messages rejected at decoding (forged or corrupted).
     pub rejected_messages: u64,
-    /// Highest view reached.
+    /// Highest view reached (views of ended epochs counted, an epoch change as one).
     pub max_view: u64,
+    /// Highest committee epoch a node reached.
+    pub max_epoch: u64,
     /// Byzantine nodes that committed a provable offence.
     pub offenders: usize,
     /// Byzantine nodes quarantined by every honest node.
@@ -213,6 +225,15 @@ enum Decoded {
 struct Node {
     key: NodeKey,
     engine: Engine,
+    /// Engines of ended epochs, newest first (at most [`MAX_OLD_EPOCHS`]): they serve
+    /// catch-up to nodes still in those epochs.
+    old: Vec<Engine>,
+    /// Views this node went through in ended epochs (an epoch change counts as one), so the
+    /// view invariants see one increasing count across epochs.
+    view_offset: u64,
+    /// When this node last asked to catch up because of traffic of an epoch it has not
+    /// reached (virtual ms).
+    nudged_at: Option<u64>,
     rep: reputation::Engine,
     byz: bool,
     crashed: bool,
@@ -239,6 +260,8 @@ struct Sim {
     nodes: Vec<Node>,
     ids: BTreeMap<NodeId, usize>,
     committee: Committee,
+    /// The committee of each epoch, as the first node to reach it computed it.
+    committees: BTreeMap<u64, Committee>,
     cache: BTreeMap<u64, Option<Decoded>>,
     loss: f64,
     partition: Option<BTreeSet<usize>>,
@@ -331,9 +354,16 @@ impl Sim {
         let cfg = s.consensus.clone().validate()?;
         let mut nodes: Vec<Node> = Vec::with_capacity(n);
         for (i, k) in keys.iter().enumerate() {
+            let mut engine = Engine::new(cfg.clone(), k.clone(), committee.clone())?;
+            if s.epoch_length > 0 {
+                engine.set_end(s.epoch_length)?;
+            }
             nodes.push(Node {
                 key: k.clone(),
-                engine: Engine::new(cfg.clone(), k.clone(), committee.clone())?,
+                engine,
+                old: Vec::new(),
+                view_offset: 0,
+                nudged_at: None,
                 rep: reputation::Engine::new(reputation::Config::default()),
                 byz: byz_idx.contains(&i),
                 crashed: false,
@@ -367,6 +397,7 @@ impl Sim {
             reputation: ReputationAgreement::default(),
             nodes,
             ids,
+            committees: BTreeMap::from([(0, committee.clone())]),
             committee,
             cache: BTreeMap::new(),
             loss: 0.0,
@@ -505,7 +536,12 @@ impl Sim {
                     return;
                 }
                 nd.timer_at = None;
-                nd.engine.handle_timeout(Timestamp(self.now));
+                let now = Timestamp(self.now);
+                for e in std::iter::once(&mut nd.engine).chain(nd.old.iter_mut()) {
+                    if e.poll_timeout().is_some_and(|t| t <= now) {
+                        e.handle_timeout(now);
+                    }
+                }
                 if nd.byz && self.s.strategy == Strategy::VoteAgainst {
                     self.byz_spurious_view_change(node);
                 }
@@ -632,11 +668,29 @@ impl Sim {
         {
             self.nodes[to].stash.push(msg.clone());
         }
-        let input = match decoded {
-            Decoded::Consensus(m) => Input::Message(m),
-            Decoded::Request(r) => Input::Request(r),
-        };
-        self.nodes[to].engine.handle(Timestamp(self.now), input);
+        let now = Timestamp(self.now);
+        match decoded {
+            Decoded::Request(r) => self.nodes[to].engine.handle(now, Input::Request(r)),
+            Decoded::Consensus(m) => {
+                let nd = &mut self.nodes[to];
+                // The engine of the message's epoch, as the node routes.
+                let target = if nd.engine.covers(m.message()) {
+                    Some(&mut nd.engine)
+                } else {
+                    nd.old.iter_mut().find(|e| e.covers(m.message()))
+                };
+                match target {
+                    Some(e) => e.handle(now, Input::Message(m)),
+                    None => {
+                        // An epoch this node has not reached: it is behind.
+                        if nd.nudged_at.is_none_or(|t| self.now >= t + 1_000) {
+                            nd.nudged_at = Some(self.now);
+                            nd.engine.catch_up();
+                        }
+                    }
+                }
+            }
+        }
         self.drain(to);
     }
 
@@ -686,9 +740,87 @@ impl Sim {
         nonce
     }
 
+    fn next_command(&mut self, i: usize) -> Option<Command> {
+        let nd = &mut self.nodes[i];
+        if let Some(c) = nd.engine.poll_command() {
+            return Some(c);
+        }
+        nd.old.iter_mut().find_map(Engine::poll_command)
+    }
+
+    /// Views node `i` went through, counting an epoch change as one.
+    fn view_rank(&self, i: usize) -> u64 {
+        let e = &self.nodes[i].engine;
+        self.nodes[i].view_offset
+            + e.view()
+                .saturating_sub(dwcp_consensus::first_view(e.committee().epoch()))
+    }
+
+    /// Node `i` executed its epoch's last decision: the next committee (the same nodes in an
+    /// order seeded by the log digest, so every correct node computes the same) continues the
+    /// log with a new engine; the ended one stays to serve catch-up.
+    fn next_epoch(&mut self, i: usize, d: &dwcp_consensus::Decision) {
+        let len = self.s.epoch_length;
+        let epoch = d.seq / len;
+        let candidates: Vec<Candidate> = self
+            .nodes
+            .iter()
+            .map(|nd| Candidate {
+                node: nd.key.node_id(),
+                ready: true,
+                quarantined: false,
+                reputation: 1.0,
+                uptime_s: 3_600,
+            })
+            .collect();
+        let seed = committee::epoch_seed(&d.state, epoch);
+        let n = self.nodes.len();
+        let Ok(next) = committee::select(epoch, &candidates, &seed, n, &Eligibility::default())
+        else {
+            return;
+        };
+        match self.committees.get(&epoch) {
+            Some(c) if *c != next => {
+                let v = Violation {
+                    invariant: "agreement",
+                    detail: format!("node {i} computed another committee for epoch {epoch}"),
+                    at_ms: self.now,
+                };
+                self.violation(v);
+            }
+            Some(_) => {}
+            None => {
+                self.committees.insert(epoch, next.clone());
+            }
+        }
+        let nd = &mut self.nodes[i];
+        let Some(mut handover) = nd.engine.handover() else {
+            return;
+        };
+        handover.pending = nd.engine.take_pending();
+        let cfg = self.s.consensus.clone();
+        let Ok(mut engine) = Engine::resume(cfg, nd.key.clone(), next, handover) else {
+            return;
+        };
+        if engine.set_end(d.seq + len).is_err() {
+            return;
+        }
+        engine.handle_timeout(Timestamp(self.now));
+        let ended = std::mem::replace(&mut nd.engine, engine);
+        nd.view_offset += ended
+            .view()
+            .saturating_sub(dwcp_consensus::first_view(ended.committee().epoch()))
+            + 1;
+        nd.old.insert(0, ended);
+        nd.old.truncate(MAX_OLD_EPOCHS);
+        self.trace.update(b"epoch");
+        self.trace.update((i as u64).to_be_bytes());
+        self.trace.update(epoch.to_be_bytes());
+    }
+
     fn drain(&mut self, i: usize) {
         let mut guard = 0;
-        while let Some(c) = self.nodes[i].engine.poll_command() {
+        while let Some(c) = self.next_command(i) {
             guard += 1;
             if guard > 1_000_000 {
                 break;
@@ -717,6 +849,9 @@ impl Sim {
                     if !self.nodes[i].byz {
                         self.on_decision(i, &d);
                     }
+                    if self.s.epoch_length > 0 && self.nodes[i].engine.end() == Some(d.seq) {
+                        self.next_epoch(i, &d);
+                    }
                 }
                 Command::ReportPeer { peer, offence } => {
                     if !self.nodes[i].byz {
@@ -728,13 +863,15 @@ impl Sim {
                 | Command::StableCheckpoint { .. } => {}
             }
         }
-        let view = self.nodes[i].engine.view();
+        let view = self.view_rank(i);
         if let Err(v) = self.views.check(self.now, i, view) {
             self.violation(v);
         }
-        let t = self.nodes[i]
-            .engine
-            .poll_timeout()
+        let nd = &self.nodes[i];
+        let t = std::iter::once(&nd.engine)
+            .chain(nd.old.iter())
+            .filter_map(Engine::poll_timeout)
+            .min()
             .map(|t| t.0.max(self.now));
         if t.is_some() && t != self.nodes[i].timer_at {
             self.nodes[i].timer_at = t;
@@ -777,13 +914,18 @@ impl Sim {
         if let Err(v) = self.agreement.check(self.now, i, d.seq, d.digest) {
             self.violation(v);
         }
-        if let Err(v) = self.validity.check(self.now, i, d, &self.committee, first) {
+        // The committee of the epoch the decision committed in.
+        let committee = self
+            .committees
+            .get(&dwcp_consensus::epoch_of_view(d.view))
+            .unwrap_or(&self.committee)
+            .clone();
+        if let Err(v) = self.validity.check(self.now, i, d, &committee, first) {
             self.violation(v);
         }
         if let Some(t0) = self.proposal_time.get(&d.seq) {
             self.consensus_latency.push(self.now - t0);
         }
-        let committee = self.committee.clone();
         let rep = &mut self.nodes[i].rep;
         // Reputation changes only from committed operations, in commit order: evidence and
         // participation records (rewards). The node's own certificate is not used: its voter
@@ -815,8 +957,8 @@ impl Sim {
         // Node policy: the member whose turn it is records this slot's certificate.
         let me = self.nodes[i].key.node_id();
         if d.seq.is_multiple_of(REWARD_EVERY)
-            && self.committee.index_of(&me).map(u64::from)
-                == Some((d.seq / REWARD_EVERY) % self.committee.n() as u64)
+            && committee.index_of(&me).map(u64::from)
+                == Some((d.seq / REWARD_EVERY) % committee.n() as u64)
         {
             let op = reputation::Participation {
                 proof: d.certificate.proof(),
@@ -824,7 +966,7 @@ impl Sim {
             .encode();
             self.submit_op(i, op);
         }
-        let view = self.nodes[i].engine.view();
+        let view = self.view_rank(i);
         while let Some(out) = self.nodes[i].rep.poll_output() {
             match out {
                 reputation::Output::Quarantined { node, .. } => {
@@ -938,6 +1080,12 @@ impl Sim {
             messages: self.messages,
             rejected_messages: self.rejected,
             max_view: self.views.max(),
+            max_epoch: self
+                .nodes
+                .iter()
+                .map(|nd| nd.engine.committee().epoch())
+                .max()
+                .unwrap_or(0),
             offenders: self.quarantine.offenders(),
             quarantined_byzantine,
             penalised_byzantine,

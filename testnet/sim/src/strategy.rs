@@ -186,7 +186,7 @@ impl Sim {
                         self.sign_as(i, ConsensusMsg::Prepare { slot, header })
                     }
                     Some(ConsensusMsg::Commit(slot)) => {
-                        self.quarantine.offence(i, slot.view);
+                        self.quarantine.offence(i, self.view_rank(i));
                         let slot = Slot {
                             digest: Digest(self.rng.random()),
                             ..slot
@@ -278,7 +278,7 @@ impl Sim {
                 time: pp.time,
             }),
         )?;
-        self.quarantine.offence(i, slot.view);
+        self.quarantine.offence(i, self.view_rank(i));
         self.sign_as(
             i,
             ConsensusMsg::Proposal {

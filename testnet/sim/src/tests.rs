@@ -91,3 +91,38 @@ fn impossible_scenarios_are_errors_not_panics() {
     s.consensus.checkpoint_interval = 0;
     assert!(matches!(run(&s), Err(SimError::Config(_))));
 }
+
+#[test]
+fn ci_seeds_with_epochs_are_safe_live_and_rotate_committees() {
+    // Every 100 decisions the committee is recomputed (same nodes, new order: primaries
+    // rotate) and a new engine continues the log; Byzantine members stay in it.
+    for (k, strategy) in [
+        Strategy::Equivocate,
+        Strategy::Silence,
+        Strategy::VoteAgainst,
+        Strategy::Replay,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = short(Scenario::chaos(4, 1, strategy, 300 + k as u64));
+        s.epoch_length = 100;
+        let r = run(&s).unwrap();
+        assert!(
+            r.passed(),
+            "epochs {strategy:?} seed {}: {:?} {}",
+            r.seed,
+            r.violations,
+            r.liveness_detail
+        );
+        assert!(
+            r.max_epoch >= 2,
+            "{strategy:?}: only {} epochs ({} decisions)",
+            r.max_epoch,
+            r.committed_seqs
+        );
+    }
+    let mut s = short(Scenario::chaos(4, 1, Strategy::Equivocate, 9));
+    s.epoch_length = 100;
+    self_check(&s).unwrap();
+}
