@@ -27,8 +27,8 @@ rm -rf "$DIR"
 cleanup() { "$BIN/dwcp-testnet" down --dir "$DIR" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-echo "== dwcp-testnet up --nodes $NODES --dir $DIR"
-"$BIN/dwcp-testnet" up --nodes "$NODES" --dir "$DIR"
+echo "== dwcp-testnet up --nodes $NODES --dir $DIR --epoch-length 20 (the committee is recomputed every 20 decisions)"
+"$BIN/dwcp-testnet" up --nodes "$NODES" --dir "$DIR" --epoch-length 20
 API=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][0]['api'])" "$DIR/testnet.json")
 METRICS=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][0]['metrics'])" "$DIR/testnet.json")
 echo; echo "== dwcp-cli --api $API node list"
@@ -43,14 +43,24 @@ echo; echo "== the replicated cluster document (Automerge, synced peer to peer)"
 echo; echo "== PBFT committee (genesis committee written by the testnet)"
 "$BIN/dwcp-cli" --api "$API" consensus quorum-status || true
 APIS=($(python3 -c "import json,sys;[print(n['api']) for n in json.load(open(sys.argv[1]))['nodes']]" "$DIR/testnet.json"))
-LAST=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1]['id'])" "$DIR/testnet.json")
-echo "-- two nodes vote, through consensus, to quarantine the last node (f+1 = 2 votes needed):"
-"$BIN/dwcp-cli" --api "${APIS[1]}" reputation quarantine --node "$LAST" --reason demo || true
-"$BIN/dwcp-cli" --api "${APIS[2]}" reputation quarantine --node "$LAST" --reason demo || true
+# The last member of the genesis committee (the testnet makes the first 3f+1 nodes members).
+MEMBER=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][3]['id'])" "$DIR/testnet.json")
+echo "-- two members vote, through consensus, to quarantine member 3 (f+1 = 2 votes needed):"
+"$BIN/dwcp-cli" --api "${APIS[1]}" reputation quarantine --node "$MEMBER" --reason demo || true
+"$BIN/dwcp-cli" --api "${APIS[2]}" reputation quarantine --node "$MEMBER" --reason demo || true
 sleep 3
 "$BIN/dwcp-cli" --api "$API" reputation list || true
+echo; echo "== committee epochs: no fixed controllers. Every node committed its join and readiness;"
+echo "   at the end of epoch 0 every node computes the next committee from committed state:"
+echo "   ready, not quarantined, reputation >= 0.5. Decisions (probes) until epoch 1:"
+for _ in $(seq 60); do
+  E=$("$BIN/dwcp-cli" --api "$API" --format json consensus quorum-status | python3 -c "import json,sys;print(json.load(sys.stdin)['epoch'])")
+  [ "$E" -ge 1 ] && break
+  "$BIN/dwcp-cli" --api "$API" --format json consensus probe --count 2 >/dev/null || true
+done
+"$BIN/dwcp-cli" --api "$API" consensus quorum-status || true
 echo; echo "== Prometheus: $METRICS/metrics (excerpt)"
-curl -s "$METRICS/metrics" | grep -E '^dwcp_(cluster_workers|gossip_messages_received|net_peers|state_sync_max_lag|consensus_decisions|reputation_quarantined|pbft_view)' || true
+curl -s "$METRICS/metrics" | grep -E '^dwcp_(cluster_workers|gossip_messages_received|net_peers|state_sync_max_lag|consensus_decisions|reputation_quarantined|pbft_view|pbft_epoch)' || true
 echo; echo "== AMST: node 0 sends to node 1 for 3 s, one noise-authenticated TCP connection per stream"
 SECOND=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][1]['id'])" "$DIR/testnet.json")
 "$BIN/dwcp-cli" --api "$API" network speedtest --target "$SECOND" --duration 3s || true
@@ -86,8 +96,8 @@ echo; echo "== the cluster document compacted at a cut the committee commits (f+
 "$BIN/dwcp-cli" --api "$API" state-sync compact || true
 sleep 3; "$BIN/dwcp-cli" --api "$API" state-sync lag-status | sed -n 1p
 if "$BIN/dwcp-testnet" sim --help >/dev/null 2>&1; then
-  echo; echo "== deterministic simulator: PBFT with one Byzantine replica of 4, 5 seeds"
-  "$BIN/dwcp-testnet" sim consensus --nodes 4 --byzantine 1 --strategy equivocate --seeds 5 || true
+  echo; echo "== deterministic simulator: PBFT with one Byzantine replica of 4, 5 seeds, committee epochs of 100 decisions"
+  "$BIN/dwcp-testnet" sim consensus --nodes 4 --byzantine 1 --strategy equivocate --seeds 5 --epoch-length 100 || true
 fi
 if ((WAIT)); then
   echo; echo "testnet running in $DIR; try: $BIN/dwcp-cli --api $API node list   (Ctrl-C stops it)"

@@ -37,6 +37,10 @@ pub(crate) struct UpArgs {
     /// feature (`cargo build --workspace --bins --all-features`).
     #[arg(long, value_parser = local::parse_byzantine)]
     byzantine: Option<(usize, String)>,
+    /// Recompute the committee every N decisions (N <= 100, or a multiple of 100), with no
+    /// minimum uptime, instead of the node default of 1,000 decisions and 10 minutes.
+    #[arg(long, value_parser = parse_epoch_length)]
+    epoch_length: Option<u64>,
     /// Run every node and the bootstrap peer in its own network namespace, joined by the
     /// dwcp-wan link emulator with this profile: dc, internet, lossy, trace:<file>, or
     /// custom values such as rate=100mbit,rtt=50ms,loss=0.5% (root; needs dwcp-wan next to
@@ -56,6 +60,14 @@ pub(crate) struct DirArgs {
     json: bool,
 }
 
+fn parse_epoch_length(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 || (n > 100 && !n.is_multiple_of(100)) {
+        return Err("an epoch length is 1 to 100 decisions, or a multiple of 100".into());
+    }
+    Ok(n)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,6 +85,7 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
     o.timeout = a.timeout;
     o.quic_only = a.quic_only;
     o.byzantine = a.byzantine;
+    o.epoch_length = a.epoch_length;
     o.wan = a.wan;
     let started = std::time::Instant::now();
     let t = runtime()?.block_on(local::up(&o))?;

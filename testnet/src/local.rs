@@ -108,6 +108,10 @@ pub struct UpOptions {
     pub quic_only: bool,
     /// `(K, strategy)`: the last K members of the genesis committee misbehave.
     pub byzantine: Option<(usize, String)>,
+    /// Committee epochs of this many decisions (`acp.epochs.length`, with no minimum uptime
+    /// and a checkpoint every `min(100, N)`), so the committee is recomputed within a demo.
+    /// `None`: the node default (1,000 decisions, 10 minutes of uptime to serve).
+    pub epoch_length: Option<u64>,
     /// Run every node and the bootstrap peer in its own network namespace, joined by the
     /// `dwcp-wan` emulator with this profile (`internet`, `dc`, `lossy`, `trace:<file>`,
     /// `rate=..,rtt=..,loss=..`). Needs root and the `dwcp-wan` binary in `bin_dir`. See
@@ -143,6 +147,7 @@ impl UpOptions {
             node_args: Vec::new(),
             quic_only: false,
             byzantine: None,
+            epoch_length: None,
             wan: None,
         })
     }
@@ -445,7 +450,7 @@ async fn up_inner(opts: &UpOptions, started: &mut Started) -> anyhow::Result<Tes
             .as_ref()
             .filter(|_| byzantine.contains(&n.id))
             .map(|(_, s)| s.as_str());
-        write_acp(&n.config, &committee, strategy)?;
+        write_acp(&n.config, &committee, strategy, opts.epoch_length)?;
         n.pid = start_node(&node_bin, n, &n.log)?;
         started.pids.push(n.pid);
     }
@@ -471,7 +476,12 @@ pub fn genesis_committee(nodes: &[NodeEntry]) -> Vec<String> {
 
 /// Sets `acp.committee` (and `acp.byzantine` for a misbehaving node) in a node's
 /// configuration file.
-fn write_acp(config: &Path, committee: &[String], byzantine: Option<&str>) -> anyhow::Result<()> {
+fn write_acp(
+    config: &Path,
+    committee: &[String],
+    byzantine: Option<&str>,
+    epoch_length: Option<u64>,
+) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let mut v: serde_yaml_ng::Value =
@@ -491,6 +501,15 @@ fn write_acp(config: &Path, committee: &[String], byzantine: Option<&str>) -> an
     );
     if let Some(b) = byzantine {
         acp.insert("byzantine".into(), b.into());
+    }
+    if let Some(len) = epoch_length {
+        let mut epochs = serde_yaml_ng::Mapping::new();
+        epochs.insert("length".into(), len.into());
+        epochs.insert("min_uptime".into(), "0s".into());
+        acp.insert("epochs".into(), serde_yaml_ng::Value::Mapping(epochs));
+        let mut pbft = serde_yaml_ng::Mapping::new();
+        pbft.insert("checkpoint_interval".into(), len.min(100).into());
+        acp.insert("pbft".into(), serde_yaml_ng::Value::Mapping(pbft));
     }
     std::fs::write(config, serde_yaml_ng::to_string(&v)?)
         .with_context(|| format!("writing {}", config.display()))

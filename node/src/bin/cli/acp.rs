@@ -116,6 +116,14 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                 s.decisions,
                 s.view_changes
             );
+            println!(
+                "Epoch ends at seq {}; membership: {} joined, {} ready to serve",
+                s.epoch_ends_at
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "- (no epochs)".into()),
+                s.joined,
+                s.ready
+            );
             table(
                 &["MEMBER", "ROLE"],
                 s.members
