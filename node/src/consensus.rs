@@ -972,6 +972,9 @@ struct Driver {
     verifier: CommitteeVerifier,
 }
 
+/// How long a stopping node waits for its leave request to be sent.
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
+
 /// Most ended epochs whose engines are kept to serve catch-up.
 pub const MAX_OLD_EPOCHS: usize = 8;
 
@@ -1252,6 +1255,15 @@ impl Driver {
             }
             if self.view_dirty || self.view_at.elapsed() >= Duration::from_millis(200) {
                 self.publish_view();
+            }
+        }
+        if self.rules.is_some() && joined {
+            // Leaving on purpose: the next committees are chosen without this node at once
+            // instead of after its readiness expires. The members order the request whether
+            // or not this node is still up; the sends get a moment to leave.
+            match self.submit(membership_op(&MembershipOp::Leave(self.me))) {
+                Ok(_) => tokio::time::sleep(LEAVE_GRACE).await,
+                Err(e) => warn!(error = %e, "could not submit the leave"),
             }
         }
         debug!("consensus driver stopped");

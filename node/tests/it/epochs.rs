@@ -148,12 +148,18 @@ async fn the_committee_of_the_next_epoch_comes_from_committed_membership() {
         &[late.api.as_str()],
         90,
         "late node catches up",
-        |s| s.epoch >= target.epoch && s.last_executed >= target.last_executed,
+        |s| s.epoch >= target.epoch && s.last_executed >= target.last_executed && s.joined == 6,
     )
     .await;
     assert_eq!(sorted(&s[0]), expected);
     assert!(!s[0].replica);
+    // A node that stops leaves the membership (committed; the next committees are chosen
+    // without it).
     late.stop().await;
+    drive_until(None, &all, 30, "the late node's leave committed", |s| {
+        s.joined == 5
+    })
+    .await;
     for n in nodes {
         n.stop().await;
     }
