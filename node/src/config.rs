@@ -41,7 +41,7 @@
 //!   committee: [<node id>, ...]    # genesis committee, 3f+1 ids, same on every node; empty: off
 //!   pbft: { checkpoint_interval: 100, view_change_timeout: 10s, catch_up_mib: 64 }
 //!   epochs:                        # committee reconfiguration; a consensus rule: same everywhere
-//!     { length: 1000, size: 0, min_uptime: 10m, min_reputation: 0.5, ready_ttl: 30m, serve: true }
+//!     { length: 1000, size: 0, min_uptime: 10m, min_reputation: 0.5, ready_ttl: 5m, serve: true }
 //! transport:
 //!   amst:                          # multi-stream bulk transfers (manual 2.2.1)
 //!     listen: 0.0.0.0:0            # port 0: any free port; behind NAT pick one and open it
@@ -423,7 +423,9 @@ pub struct EpochsSection {
     /// Lowest reputation score that may serve.
     pub min_reputation: f64,
     /// A node is chosen only if it declared itself ready within this; nodes renew their
-    /// readiness every third of it, so a node that went away stops being chosen.
+    /// readiness every third of it, so a node that went away stops being chosen. Short, since
+    /// a committee with more than f members gone stops deciding until they return (at 1,000
+    /// nodes the renewals are about 10 small requests a second, batched).
     #[serde(with = "humantime_serde")]
     pub ready_ttl: Duration,
     /// Whether this node offers to serve on committees (a volunteer may lend capacity
@@ -438,7 +440,7 @@ impl Default for EpochsSection {
             size: 0,
             min_uptime: Duration::from_secs(600),
             min_reputation: 0.5,
-            ready_ttl: Duration::from_secs(1800),
+            ready_ttl: Duration::from_secs(300),
             serve: true,
         }
     }

@@ -70,6 +70,10 @@ pub(crate) struct ConsensusArgs {
     /// interval). Every node switches to the next epoch's committee and engine at its end.
     #[arg(long, default_value_t = 0)]
     epoch_length: u64,
+    /// Nodes beyond the committee: observers, and with epochs candidates for every
+    /// committee (Byzantine nodes are drawn from all nodes).
+    #[arg(long, default_value_t = 0)]
+    observers: usize,
     /// Measure latency and throughput: no faults, no Byzantine nodes, uniform links.
     #[arg(long)]
     measure: bool,
@@ -120,14 +124,15 @@ fn run_seeds(
                     // (and its finished part read) while it runs.
                     if let Ok((r, secs)) = &r {
                         eprintln!(
-                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} {secs:.1} s",
+                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} {secs:.1} s",
                             r.seed,
                             r.strategy,
                             r.passed(),
                             r.live,
                             r.violations.len(),
                             r.max_view,
-                            r.max_epoch
+                            r.max_epoch,
+                            r.membership_changes
                         );
                     }
                     if let Ok(mut m) = results.lock() {
@@ -190,6 +195,7 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         // Clients keep submitting for 60 s after the faults stop, then the run drains.
         s.drain_ms = s.liveness_phase_ms.saturating_sub(60_000);
         s.epoch_length = a.epoch_length;
+        s.observers = a.observers;
         s
     };
     let started = Instant::now();
@@ -205,8 +211,8 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         e.3 += secs;
         if !r.passed() {
             failures.push(format!(
-                "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --epoch-length {} --reproduce {seed}",
-                r.strategy, r.violations, r.live, r.liveness_detail, a.nodes, r.strategy, a.epoch_length
+                "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --epoch-length {} --observers {} --reproduce {seed}",
+                r.strategy, r.violations, r.live, r.liveness_detail, a.nodes, r.strategy, a.epoch_length, a.observers
             ));
         }
         reports.push(r);
@@ -246,6 +252,7 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         "rejected_forged_messages": reports.iter().map(|r| r.rejected_messages).sum::<u64>(),
         "max_view": reports.iter().map(|r| r.max_view).max().unwrap_or(0),
         "max_epoch": reports.iter().map(|r| r.max_epoch).max().unwrap_or(0),
+        "membership_changes": reports.iter().map(|r| r.membership_changes).sum::<usize>(),
         "determinism_self_check": determinism,
         "wall_seconds": wall,
         "jobs": a.jobs,

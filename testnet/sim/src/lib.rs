@@ -94,6 +94,11 @@ pub struct Scenario {
     /// primaries rotate) and continues the log with a new engine (`Engine::resume`); ended
     /// engines serve catch-up. A multiple of the checkpoint interval.
     pub epoch_length: u64,
+    /// Nodes beyond the committee (`nodes`): observers that submit requests and execute
+    /// decisions; with epochs, each committee is chosen from all `nodes + observers`, so
+    /// members hand over to nodes that were observers. Byzantine nodes are drawn from all
+    /// of them (at most `byzantine` in any committee).
+    pub observers: usize,
 }
 
 impl Scenario {
@@ -115,6 +120,7 @@ impl Scenario {
             client_retry_ms: 5_000,
             quarantine_k_views: 4,
             epoch_length: 0,
+            observers: 0,
         }
     }
 
@@ -141,6 +147,7 @@ impl Scenario {
             client_retry_ms: 5_000,
             quarantine_k_views: 4,
             epoch_length: 0,
+            observers: 0,
         }
     }
 }
@@ -180,6 +187,9 @@ pub struct Report {
     pub max_view: u64,
     /// Highest committee epoch a node reached.
     pub max_epoch: u64,
+    /// Epochs whose committee has other members than the epoch before (not just another
+    /// order): hand-overs to nodes that were observers.
+    pub membership_changes: usize,
     /// Byzantine nodes that committed a provable offence.
     pub offenders: usize,
     /// Byzantine nodes quarantined by every honest node.
@@ -330,7 +340,10 @@ fn derive_key(seed: u64, i: usize) -> NodeKey {
 impl Sim {
     fn new(s: Scenario) -> Result<Self, SimError> {
         let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-        let n = s.nodes;
+        // Committee size n; every node beyond it starts as an observer. With epochs, each
+        // epoch's committee is chosen from all of them.
+        let committee_size = s.nodes;
+        let n = s.nodes + s.observers;
         let keys: Vec<NodeKey> = (0..n).map(|i| derive_key(s.seed, i)).collect();
         let candidates: Vec<Candidate> = keys
             .iter()
@@ -344,8 +357,22 @@ impl Sim {
             .collect();
         let seed_digest =
             committee::epoch_seed(&Digest::of("dwcp-sim/genesis", &[&s.seed.to_be_bytes()]), 0);
-        let committee = committee::select(0, &candidates, &seed_digest, n, &Eligibility::default())
-            .or_else(|_| Committee::new(0, keys.iter().map(NodeKey::node_id).collect()));
+        let committee = committee::select(
+            0,
+            &candidates,
+            &seed_digest,
+            committee_size,
+            &Eligibility::default(),
+        )
+        .or_else(|_| {
+            Committee::new(
+                0,
+                keys.iter()
+                    .take(committee_size)
+                    .map(NodeKey::node_id)
+                    .collect(),
+            )
+        });
         let committee = committee?;
         let mut byz_idx: BTreeSet<usize> = BTreeSet::new();
         while byz_idx.len() < s.byzantine.min(n) {
@@ -774,7 +801,7 @@ impl Sim {
             })
             .collect();
         let seed = committee::epoch_seed(&d.state, epoch);
-        let n = self.nodes.len();
+        let n = self.s.nodes;
         let Ok(next) = committee::select(epoch, &candidates, &seed, n, &Eligibility::default())
         else {
             return;
@@ -1086,6 +1113,14 @@ impl Sim {
                 .map(|nd| nd.engine.committee().epoch())
                 .max()
                 .unwrap_or(0),
+            membership_changes: {
+                let sets: Vec<BTreeSet<NodeId>> = self
+                    .committees
+                    .values()
+                    .map(|c| c.members().iter().copied().collect())
+                    .collect();
+                sets.windows(2).filter(|w| w[0] != w[1]).count()
+            },
             offenders: self.quarantine.offenders(),
             quarantined_byzantine,
             penalised_byzantine,

@@ -126,3 +126,32 @@ fn ci_seeds_with_epochs_are_safe_live_and_rotate_committees() {
     s.epoch_length = 100;
     self_check(&s).unwrap();
 }
+
+#[test]
+fn ci_seeds_with_committees_drawn_from_a_larger_pool_hand_over_safely() {
+    // Seven nodes, committees of four: every epoch (100 decisions) members hand over to nodes
+    // that were observers, which caught up by fetching certificates. The Byzantine node is
+    // drawn from all seven, so it sits on some committees and not others.
+    for (k, strategy) in [Strategy::Equivocate, Strategy::Delay, Strategy::Forge]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = short(Scenario::chaos(4, 1, strategy, 400 + k as u64));
+        s.epoch_length = 100;
+        s.observers = 3;
+        let r = run(&s).unwrap();
+        assert!(
+            r.passed(),
+            "pool {strategy:?} seed {}: {:?} {}",
+            r.seed,
+            r.violations,
+            r.liveness_detail
+        );
+        assert!(
+            r.membership_changes >= 2,
+            "{strategy:?}: {} membership changes in {} epochs",
+            r.membership_changes,
+            r.max_epoch
+        );
+    }
+}
