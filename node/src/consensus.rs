@@ -975,8 +975,9 @@ struct Driver {
 /// How long a stopping node waits for its leave request to be sent.
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
 
-/// Most ended epochs whose engines are kept to serve catch-up.
-pub const MAX_OLD_EPOCHS: usize = 8;
+/// Most ended epochs whose engines are kept to serve catch-up; together they keep at most
+/// `acp.pbft.catch_up_mib` of certificates (the oldest epochs go first).
+pub const MAX_OLD_EPOCHS: usize = 64;
 
 /// A submitted decision waiting for its commit.
 #[derive(Debug)]
@@ -1418,6 +1419,18 @@ impl Driver {
         );
         self.old.push_front(ended);
         self.old.truncate(MAX_OLD_EPOCHS);
+        let budget = self.ecfg.retained_certificate_bytes;
+        let mut kept = 0usize;
+        let keep = self
+            .old
+            .iter()
+            .take_while(|e| {
+                kept = kept.saturating_add(e.retained_certificate_bytes());
+                kept <= budget
+            })
+            .count()
+            .max(1);
+        self.old.truncate(keep);
         self.engine = Some(engine);
         self.verifier.insert(next.clone());
         self.metrics.committee.set(next.n() as i64);

@@ -520,6 +520,12 @@ impl Engine {
         (self.end != u64::MAX).then_some(self.end)
     }
 
+    /// Bytes of commit certificates kept to serve catch-up (bounded by
+    /// [`Config::retained_certificate_bytes`]).
+    pub fn retained_certificate_bytes(&self) -> usize {
+        self.cert_bytes
+    }
+
     /// The sequence number the epoch started after.
     pub fn start(&self) -> u64 {
         self.start
