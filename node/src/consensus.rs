@@ -78,8 +78,9 @@
 //!
 //! **Not done yet:** rewards from participation records, certified records for quarantines
 //! from lesser offences and for releases; a node more than [`MAX_OLD_EPOCHS`] epochs (or
-//! `catch_up_mib` of certificates) behind cannot replay the log (no state transfer), and
-//! epoch changes are not persisted: a restarted node replays from the genesis epoch.
+//! `catch_up_mib` of certificates) behind cannot replay the log (no state transfer). A
+//! restarted node replays from the genesis epoch; the committees it computed before are kept
+//! in sled (tree `consensus_committees`) so certificates of later epochs verify meanwhile.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -887,6 +888,10 @@ pub struct AcpSetup<'a> {
     /// The committees this node knows, shared with the state-sync driver (the driver adds
     /// each epoch's committee as it reaches it).
     pub verifier: CommitteeVerifier,
+    /// Where the committees of later epochs this node computed are kept across restarts, so
+    /// certificates of those epochs in the cluster document verify before consensus has
+    /// replayed that far.
+    pub committees: Option<sled::Tree>,
 }
 
 /// The genesis committee of a configuration, or `None` when none is configured.
@@ -917,6 +922,8 @@ struct Driver {
     ecfg: dwcp_consensus::Config,
     /// Epoch rules (`acp.epochs`); `None`: the genesis committee serves forever.
     rules: Option<EpochRules>,
+    /// Committees of later epochs, on disk.
+    committees: Option<sled::Tree>,
     /// How often this node renews its readiness.
     ready_every: Duration,
     /// Whether it declares itself ready to serve (`acp.epochs.serve`).
@@ -975,6 +982,29 @@ struct Driver {
 /// How long a stopping node waits for its leave request to be sent.
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
 
+/// Loads the committees of later epochs this node computed before a restart (the newest
+/// [`crate::cert::MAX_KNOWN_COMMITTEES`]); an entry that does not decode is skipped.
+fn load_committees(t: &sled::Tree, verifier: &CommitteeVerifier) {
+    let mut loaded = 0;
+    for item in t.iter().rev().take(crate::cert::MAX_KNOWN_COMMITTEES) {
+        let Ok((k, v)) = item else { continue };
+        // Re-checked through the constructor (members distinct, within the vote limit).
+        let c = ciborium::from_reader::<Committee, _>(v.as_ref())
+            .ok()
+            .and_then(|c| Committee::new(c.epoch(), c.members().to_vec()).ok());
+        match c {
+            Some(c) if k.as_ref() == c.epoch().to_be_bytes() && c.epoch() > 0 => {
+                verifier.insert(c);
+                loaded += 1;
+            }
+            _ => warn!("a stored committee does not decode; skipped"),
+        }
+    }
+    if loaded > 0 {
+        info!(loaded, "committees of later epochs loaded");
+    }
+}
+
 /// Most ended epochs whose engines are kept to serve catch-up; together they keep at most
 /// `acp.pbft.catch_up_mib` of certificates (the oldest epochs go first).
 pub const MAX_OLD_EPOCHS: usize = 64;
@@ -1032,6 +1062,7 @@ pub fn spawn(
         statesync,
         votes,
         verifier,
+        committees,
     } = setup;
     let metrics = AcpMetrics::new(registry)?;
     let Some(committee) = genesis_committee(cfg)? else {
@@ -1076,6 +1107,9 @@ pub fn spawn(
         "consensus committee loaded"
     );
     verifier.insert(committee.clone());
+    if let Some(t) = &committees {
+        load_committees(t, &verifier);
+    }
     let d_verifier = verifier.clone();
     let (tx, rx) = mpsc::channel(1024);
     let (q_tx, q_rx) = watch::channel(BTreeSet::new());
@@ -1087,6 +1121,7 @@ pub fn spawn(
         old: std::collections::VecDeque::new(),
         ecfg,
         rules,
+        committees,
         ready_every: cfg.epochs.ready_ttl / 3,
         serve: cfg.epochs.serve,
         nudged: None,
@@ -1433,6 +1468,14 @@ impl Driver {
         self.old.truncate(keep);
         self.engine = Some(engine);
         self.verifier.insert(next.clone());
+        if let Some(t) = &self.committees {
+            let mut bytes = Vec::new();
+            if ciborium::into_writer(&next, &mut bytes).is_ok()
+                && let Err(e) = t.insert(next.epoch().to_be_bytes(), bytes)
+            {
+                warn!(error = %e, "could not store the epoch's committee");
+            }
+        }
         self.metrics.committee.set(next.n() as i64);
         self.metrics.epoch.set(next.epoch() as i64);
         self.committee = next;
@@ -2760,6 +2803,25 @@ mod tests {
         let last = forged.len() - 1;
         forged[last] ^= 1;
         assert!(decode(&forged).is_err());
+    }
+
+    #[test]
+    fn stored_committees_load_and_bad_entries_are_skipped() {
+        let keys = ids(5);
+        let c2 = Committee::new(2, keys[1..].iter().map(|k| k.node_id()).collect()).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("consensus_committees").unwrap();
+        let mut good = Vec::new();
+        ciborium::into_writer(&c2, &mut good).unwrap();
+        t.insert(2u64.to_be_bytes(), good.clone()).unwrap();
+        // Stored under another epoch's key, and garbage: both skipped.
+        t.insert(3u64.to_be_bytes(), good).unwrap();
+        t.insert(4u64.to_be_bytes(), vec![0xff, 0x00]).unwrap();
+        let v = CommitteeVerifier::new(None);
+        load_committees(&t, &v);
+        assert_eq!(v.committee(2), Some(c2));
+        assert_eq!(v.committee(3), None);
+        assert_eq!(v.committee(4), None);
     }
 
     #[test]

@@ -830,6 +830,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         statesync: Some(sync.clone()),
         votes: Some(store.tree("consensus_votes")?),
         verifier,
+        committees: Some(store.tree("consensus_committees")?),
     })?;
     let (pba, pba_task) = match crate::pba::spawn(crate::pba::PbaSetup {
         cfg: &config.pba,
