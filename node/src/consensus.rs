@@ -984,7 +984,7 @@ const LEAVE_GRACE: Duration = Duration::from_millis(500);
 
 /// Loads the committees of later epochs this node computed before a restart (the newest
 /// [`crate::cert::MAX_KNOWN_COMMITTEES`]); an entry that does not decode is skipped.
-fn load_committees(t: &sled::Tree, verifier: &CommitteeVerifier) {
+pub(crate) fn load_committees(t: &sled::Tree, verifier: &CommitteeVerifier) {
     let mut loaded = 0;
     for item in t.iter().rev().take(crate::cert::MAX_KNOWN_COMMITTEES) {
         let Ok((k, v)) = item else { continue };
@@ -1106,10 +1106,8 @@ pub fn spawn(
         replica = committee.contains(&me),
         "consensus committee loaded"
     );
+    // The daemon loaded the stored committees of later epochs before state sync started.
     verifier.insert(committee.clone());
-    if let Some(t) = &committees {
-        load_committees(t, &verifier);
-    }
     let d_verifier = verifier.clone();
     let (tx, rx) = mpsc::channel(1024);
     let (q_tx, q_rx) = watch::channel(BTreeSet::new());

@@ -809,6 +809,11 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
     // One table of committees for both drivers: consensus adds each epoch's committee.
     let verifier =
         crate::cert::CommitteeVerifier::new(crate::consensus::genesis_committee(&config.acp)?);
+    let committees = store.tree("consensus_committees")?;
+    if verifier.committee(0).is_some() {
+        // Before state sync loads its cuts: their certificates may be of later epochs.
+        crate::consensus::load_committees(&committees, &verifier);
+    }
     let (sync, sync_task) = statesync::spawn(statesync::SyncSetup {
         cfg: &config.ass,
         key: key.clone(),
@@ -830,7 +835,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         statesync: Some(sync.clone()),
         votes: Some(store.tree("consensus_votes")?),
         verifier,
-        committees: Some(store.tree("consensus_committees")?),
+        committees: Some(committees),
     })?;
     let (pba, pba_task) = match crate::pba::spawn(crate::pba::PbaSetup {
         cfg: &config.pba,
