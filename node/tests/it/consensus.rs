@@ -5,24 +5,18 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{RunningNode, fresh_dirs, loopback_config, start_group, wait_in_documents};
+use crate::common::{
+    RunningNode, consensus_status as status, fresh_dirs, loopback_config, probe, start_group,
+    wait_in_documents,
+};
 use dwcp_consensus::Committee;
 use dwcp_node::cert::CommitteeVerifier;
-use dwcp_node::consensus::{QuarantineRequest, QuorumStatus, ReputationRow};
+use dwcp_node::consensus::{QuarantineRequest, ReputationRow};
 use dwcp_protocol::NodeId;
 use dwcp_statesync::{CertificateVerifier, QuarantineRecord};
 
 async fn reputation(api: &str) -> Vec<ReputationRow> {
     reqwest::get(format!("{api}/v1/reputation"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn status(api: &str) -> QuorumStatus {
-    reqwest::get(format!("{api}/v1/consensus/status"))
         .await
         .unwrap()
         .json()
@@ -263,19 +257,6 @@ async fn an_equivocating_member_is_quarantined_and_decisions_go_on() {
     assert_eq!(r["committed"], true, "{r}");
     for n in nodes {
         n.stop().await;
-    }
-}
-
-async fn probe(api: &str) -> Result<(), String> {
-    let r = reqwest::Client::new()
-        .post(format!("{api}/v1/consensus/probe"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status().is_success() {
-        Ok(())
-    } else {
-        Err(r.text().await.unwrap_or_default())
     }
 }
 

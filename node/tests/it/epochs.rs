@@ -8,31 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{RunningNode, fresh_dirs, loopback_config, start_group};
+use crate::common::{
+    RunningNode, consensus_status as status, fresh_dirs, loopback_config, probe, start_group,
+};
 use dwcp_node::consensus::QuorumStatus;
 use dwcp_protocol::NodeId;
-
-async fn status(api: &str) -> QuorumStatus {
-    reqwest::get(format!("{api}/v1/consensus/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn probe(api: &str) -> Result<(), String> {
-    let r = reqwest::Client::new()
-        .post(format!("{api}/v1/consensus/probe"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status().is_success() {
-        Ok(())
-    } else {
-        Err(r.text().await.unwrap_or_default())
-    }
-}
 
 fn config(committee: &[NodeId], serve: bool) -> dwcp_node::config::NodeConfig {
     let mut c = loopback_config("epochs-test");

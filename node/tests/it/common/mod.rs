@@ -280,3 +280,27 @@ pub(crate) async fn start_pair(
     let b = RunningNode::start(b_cfg, &dir_b).await;
     (a, b)
 }
+
+/// `GET /v1/consensus/status` of a node.
+pub(crate) async fn consensus_status(api: &str) -> dwcp_node::consensus::QuorumStatus {
+    reqwest::get(format!("{api}/v1/consensus/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Commits one no-op probe through `api`'s node (`POST /v1/consensus/probe`).
+pub(crate) async fn probe(api: &str) -> Result<(), String> {
+    let r = reqwest::Client::new()
+        .post(format!("{api}/v1/consensus/probe"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status().is_success() {
+        Ok(())
+    } else {
+        Err(r.text().await.unwrap_or_default())
+    }
+}
