@@ -434,7 +434,8 @@ impl AcpState {
                     | MembershipOp::Leave(n)) = &m;
                     if *n != client {
                         Applied::Nothing("membership operation about another node".into())
-                    } else if matches!(m, MembershipOp::Join(_))
+                    } else if !matches!(m, MembershipOp::Leave(_))
+                        // A readiness joins an unknown node too.
                         && !self.membership.contains(n)
                         && self.membership.len() >= MAX_MEMBERS
                     {
