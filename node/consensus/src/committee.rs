@@ -357,7 +357,11 @@ pub fn next_committee(
     let fit = rules.size.min(eligible).min(MAX_VOTES);
     // The largest 3f+1 <= fit.
     let size = if fit == 0 { 0 } else { (fit - 1) / 3 * 3 + 1 };
+    // Never shrink to a committee that tolerates no fault (n < 4) while the current one
+    // does: with too few eligible nodes the current members carry over (a quarantined or
+    // gone member among them counts as one of the f faults).
     if size > 0
+        && (size >= 4 || size >= current.n())
         && let Ok(c) = select(epoch, &candidates, &seed, size, &rules.eligibility)
     {
         return c;
@@ -630,5 +634,51 @@ mod tests {
         assert!(m.contains(&node(5)));
         m.apply(now, &MembershipOp::Leave(node(5)));
         assert!(!m.contains(&node(5)));
+    }
+
+    #[test]
+    fn too_few_eligible_never_shrinks_below_one_fault_tolerated() {
+        let rules = EpochRules {
+            epoch_length: 100,
+            size: 4,
+            eligibility: Eligibility {
+                min_reputation: 0.5,
+                min_uptime_s: 0,
+                max_ready_age_s: 0,
+            },
+        };
+        let genesis = Committee::new(0, (1..=4).map(node).collect()).unwrap();
+        let mut m = Membership::default();
+        for i in 1..=3u8 {
+            m.apply(Timestamp(0), &MembershipOp::Ready(node(i), true));
+        }
+        let ok = |_: &NodeId| (1.0, false);
+        let c = next_committee(
+            &genesis,
+            100,
+            &Digest([1; 32]),
+            Timestamp(0),
+            &m,
+            &ok,
+            &rules,
+        );
+        assert_eq!(
+            c.members(),
+            genesis.members(),
+            "3 eligible: carry over, not n = 1"
+        );
+        assert_eq!(c.epoch(), 1);
+        m.apply(Timestamp(0), &MembershipOp::Ready(node(5), true));
+        let c = next_committee(
+            &genesis,
+            100,
+            &Digest([1; 32]),
+            Timestamp(0),
+            &m,
+            &ok,
+            &rules,
+        );
+        assert_eq!(c.n(), 4);
+        assert!(c.contains(&node(5)));
     }
 }
