@@ -330,8 +330,10 @@ pub fn is_epoch_boundary(seq: u64, rules: &EpochRules) -> bool {
 /// from the membership and reputation as of that checkpoint.
 ///
 /// Eligible candidates are ranked by [`epoch_seed`] as in [`select`]. With fewer eligible
-/// candidates than `rules.size` the committee is the largest `3f+1` that fits; with none, the
-/// current members carry over into the new epoch (a cluster never loses its committee).
+/// candidates than `rules.size` the committee is the largest `3f+1` that fits, but never
+/// smaller than 4 while the current committee has 4 or more; otherwise (and with none
+/// eligible) the current members carry over into the new epoch (a cluster never loses its
+/// committee, nor its fault tolerance, for want of candidates).
 pub fn next_committee(
     current: &Committee,
     boundary_seq: u64,
