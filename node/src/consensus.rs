@@ -1282,11 +1282,7 @@ impl Driver {
             }
             self.drain().await;
             if let Some(e) = &self.engine {
-                self.metrics.view.set(
-                    e.view()
-                        .saturating_sub(dwcp_consensus::first_view(e.committee().epoch()))
-                        as i64,
-                );
+                self.metrics.view.set(e.view_in_epoch() as i64);
             }
             if self.view_dirty || self.view_at.elapsed() >= Duration::from_millis(200) {
                 self.publish_view();
@@ -2306,12 +2302,7 @@ impl Driver {
             n: c.n(),
             f: c.f(),
             quorum: c.quorum(),
-            view: e
-                .map(|e| {
-                    e.view()
-                        .saturating_sub(dwcp_consensus::first_view(c.epoch()))
-                })
-                .unwrap_or(0),
+            view: e.map(Engine::view_in_epoch).unwrap_or(0),
             epoch_ends_at: e.and_then(Engine::end),
             joined: self.state.membership.len(),
             ready: self.state.membership.nodes().filter(|(_, r)| *r).count(),

@@ -655,15 +655,18 @@ mod tests {
             m.apply(Timestamp(0), &MembershipOp::Ready(node(i), true));
         }
         let ok = |_: &NodeId| (1.0, false);
-        let c = next_committee(
-            &genesis,
-            100,
-            &Digest([1; 32]),
-            Timestamp(0),
-            &m,
-            &ok,
-            &rules,
-        );
+        let next = |m: &Membership| {
+            next_committee(
+                &genesis,
+                100,
+                &Digest([1; 32]),
+                Timestamp(0),
+                m,
+                &ok,
+                &rules,
+            )
+        };
+        let c = next(&m);
         assert_eq!(
             c.members(),
             genesis.members(),
@@ -671,15 +674,7 @@ mod tests {
         );
         assert_eq!(c.epoch(), 1);
         m.apply(Timestamp(0), &MembershipOp::Ready(node(5), true));
-        let c = next_committee(
-            &genesis,
-            100,
-            &Digest([1; 32]),
-            Timestamp(0),
-            &m,
-            &ok,
-            &rules,
-        );
+        let c = next(&m);
         assert_eq!(c.n(), 4);
         assert!(c.contains(&node(5)));
     }

@@ -483,20 +483,9 @@ impl Engine {
         e.stable_state = handover.state;
         e.exec_states.insert(handover.seq, handover.state);
         e.executed = handover.clients;
-        let relay = e.is_member() && !e.is_primary();
+        // Backups relay them: the new primary may never have seen them.
         for r in handover.pending {
-            let key = (r.signer(), r.nonce);
-            if e.pending.len() < e.cfg.max_pending && !e.is_executed(&key.0, key.1) {
-                if relay {
-                    // Section 4.1: the new primary may never have seen it.
-                    e.out.push_back(Command::Send {
-                        to: e.primary(),
-                        envelope: r.envelope().clone(),
-                    });
-                }
-                e.pending.insert(key, r);
-                e.pending_order.push_back(key);
-            }
+            e.admit(r);
         }
         e.restart_progress_timer = true;
         Ok(e)
@@ -604,6 +593,11 @@ impl Engine {
     /// The current view.
     pub fn view(&self) -> u64 {
         self.view
+    }
+
+    /// The current view counted from the epoch's first view ([`first_view`]).
+    pub fn view_in_epoch(&self) -> u64 {
+        self.view.saturating_sub(first_view(self.committee.epoch()))
     }
 
     /// Whether the current view is installed (false during a view change).
@@ -733,17 +727,18 @@ impl Engine {
         }
     }
 
-    fn on_request(&mut self, now: Timestamp, r: Verified<Request>) {
+    /// Takes a request into `pending` unless it ran, waits already, the queue is full or the
+    /// epoch ended; a backup relays it to the primary (section 4.1). False if not taken.
+    fn admit(&mut self, r: Verified<Request>) -> bool {
         let key = (r.signer(), r.nonce);
-        if self.is_executed(&key.0, key.1) || self.pending.contains_key(&key) || self.is_ended() {
-            return;
+        if self.is_executed(&key.0, key.1)
+            || self.pending.contains_key(&key)
+            || self.is_ended()
+            || self.pending.len() >= self.cfg.max_pending
+        {
+            return false;
         }
-        if self.pending.len() >= self.cfg.max_pending {
-            return;
-        }
-        let is_new_to_primary = !self.is_primary() && self.active && self.is_member();
-        if is_new_to_primary {
-            // Section 4.1: a backup relays the request to the primary.
+        if !self.is_primary() && self.active && self.is_member() {
             self.out.push_back(Command::Send {
                 to: self.primary(),
                 envelope: r.envelope().clone(),
@@ -751,6 +746,13 @@ impl Engine {
         }
         self.pending.insert(key, r);
         self.pending_order.push_back(key);
+        true
+    }
+
+    fn on_request(&mut self, now: Timestamp, r: Verified<Request>) {
+        if !self.admit(r) {
+            return;
+        }
         if self.progress_deadline.is_none() && self.active && self.is_member() {
             self.progress_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
         }

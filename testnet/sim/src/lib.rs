@@ -777,10 +777,7 @@ impl Sim {
 
     /// Views node `i` went through, counting an epoch change as one.
     fn view_rank(&self, i: usize) -> u64 {
-        let e = &self.nodes[i].engine;
-        self.nodes[i].view_offset
-            + e.view()
-                .saturating_sub(dwcp_consensus::first_view(e.committee().epoch()))
+        self.nodes[i].view_offset + self.nodes[i].engine.view_in_epoch()
     }
 
     /// Node `i` executed its epoch's last decision: the next committee (the same nodes in an
@@ -834,10 +831,7 @@ impl Sim {
         }
         engine.handle_timeout(Timestamp(self.now));
         let ended = std::mem::replace(&mut nd.engine, engine);
-        nd.view_offset += ended
-            .view()
-            .saturating_sub(dwcp_consensus::first_view(ended.committee().epoch()))
-            + 1;
+        nd.view_offset += ended.view_in_epoch() + 1;
         nd.old.insert(0, ended);
         nd.old.truncate(MAX_OLD_EPOCHS);
         self.trace.update(b"epoch");
