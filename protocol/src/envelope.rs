@@ -30,7 +30,7 @@ use std::{fmt, marker::PhantomData};
 use ed25519_dalek::{Signature, Signer};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::{NodeId, NodeKey, ids::serde_bytes_compat, messages::ValidationError};
+use crate::{NodeId, NodeKey, ids::serde_bytes_compat, messages::ValidationError, sigcache};
 
 /// Bytes an envelope adds around its payload: field names, lengths, key and signature.
 pub const ENVELOPE_OVERHEAD: usize = 128;
@@ -358,18 +358,24 @@ impl SignedEnvelope {
                 limit: T::KIND.max_payload(),
             });
         }
-        let vk = self
-            .signer
-            .verifying_key()
-            .map_err(|_| DecodeError::BadSigner)?;
         let sig_bytes: [u8; 64] = self
             .signature
             .as_slice()
             .try_into()
             .map_err(|_| DecodeError::BadSignature)?;
-        let sig = Signature::from_bytes(&sig_bytes);
-        vk.verify_strict(&signed_bytes(self.kind, &self.payload), &sig)
-            .map_err(|_| DecodeError::BadSignature)?;
+        let signed = signed_bytes(self.kind, &self.payload);
+        // Only checks that succeeded are memoised, keyed by a hash of every input of the
+        // check (see `sigcache`): a hit means these exact bytes verified before.
+        let memo = sigcache::key(self.signer.as_bytes(), &sig_bytes, &signed);
+        if !sigcache::verified_before(&memo) {
+            let vk = self
+                .signer
+                .verifying_key()
+                .map_err(|_| DecodeError::BadSigner)?;
+            vk.verify_strict(&signed, &Signature::from_bytes(&sig_bytes))
+                .map_err(|_| DecodeError::BadSignature)?;
+            sigcache::remember(memo);
+        }
         let msg: T = from_cbor_exact(&self.payload).map_err(|(e, trailing)| {
             if trailing > 0 {
                 DecodeError::TrailingBytes(trailing)

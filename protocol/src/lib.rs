@@ -26,6 +26,7 @@ pub mod control;
 pub mod envelope;
 pub mod ids;
 pub mod messages;
+mod sigcache;
 pub mod version;
 
 pub use envelope::{DecodeError, Message, MessageKind, SignedEnvelope, Verified};
@@ -34,3 +35,4 @@ pub use messages::{
     Allocation, DonatedShare, Gpu, Health, HealthStatus, Heartbeat, NodeAnnouncement, Resources,
     ValidationError,
 };
+pub use sigcache::signature_cache_stats;
