@@ -239,33 +239,11 @@ pub struct AcpState {
     membership: Membership,
 }
 
-/// First byte of a membership operation: `0xA7` followed by a CBOR
-/// [`dwcp_consensus::committee::MembershipOp`] about the signing node itself (a node joins,
-/// declares itself ready and leaves only for itself).
-pub const MEMBERSHIP_TAG: u8 = 0xA7;
-/// Most nodes the membership registry holds; joins beyond it are refused.
-pub const MAX_MEMBERS: usize = 100_000;
+pub use dwcp_consensus::committee::{MAX_MEMBERS, MEMBERSHIP_OP_TAG as MEMBERSHIP_TAG};
 
-/// Encodes a membership operation as a request's `op`.
+/// Encodes a membership operation as a request's `op` ([`MembershipOp::encode`]).
 pub fn membership_op(op: &MembershipOp) -> Vec<u8> {
-    let mut out = vec![MEMBERSHIP_TAG];
-    // Serializing an enum of node ids into a Vec cannot fail.
-    let _ = ciborium::into_writer(op, &mut out);
-    out
-}
-
-fn decode_membership(op: &[u8]) -> Result<MembershipOp, String> {
-    let Some((&MEMBERSHIP_TAG, mut body)) = op.split_first() else {
-        return Err("not a membership operation".into());
-    };
-    if body.len() > 128 {
-        return Err("membership operation too long".into());
-    }
-    let m: MembershipOp = ciborium::from_reader(&mut body).map_err(|e| e.to_string())?;
-    if !body.is_empty() {
-        return Err("trailing bytes".into());
-    }
-    Ok(m)
+    op.encode()
 }
 
 /// Most unfinished VMs the replicated state tracks; decisions placing more are refused.
@@ -427,25 +405,9 @@ impl AcpState {
                     Err(e) => Applied::Nothing(format!("cut refused: {e}")),
                 }
             }
-            Some(&MEMBERSHIP_TAG) => match decode_membership(op) {
-                Ok(m) => {
-                    let (MembershipOp::Join(n)
-                    | MembershipOp::Ready(n, _)
-                    | MembershipOp::Leave(n)) = &m;
-                    if *n != client {
-                        Applied::Nothing("membership operation about another node".into())
-                    } else if !matches!(m, MembershipOp::Leave(_))
-                        // A readiness joins an unknown node too.
-                        && !self.membership.contains(n)
-                        && self.membership.len() >= MAX_MEMBERS
-                    {
-                        Applied::Nothing("membership registry full".into())
-                    } else {
-                        self.membership.apply(time, &m);
-                        Applied::Membership(m)
-                    }
-                }
-                Err(e) => Applied::Nothing(format!("membership operation refused: {e}")),
+            Some(&MEMBERSHIP_TAG) => match self.membership.apply_op(time, &client, op) {
+                Ok(m) => Applied::Membership(m),
+                Err(e) => Applied::Nothing(e.to_string()),
             },
             Some(&PROBE_TAG) if op.len() <= 64 => Applied::Nothing("probe".into()),
             _ => Applied::Nothing("unknown operation".into()),

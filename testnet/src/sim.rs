@@ -124,7 +124,7 @@ fn run_seeds(
                     // (and its finished part read) while it runs.
                     if let Ok((r, secs)) = &r {
                         eprintln!(
-                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} {secs:.1} s",
+                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} membership_ops={} quarantine_exclusions={} {secs:.1} s",
                             r.seed,
                             r.strategy,
                             r.passed(),
@@ -132,7 +132,9 @@ fn run_seeds(
                             r.violations.len(),
                             r.max_view,
                             r.max_epoch,
-                            r.membership_changes
+                            r.membership_changes,
+                            r.membership_ops,
+                            r.quarantine_exclusions
                         );
                     }
                     if let Ok(mut m) = results.lock() {
@@ -253,6 +255,8 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         "max_view": reports.iter().map(|r| r.max_view).max().unwrap_or(0),
         "max_epoch": reports.iter().map(|r| r.max_epoch).max().unwrap_or(0),
         "membership_changes": reports.iter().map(|r| r.membership_changes).sum::<usize>(),
+        "membership_ops": reports.iter().map(|r| r.membership_ops).sum::<u64>(),
+        "quarantine_exclusions": reports.iter().map(|r| r.quarantine_exclusions).sum::<u64>(),
         "determinism_self_check": determinism,
         "wall_seconds": wall,
         "jobs": a.jobs,

@@ -219,6 +219,62 @@ pub enum MembershipOp {
     Leave(NodeId),
 }
 
+/// First byte of a request `op` that carries a [`MembershipOp`]: `0xA7` followed by the
+/// operation as CBOR.
+pub const MEMBERSHIP_OP_TAG: u8 = 0xA7;
+/// Most nodes a [`Membership`] holds; joins beyond it are refused.
+pub const MAX_MEMBERS: usize = 100_000;
+/// Longest encoded membership operation accepted (a tag, a variant and a 32-byte id).
+const MAX_MEMBERSHIP_OP: usize = 128;
+
+/// Why a committed membership operation changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipRefused {
+    /// The `op` is not a membership operation, or not a well-formed one.
+    #[error("membership operation refused: {0}")]
+    Malformed(String),
+    /// A node may join, declare readiness and leave only for itself.
+    #[error("membership operation about another node")]
+    NotTheSigner,
+    /// The registry holds [`MAX_MEMBERS`] nodes.
+    #[error("membership registry full")]
+    Full,
+}
+
+impl MembershipOp {
+    /// The node the operation is about.
+    pub fn node(&self) -> &NodeId {
+        let (Self::Join(n) | Self::Ready(n, _) | Self::Leave(n)) = self;
+        n
+    }
+
+    /// Encodes the operation as a request's `op` ([`MEMBERSHIP_OP_TAG`] + CBOR).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![MEMBERSHIP_OP_TAG];
+        // Serializing an enum of node ids into a Vec cannot fail.
+        let _ = ciborium::into_writer(self, &mut out);
+        out
+    }
+
+    /// Decodes a request's `op`; refuses other tags, oversized input and trailing bytes.
+    pub fn decode(op: &[u8]) -> Result<Self, MembershipRefused> {
+        let Some((&MEMBERSHIP_OP_TAG, mut body)) = op.split_first() else {
+            return Err(MembershipRefused::Malformed(
+                "not a membership operation".into(),
+            ));
+        };
+        if op.len() > MAX_MEMBERSHIP_OP {
+            return Err(MembershipRefused::Malformed("too long".into()));
+        }
+        let m: Self = ciborium::from_reader(&mut body)
+            .map_err(|e| MembershipRefused::Malformed(e.to_string()))?;
+        if !body.is_empty() {
+            return Err(MembershipRefused::Malformed("trailing bytes".into()));
+        }
+        Ok(m)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MemberRecord {
     joined_at: Timestamp,
@@ -259,6 +315,30 @@ impl Membership {
                 self.nodes.remove(n);
             }
         }
+    }
+
+    /// Applies a committed request's `op` from `client` at its batch time, with the rules
+    /// every replica applies: a node speaks only for itself, and the registry is bounded
+    /// (a leave is always accepted; a join or readiness of an unknown node only below
+    /// [`MAX_MEMBERS`]).
+    pub fn apply_op(
+        &mut self,
+        time: Timestamp,
+        client: &NodeId,
+        op: &[u8],
+    ) -> Result<MembershipOp, MembershipRefused> {
+        let m = MembershipOp::decode(op)?;
+        if m.node() != client {
+            return Err(MembershipRefused::NotTheSigner);
+        }
+        if !matches!(m, MembershipOp::Leave(_))
+            && !self.contains(m.node())
+            && self.len() >= MAX_MEMBERS
+        {
+            return Err(MembershipRefused::Full);
+        }
+        self.apply(time, &m);
+        Ok(m)
     }
 
     /// Joined nodes.
@@ -677,5 +757,43 @@ mod tests {
         let c = next(&m);
         assert_eq!(c.n(), 4);
         assert!(c.contains(&node(5)));
+    }
+
+    #[test]
+    fn membership_ops_decode_strictly_and_speak_only_for_their_signer() {
+        let (a, b) = (node(1), node(2));
+        for op in [
+            MembershipOp::Join(a),
+            MembershipOp::Ready(a, true),
+            MembershipOp::Ready(a, false),
+            MembershipOp::Leave(a),
+        ] {
+            assert_eq!(MembershipOp::decode(&op.encode()), Ok(op));
+        }
+        let join = MembershipOp::Join(a).encode();
+        let refused = |r: Result<MembershipOp, MembershipRefused>| {
+            matches!(r, Err(MembershipRefused::Malformed(_)))
+        };
+        assert!(refused(MembershipOp::decode(
+            &[join.clone(), vec![0]].concat()
+        )));
+        assert!(refused(MembershipOp::decode(&join[..join.len() - 1])));
+        assert!(refused(MembershipOp::decode(&[0xA5, 0x00])));
+        assert!(refused(MembershipOp::decode(&[])));
+        let mut long = vec![MEMBERSHIP_OP_TAG];
+        long.resize(MAX_MEMBERSHIP_OP + 1, 0x41);
+        assert!(refused(MembershipOp::decode(&long)));
+
+        let mut m = Membership::default();
+        let t = Timestamp(1_000);
+        assert_eq!(
+            m.apply_op(t, &b, &join),
+            Err(MembershipRefused::NotTheSigner)
+        );
+        assert!(m.is_empty(), "a refused operation changes nothing");
+        assert_eq!(m.apply_op(t, &a, &join), Ok(MembershipOp::Join(a)));
+        let leave = MembershipOp::Leave(a).encode();
+        assert_eq!(m.apply_op(t, &a, &leave), Ok(MembershipOp::Leave(a)));
+        assert!(!m.contains(&a));
     }
 }

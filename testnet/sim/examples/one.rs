@@ -1,5 +1,6 @@
 //! Runs chaos scenarios and prints one line per seed: `cargo run --release -p dwcp-sim
-//! --example one -- <nodes> <byzantine> <strategy|all> <first-seed> [<count>]`.
+//! --example one -- <nodes> <byzantine> <strategy|all> <first-seed> [<count> [<observers>
+//! <epoch-length>]]`.
 
 use dwcp_sim::{Scenario, Strategy};
 
@@ -10,10 +11,15 @@ fn main() {
     let st: Option<Strategy> = a.get(3).and_then(|s| s.parse().ok());
     let seed: u64 = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
     let count: u64 = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let observers: usize = a.get(6).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let epoch_length: u64 = a.get(7).and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut failed = 0;
     for seed in seed..seed + count {
         let st = st.unwrap_or(Strategy::ALL[(seed % 8) as usize]);
-        let r = match dwcp_sim::run(&Scenario::chaos(n, f, st, seed)) {
+        let mut s = Scenario::chaos(n, f, st, seed);
+        s.observers = observers;
+        s.epoch_length = epoch_length;
+        let r = match dwcp_sim::run(&s) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("{e}");

@@ -10,7 +10,10 @@
 //! Messages cross the simulated network as the bytes of real [`SignedEnvelope`]s and are
 //! decoded and signature-checked on arrival with `decode_verified`, exactly as a node does;
 //! a forged or corrupted message is dropped there and never reaches an engine. (Checks of the
-//! same bytes are cached per message id: every receiver would compute the same result.)
+//! same bytes are cached per message id: every receiver would compute the same result. Inside
+//! the engines, `dwcp-protocol`'s signature memo answers a signature another simulated node
+//! already verified; it remembers only checks that succeeded, so forgeries are still checked
+//! in full, and it changes no result.)
 //!
 //! # Phases
 //!
@@ -37,7 +40,7 @@ use std::{
 
 use dwcp_consensus::{
     Command, Committee, ConsensusMsg, Digest, Engine, Input, Offence, Request,
-    committee::{self, Candidate, Eligibility},
+    committee::{self, Candidate, Eligibility, EpochRules, Membership, MembershipOp},
 };
 use dwcp_protocol::{MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
 use dwcp_reputation::{self as reputation, Evidence};
@@ -49,7 +52,7 @@ pub use link::LinkModel;
 pub use strategy::Strategy;
 
 use invariants::{
-    Violation, agreement::Agreement, quarantine::Quarantine,
+    Violation, agreement::Agreement, committees::Committees, quarantine::Quarantine,
     reputation_agreement::ReputationAgreement, validity::Validity, view_monotonic::ViewMonotonic,
 };
 
@@ -190,6 +193,11 @@ pub struct Report {
     /// Epochs whose committee has other members than the epoch before (not just another
     /// order): hand-overs to nodes that were observers.
     pub membership_changes: usize,
+    /// Membership operations (joins, readiness, leaves) committed; honest nodes churn with
+    /// epochs and observers.
+    pub membership_ops: u64,
+    /// Epochs whose committee left out a quarantined member of the one before.
+    pub quarantine_exclusions: u64,
     /// Byzantine nodes that committed a provable offence.
     pub offenders: usize,
     /// Byzantine nodes quarantined by every honest node.
@@ -214,16 +222,67 @@ type Bytes = Rc<(u64, Vec<u8>)>;
 
 #[derive(Debug, Clone)]
 enum Event {
-    Deliver { from: usize, to: usize, msg: Bytes },
-    Timer { node: usize },
-    Submit { node: usize },
-    Retry { node: usize, nonce: u64 },
-    Claim { node: usize },
-    Crash { node: usize },
-    Restart { node: usize },
-    Partition { group: Vec<usize> },
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: Bytes,
+    },
+    Timer {
+        node: usize,
+    },
+    Submit {
+        node: usize,
+    },
+    Retry {
+        node: usize,
+        nonce: u64,
+    },
+    Claim {
+        node: usize,
+    },
+    Crash {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Partition {
+        group: Vec<usize>,
+    },
     Heal,
     FaultsEnd,
+    /// An honest node commits a change of its own membership.
+    Churn {
+        node: usize,
+        change: Churn,
+    },
+}
+
+/// A membership change an honest node makes during the fault phase (with epochs and
+/// observers): it leaves and later joins again, or declares itself not ready and later ready.
+/// It keeps running in between (an observer), so the committee it may still sit in keeps its
+/// vote until the next epoch excludes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Churn {
+    /// `MembershipOp::Leave`.
+    Leave,
+    /// `MembershipOp::Join` then `Ready(true)`.
+    Rejoin,
+    /// `MembershipOp::Ready(false)`.
+    Unready,
+    /// `MembershipOp::Ready(true)`.
+    Ready,
+}
+
+impl Churn {
+    fn code(self) -> u8 {
+        match self {
+            Self::Leave => 0,
+            Self::Rejoin => 1,
+            Self::Unready => 2,
+            Self::Ready => 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +304,8 @@ struct Node {
     /// reached (virtual ms).
     nudged_at: Option<u64>,
     rep: reputation::Engine,
+    /// Committed joins, readiness and leaves (every node applies them, as a node does).
+    membership: Membership,
     byz: bool,
     crashed: bool,
     timer_at: Option<u64>,
@@ -270,8 +331,8 @@ struct Sim {
     nodes: Vec<Node>,
     ids: BTreeMap<NodeId, usize>,
     committee: Committee,
-    /// The committee of each epoch, as the first node to reach it computed it.
-    committees: BTreeMap<u64, Committee>,
+    /// The committee of each epoch, as the first honest node to reach it computed it.
+    committees: Committees,
     cache: BTreeMap<u64, Option<Decoded>>,
     loss: f64,
     partition: Option<BTreeSet<usize>>,
@@ -294,6 +355,11 @@ struct Sim {
     byz_nonce: u64,
     fault_end_submitted: BTreeSet<(usize, u64)>,
     penalised: BTreeSet<(usize, usize)>,
+    /// Membership operations committed (counted once, at the first honest node).
+    membership_ops: u64,
+    /// Epochs whose committee left out a member of the previous one because it was
+    /// quarantined.
+    quarantine_exclusions: u64,
 }
 
 /// A scenario that cannot run.
@@ -379,6 +445,11 @@ impl Sim {
             byz_idx.insert(rng.random_range(0..n));
         }
         let cfg = s.consensus.clone().validate()?;
+        // Genesis membership: every node joined and ready at time 0.
+        let mut membership = Membership::default();
+        for k in &keys {
+            membership.apply(Timestamp(0), &MembershipOp::Ready(k.node_id(), true));
+        }
         let mut nodes: Vec<Node> = Vec::with_capacity(n);
         for (i, k) in keys.iter().enumerate() {
             let mut engine = Engine::new(cfg.clone(), k.clone(), committee.clone())?;
@@ -392,6 +463,7 @@ impl Sim {
                 view_offset: 0,
                 nudged_at: None,
                 rep: reputation::Engine::new(reputation::Config::default()),
+                membership: membership.clone(),
                 byz: byz_idx.contains(&i),
                 crashed: false,
                 timer_at: None,
@@ -424,7 +496,7 @@ impl Sim {
             reputation: ReputationAgreement::default(),
             nodes,
             ids,
-            committees: BTreeMap::from([(0, committee.clone())]),
+            committees: Committees::new(committee.clone()),
             committee,
             cache: BTreeMap::new(),
             loss: 0.0,
@@ -445,6 +517,8 @@ impl Sim {
             byz_nonce: 1 << 61,
             fault_end_submitted: BTreeSet::new(),
             penalised: BTreeSet::new(),
+            membership_ops: 0,
+            quarantine_exclusions: 0,
             s,
         };
         sim.schedule_start();
@@ -501,6 +575,63 @@ impl Sim {
                 self.push(at, Event::Crash { node });
                 self.push((at + dur).min(fp), Event::Restart { node });
             }
+            self.schedule_churn();
+        }
+    }
+
+    /// With epochs and observers: up to `observers - byzantine` honest nodes change their
+    /// membership once each during the fault phase (leave and rejoin, or not ready and ready
+    /// again). At most that many are out at once, so at least `nodes` (the committee size)
+    /// stay eligible even with every Byzantine node quarantined: committees keep their size
+    /// and the fault bound `f` (checked at every epoch, `committee_fault_bound`).
+    fn schedule_churn(&mut self) {
+        if self.s.epoch_length == 0 || self.s.observers == 0 {
+            return;
+        }
+        let budget = self.s.observers.saturating_sub(self.s.byzantine);
+        let fp = self.s.fault_phase_ms;
+        let honest: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| !self.nodes[*i].byz)
+            .collect();
+        let mut chosen = BTreeSet::new();
+        for _ in 0..budget {
+            if self.rng.random_range(0..4u32) == 0 {
+                continue;
+            }
+            chosen.insert(honest[self.rng.random_range(0..honest.len())]);
+        }
+        for node in chosen {
+            let at = self.rng.random_range(0..fp / 2);
+            let back = (at + self.rng.random_range(5_000..30_000)).min(fp - 1);
+            let (out, back_in) = if self.rng.random_range(0..2u32) == 0 {
+                (Churn::Leave, Churn::Rejoin)
+            } else {
+                (Churn::Unready, Churn::Ready)
+            };
+            self.push(at, Event::Churn { node, change: out });
+            self.push(
+                back,
+                Event::Churn {
+                    node,
+                    change: back_in,
+                },
+            );
+        }
+    }
+
+    fn churn(&mut self, node: usize, change: Churn) {
+        if self.nodes[node].crashed {
+            return;
+        }
+        let me = self.nodes[node].key.node_id();
+        let ops = match change {
+            Churn::Leave => vec![MembershipOp::Leave(me)],
+            Churn::Rejoin => vec![MembershipOp::Join(me), MembershipOp::Ready(me, true)],
+            Churn::Unready => vec![MembershipOp::Ready(me, false)],
+            Churn::Ready => vec![MembershipOp::Ready(me, true)],
+        };
+        for op in ops {
+            self.submit_op(node, op.encode());
         }
     }
 
@@ -545,6 +676,10 @@ impl Sim {
                 }
             }
             Event::Heal | Event::FaultsEnd => self.trace.update([4]),
+            Event::Churn { node, change } => {
+                self.trace.update([5, change.code()]);
+                self.trace.update((*node as u64).to_be_bytes());
+            }
         }
     }
 
@@ -594,6 +729,7 @@ impl Sim {
             }
             Event::Partition { group } => self.partition = Some(group.into_iter().collect()),
             Event::Heal => self.partition = None,
+            Event::Churn { node, change } => self.churn(node, change),
             Event::FaultsEnd => {
                 self.faults_over = true;
                 self.loss = 0.0;
@@ -780,41 +916,53 @@ impl Sim {
         self.nodes[i].view_offset + self.nodes[i].engine.view_in_epoch()
     }
 
-    /// Node `i` executed its epoch's last decision: the next committee (the same nodes in an
-    /// order seeded by the log digest, so every correct node computes the same) continues the
-    /// log with a new engine; the ended one stays to serve catch-up.
+    /// Node `i` executed its epoch's last decision: it computes the next committee with the
+    /// node's own rule (`committee::next_committee`: eligible members of the committed
+    /// membership, not quarantined and at or above the reputation threshold in its committed
+    /// reputation table, ordered by a seed from the log digest) and continues the log with a
+    /// new engine; the ended one stays to serve catch-up.
     fn next_epoch(&mut self, i: usize, d: &dwcp_consensus::Decision) {
         let len = self.s.epoch_length;
         let epoch = d.seq / len;
-        let candidates: Vec<Candidate> = self
-            .nodes
-            .iter()
-            .map(|nd| Candidate {
-                node: nd.key.node_id(),
-                ready: true,
-                quarantined: false,
-                reputation: 1.0,
-                uptime_s: 3_600,
-            })
-            .collect();
-        let seed = committee::epoch_seed(&d.state, epoch);
-        let n = self.s.nodes;
-        let Ok(next) = committee::select(epoch, &candidates, &seed, n, &Eligibility::default())
-        else {
-            return;
+        let rules = EpochRules {
+            epoch_length: len,
+            size: self.s.nodes,
+            eligibility: Eligibility {
+                min_uptime_s: 0,
+                max_ready_age_s: 0,
+                ..Eligibility::default()
+            },
         };
-        match self.committees.get(&epoch) {
-            Some(c) if *c != next => {
-                let v = Violation {
-                    invariant: "agreement",
-                    detail: format!("node {i} computed another committee for epoch {epoch}"),
-                    at_ms: self.now,
-                };
-                self.violation(v);
-            }
-            Some(_) => {}
-            None => {
-                self.committees.insert(epoch, next.clone());
+        let nd = &self.nodes[i];
+        let current = nd.engine.committee().clone();
+        let rep = &nd.rep;
+        let next = committee::next_committee(
+            &current,
+            d.seq,
+            &d.state,
+            d.time,
+            &nd.membership,
+            &|id: &NodeId| (rep.score(id), rep.is_quarantined(id)),
+            &rules,
+        );
+        if !nd.byz {
+            let byz: BTreeSet<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| n.byz)
+                .map(|n| n.key.node_id())
+                .collect();
+            match self.committees.check(
+                self.now,
+                i,
+                &current,
+                &next,
+                &|id: &NodeId| rep.is_quarantined(id),
+                &|id: &NodeId| byz.contains(id),
+            ) {
+                Ok(true) => self.quarantine_exclusions += 1,
+                Ok(false) => {}
+                Err(v) => self.violation(v),
             }
         }
         let nd = &mut self.nodes[i];
@@ -867,9 +1015,10 @@ impl Sim {
                     }
                 }
                 Command::Deliver(d) => {
-                    if !self.nodes[i].byz {
-                        self.on_decision(i, &d);
-                    }
+                    // Byzantine nodes run the same node software: they apply committed
+                    // state (reputation, membership) and so compute the same committees;
+                    // no invariant is checked for them.
+                    self.on_decision(i, &d);
                     if self.s.epoch_length > 0 && self.nodes[i].engine.end() == Some(d.seq) {
                         self.next_epoch(i, &d);
                     }
@@ -927,47 +1076,74 @@ impl Sim {
     }
 
     fn on_decision(&mut self, i: usize, d: &dwcp_consensus::Decision) {
-        self.trace.update(b"decision");
-        self.trace.update((i as u64).to_be_bytes());
-        self.trace.update(d.seq.to_be_bytes());
-        self.trace.update(d.digest.0);
-        let first = self.agreement.highest() < d.seq;
-        if let Err(v) = self.agreement.check(self.now, i, d.seq, d.digest) {
-            self.violation(v);
-        }
-        // The committee of the epoch the decision committed in.
-        let committee = self
-            .committees
-            .get(&dwcp_consensus::epoch_of_view(d.view))
+        let honest = !self.nodes[i].byz;
+        let epoch = dwcp_consensus::epoch_of_view(d.view);
+        // The committee of the epoch the decision committed in, as this node has it.
+        let nd = &self.nodes[i];
+        let committee = std::iter::once(&nd.engine)
+            .chain(nd.old.iter())
+            .map(Engine::committee)
+            .find(|c| c.epoch() == epoch)
+            .or_else(|| self.committees.get(epoch))
             .unwrap_or(&self.committee)
             .clone();
-        if let Err(v) = self.validity.check(self.now, i, d, &committee, first) {
-            self.violation(v);
+        let mut first = false;
+        if honest {
+            self.trace.update(b"decision");
+            self.trace.update((i as u64).to_be_bytes());
+            self.trace.update(d.seq.to_be_bytes());
+            self.trace.update(d.digest.0);
+            first = self.agreement.highest() < d.seq;
+            if let Err(v) = self.agreement.check(self.now, i, d.seq, d.digest) {
+                self.violation(v);
+            }
+            if let Err(v) = self.validity.check(self.now, i, d, &committee, first) {
+                self.violation(v);
+            }
+            if let Some(t0) = self.proposal_time.get(&d.seq) {
+                self.consensus_latency.push(self.now - t0);
+            }
         }
-        if let Some(t0) = self.proposal_time.get(&d.seq) {
-            self.consensus_latency.push(self.now - t0);
-        }
-        let rep = &mut self.nodes[i].rep;
-        // Reputation changes only from committed operations, in commit order: evidence and
-        // participation records (rewards). The node's own certificate is not used: its voter
-        // set differs from replica to replica.
+        let nd = &mut self.nodes[i];
+        // Reputation and membership change only from committed operations, in commit order:
+        // evidence, participation records (rewards) and membership operations. The node's
+        // own certificate is not used: its voter set differs from replica to replica.
+        let mut refused: Vec<&'static [u8]> = Vec::new();
+        let mut membership_ops = 0;
         for r in &d.requests {
             if r.op.first() == Some(&reputation::EVIDENCE_OP_TAG)
                 && let Ok(ev) = Evidence::decode(&r.op)
             {
                 // Evidence that does not verify changes nothing (the reputation engine checks
                 // it again); a Byzantine submitter gains nothing by committing garbage.
-                if rep.on_evidence(d.time, &committee, &ev).is_err() {
-                    self.trace.update(b"evidence-refused");
+                if nd.rep.on_evidence(d.time, &committee, &ev).is_err() {
+                    refused.push(b"evidence-refused");
                 }
             } else if r.op.first() == Some(&reputation::PARTICIPATION_OP_TAG)
                 && let Ok(p) = reputation::Participation::decode(&r.op)
-                && rep.on_participation(d.time, &committee, &p).is_err()
+                && nd.rep.on_participation(d.time, &committee, &p).is_err()
             {
-                self.trace.update(b"participation-refused");
+                refused.push(b"participation-refused");
+            } else if r.op.first() == Some(&committee::MEMBERSHIP_OP_TAG) {
+                match nd.membership.apply_op(d.time, &r.signer(), &r.op) {
+                    Ok(_) => membership_ops += 1,
+                    Err(_) => refused.push(b"membership-refused"),
+                }
             }
         }
-        rep.on_time(d.time);
+        nd.rep.on_time(d.time);
+        if !honest {
+            // A Byzantine node's table is its own business: drain its outputs unchecked.
+            while nd.rep.poll_output().is_some() {}
+            return;
+        }
+        for r in refused {
+            self.trace.update(r);
+        }
+        if first {
+            self.membership_ops += membership_ops;
+        }
+        let rep = &self.nodes[i].rep;
         let table = invariants::reputation_agreement::table_digest(
             rep.scores(),
             rep.quarantined().iter().copied(),
@@ -1110,11 +1286,13 @@ impl Sim {
             membership_changes: {
                 let sets: Vec<BTreeSet<NodeId>> = self
                     .committees
-                    .values()
+                    .all()
                     .map(|c| c.members().iter().copied().collect())
                     .collect();
                 sets.windows(2).filter(|w| w[0] != w[1]).count()
             },
+            membership_ops: self.membership_ops,
+            quarantine_exclusions: self.quarantine_exclusions,
             offenders: self.quarantine.offenders(),
             quarantined_byzantine,
             penalised_byzantine,

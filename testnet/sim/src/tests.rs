@@ -131,7 +131,10 @@ fn ci_seeds_with_epochs_are_safe_live_and_rotate_committees() {
 fn ci_seeds_with_committees_drawn_from_a_larger_pool_hand_over_safely() {
     // Seven nodes, committees of four: every epoch (100 decisions) members hand over to nodes
     // that were observers, which caught up by fetching certificates. The Byzantine node is
-    // drawn from all seven, so it sits on some committees and not others.
+    // drawn from all seven, so it sits on some committees and not others. Honest nodes leave
+    // and rejoin (or go unready and ready) during the faults, and committees come from the
+    // committed membership and reputation (`committee::next_committee`).
+    let mut churned = 0;
     for (k, strategy) in [Strategy::Equivocate, Strategy::Delay, Strategy::Forge]
         .into_iter()
         .enumerate()
@@ -153,5 +156,30 @@ fn ci_seeds_with_committees_drawn_from_a_larger_pool_hand_over_safely() {
             r.membership_changes,
             r.max_epoch
         );
+        churned += r.membership_ops;
+        eprintln!(
+            "pool {strategy:?}: membership ops {}, quarantine exclusions {}",
+            r.membership_ops, r.quarantine_exclusions
+        );
     }
+    assert!(churned > 0, "no membership operation committed");
+}
+
+#[test]
+fn ci_seed_a_quarantined_equivocator_is_left_out_of_the_next_committee() {
+    // The committees of epochs after the equivocator's quarantine are computed from the
+    // committed reputation table: a quarantined member is not chosen again (with enough
+    // other eligible nodes), and no committee ever holds more than f Byzantine members
+    // (`committee_fault_bound`, checked at every epoch).
+    let mut s = short(Scenario::chaos(4, 1, Strategy::Equivocate, 8));
+    s.epoch_length = 100;
+    s.observers = 3;
+    let r = run(&s).unwrap();
+    assert!(r.passed(), "{:?} {}", r.violations, r.liveness_detail);
+    assert_eq!(r.quarantined_byzantine, 1, "the equivocator is quarantined");
+    assert!(
+        r.quarantine_exclusions >= 1,
+        "the quarantined member was kept ({} epochs)",
+        r.max_epoch
+    );
 }

@@ -1,6 +1,7 @@
 //! Safety invariants, checked after every event of a run. One file each.
 
 pub mod agreement;
+pub mod committees;
 pub mod quarantine;
 pub mod reputation_agreement;
 pub mod validity;
