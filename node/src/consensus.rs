@@ -76,7 +76,12 @@
 //! is held back, so it never equivocates (test
 //! `a_restarted_primary_never_equivocates_and_decisions_go_on`).
 //!
-//! **Not done yet:** rewards from participation records, certified records for quarantines
+//! * [`PARTICIPATION_OP_TAG`]: a participation record, the commit certificate of a slot on
+//!   the reward grid (every [`PARTICIPATION_EVERY`]th), submitted by the member whose turn it
+//!   is ([`dwcp_reputation::participation_turn`]); each of its 2f+1 voters earns +0.01, once
+//!   per slot, on every node alike. Records off the grid are refused.
+//!
+//! **Not done yet:** certified records for quarantines
 //! from lesser offences and for releases; a node more than [`MAX_OLD_EPOCHS`] epochs (or
 //! `catch_up_mib` of certificates) behind cannot replay the log (no state transfer). A
 //! restarted node replays from the genesis epoch; the committees it computed before are kept
@@ -105,7 +110,9 @@ use dwcp_protocol::{
     Message, MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, ValidationError, Verified,
     VmId,
 };
-use dwcp_reputation::{EVIDENCE_OP_TAG, Evidence};
+use dwcp_reputation::{
+    EVIDENCE_OP_TAG, Evidence, PARTICIPATION_EVERY, PARTICIPATION_OP_TAG, Participation,
+};
 use dwcp_statesync::{
     CertError, CertificateVerifier, VmDecision, VmState, cert::MAX_CERTIFICATE_BYTES,
 };
@@ -283,6 +290,9 @@ pub enum Applied {
     Cut(u64),
     /// A node joined, declared itself ready (or not) or left.
     Membership(MembershipOp),
+    /// A participation record rewarded the voters of the certified slot (its sequence
+    /// number).
+    Rewarded(u64),
     /// Nothing (a repeat, or evidence that does not verify).
     Nothing(String),
 }
@@ -405,6 +415,22 @@ impl AcpState {
                     Err(e) => Applied::Nothing(format!("cut refused: {e}")),
                 }
             }
+            Some(&PARTICIPATION_OP_TAG) => match Participation::decode(op) {
+                // Rewards are sampled on a grid, so a member cannot reward voters more often
+                // by recording every slot; each slot counts once (the reputation engine).
+                Ok(p) => match p.proof.verify(committee) {
+                    Ok((slot, _)) if !slot.seq.is_multiple_of(PARTICIPATION_EVERY) => {
+                        Applied::Nothing("participation record off the reward grid".into())
+                    }
+                    Ok(_) => match self.reputation.on_participation(time, committee, &p) {
+                        Ok(Some(slot)) => Applied::Rewarded(slot),
+                        Ok(None) => Applied::Nothing("slot already rewarded".into()),
+                        Err(e) => Applied::Nothing(format!("participation record refused: {e}")),
+                    },
+                    Err(e) => Applied::Nothing(format!("participation record refused: {e}")),
+                },
+                Err(e) => Applied::Nothing(format!("participation record refused: {e}")),
+            },
             Some(&MEMBERSHIP_TAG) => match self.membership.apply_op(time, &client, op) {
                 Ok(m) => Applied::Membership(m),
                 Err(e) => Applied::Nothing(e.to_string()),
@@ -770,6 +796,7 @@ struct AcpMetrics {
     epoch: IntGauge,
     dropped: IntCounter,
     withheld: IntCounter,
+    participation_records: IntCounter,
 }
 
 impl AcpMetrics {
@@ -824,6 +851,10 @@ impl AcpMetrics {
             withheld: reg.c(
                 "dwcp_pbft_votes_withheld_total",
                 "Outgoing messages this replica held back because they carried a vote conflicting with one it cast before (after a restart), or the vote could not be made durable",
+            )?,
+            participation_records: reg.c(
+                "dwcp_reputation_participation_records_total",
+                "Participation records (a slot's commit certificate, whose voters each earn +0.01) this member submitted",
             )?,
         })
     }
@@ -1925,6 +1956,13 @@ impl Driver {
                 Applied::Membership(op) => {
                     debug!(?op, seq = d.seq, "membership operation committed")
                 }
+                Applied::Rewarded(slot) => {
+                    debug!(
+                        slot,
+                        seq = d.seq,
+                        "participation record rewarded its voters"
+                    )
+                }
                 Applied::Nothing(why) => debug!(why, "committed operation changed nothing"),
             }
             self.answer(&d, r, client, &out);
@@ -1940,6 +1978,7 @@ impl Driver {
                 dwcp_reputation::Output::Penalised { .. } => {}
             }
         }
+        self.record_participation(&d);
         self.expire_overdue(d.time);
         self.refresh_reputation_metrics();
         self.publish_quarantine();
@@ -1952,6 +1991,32 @@ impl Driver {
         // the driver applies them: switch at the last one, not as soon as the engine ended).
         if self.engine.as_ref().and_then(Engine::end) == Some(d.seq) {
             self.next_epoch(&d);
+        }
+    }
+
+    /// Rewards for correct votes: when slot `d.seq` is on the reward grid and it is this
+    /// member's turn, submit the slot's commit certificate as a participation record. Its
+    /// voters get +0.01 on every node once it commits (a replica's own certificate cannot be
+    /// applied directly: each replica's voter set is the first 2f+1 commits it received).
+    /// Not for decisions replayed while catching up (older than a minute of batch time),
+    /// nor for an epoch's last slot (its record would commit under the next committee,
+    /// against which the certificate does not verify).
+    fn record_participation(&mut self, d: &dwcp_consensus::Decision) {
+        let turn = dwcp_reputation::participation_turn(d.seq, self.committee.n());
+        if turn.is_none()
+            || self.committee.index_of(&self.me).map(usize::from) != turn
+            || wall_ms().abs_diff(d.time.as_millis()) > 60_000
+            || self.engine.as_ref().and_then(Engine::end) == Some(d.seq)
+        {
+            return;
+        }
+        let op = Participation {
+            proof: d.certificate.proof(),
+        }
+        .encode();
+        match self.submit(op) {
+            Ok(_) => self.metrics.participation_records.inc(),
+            Err(e) => debug!(error = %e, seq = d.seq, "participation record not submitted"),
         }
     }
 
@@ -2459,6 +2524,80 @@ mod tests {
             "{a:?}"
         );
         assert!(s.is_quarantined(&victim));
+    }
+
+    #[test]
+    fn participation_records_reward_voters_once_and_only_on_the_grid() {
+        let keys = ids(4);
+        let committee = Committee::new(0, keys.iter().map(|k| k.node_id()).collect()).unwrap();
+        let primary = keys
+            .iter()
+            .find(|k| k.node_id() == committee.primary(0))
+            .unwrap();
+        let sign = |k: &NodeKey, m: ConsensusMsg| Verified::sign(k, m).unwrap().envelope().clone();
+        let slot = |seq: u64, d: u8| dwcp_consensus::Slot {
+            view: 0,
+            seq,
+            digest: dwcp_consensus::Digest([d; 32]),
+        };
+        let proof = |seq: u64, voters: &[usize]| {
+            let pp = dwcp_consensus::PrePrepare {
+                slot: slot(seq, 7),
+                time: Timestamp(0),
+            };
+            dwcp_consensus::CommitProof {
+                pre_prepare: sign(primary, ConsensusMsg::PrePrepare(pp)),
+                commits: voters
+                    .iter()
+                    .map(|i| sign(&keys[*i], ConsensusMsg::Commit(slot(seq, 7))))
+                    .collect(),
+            }
+        };
+        let record = |seq: u64, voters: &[usize]| {
+            Participation {
+                proof: proof(seq, voters),
+            }
+            .encode()
+        };
+        let mut s = AcpState::new();
+        let t = Timestamp(1_000);
+        let (voter, absent) = (keys[1].node_id(), keys[3].node_id());
+        // Bring the voter below the cap (1.0) so a reward shows: a commit contradicting a
+        // committed certificate, -0.10.
+        let ev = Evidence::ContradictsCertificate {
+            vote: sign(&keys[1], ConsensusMsg::Commit(slot(5, 9))),
+            proof: proof(5, &[0, 2, 3]),
+        };
+        let a = s.apply(t, 6, &committee, keys[0].node_id(), &ev.encode());
+        assert_eq!(a, Applied::Penalised(voter));
+        assert_eq!(s.reputation.score_units(&voter), 9_000);
+
+        let on_grid = record(PARTICIPATION_EVERY, &[0, 1, 2]);
+        let a = s.apply(t, 12, &committee, keys[2].node_id(), &on_grid);
+        assert_eq!(a, Applied::Rewarded(PARTICIPATION_EVERY));
+        assert_eq!(s.reputation.score_units(&voter), 9_100, "+0.01");
+        assert_eq!(s.reputation.score_units(&absent), 10_000);
+        // The same slot again, from anyone: once.
+        let a = s.apply(t, 13, &committee, keys[0].node_id(), &on_grid);
+        assert!(
+            matches!(a, Applied::Nothing(ref w) if w.contains("already")),
+            "{a:?}"
+        );
+        // Off the grid, short of a quorum, or not a record: nothing.
+        for (op, why) in [
+            (record(PARTICIPATION_EVERY + 1, &[0, 1, 2]), "grid"),
+            (record(2 * PARTICIPATION_EVERY, &[0, 1]), "refused"),
+            (vec![PARTICIPATION_OP_TAG, 0xff], "refused"),
+        ] {
+            let a = s.apply(t, 30, &committee, keys[0].node_id(), &op);
+            assert!(
+                matches!(a, Applied::Nothing(ref w) if w.contains(why)),
+                "{a:?}"
+            );
+        }
+        assert_eq!(s.reputation.score_units(&voter), 9_100);
+        assert_eq!(dwcp_reputation::participation_turn(20, 4), Some(2));
+        assert_eq!(dwcp_reputation::participation_turn(21, 4), None);
     }
 
     fn cut_op(keys: &[NodeKey], endorsers: &[usize], epoch: u64, departed: u64) -> Vec<u8> {

@@ -14,9 +14,9 @@
 //!   (without its batch) that was itself committed as a request: each of its 2f+1 voters cast
 //!   a correct vote (+0.01). A replica's *own* certificate for a slot must not be fed
 //!   directly: each replica keeps the first 2f+1 commits it received, so the voter sets
-//!   differ between replicas and so would the scores. The driver submits a record for one
-//!   slot in every few (the sim: every 10th, by a rotating submitter), so rewards are
-//!   sampled, and equal for everyone.
+//!   differ between replicas and so would the scores. The node and the simulator submit a
+//!   record for every [`PARTICIPATION_EVERY`]th slot, by the member whose turn it is
+//!   ([`participation_turn`]), so rewards are sampled, and equal for everyone.
 //! * [`Engine::on_evidence`]: a piece of [`Evidence`] that was itself committed as a request
 //!   (see [`Evidence::encode`]), checked here again by anyone:
 //!   - equivocation: two signed votes of one kind for one `(view, seq)` with different digests;
@@ -267,6 +267,19 @@ impl Evidence {
 
 /// The first byte of an operation that carries a [`Participation`] record.
 pub const PARTICIPATION_OP_TAG: u8 = 0xE2;
+/// Rewards are sampled: a [`Participation`] record is submitted for every slot whose
+/// sequence number is a multiple of this, by the committee member whose turn it is
+/// ([`participation_turn`]).
+pub const PARTICIPATION_EVERY: u64 = 10;
+
+/// The committee index of the member that records slot `seq` (of a committee of `n`), if
+/// `seq` is on the reward grid.
+pub fn participation_turn(seq: u64, n: usize) -> Option<usize> {
+    if n == 0 || seq == 0 || !seq.is_multiple_of(PARTICIPATION_EVERY) {
+        return None;
+    }
+    usize::try_from((seq / PARTICIPATION_EVERY) % n as u64).ok()
+}
 
 /// A participation record: the commit certificate of one slot, committed through consensus
 /// as a request's operation so that every honest node rewards the same voters.

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{cli, loopback_config};
+use crate::common::{cli, loopback_config, metric};
 use dwcp_node::config::NodeConfig;
 use dwcp_transport::io::Connector;
 
@@ -20,19 +20,6 @@ fn node_config() -> NodeConfig {
     c.network.unreachable_after = Duration::from_secs(5);
     c.transport.amst.listen = "127.0.0.1:0".parse().unwrap();
     c
-}
-
-async fn metric(metrics: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{metrics}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

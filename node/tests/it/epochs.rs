@@ -9,7 +9,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    RunningNode, consensus_status as status, fresh_dirs, loopback_config, probe, start_group,
+    RunningNode, consensus_status as status, fresh_dirs, loopback_config, metric, probe,
+    start_group,
 };
 use dwcp_node::consensus::QuorumStatus;
 use dwcp_protocol::NodeId;
@@ -112,6 +113,13 @@ async fn the_committee_of_the_next_epoch_comes_from_committed_membership() {
     }
     let s4 = status(all[4]).await;
     assert!(s4.last_executed > 20, "{s4:?}");
+    // Rewards: the member whose turn it was recorded slot 10's certificate (slot 20, the
+    // epoch's last, is not recorded: its record would commit under the next committee).
+    let mut records = 0.0;
+    for n in &nodes {
+        records += metric(&n.metrics, "dwcp_reputation_participation_records_total").await;
+    }
+    assert!(records >= 1.0, "no participation record submitted");
 
     // A node started now replays epoch 0 from the ended engines and epoch 1 from the
     // current ones, reaching the same committee.

@@ -57,8 +57,9 @@ use invariants::{
 };
 
 /// A participation record (the commit certificate of one slot, for rewards) is submitted for
-/// every this many sequence numbers, by the committee member whose turn it is.
-pub const REWARD_EVERY: u64 = 10;
+/// every this many sequence numbers, by the committee member whose turn it is (the node's
+/// policy, [`reputation::participation_turn`]).
+pub const REWARD_EVERY: u64 = reputation::PARTICIPATION_EVERY;
 
 /// Most ended epochs whose engines a node keeps (as the node does).
 pub const MAX_OLD_EPOCHS: usize = 8;
@@ -1153,9 +1154,8 @@ impl Sim {
         }
         // Node policy: the member whose turn it is records this slot's certificate.
         let me = self.nodes[i].key.node_id();
-        if d.seq.is_multiple_of(REWARD_EVERY)
-            && committee.index_of(&me).map(u64::from)
-                == Some((d.seq / REWARD_EVERY) % committee.n() as u64)
+        if let Some(turn) = reputation::participation_turn(d.seq, committee.n())
+            && committee.index_of(&me).map(usize::from) == Some(turn)
         {
             let op = reputation::Participation {
                 proof: d.certificate.proof(),

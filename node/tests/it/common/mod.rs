@@ -304,3 +304,17 @@ pub(crate) async fn probe(api: &str) -> Result<(), String> {
         Err(r.text().await.unwrap_or_default())
     }
 }
+
+/// The sum of every sample of metric family `name` (all label sets) on a node's `/metrics`.
+pub(crate) async fn metric(metrics: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
