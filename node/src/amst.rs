@@ -577,22 +577,37 @@ impl Amst {
             .inc_by(received);
     }
 
-    /// Feeds the current goodput of every running send to PBA.
+    /// Feeds the current goodput of every running send to PBA, with the path statistics of
+    /// its streams' TCP connections where the kernel gave them: the lowest smoothed RTT and
+    /// the mean loss (retransmitted over sent segments) across streams.
     fn report_throughput(&self) {
         let Some(pba) = &self.pba else {
             return;
         };
-        let samples: Vec<(NodeId, f64)> = self
+        type Sample = (NodeId, f64, Option<Duration>, Option<f64>);
+        let samples: Vec<Sample> = self
             .lock()
             .running
             .values()
             .filter_map(|r| {
                 let p = r.progress.as_ref()?.borrow().clone();
-                (p.streams_active > 0 && p.rate > 0.0).then_some((r.view.peer, p.rate * 8.0))
+                if p.streams_active == 0 || p.rate <= 0.0 {
+                    return None;
+                }
+                let rtt = p
+                    .streams
+                    .iter()
+                    .filter_map(|s| s.path_rtt_us)
+                    .min()
+                    .map(Duration::from_micros);
+                let losses: Vec<f64> = p.streams.iter().filter_map(|s| s.path_loss).collect();
+                let loss =
+                    (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+                Some((r.view.peer, p.rate * 8.0, rtt, loss))
             })
             .collect();
-        for (peer, bps) in samples {
-            pba.record_throughput(&peer, bps, None);
+        for (peer, bps, rtt, loss) in samples {
+            pba.record_throughput(&peer, bps, rtt, loss);
         }
     }
 
@@ -856,7 +871,7 @@ impl Amst {
                     .finish(transfer, "done", report.bytes, None)
                     .unwrap_or(last);
                 if let Some(pba) = &self.pba {
-                    pba.record_throughput(&target, mbps(report.bytes, seconds) * 1e6, None);
+                    pba.record_throughput(&target, mbps(report.bytes, seconds) * 1e6, None, None);
                 }
                 Ok(Sent {
                     bytes: report.bytes,

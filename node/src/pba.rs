@@ -21,9 +21,13 @@
 //! alone give RTT but no bandwidth forecast: the engine needs 12 consecutive 5 s bandwidth
 //! bins (a gap longer than 15 s restarts its history), so a link gets a bandwidth forecast
 //! while transfers to it run for a minute or more. Callers should report throughput at
-//! least every 5 s during a transfer; reports within one bin are averaged. Loss is not
-//! measured by anything yet. Bins with RTT only are not written to disk: the sample files
-//! (the training script's input, `t_unix_ms,mbps,rtt_ms,loss`) need a bandwidth per row.
+//! least every 5 s during a transfer; reports within one bin are averaged. AMST transfers
+//! also report their path statistics, read from each stream's `TCP_INFO`
+//! (`dwcp_transport::tcpinfo`, every second): the lowest smoothed RTT across streams and the
+//! mean loss (segments retransmitted over segments sent). Loss therefore comes only from
+//! transfers (pings carry no loss figure). Bins with RTT only are not written to disk: the
+//! sample files (the training script's input, `t_unix_ms,mbps,rtt_ms,loss`) need a bandwidth
+//! per row.
 //!
 //! `dwcp_pba_prediction_accuracy` is pooled over links: of the most recent resolved 30 s
 //! forecasts (up to 120 per link) of the predictor that answers each link's 30 s horizon,
@@ -107,6 +111,8 @@ pub struct Bin {
     pub mbps: Option<f64>,
     /// Mean of the RTTs measured in the bin, ms.
     pub rtt_ms: Option<f64>,
+    /// Mean of the loss ratios measured in the bin (TCP retransmissions of transfers).
+    pub loss: Option<f64>,
 }
 
 /// A measurement older than the bin being filled (the clock stepped back, or it sat in the
@@ -125,6 +131,8 @@ pub struct Binner {
     mbps_n: u32,
     rtt_sum: f64,
     rtt_n: u32,
+    loss_sum: f64,
+    loss_n: u32,
 }
 
 impl Binner {
@@ -134,9 +142,10 @@ impl Binner {
             at_ms,
             mbps: (self.mbps_n > 0).then(|| self.mbps_sum / f64::from(self.mbps_n)),
             rtt_ms: (self.rtt_n > 0).then(|| self.rtt_sum / f64::from(self.rtt_n)),
+            loss: (self.loss_n > 0).then(|| self.loss_sum / f64::from(self.loss_n)),
         };
         *self = Self::default();
-        (b.mbps.is_some() || b.rtt_ms.is_some()).then_some(b)
+        (b.mbps.is_some() || b.rtt_ms.is_some() || b.loss.is_some()).then_some(b)
     }
 
     /// Adds one measurement taken at `at_ms`. Returns the previous bin when this one starts
@@ -146,6 +155,7 @@ impl Binner {
         at_ms: u64,
         mbps: Option<f64>,
         rtt_ms: Option<f64>,
+        loss: Option<f64>,
         closed_until_ms: u64,
     ) -> Result<Option<Bin>, Late> {
         let start = at_ms - at_ms % STEP_MS;
@@ -167,6 +177,10 @@ impl Binner {
         if let Some(v) = rtt_ms {
             self.rtt_sum += v;
             self.rtt_n += 1;
+        }
+        if let Some(v) = loss {
+            self.loss_sum += v;
+            self.loss_n += 1;
         }
         Ok(closed)
     }
@@ -330,7 +344,8 @@ pub struct LinkPredictions {
     pub rtt_ms: Option<f64>,
     /// Newest RTT bin, ms.
     pub rtt_last_ms: Option<f64>,
-    /// Expected loss (not measured yet: always absent).
+    /// Expected loss ratio (EWMA of the loss bins: TCP segments retransmitted over segments
+    /// sent by transfers to this node); absent until a transfer measured it.
     pub loss: Option<f64>,
     /// Age of the newest bandwidth bin, ms.
     pub bandwidth_age_ms: Option<u64>,
@@ -547,6 +562,7 @@ enum Input {
         at_ms: u64,
         mbps: Option<f64>,
         rtt_ms: Option<f64>,
+        loss: Option<f64>,
     },
     Status(oneshot::Sender<PbaStatus>),
     Predictions {
@@ -569,6 +585,7 @@ struct Link {
     rtt: Option<f64>,
     rtt_last: Option<f64>,
     rtt_bins: u64,
+    loss: Option<f64>,
     bw_bins: u64,
     last_bw_ms: Option<u64>,
     last_seen_ms: u64,
@@ -668,6 +685,7 @@ impl Driver {
                     rtt: None,
                     rtt_last: None,
                     rtt_bins: 0,
+                    loss: None,
                     bw_bins: 0,
                     last_bw_ms: None,
                     last_seen_ms: now_ms,
@@ -718,7 +736,14 @@ impl Driver {
         }
     }
 
-    fn measure(&mut self, peer: NodeId, at_ms: u64, mbps: Option<f64>, rtt_ms: Option<f64>) {
+    fn measure(
+        &mut self,
+        peer: NodeId,
+        at_ms: u64,
+        mbps: Option<f64>,
+        rtt_ms: Option<f64>,
+        loss: Option<f64>,
+    ) {
         let now = wall_ms();
         if !self.ensure_link(peer, now) {
             return;
@@ -727,7 +752,7 @@ impl Driver {
             return;
         };
         let closed_until = l.closed_until_ms;
-        match l.binner.add(at_ms, mbps, rtt_ms, closed_until) {
+        match l.binner.add(at_ms, mbps, rtt_ms, loss, closed_until) {
             Ok(Some(bin)) => self.close(peer, bin, now),
             Ok(None) => {}
             Err(Late) => self.metrics.dropped.with_label_values(&["late"]).inc(),
@@ -758,6 +783,9 @@ impl Driver {
             self.samples_rtt += 1;
             self.metrics.samples.with_label_values(&["rtt"]).inc();
         }
+        if let Some(x) = bin.loss {
+            l.loss = Some(l.loss.map_or(x, |e| RTT_ALPHA * x + (1.0 - RTT_ALPHA) * e));
+        }
         let Some(mbps) = bin.mbps else {
             self.publish_estimates();
             return;
@@ -766,7 +794,7 @@ impl Driver {
             at_ms: bin.at_ms,
             mbps,
             rtt_ms: bin.rtt_ms,
-            loss: None,
+            loss: bin.loss,
         };
         if let Err(e) = l.engine.handle_sample(s) {
             warn!(peer = %peer.short(), error = %e, "PBA refused a link sample");
@@ -1020,7 +1048,7 @@ impl Driver {
             rtt_samples: l.rtt_bins,
             rtt_ms: l.rtt,
             rtt_last_ms: l.rtt_last,
-            loss: None,
+            loss: l.loss,
             bandwidth_age_ms: l.last_bw_ms.map(|t| now_ms.saturating_sub(t)),
             horizons,
             no_forecast,
@@ -1088,7 +1116,7 @@ impl Driver {
                 }
                 i = rx.recv() => match i {
                     None => break,
-                    Some(Input::Measure { peer, at_ms, mbps, rtt_ms }) => self.measure(peer, at_ms, mbps, rtt_ms),
+                    Some(Input::Measure { peer, at_ms, mbps, rtt_ms, loss }) => self.measure(peer, at_ms, mbps, rtt_ms, loss),
                     Some(Input::Status(reply)) => { let _ = reply.send(self.status()); }
                     Some(Input::Predictions { node, reply }) => {
                         let _ = reply.send(self.predictions(node.as_deref()));
@@ -1223,6 +1251,7 @@ impl Pba {
         peer: &NodeId,
         bits_per_sec: f64,
         rtt: Option<std::time::Duration>,
+        loss: Option<f64>,
     ) {
         let mbps = bits_per_sec / 1e6;
         if !(mbps.is_finite() && (0.0..=MAX_MBPS).contains(&mbps)) {
@@ -1234,6 +1263,7 @@ impl Pba {
             at_ms: wall_ms(),
             mbps: Some(mbps),
             rtt_ms: rtt.filter(|r| *r <= MAX_RTT).map(|r| r.as_secs_f64() * 1e3),
+            loss: loss.filter(|x| (0.0..=1.0).contains(x)),
         });
     }
 
@@ -1248,6 +1278,7 @@ impl Pba {
             at_ms: wall_ms(),
             mbps: None,
             rtt_ms: Some(rtt.as_secs_f64() * 1e3),
+            loss: None,
         });
     }
 
@@ -1647,17 +1678,21 @@ mod tests {
     #[test]
     fn bins_follow_the_unix_grid_and_average() {
         let mut b = Binner::default();
-        assert_eq!(b.add(T0 + 100, Some(10.0), None, 0), Ok(None));
-        assert_eq!(b.add(T0 + 4_900, Some(20.0), Some(30.0), 0), Ok(None));
-        assert_eq!(b.add(T0 + 2_000, None, Some(50.0), 0), Ok(None));
+        assert_eq!(b.add(T0 + 100, Some(10.0), None, None, 0), Ok(None));
+        assert_eq!(b.add(T0 + 4_900, Some(20.0), Some(30.0), None, 0), Ok(None));
+        assert_eq!(b.add(T0 + 2_000, None, Some(50.0), None, 0), Ok(None));
         // a measurement in the next bin closes the first
-        let closed = b.add(T0 + 5_000, None, Some(7.0), 0).unwrap().unwrap();
+        let closed = b
+            .add(T0 + 5_000, None, Some(7.0), None, 0)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             closed,
             Bin {
                 at_ms: T0,
                 mbps: Some(15.0),
-                rtt_ms: Some(40.0)
+                rtt_ms: Some(40.0),
+                loss: None,
             }
         );
         // not yet past the end (plus grace): nothing
@@ -1668,24 +1703,49 @@ mod tests {
             Bin {
                 at_ms: T0 + 5_000,
                 mbps: None,
-                rtt_ms: Some(7.0)
+                rtt_ms: Some(7.0),
+                loss: None,
             }
         );
         assert_eq!(b.flush(T0 + 60_000), None);
     }
 
     #[test]
+    fn loss_reports_are_averaged_per_bin_and_kept_apart_from_rtt() {
+        let mut b = Binner::default();
+        b.add(T0, Some(10.0), Some(20.0), Some(0.02), 0).unwrap();
+        b.add(T0 + 1_000, Some(12.0), None, Some(0.04), 0).unwrap();
+        b.add(T0 + 2_000, None, Some(30.0), None, 0).unwrap();
+        let closed = b
+            .add(T0 + 5_000, None, None, Some(0.5), 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed.mbps, Some(11.0));
+        assert_eq!(closed.rtt_ms, Some(25.0));
+        assert!((closed.loss.unwrap() - 0.03).abs() < 1e-12);
+        // A bin with only a loss report still closes (and carries no bandwidth).
+        let c = b.flush(T0 + 10_000 + CLOSE_GRACE_MS).unwrap();
+        assert_eq!((c.mbps, c.rtt_ms, c.loss), (None, None, Some(0.5)));
+    }
+
+    #[test]
     fn late_measurements_are_refused() {
         let mut b = Binner::default();
-        b.add(T0 + 12_000, Some(1.0), None, 0).unwrap();
-        assert_eq!(b.add(T0 + 9_000, Some(1.0), None, 0), Err(Late));
+        b.add(T0 + 12_000, Some(1.0), None, None, 0).unwrap();
+        assert_eq!(b.add(T0 + 9_000, Some(1.0), None, None, 0), Err(Late));
         // a bin already closed by the driver
         let mut b = Binner::default();
-        assert_eq!(b.add(T0 + 1_000, Some(1.0), None, T0 + 5_000), Err(Late));
+        assert_eq!(
+            b.add(T0 + 1_000, Some(1.0), None, None, T0 + 5_000),
+            Err(Late)
+        );
         // a skipped bin simply produces nothing
         let mut b = Binner::default();
-        b.add(T0, Some(1.0), None, 0).unwrap();
-        let c = b.add(T0 + 20_000, Some(2.0), None, 0).unwrap().unwrap();
+        b.add(T0, Some(1.0), None, None, 0).unwrap();
+        let c = b
+            .add(T0 + 20_000, Some(2.0), None, None, 0)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.at_ms, T0);
         assert_eq!(b.flush(T0 + 30_000).unwrap().at_ms, T0 + 20_000);
     }
@@ -1875,6 +1935,7 @@ mod tests {
                     at_ms,
                     mbps,
                     rtt_ms: rtt,
+                    loss: None,
                 },
                 now,
             );

@@ -28,7 +28,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dwcp_protocol::version::TRANSFER_PROTOCOL;
-use dwcp_transport::io::{Accepted, Acceptor, BoxFuture, Conn, Connector, connect_tcp};
+use dwcp_transport::io::{
+    Accepted, Acceptor, BoxFuture, Conn, Connector, PathConn, connect_tcp, tcp_ends,
+};
 use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, Version};
 pub use libp2p::identity::Keypair;
 use libp2p::{PeerId, noise};
@@ -180,10 +182,18 @@ impl std::fmt::Debug for AmstConnector {
 
 impl Connector for AmstConnector {
     fn connect(&self) -> BoxFuture<'static, std::io::Result<Box<dyn Conn>>> {
+        let f = self.connect_path();
+        Box::pin(async move { Ok(f.await?.0) })
+    }
+
+    fn connect_path(&self) -> BoxFuture<'static, std::io::Result<PathConn>> {
         let this = self.clone();
         Box::pin(async move {
             let tcp = connect_tcp(this.addr, this.congestion.as_deref()).await?;
-            Ok(upgrade_outbound(tcp, &this.keypair, this.peer, this.transfer).await?)
+            // Noise runs over this one TCP connection: its TCP_INFO is the stream's path.
+            let ends = tcp_ends(&tcp);
+            let conn = upgrade_outbound(tcp, &this.keypair, this.peer, this.transfer).await?;
+            Ok((conn, ends))
         })
     }
 }

@@ -159,6 +159,26 @@ async fn pings_become_rtt_samples_and_retrain_needs_samples() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The transfer's streams reported their TCP path statistics: a loss figure (about 0
+    // on loopback) and the RTT.
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = cli(
+            &b.api,
+            &["--format", "json", "pba", "predictions", "--node", &a_id],
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if let Some(loss) = v[0]["loss"].as_f64() {
+            assert!((0.0..0.05).contains(&loss), "loopback loss {loss}: {v}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no loss figure after a speed test: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let files: Vec<_> = std::fs::read_dir(root.path().join("b").join("pba/links").join(&a_id))
         .unwrap()
         .flatten()

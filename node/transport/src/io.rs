@@ -38,10 +38,21 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// An accepted connection with the identity of its remote end.
 pub type Accepted<I> = std::io::Result<(Box<dyn Conn>, I)>;
 
+/// A connection and, when it runs over one TCP connection of ours, that connection's
+/// `(local, peer)` addresses (its path statistics are read by them, [`crate::tcpinfo`]).
+pub type PathConn = (Box<dyn Conn>, Option<(SocketAddr, SocketAddr)>);
+
 /// Opens a new connection to the peer, one per stream.
 pub trait Connector: Send + Sync + 'static {
     /// Connects (each call must give a new, independent connection).
     fn connect(&self) -> BoxFuture<'static, std::io::Result<Box<dyn Conn>>>;
+
+    /// [`Connector::connect`], also telling the TCP connection's addresses where there is
+    /// one. Without them a stream reports no path statistics (the default).
+    fn connect_path(&self) -> BoxFuture<'static, std::io::Result<PathConn>> {
+        let f = self.connect();
+        Box::pin(async move { Ok((f.await?, None)) })
+    }
 }
 
 /// Yields incoming connections with the remote identity.
@@ -63,12 +74,23 @@ pub struct TcpConnector {
 
 impl Connector for TcpConnector {
     fn connect(&self) -> BoxFuture<'static, std::io::Result<Box<dyn Conn>>> {
+        let f = self.connect_path();
+        Box::pin(async move { Ok(f.await?.0) })
+    }
+
+    fn connect_path(&self) -> BoxFuture<'static, std::io::Result<PathConn>> {
         let this = self.clone();
         Box::pin(async move {
             let stream = connect_tcp(this.addr, this.congestion.as_deref()).await?;
-            Ok(Box::new(stream) as Box<dyn Conn>)
+            let ends = tcp_ends(&stream);
+            Ok((Box::new(stream) as Box<dyn Conn>, ends))
         })
     }
+}
+
+/// The `(local, peer)` addresses of a TCP connection, if the socket knows them.
+pub fn tcp_ends(stream: &tokio::net::TcpStream) -> Option<(SocketAddr, SocketAddr)> {
+    Some((stream.local_addr().ok()?, stream.peer_addr().ok()?))
 }
 
 /// A new TCP connection to `addr` whose socket got `TCP_CONGESTION` = `congestion` (if
@@ -120,6 +142,8 @@ impl Acceptor for TcpAcceptor {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// How often a stream's TCP path statistics are read.
+pub const PATH_STATS_EVERY: Duration = Duration::from_secs(1);
 const READ_BUF: usize = 1 << 20;
 
 /// Errors of the I/O drivers.
@@ -334,7 +358,7 @@ async fn sender_stream(
     let fail = |ev: mpsc::Sender<SendEvent>| async move {
         let _ = ev.send(SendEvent::Input(Input::StreamFailed(id))).await;
     };
-    let conn = match connector.connect().await {
+    let (conn, ends) = match connector.connect_path().await {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(stream = id.0, error = %e, "amst connect failed");
@@ -382,7 +406,10 @@ async fn sender_stream(
         }
     };
     tokio::pin!(reader);
+    let stats = path_stats(id, ends, ev.clone());
+    tokio::pin!(stats);
     tokio::select! {
+        () = &mut stats => {}
         r = writer => {
             // Closed by the core (drained) or failed: either way the stream is done; a
             // failure with chunks in flight is reported so they are resent.
@@ -395,6 +422,51 @@ async fn sender_stream(
         () = &mut reader => {}
     }
     fail(ev).await;
+}
+
+/// Reads the stream's TCP path statistics every [`PATH_STATS_EVERY`] and hands them to the
+/// core ([`Input::PathStats`]: smoothed RTT, retransmitted over sent segments since the last
+/// reading). Never returns while it can report; gives up quietly (pending forever) when the
+/// connection has no TCP addresses or the kernel cannot be asked; returns when the transfer
+/// is gone.
+async fn path_stats(
+    id: StreamId,
+    ends: Option<(SocketAddr, SocketAddr)>,
+    ev: mpsc::Sender<SendEvent>,
+) {
+    let Some((local, peer)) = ends else {
+        return std::future::pending().await;
+    };
+    let mut meter = crate::tcpinfo::LossMeter::default();
+    let mut tick = tokio::time::interval(PATH_STATS_EVERY);
+    let mut failures = 0;
+    loop {
+        tick.tick().await;
+        let q = tokio::task::spawn_blocking(move || crate::tcpinfo::query(local, peer)).await;
+        let info = match q {
+            Ok(Ok(info)) => info,
+            other => {
+                failures += 1;
+                if failures >= 3 {
+                    tracing::debug!(stream = id.0, ?other, "no path statistics for this stream");
+                    return std::future::pending().await;
+                }
+                continue;
+            }
+        };
+        failures = 0;
+        let Some(loss) = meter.update(&info) else {
+            continue;
+        };
+        let input = Input::PathStats {
+            stream: id,
+            rtt_us: u64::from(info.rtt_us),
+            loss,
+        };
+        if ev.send(SendEvent::Input(input)).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn write_chunks(

@@ -61,6 +61,8 @@ pub mod io;
 pub mod pattern;
 pub mod receiver;
 pub mod sender;
+#[cfg(feature = "io")]
+pub mod tcpinfo;
 pub mod wire;
 
 use bytes::Bytes;

@@ -117,6 +117,12 @@ pub struct StreamProgress {
     pub rate: f64,
     /// Bytes in flight.
     pub inflight: u64,
+    /// Smoothed RTT of the stream's connection, microseconds, once path statistics came
+    /// ([`Input::PathStats`]).
+    pub path_rtt_us: Option<u64>,
+    /// Retransmitted over sent segments of the connection in the last path-statistics
+    /// interval, once path statistics came.
+    pub path_loss: Option<f64>,
 }
 
 /// Progress of a transfer.
@@ -864,6 +870,8 @@ impl Sender {
                     id: *id,
                     rate: s.rate.unwrap_or(0.0),
                     inflight: s.inflight,
+                    path_rtt_us: s.path_rtt_us,
+                    path_loss: s.path_rtt_us.map(|_| s.path_loss),
                 })
                 .collect(),
             resent_chunks: self.resent_chunks,

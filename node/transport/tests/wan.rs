@@ -87,3 +87,92 @@ fn survives_a_killed_connection_and_a_link_outage_on_an_emulated_wan() {
     assert!(progress.unwrap().resent_chunks > 0);
     assert!(emu.stats(0, 1).unwrap().dropped_partition > 0);
 }
+
+#[test]
+fn path_statistics_measure_the_emulated_loss_and_delay() {
+    // 2 % random loss each way and a 20 ms RTT: every stream's TCP_INFO (through sock_diag)
+    // must show retransmissions near the loss rate and an RTT of at least the link's.
+    let emu = Emulator::start(EmulatorConfig {
+        hosts: 2,
+        profile: Profile::parse("rate=100mbit,rtt=20ms,loss=2%").unwrap(),
+        seed: 11,
+    })
+    .expect("emulator (root needed)");
+    let cfg = Config {
+        chunk_size: 64 * 1024,
+        window_bytes: 4 << 20,
+        ..Config::default()
+    };
+    let src = Arc::new(data(24 << 20));
+    let addr = std::net::SocketAddr::from((host_addr(1), 7301));
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let rcfg = cfg.clone();
+    let receiver = in_namespace(emu.namespace(1), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+            ready_tx.send(()).unwrap();
+            let mut sink = Vec::new();
+            io::receive(TcpAcceptor(l), rcfg, None, |_| true, &mut sink)
+                .await
+                .map(|r| r.bytes)
+        })
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let s2 = Arc::clone(&src);
+    let sender = in_namespace(emu.namespace(0), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (tx, mut rx) = tokio::sync::watch::channel(dwcp_transport::Progress::default());
+            let seen = tokio::spawn(async move {
+                // (loss, rtt_us) of every stream snapshot that carries path statistics.
+                let mut seen = Vec::new();
+                while rx.changed().await.is_ok() {
+                    for s in &rx.borrow().streams {
+                        if let (Some(l), Some(r)) = (s.path_loss, s.path_rtt_us) {
+                            seen.push((l, r));
+                        }
+                    }
+                }
+                seen
+            });
+            let conn = Arc::new(TcpConnector {
+                addr,
+                congestion: Some("cubic".into()),
+            });
+            let r = io::send(conn, cfg, [6; 16], &s2[..], Some(tx)).await;
+            (r.map(|r| r.bytes), seen.await.unwrap())
+        })
+    })
+    .unwrap();
+    let (sent, seen) = sender.join().unwrap();
+    assert_eq!(sent.expect("sender completes"), src.len() as u64);
+    assert_eq!(
+        receiver.join().unwrap().expect("receiver completes"),
+        src.len() as u64
+    );
+    assert!(
+        !seen.is_empty(),
+        "no path statistics reached the sender core"
+    );
+    let mean_loss = seen.iter().map(|(l, _)| l).sum::<f64>() / seen.len() as f64;
+    let min_rtt_us = seen.iter().map(|(_, r)| *r).min().unwrap();
+    eprintln!(
+        "{} snapshots: mean loss {:.2} %, min RTT {:.1} ms",
+        seen.len(),
+        mean_loss * 100.0,
+        min_rtt_us as f64 / 1000.0
+    );
+    assert!(
+        (0.005..0.15).contains(&mean_loss),
+        "mean loss {mean_loss} for a 2 % link"
+    );
+    assert!(min_rtt_us >= 18_000, "RTT {min_rtt_us} us on a 20 ms link");
+}
