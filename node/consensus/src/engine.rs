@@ -1145,35 +1145,36 @@ impl Engine {
         if pp.slot.digest != digest {
             return;
         }
-        let Some(batch) = entry.batches.get(&digest).cloned() else {
+        if !entry.batches.contains_key(&digest) {
             return;
-        };
+        }
         // Only prepares quoting the accepted header count: a prepared certificate names one
-        // signed header, and the compact certificate rebuilds each prepare from it.
-        let prepares: Vec<(NodeId, SignedEnvelope)> = entry
+        // signed header, and the compact certificate rebuilds each prepare from it. This runs
+        // on every vote, so votes are counted here and copied only when a certificate is
+        // built (copying them on every vote made a slot cost O(n^2) envelope copies).
+        let prepare_count = entry
             .prepares
             .get(&(view, digest))
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, (_, quoted))| *quoted == header)
-                    .map(|(n, (e, _))| (*n, e.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .map_or(0, |m| quoting(m, &header).count());
         // prepared(m, v, n, i): the pre-prepare and 2f prepares from distinct backups.
-        let prepared = prepares.len() + 1 >= quorum;
+        let prepared = prepare_count + 1 >= quorum;
         if prepared {
             if entry.prepared.as_ref().is_none_or(|(v, _, _)| *v < view) {
-                let prepares: Vec<VoteSignature> = prepares
-                    .iter()
-                    .filter_map(|(n, e)| {
-                        Some(VoteSignature {
-                            signer: self.committee.index_of(n)?,
-                            signature: split(e)?.g,
-                        })
+                let prepares: Vec<VoteSignature> = entry
+                    .prepares
+                    .get(&(view, digest))
+                    .map(|m| {
+                        quoting(m, &header)
+                            .filter_map(|(n, (e, _))| {
+                                Some(VoteSignature {
+                                    signer: self.committee.index_of(n)?,
+                                    signature: split(e)?.g,
+                                })
+                            })
+                            .take(quorum - 1)
+                            .collect()
                     })
-                    .take(quorum - 1)
-                    .collect();
+                    .unwrap_or_default();
                 entry.prepared = Some((
                     view,
                     pp,
@@ -1209,19 +1210,23 @@ impl Engine {
         if entry.committed.is_some() {
             return;
         }
-        let commits: Vec<SignedEnvelope> = entry
-            .commits
-            .get(&(view, digest))
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let commit_count = entry.commits.get(&(view, digest)).map_or(0, BTreeMap::len);
         // committed-local(m, v, n, i): prepared(m, v, n, i) and 2f+1 matching commits. Requiring
         // prepared here (as the paper does) means the header this replica commits with is the
         // one 2f+1 replicas vouched for, so the batch time is the same at every replica.
-        if prepared && commits.len() >= quorum {
+        if prepared && commit_count >= quorum {
+            let Some(batch) = entry.batches.get(&digest).cloned() else {
+                return;
+            };
+            let commits: Vec<SignedEnvelope> = entry
+                .commits
+                .get(&(view, digest))
+                .map(|m| m.values().take(quorum).cloned().collect())
+                .unwrap_or_default();
             let cert = CommitCertificate {
                 pre_prepare: header,
                 batch: envelopes(&batch),
-                commits: commits.into_iter().take(quorum).collect(),
+                commits,
             };
             entry.committed = Some((cert, batch, pp));
             self.after_commit(seq);
@@ -2351,6 +2356,16 @@ fn payload_size(p: &PreparedProof) -> usize {
         Ok(()) => bytes.len(),
         Err(_) => MAX_PROOF_PART_BYTES,
     }
+}
+
+/// The prepares of one `(view, digest)` that quote `header`.
+fn quoting<'a>(
+    prepares: &'a BTreeMap<NodeId, (SignedEnvelope, SignedEnvelope)>,
+    header: &'a SignedEnvelope,
+) -> impl Iterator<Item = (&'a NodeId, &'a (SignedEnvelope, SignedEnvelope))> + 'a {
+    prepares
+        .iter()
+        .filter(move |(_, (_, quoted))| quoted == header)
 }
 
 /// Verifies every request of a batch; `None` if one does not verify.

@@ -30,7 +30,7 @@ fn main() {
             failed += 1;
         }
         println!(
-            "seed={seed} {} passed={} live={} {} violations={:?} seqs={} reqs={} msgs={} rejected={} max_view={} offenders={} quarantined={} penalised={}",
+            "seed={seed} {} passed={} live={} {} violations={:?} seqs={} reqs={} msgs={} rejected={} max_view={} offenders={} quarantined={} penalised={} trace={}",
             st.name(),
             r.passed(),
             r.live,
@@ -43,7 +43,8 @@ fn main() {
             r.max_view,
             r.offenders,
             r.quarantined_byzantine,
-            r.penalised_byzantine
+            r.penalised_byzantine,
+            &r.trace_hash[..16]
         );
     }
     println!("failed {failed}/{count}");
