@@ -1,6 +1,8 @@
 //! AMST over the WAN emulator (real namespaces, TUNs and kernel TCP; needs root): a lossy,
 //! delayed link that drops for two seconds while one connection is killed midway.
 #![cfg(feature = "io")]
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,32 @@ fn data(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Starts a receiver in host 1's namespace listening on `addr`; returns once it listens. The
+/// handle yields the bytes received and what was written to the sink.
+fn spawn_receiver(
+    emu: &Emulator,
+    addr: std::net::SocketAddr,
+    cfg: Config,
+) -> std::thread::JoinHandle<(Result<u64, io::IoError>, Vec<u8>)> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let receiver = in_namespace(emu.namespace(1), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+            ready_tx.send(()).unwrap();
+            let mut sink = Vec::new();
+            let r = io::receive(TcpAcceptor(l), cfg, None, |_| true, &mut sink).await;
+            (r.map(|r| r.bytes), sink)
+        })
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    receiver
+}
+
 #[test]
 fn survives_a_killed_connection_and_a_link_outage_on_an_emulated_wan() {
     let emu = Emulator::start(EmulatorConfig {
@@ -38,23 +66,7 @@ fn survives_a_killed_connection_and_a_link_outage_on_an_emulated_wan() {
     };
     let src = Arc::new(data(24 << 20));
     let addr = std::net::SocketAddr::from((host_addr(1), 7300));
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let rcfg = cfg.clone();
-    let receiver = in_namespace(emu.namespace(1), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-            ready_tx.send(()).unwrap();
-            let mut sink = Vec::new();
-            let r = io::receive(TcpAcceptor(l), rcfg, None, |_| true, &mut sink).await;
-            (r.map(|r| r.bytes), sink)
-        })
-    })
-    .unwrap();
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let receiver = spawn_receiver(&emu, addr, cfg.clone());
     let s2 = Arc::clone(&src);
     let sender = in_namespace(emu.namespace(0), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -105,24 +117,7 @@ fn path_statistics_measure_the_emulated_loss_and_delay() {
     };
     let src = Arc::new(data(24 << 20));
     let addr = std::net::SocketAddr::from((host_addr(1), 7301));
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let rcfg = cfg.clone();
-    let receiver = in_namespace(emu.namespace(1), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-            ready_tx.send(()).unwrap();
-            let mut sink = Vec::new();
-            io::receive(TcpAcceptor(l), rcfg, None, |_| true, &mut sink)
-                .await
-                .map(|r| r.bytes)
-        })
-    })
-    .unwrap();
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let receiver = spawn_receiver(&emu, addr, cfg.clone());
     let s2 = Arc::clone(&src);
     let sender = in_namespace(emu.namespace(0), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -154,10 +149,9 @@ fn path_statistics_measure_the_emulated_loss_and_delay() {
     .unwrap();
     let (sent, seen) = sender.join().unwrap();
     assert_eq!(sent.expect("sender completes"), src.len() as u64);
-    assert_eq!(
-        receiver.join().unwrap().expect("receiver completes"),
-        src.len() as u64
-    );
+    let (received, sink) = receiver.join().unwrap();
+    assert_eq!(received.expect("receiver completes"), src.len() as u64);
+    assert!(sink == *src, "payload differs");
     assert!(
         !seen.is_empty(),
         "no path statistics reached the sender core"
