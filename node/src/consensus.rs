@@ -70,8 +70,12 @@
 //!   member endorsements ([`crate::compaction`]); the first valid cut per document epoch is
 //!   applied and handed to the statesync driver.
 //!
-//! **Restarts.** A restarted replica starts a fresh engine (view 0, sequence 0) and catches
-//! up by `Fetch`; every vote it sends is first made durable in its vote log
+//! **Restarts.** With epochs on, every epoch start writes a [`ResumePoint`] to sled (the
+//! epoch's committee and end, the engine hand-over, the replicated state), and a restarted
+//! node starts that epoch's engine from it and catches up by `Fetch` from there
+//! (`quorum-status` shows "resumed from seq S"). Without epochs, or without a point, a
+//! restarted replica starts a fresh engine (view 0, sequence 0) and catches up by `Fetch`
+//! from genesis; every vote it sends is first made durable in its vote log
 //! ([`crate::votelog`]), and a message whose vote conflicts with one cast before the restart
 //! is held back, so it never equivocates (test
 //! `a_restarted_primary_never_equivocates_and_decisions_go_on`).
@@ -83,9 +87,10 @@
 //!
 //! **Not done yet:** certified records for quarantines
 //! from lesser offences and for releases; a node more than [`MAX_OLD_EPOCHS`] epochs (or
-//! `catch_up_mib` of certificates) behind cannot replay the log (no state transfer). A
-//! restarted node replays from the genesis epoch; the committees it computed before are kept
-//! in sled (tree `consensus_committees`) so certificates of later epochs verify meanwhile.
+//! `catch_up_mib` of certificates) behind cannot replay the log: no state transfer between
+//! nodes yet, so a node that joins late, or restarts without epochs, replays from genesis
+//! as far as peers retain certificates. The committees a node computed are kept in sled
+//! (tree `consensus_committees`) so certificates of later epochs verify meanwhile.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -226,7 +231,8 @@ impl Message for ConsensusReply {
 
 /// The replicated state the committed operations build: reputation plus operator votes.
 /// Pure: applied in decision order with decision times, it is equal on every honest replica.
-#[derive(Debug)]
+/// It serializes, for the node's resume point ([`ResumePoint`]).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct AcpState {
     reputation: dwcp_reputation::Engine,
     /// node -> voters (and their reasons)
@@ -660,6 +666,10 @@ pub struct QuorumStatus {
     /// Of those, how many declared themselves ready.
     #[serde(default)]
     pub ready: usize,
+    /// The sequence number this node resumed consensus from at its last start (the start of
+    /// an epoch it had reached before stopping), `None` when it started from genesis.
+    #[serde(default)]
+    pub resumed_from: Option<u64>,
     /// Primary of the view.
     pub primary: Option<NodeId>,
     /// Whether the view is active (not changing).
@@ -886,6 +896,10 @@ pub struct AcpSetup<'a> {
     /// certificates of those epochs in the cluster document verify before consensus has
     /// replayed that far.
     pub committees: Option<sled::Tree>,
+    /// Where the resume point is kept ([`ResumePoint`]): with epochs on, a restarted node
+    /// continues from the start of the last epoch it reached instead of replaying from
+    /// genesis.
+    pub resume: Option<sled::Tree>,
 }
 
 /// The genesis committee of a configuration, or `None` when none is configured.
@@ -918,6 +932,10 @@ struct Driver {
     rules: Option<EpochRules>,
     /// Committees of later epochs, on disk.
     committees: Option<sled::Tree>,
+    /// The resume point, on disk.
+    resume: Option<sled::Tree>,
+    /// Where this node's consensus resumed from at start (`None`: genesis).
+    resumed_from: Option<u64>,
     /// How often this node renews its readiness.
     ready_every: Duration,
     /// Whether it declares itself ready to serve (`acp.epochs.serve`).
@@ -971,6 +989,83 @@ struct Driver {
     waiting: BTreeMap<u64, Waiter>,
     /// Opens the certificates members reply with.
     verifier: CommitteeVerifier,
+}
+
+/// Where a node's consensus stood at the start of an epoch: the epoch's committee and last
+/// sequence number, the engine hand-over (log digest, executed-request windows) and the
+/// replicated state after the previous epoch's last decision. Kept in sled (one entry,
+/// replaced at every epoch start) so that a restarted node starts that epoch's engine
+/// ([`Engine::resume`]) and fetches only the decisions after it, instead of replaying the
+/// log from genesis, which the peers may no longer hold (they retain `catch_up_mib` of
+/// certificates). It is the node's own record, trusted like its vote log.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// The epoch's committee.
+    pub committee: Committee,
+    /// The epoch's last sequence number.
+    pub end: u64,
+    /// The engine hand-over at the epoch's start.
+    pub handover: dwcp_consensus::Handover,
+    /// Replicated state after the previous epoch's last decision.
+    pub state: AcpState,
+}
+
+/// [`ResumePoint`] borrowed, for writing (the same fields in the same order).
+#[derive(Serialize)]
+struct StoredPoint<'a> {
+    committee: &'a Committee,
+    end: u64,
+    handover: &'a dwcp_consensus::Handover,
+    state: &'a AcpState,
+}
+
+/// The key of the resume point in its tree.
+const RESUME_KEY: &[u8] = b"latest";
+
+impl ResumePoint {
+    /// Writes a point (replacing the previous one); a failure is logged, not fatal: the node
+    /// then resumes from an older point, or replays from genesis, after a restart.
+    fn store(t: &sled::Tree, p: &StoredPoint<'_>) {
+        let mut bytes = Vec::new();
+        let r = ciborium::into_writer(p, &mut bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|()| t.insert(RESUME_KEY, bytes).map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            warn!(error = %e, "could not store the consensus resume point");
+        }
+    }
+
+    /// The stored point, if there is one that decodes (a corrupt one is logged and ignored).
+    pub fn load(t: &sled::Tree) -> Option<Self> {
+        let bytes = t.get(RESUME_KEY).ok().flatten()?;
+        match ciborium::from_reader::<Self, _>(bytes.as_ref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(error = %e, "the stored consensus resume point does not decode; ignored");
+                None
+            }
+        }
+    }
+
+    /// The epoch's engine, started where the point stands.
+    fn engine(
+        &self,
+        cfg: &dwcp_consensus::Config,
+        key: &NodeKey,
+        rules: &EpochRules,
+    ) -> anyhow::Result<Engine> {
+        // Re-checked through the constructor (members distinct, within the vote limit).
+        let committee = Committee::new(self.committee.epoch(), self.committee.members().to_vec())?;
+        anyhow::ensure!(
+            self.end == self.handover.seq + rules.epoch_length,
+            "the stored epoch ends at {} but epochs are {} long now",
+            self.end,
+            rules.epoch_length
+        );
+        let mut e = Engine::resume(cfg.clone(), key.clone(), committee, self.handover.clone())?;
+        e.set_end(self.end)?;
+        Ok(e)
+    }
 }
 
 /// How long a stopping node waits for its leave request to be sent.
@@ -1057,6 +1152,7 @@ pub fn spawn(
         votes,
         verifier,
         committees,
+        resume,
     } = setup;
     let metrics = AcpMetrics::new(registry)?;
     let Some(committee) = genesis_committee(cfg)? else {
@@ -1093,6 +1189,33 @@ pub fn spawn(
     if let Some(r) = &rules {
         engine.set_end(r.epoch_length)?;
     }
+    let mut state = AcpState::new();
+    let mut resumed_from = None;
+    let mut committee = committee;
+    // With epochs, continue from the start of the last epoch this node reached.
+    if let (Some(r), Some(t)) = (&rules, &resume)
+        && let Some(p) = ResumePoint::load(t)
+    {
+        match p.engine(&ecfg, &key, r) {
+            Ok(e) => {
+                info!(
+                    seq = p.handover.seq,
+                    epoch = p.committee.epoch(),
+                    "consensus resumes from the start of the last epoch reached"
+                );
+                resumed_from = Some(p.handover.seq);
+                metrics.epoch.set(p.committee.epoch() as i64);
+                metrics.committee.set(p.committee.n() as i64);
+                verifier.insert(p.committee.clone());
+                engine = e;
+                state = p.state;
+                committee = p.committee;
+            }
+            Err(e) => {
+                warn!(error = %e, "the stored resume point does not start an engine; replaying from genesis")
+            }
+        }
+    }
     let engine = Some(engine);
     info!(
         n = committee.n(),
@@ -1114,11 +1237,13 @@ pub fn spawn(
         ecfg,
         rules,
         committees,
+        resume,
+        resumed_from,
         ready_every: cfg.epochs.ready_ttl / 3,
         serve: cfg.epochs.serve,
         nudged: None,
         committee,
-        state: AcpState::new(),
+        state,
         client,
         topic,
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -1403,6 +1528,9 @@ impl Driver {
             return;
         };
         handover.pending = ended.take_pending();
+        // What a restart resumes from (the waiting requests are not kept: clients resend).
+        let mut resumed_at = handover.clone();
+        resumed_at.pending.clear();
         let state = &self.state;
         let reputation = |n: &NodeId| (state.score(n), state.is_quarantined(n));
         let next = dwcp_consensus::committee::next_committee(
@@ -1466,6 +1594,17 @@ impl Driver {
         }
         self.metrics.committee.set(next.n() as i64);
         self.metrics.epoch.set(next.epoch() as i64);
+        if let Some(t) = &self.resume {
+            ResumePoint::store(
+                t,
+                &StoredPoint {
+                    committee: &next,
+                    end: d.seq + rules.epoch_length,
+                    handover: &resumed_at,
+                    state: &self.state,
+                },
+            );
+        }
         self.committee = next;
         self.view_dirty = true;
         // Our requests still waiting go to the new members at once.
@@ -2333,6 +2472,7 @@ impl Driver {
             epoch_ends_at: e.and_then(Engine::end),
             joined: self.state.membership.len(),
             ready: self.state.membership.nodes().filter(|(_, r)| *r).count(),
+            resumed_from: self.resumed_from,
             primary: e.map(|e| e.primary()),
             view_active: e.is_some_and(|e| e.is_view_active()),
             last_executed: e.map(|e| e.last_executed()).unwrap_or(0),
@@ -2894,6 +3034,18 @@ mod tests {
         let last = forged.len() - 1;
         forged[last] ^= 1;
         assert!(decode(&forged).is_err());
+    }
+
+    #[test]
+    fn a_missing_or_corrupt_resume_point_means_genesis() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("consensus_resume").unwrap();
+        assert!(ResumePoint::load(&t).is_none());
+        t.insert(RESUME_KEY, vec![0xa4, 0x00, 0xff]).unwrap();
+        assert!(
+            ResumePoint::load(&t).is_none(),
+            "garbage is ignored, not fatal"
+        );
     }
 
     #[test]

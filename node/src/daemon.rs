@@ -836,6 +836,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         votes: Some(store.tree("consensus_votes")?),
         verifier,
         committees: Some(committees),
+        resume: Some(store.tree("consensus_resume")?),
     })?;
     let (pba, pba_task) = match crate::pba::spawn(crate::pba::PbaSetup {
         cfg: &config.pba,

@@ -275,7 +275,7 @@ impl MembershipOp {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct MemberRecord {
     joined_at: Timestamp,
     ready: bool,
@@ -285,7 +285,7 @@ struct MemberRecord {
 
 /// The membership registry of a committed prefix: a pure function of the committed
 /// [`MembershipOp`]s in commit order with their batch times.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
     nodes: BTreeMap<NodeId, MemberRecord>,
 }

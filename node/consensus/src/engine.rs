@@ -303,7 +303,7 @@ struct Reproposals {
 }
 
 /// Requests one client had executed: every nonce up to `floor`, and those in `above`.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct ClientWindow {
     floor: u64,
     above: BTreeSet<u64>,
@@ -327,13 +327,18 @@ pub fn epoch_of_view(view: u64) -> u64 {
 /// What an engine of one epoch hands to the engine of the next once it has executed its last
 /// sequence number: where the log stands and which requests already ran, so the next
 /// committee continues the same replicated log and executes no request twice.
-#[derive(Debug, Clone)]
+///
+/// It serializes (without the waiting requests) so that a node can keep it on disk and, after
+/// a restart, start the epoch's engine from it instead of replaying the log from genesis.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Handover {
     /// The last sequence number of the epoch that ended.
     pub seq: u64,
     /// Digest of the replicated log after it.
     pub state: Digest,
-    /// Requests that were waiting, not executed (the next committee orders them).
+    /// Requests that were waiting, not executed (the next committee orders them). Not
+    /// serialized: their clients resubmit them.
+    #[serde(skip)]
     pub pending: Vec<Verified<Request>>,
     clients: BTreeMap<NodeId, ClientWindow>,
 }

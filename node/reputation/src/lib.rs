@@ -61,7 +61,7 @@ pub const MAX_EVIDENCE_LEN: usize = 60 * 1024;
 const DAY_MS: u64 = 86_400_000;
 
 /// Reputation parameters, in units of 1e-4.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     /// Starting (and highest) score: 1.0.
     pub initial: i64,
@@ -342,19 +342,21 @@ pub enum Output {
     },
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Score {
     value: i64,
     at: Timestamp,
 }
 
-/// The reputation state machine.
-#[derive(Debug)]
+/// The reputation state machine. It serializes (without undelivered outputs) so that a node
+/// can keep a snapshot of its committed state on disk.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Engine {
     cfg: Config,
     scores: BTreeMap<NodeId, Score>,
     seen: BTreeSet<Digest>,
     quarantined: BTreeSet<NodeId>,
+    #[serde(skip)]
     out: VecDeque<Output>,
 }
 

@@ -124,6 +124,9 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                 s.joined,
                 s.ready
             );
+            if let Some(seq) = s.resumed_from {
+                println!("Resumed at start from seq {seq} (its epoch's resume point on disk)");
+            }
             table(
                 &["MEMBER", "ROLE"],
                 s.members
