@@ -65,6 +65,8 @@ echo; echo "== AMST: node 0 sends to node 1 for 3 s, one noise-authenticated TCP
 SECOND=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][1]['id'])" "$DIR/testnet.json")
 "$BIN/dwcp-cli" --api "$API" network speedtest --target "$SECOND" --duration 3s || true
 "$BIN/dwcp-cli" --api "$API" amst status || true
+echo "-- PBA's view of that link: RTT and loss read from the streams' TCP_INFO (sock_diag)"
+sleep 6; "$BIN/dwcp-cli" --api "$API" pba predictions --node "$SECOND" || true
 echo; echo "== a VM placed by node 0 (ITP), agreed by the committee (PBFT), booted under QEMU: the test guest (Debian cloud kernel + busybox)"
 scripts/build-guest.sh >/dev/null
 . "${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/guest/guest.env"

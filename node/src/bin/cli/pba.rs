@@ -193,7 +193,7 @@ pub(crate) async fn run_pba(api: &Api, out: Output, cmd: PbaCmd) -> anyhow::Resu
             }
             for l in &links {
                 println!(
-                    "Node {}: RTT {} ({} samples, last {}), bandwidth samples {} (run {}{})",
+                    "Node {}: RTT {} ({} samples, last {}), loss {}, bandwidth samples {} (run {}{})",
                     l.node.short(),
                     l.rtt_ms
                         .map(|r| format!("{r:.1} ms"))
@@ -202,6 +202,9 @@ pub(crate) async fn run_pba(api: &Api, out: Output, cmd: PbaCmd) -> anyhow::Resu
                     l.rtt_last_ms
                         .map(|r| format!("{r:.1} ms"))
                         .unwrap_or_else(|| "-".into()),
+                    l.loss
+                        .map(|x| format!("{:.2} % (TCP retransmissions of transfers)", x * 100.0))
+                        .unwrap_or_else(|| "unknown (no transfer yet)".into()),
                     l.bandwidth_samples,
                     l.bandwidth_history,
                     l.bandwidth_age_ms
