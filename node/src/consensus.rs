@@ -670,6 +670,11 @@ pub struct QuorumStatus {
     /// an epoch it had reached before stopping), `None` when it started from genesis.
     #[serde(default)]
     pub resumed_from: Option<u64>,
+    /// The last catch-up reply offered only decisions above the next one this node needs:
+    /// `(needed, first offered)`. Peers no longer hold the certificates in between, and
+    /// there is no state transfer between nodes yet: this node cannot replay the log.
+    #[serde(default)]
+    pub catch_up_gap: Option<(u64, u64)>,
     /// Primary of the view.
     pub primary: Option<NodeId>,
     /// Whether the view is active (not changing).
@@ -807,6 +812,7 @@ struct AcpMetrics {
     dropped: IntCounter,
     withheld: IntCounter,
     participation_records: IntCounter,
+    catch_up_gap: IntGauge,
 }
 
 impl AcpMetrics {
@@ -861,6 +867,10 @@ impl AcpMetrics {
             withheld: reg.c(
                 "dwcp_pbft_votes_withheld_total",
                 "Outgoing messages this replica held back because they carried a vote conflicting with one it cast before (after a restart), or the vote could not be made durable",
+            )?,
+            catch_up_gap: reg.g(
+                "dwcp_pbft_catch_up_gap",
+                "Decisions this node cannot replay because its peers no longer hold them (0: none; no state transfer between nodes yet)",
             )?,
             participation_records: reg.c(
                 "dwcp_reputation_participation_records_total",
@@ -1401,6 +1411,18 @@ impl Driver {
             self.drain().await;
             if let Some(e) = &self.engine {
                 self.metrics.view.set(e.view_in_epoch() as i64);
+                let gap = e.catch_up_gap();
+                let size = gap.map_or(0, |(needed, offered)| offered - needed);
+                if self.metrics.catch_up_gap.get() != size as i64 {
+                    self.metrics.catch_up_gap.set(size as i64);
+                    if let Some((needed, offered)) = gap {
+                        warn!(
+                            needed,
+                            offered,
+                            "cannot catch up: peers no longer hold the decisions this node needs next (no state transfer between nodes yet)"
+                        );
+                    }
+                }
             }
             if self.view_dirty || self.view_at.elapsed() >= Duration::from_millis(200) {
                 self.publish_view();
@@ -2473,6 +2495,7 @@ impl Driver {
             joined: self.state.membership.len(),
             ready: self.state.membership.nodes().filter(|(_, r)| *r).count(),
             resumed_from: self.resumed_from,
+            catch_up_gap: e.and_then(Engine::catch_up_gap),
             primary: e.map(|e| e.primary()),
             view_active: e.is_some_and(|e| e.is_view_active()),
             last_executed: e.map(|e| e.last_executed()).unwrap_or(0),

@@ -398,6 +398,9 @@ pub struct Engine {
     vc_deadline: Option<Timestamp>,
     next_tick: Option<Timestamp>,
     progressed_since_tick: bool,
+    /// A catch-up reply whose certificates all start above the next sequence number this
+    /// replica needs: (needed, first offered). Cleared when execution advances.
+    catch_up_gap: Option<(u64, u64)>,
     restart_progress_timer: bool,
     fetch_rr: usize,
     out: VecDeque<Command>,
@@ -452,6 +455,7 @@ impl Engine {
             vc_deadline: None,
             next_tick: None,
             progressed_since_tick: false,
+            catch_up_gap: None,
             restart_progress_timer: false,
             fetch_rr: 0,
             out: VecDeque::new(),
@@ -588,6 +592,14 @@ impl Engine {
             ConsensusMsg::NewView(nv) => view_in(nv.view),
             ConsensusMsg::FetchViewChanges { view } => view_in(*view),
         }
+    }
+
+    /// The last catch-up reply offered only decisions above the next one this replica needs:
+    /// `(needed, first offered)`. The peer has dropped the certificates in between (it keeps
+    /// `retained_certificate_bytes` of them), so this replica cannot replay the log from it;
+    /// cleared once execution advances.
+    pub fn catch_up_gap(&self) -> Option<(u64, u64)> {
+        self.catch_up_gap
     }
 
     /// This replica's id.
@@ -1462,10 +1474,14 @@ impl Engine {
     fn on_decided(&mut self, certs: Vec<CommitCertificate>) {
         let before = self.last_exec;
         let full = certs.len() == MAX_CERTS_PER_REPLY;
+        let mut first_offered: Option<u64> = None;
         for cert in certs {
             let Some(seq) = cert.seq_unverified() else {
                 continue;
             };
+            if seq > self.last_exec && seq <= self.end {
+                first_offered = Some(first_offered.map_or(seq, |f| f.min(seq)));
+            }
             if seq <= self.last_exec
                 || seq > self.end
                 || seq > self.last_exec + 4 * self.cfg.log_window
@@ -1484,6 +1500,17 @@ impl Engine {
             entry.committed = Some((cert, cb.requests, pp));
         }
         self.execute_ready();
+        if self.last_exec > before {
+            self.catch_up_gap = None;
+        } else if let Some(first) = first_offered
+            && first > self.last_exec + 1
+            && !self.log.contains_key(&(self.last_exec + 1))
+        {
+            // The peer no longer holds the next decision this replica needs (it retains a
+            // bounded window of certificates): without state transfer it cannot catch up
+            // from this peer.
+            self.catch_up_gap = Some((self.last_exec + 1, first));
+        }
         let ready: Vec<u64> = self
             .checkpoints
             .keys()

@@ -968,6 +968,33 @@ fn replica_down_for_more_than_400_decisions_catches_up_section_4_3() {
 }
 
 #[test]
+fn a_replica_behind_the_peers_retention_reports_the_gap_it_cannot_replay() {
+    // Peers keep 8 KiB of certificates; replica 3 misses 40 decisions, so no peer holds
+    // slot 1 any more: it cannot replay the log (no state transfer), and says where the gap
+    // is instead of silently fetching for ever.
+    let cfg = Config {
+        retained_certificate_bytes: 8 * 1024,
+        max_batch: 1,
+        ..Config::default()
+    };
+    let mut net = Net::new(4, cfg);
+    net.down[3] = true;
+    for nonce in 1..=40 {
+        net.request_all(t(nonce), &request(9, nonce));
+    }
+    assert_eq!(net.engines[0].last_executed(), 40);
+    net.down[3] = false;
+    net.request_all(t(500), &request(9, 41));
+    net.timeout_all(t(1_500));
+    assert_eq!(net.engines[3].last_executed(), 0);
+    let (needed, offered) = net.engines[3].catch_up_gap().expect("gap reported");
+    assert_eq!(needed, 1);
+    assert!(offered > 1, "first offered {offered}");
+    // A replica that is caught up reports no gap.
+    assert_eq!(net.engines[0].catch_up_gap(), None);
+}
+
+#[test]
 fn retained_certificates_are_bounded_by_bytes_and_the_oldest_go_first() {
     let cfg = Config {
         retained_certificate_bytes: 8 * 1024,

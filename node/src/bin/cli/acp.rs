@@ -127,6 +127,12 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
             if let Some(seq) = s.resumed_from {
                 println!("Resumed at start from seq {seq} (its epoch's resume point on disk)");
             }
+            if let Some((needed, offered)) = s.catch_up_gap {
+                println!(
+                    "CANNOT CATCH UP: needs seq {needed}, peers hold decisions from {offered} on \
+                     (they keep acp.pbft.catch_up_mib of certificates; no state transfer yet)"
+                );
+            }
             table(
                 &["MEMBER", "ROLE"],
                 s.members
