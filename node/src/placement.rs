@@ -1776,7 +1776,8 @@ mod tests {
         )
         .unwrap();
         let e = decide(&p).unwrap_err();
-        assert!(e.contains("avoided (hard) for another 1m"), "{e}");
+        // "1m", or "59s" when the machine is slow between the avoid and the decision.
+        assert!(e.contains("avoided (hard) for another "), "{e}");
         assert!(e.contains("too small: needs 256 MiB memory"), "{e}");
         let st = p.stats();
         assert_eq!((st.decisions, st.rejections), (2, 1));
