@@ -1010,6 +1010,9 @@ struct Driver {
 /// certificates). It is the node's own record, trusted like its vote log.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ResumePoint {
+    /// The genesis committee of the cluster the point belongs to: a point left in a data
+    /// directory by another cluster is ignored.
+    pub genesis: Vec<NodeId>,
     /// The epoch's committee.
     pub committee: Committee,
     /// The epoch's last sequence number.
@@ -1023,6 +1026,7 @@ pub struct ResumePoint {
 /// [`ResumePoint`] borrowed, for writing (the same fields in the same order).
 #[derive(Serialize)]
 struct StoredPoint<'a> {
+    genesis: &'a [NodeId],
     committee: &'a Committee,
     end: u64,
     handover: &'a dwcp_consensus::Handover,
@@ -1063,7 +1067,12 @@ impl ResumePoint {
         cfg: &dwcp_consensus::Config,
         key: &NodeKey,
         rules: &EpochRules,
+        genesis: &Committee,
     ) -> anyhow::Result<Engine> {
+        anyhow::ensure!(
+            self.genesis == genesis.members(),
+            "the stored point belongs to another genesis committee (another cluster)"
+        );
         // Re-checked through the constructor (members distinct, within the vote limit).
         let committee = Committee::new(self.committee.epoch(), self.committee.members().to_vec())?;
         anyhow::ensure!(
@@ -1206,7 +1215,7 @@ pub fn spawn(
     if let (Some(r), Some(t)) = (&rules, &resume)
         && let Some(p) = ResumePoint::load(t)
     {
-        match p.engine(&ecfg, &key, r) {
+        match p.engine(&ecfg, &key, r, &committee) {
             Ok(e) => {
                 info!(
                     seq = p.handover.seq,
@@ -1616,10 +1625,11 @@ impl Driver {
         }
         self.metrics.committee.set(next.n() as i64);
         self.metrics.epoch.set(next.epoch() as i64);
-        if let Some(t) = &self.resume {
+        if let (Some(t), Some(genesis)) = (&self.resume, self.verifier.committee(0)) {
             ResumePoint::store(
                 t,
                 &StoredPoint {
+                    genesis: genesis.members(),
                     committee: &next,
                     end: d.seq + rules.epoch_length,
                     handover: &resumed_at,
@@ -3057,6 +3067,56 @@ mod tests {
         let last = forged.len() - 1;
         forged[last] ^= 1;
         assert!(decode(&forged).is_err());
+    }
+
+    #[test]
+    fn a_resume_point_of_another_cluster_or_epoch_length_is_refused() {
+        let keys = ids(4);
+        let genesis = Committee::new(0, keys.iter().map(|k| k.node_id()).collect()).unwrap();
+        let epoch1 = Committee::new(1, genesis.members().to_vec()).unwrap();
+        // A hand-over at seq 20, as an engine would serialize it.
+        let h = ciborium::Value::Map(vec![
+            ("seq".into(), 20u64.into()),
+            ("state".into(), ciborium::Value::Bytes(vec![7; 32])),
+            ("clients".into(), ciborium::Value::Map(vec![])),
+        ]);
+        let mut hb = Vec::new();
+        ciborium::into_writer(&h, &mut hb).unwrap();
+        let handover: dwcp_consensus::Handover = ciborium::from_reader(&hb[..]).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("consensus_resume").unwrap();
+        let state = AcpState::new();
+        ResumePoint::store(
+            &t,
+            &StoredPoint {
+                genesis: genesis.members(),
+                committee: &epoch1,
+                end: 40,
+                handover: &handover,
+                state: &state,
+            },
+        );
+        let p = ResumePoint::load(&t).expect("stored point loads");
+        assert_eq!(p.committee, epoch1);
+        let cfg = dwcp_consensus::Config {
+            checkpoint_interval: 10,
+            log_window: 20,
+            ..dwcp_consensus::Config::default()
+        }
+        .validate()
+        .unwrap();
+        let rules = |len| EpochRules {
+            epoch_length: len,
+            size: 4,
+            eligibility: dwcp_consensus::committee::Eligibility::default(),
+        };
+        let e = p.engine(&cfg, &keys[0], &rules(20), &genesis).unwrap();
+        assert_eq!(e.last_executed(), 20);
+        assert_eq!(e.end(), Some(40));
+        // Another cluster's genesis, or another epoch length: refused (replay from genesis).
+        let other = Committee::new(0, ids(5)[1..].iter().map(|k| k.node_id()).collect()).unwrap();
+        assert!(p.engine(&cfg, &keys[0], &rules(20), &other).is_err());
+        assert!(p.engine(&cfg, &keys[0], &rules(30), &genesis).is_err());
     }
 
     #[test]
