@@ -428,7 +428,7 @@ impl AcpState {
                     Ok((slot, _)) if !slot.seq.is_multiple_of(PARTICIPATION_EVERY) => {
                         Applied::Nothing("participation record off the reward grid".into())
                     }
-                    Ok(_) => match self.reputation.on_participation(time, committee, &p) {
+                    Ok(_) => match self.reputation.on_participation(time, committee, &p, seq) {
                         Ok(Some(slot)) => Applied::Rewarded(slot),
                         Ok(None) => Applied::Nothing("slot already rewarded".into()),
                         Err(e) => Applied::Nothing(format!("participation record refused: {e}")),

@@ -156,6 +156,9 @@ pub enum EvidenceError {
     /// A claim or measurement does not verify or does not contradict.
     #[error("claim not contradicted: {0}")]
     Claim(&'static str),
+    /// A participation record for a slot older than [`PARTICIPATION_WINDOW`].
+    #[error("participation record for slot {0} is older than the reward window")]
+    Stale(u64),
 }
 
 /// The first byte of an operation that carries evidence (other operations use other tags).
@@ -271,6 +274,10 @@ pub const PARTICIPATION_OP_TAG: u8 = 0xE2;
 /// sequence number is a multiple of this, by the committee member whose turn it is
 /// ([`participation_turn`]).
 pub const PARTICIPATION_EVERY: u64 = 10;
+/// A participation record is accepted only while its slot is at most this many sequence
+/// numbers below the decision that commits it; older rewarded slots are forgotten, so the
+/// memory of rewarded slots stays bounded (`PARTICIPATION_WINDOW / PARTICIPATION_EVERY`).
+pub const PARTICIPATION_WINDOW: u64 = 10_000;
 
 /// The committee index of the member that records slot `seq` (of a committee of `n`), if
 /// `seq` is on the reward grid.
@@ -355,6 +362,9 @@ pub struct Engine {
     cfg: Config,
     scores: BTreeMap<NodeId, Score>,
     seen: BTreeSet<Digest>,
+    /// Slots whose participation record was applied, within the reward window.
+    #[serde(default)]
+    rewarded: BTreeSet<u64>,
     quarantined: BTreeSet<NodeId>,
     #[serde(skip)]
     out: VecDeque<Output>,
@@ -367,6 +377,7 @@ impl Engine {
             cfg,
             scores: BTreeMap::new(),
             seen: BTreeSet::new(),
+            rewarded: BTreeSet::new(),
             quarantined: BTreeSet::new(),
             out: VecDeque::new(),
         }
@@ -413,18 +424,28 @@ impl Engine {
         }
     }
 
-    /// A committed [`Participation`] record at batch time `time`: checks the certificate
-    /// against `committee` and rewards its voters, once per sequence number. Returns the
-    /// certified sequence number if it was applied.
+    /// A committed [`Participation`] record at batch time `time`, in the decision `at_seq`:
+    /// checks the certificate against `committee` and rewards its voters, once per sequence
+    /// number, for slots within [`PARTICIPATION_WINDOW`] of `at_seq`. Returns the certified
+    /// sequence number if it was applied.
     pub fn on_participation(
         &mut self,
         time: Timestamp,
         committee: &Committee,
         record: &Participation,
+        at_seq: u64,
     ) -> Result<Option<u64>, EvidenceError> {
         let (slot, voters) = record.proof.verify(committee)?;
-        let key = Digest::of("dwcp/v3/participation", &[&slot.seq.to_be_bytes()]);
-        if !self.seen.insert(key) {
+        // Slots older than the window are forgotten, so their records are refused: a record
+        // replayed after its slot left the window cannot reward twice.
+        let floor = at_seq.saturating_sub(PARTICIPATION_WINDOW);
+        if slot.seq < floor {
+            return Err(EvidenceError::Stale(slot.seq));
+        }
+        if self.rewarded.first().is_some_and(|f| *f < floor) {
+            self.rewarded = self.rewarded.split_off(&floor);
+        }
+        if !self.rewarded.insert(slot.seq) {
             return Ok(None);
         }
         self.on_certificate(time, &voters);
@@ -728,7 +749,7 @@ mod tests {
         let mut q = Engine::new(Config::default());
         let other = key(4).node_id();
         assert_eq!(
-            e.on_participation(Timestamp(1), &committee(), &record)
+            e.on_participation(Timestamp(1), &committee(), &record, 8)
                 .unwrap(),
             Some(7)
         );
@@ -745,14 +766,14 @@ mod tests {
         .unwrap();
         assert_eq!(q.score_units(&voter), 9_000);
         assert_eq!(
-            q.on_participation(Timestamp(1), &committee(), &record)
+            q.on_participation(Timestamp(1), &committee(), &record, 8)
                 .unwrap(),
             Some(7)
         );
         assert_eq!(q.score_units(&voter), 9_100, "+0.01 for the correct vote");
         // The same slot recorded again (by another submitter) counts once.
         assert_eq!(
-            q.on_participation(Timestamp(2), &committee(), &record)
+            q.on_participation(Timestamp(2), &committee(), &record, 9)
                 .unwrap(),
             None
         );
@@ -762,10 +783,19 @@ mod tests {
         let mut short = record.clone();
         short.proof.commits.truncate(2);
         assert!(
-            q.on_participation(Timestamp(3), &committee(), &short)
+            q.on_participation(Timestamp(3), &committee(), &short, 10)
                 .is_err()
         );
         assert!(Participation::decode(&[EVIDENCE_OP_TAG, 0]).is_err());
+        // Past the window the slot is forgotten and its record refused, so the memory of
+        // rewarded slots stays bounded and a late replay rewards nothing.
+        let late = 7 + PARTICIPATION_WINDOW + 1;
+        assert_eq!(
+            q.on_participation(Timestamp(4), &committee(), &record, late),
+            Err(EvidenceError::Stale(7))
+        );
+        assert_eq!(q.score_units(&voter), 9_100);
+        assert!(q.rewarded.len() <= 1);
     }
 
     #[test]

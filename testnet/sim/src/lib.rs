@@ -1122,7 +1122,10 @@ impl Sim {
                 }
             } else if r.op.first() == Some(&reputation::PARTICIPATION_OP_TAG)
                 && let Ok(p) = reputation::Participation::decode(&r.op)
-                && nd.rep.on_participation(d.time, &committee, &p).is_err()
+                && nd
+                    .rep
+                    .on_participation(d.time, &committee, &p, d.seq)
+                    .is_err()
             {
                 refused.push(b"participation-refused");
             } else if r.op.first() == Some(&committee::MEMBERSHIP_OP_TAG) {
