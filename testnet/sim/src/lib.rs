@@ -594,6 +594,9 @@ impl Sim {
         let honest: Vec<usize> = (0..self.nodes.len())
             .filter(|i| !self.nodes[*i].byz)
             .collect();
+        if honest.is_empty() || fp < 2 {
+            return;
+        }
         let mut chosen = BTreeSet::new();
         for _ in 0..budget {
             if self.rng.random_range(0..4u32) == 0 {
