@@ -20,7 +20,7 @@
 //! the members' replies ([`ConsensusReply`]) or from its own execution, whichever comes
 //! first.
 //!
-//! **Epochs** (`acp.epochs`). Every node commits its own [`MembershipOp`]s ([`MEMBERSHIP_TAG`]):
+//! **Epochs** (`acp.epochs`). Every node commits its own [`MembershipOp`]s ([`MEMBERSHIP_OP_TAG`]):
 //! a join at start and its readiness (`acp.epochs.serve`), renewed every third of
 //! `ready_ttl`. Epoch `e` ends at sequence number `(e + 1) * length`; the engine orders
 //! nothing above it. Once this node executes it, it computes the next committee from the
@@ -81,9 +81,10 @@
 //! `a_restarted_primary_never_equivocates_and_decisions_go_on`).
 //!
 //! * [`PARTICIPATION_OP_TAG`]: a participation record, the commit certificate of a slot on
-//!   the reward grid (every [`PARTICIPATION_EVERY`]th), submitted by the member whose turn it
+//!   the reward grid (every [`dwcp_reputation::PARTICIPATION_EVERY`]th), submitted by the member whose turn it
 //!   is ([`dwcp_reputation::participation_turn`]); each of its 2f+1 voters earns +0.01, once
-//!   per slot, on every node alike. Records off the grid are refused.
+//!   per slot, on every node alike. Records off the grid or older than the reward window
+//!   are refused (the reputation engine's rules).
 //!
 //! **Not done yet:** certified records for quarantines
 //! from lesser offences and for releases; a node more than [`MAX_OLD_EPOCHS`] epochs (or
@@ -115,9 +116,7 @@ use dwcp_protocol::{
     Message, MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, ValidationError, Verified,
     VmId,
 };
-use dwcp_reputation::{
-    EVIDENCE_OP_TAG, Evidence, PARTICIPATION_EVERY, PARTICIPATION_OP_TAG, Participation,
-};
+use dwcp_reputation::{EVIDENCE_OP_TAG, Evidence, PARTICIPATION_OP_TAG, Participation};
 use dwcp_statesync::{
     CertError, CertificateVerifier, VmDecision, VmState, cert::MAX_CERTIFICATE_BYTES,
 };
@@ -232,7 +231,7 @@ impl Message for ConsensusReply {
 /// The replicated state the committed operations build: reputation plus operator votes.
 /// Pure: applied in decision order with decision times, it is equal on every honest replica.
 /// It serializes, for the node's resume point ([`ResumePoint`]).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AcpState {
     reputation: dwcp_reputation::Engine,
     /// node -> voters (and their reasons)
@@ -252,12 +251,7 @@ pub struct AcpState {
     membership: Membership,
 }
 
-pub use dwcp_consensus::committee::{MAX_MEMBERS, MEMBERSHIP_OP_TAG as MEMBERSHIP_TAG};
-
-/// Encodes a membership operation as a request's `op` ([`MembershipOp::encode`]).
-pub fn membership_op(op: &MembershipOp) -> Vec<u8> {
-    op.encode()
-}
+use dwcp_consensus::committee::MEMBERSHIP_OP_TAG;
 
 /// Most unfinished VMs the replicated state tracks; decisions placing more are refused.
 pub const MAX_LIVE_VMS: usize = 100_000;
@@ -421,23 +415,16 @@ impl AcpState {
                     Err(e) => Applied::Nothing(format!("cut refused: {e}")),
                 }
             }
-            Some(&PARTICIPATION_OP_TAG) => match Participation::decode(op) {
-                // Rewards are sampled on a grid, so a member cannot reward voters more often
-                // by recording every slot; each slot counts once (the reputation engine).
-                Ok(p) => match p.proof.verify(committee) {
-                    Ok((slot, _)) if !slot.seq.is_multiple_of(PARTICIPATION_EVERY) => {
-                        Applied::Nothing("participation record off the reward grid".into())
-                    }
-                    Ok(_) => match self.reputation.on_participation(time, committee, &p, seq) {
-                        Ok(Some(slot)) => Applied::Rewarded(slot),
-                        Ok(None) => Applied::Nothing("slot already rewarded".into()),
-                        Err(e) => Applied::Nothing(format!("participation record refused: {e}")),
-                    },
-                    Err(e) => Applied::Nothing(format!("participation record refused: {e}")),
-                },
+            // The reputation engine applies the rules: on the reward grid, within the window,
+            // once per slot.
+            Some(&PARTICIPATION_OP_TAG) => match Participation::decode(op)
+                .and_then(|p| self.reputation.on_participation(time, committee, &p, seq))
+            {
+                Ok(Some(slot)) => Applied::Rewarded(slot),
+                Ok(None) => Applied::Nothing("slot already rewarded".into()),
                 Err(e) => Applied::Nothing(format!("participation record refused: {e}")),
             },
-            Some(&MEMBERSHIP_TAG) => match self.membership.apply_op(time, &client, op) {
+            Some(&MEMBERSHIP_OP_TAG) => match self.membership.apply_op(time, &client, op) {
                 Ok(m) => Applied::Membership(m),
                 Err(e) => Applied::Nothing(e.to_string()),
             },
@@ -1023,25 +1010,15 @@ pub struct ResumePoint {
     pub state: AcpState,
 }
 
-/// [`ResumePoint`] borrowed, for writing (the same fields in the same order).
-#[derive(Serialize)]
-struct StoredPoint<'a> {
-    genesis: &'a [NodeId],
-    committee: &'a Committee,
-    end: u64,
-    handover: &'a dwcp_consensus::Handover,
-    state: &'a AcpState,
-}
-
 /// The key of the resume point in its tree.
 const RESUME_KEY: &[u8] = b"latest";
 
 impl ResumePoint {
     /// Writes a point (replacing the previous one); a failure is logged, not fatal: the node
     /// then resumes from an older point, or replays from genesis, after a restart.
-    fn store(t: &sled::Tree, p: &StoredPoint<'_>) {
+    fn store(&self, t: &sled::Tree) {
         let mut bytes = Vec::new();
-        let r = ciborium::into_writer(p, &mut bytes)
+        let r = ciborium::into_writer(self, &mut bytes)
             .map_err(|e| e.to_string())
             .and_then(|()| t.insert(RESUME_KEY, bytes).map_err(|e| e.to_string()));
         if let Err(e) = r {
@@ -1411,7 +1388,7 @@ impl Driver {
                     }
                     ops.push(MembershipOp::Ready(self.me, self.serve));
                     for op in ops {
-                        if let Err(e) = self.submit(membership_op(&op)) {
+                        if let Err(e) = self.submit(op.encode()) {
                             warn!(error = %e, "could not submit a membership operation");
                         }
                     }
@@ -1421,7 +1398,7 @@ impl Driver {
             if let Some(e) = &self.engine {
                 self.metrics.view.set(e.view_in_epoch() as i64);
                 let gap = e.catch_up_gap();
-                let size = gap.map_or(0, |(needed, offered)| offered - needed);
+                let size = gap.map_or(0, |(needed, offered)| offered.saturating_sub(needed));
                 if self.metrics.catch_up_gap.get() != size as i64 {
                     self.metrics.catch_up_gap.set(size as i64);
                     if let Some((needed, offered)) = gap {
@@ -1441,7 +1418,7 @@ impl Driver {
             // Leaving on purpose: the next committees are chosen without this node at once
             // instead of after its readiness expires. The members order the request whether
             // or not this node is still up; the sends get a moment to leave.
-            match self.submit(membership_op(&MembershipOp::Leave(self.me))) {
+            match self.submit(MembershipOp::Leave(self.me).encode()) {
                 Ok(_) => tokio::time::sleep(LEAVE_GRACE).await,
                 Err(e) => warn!(error = %e, "could not submit the leave"),
             }
@@ -1626,16 +1603,14 @@ impl Driver {
         self.metrics.committee.set(next.n() as i64);
         self.metrics.epoch.set(next.epoch() as i64);
         if let (Some(t), Some(genesis)) = (&self.resume, self.verifier.committee(0)) {
-            ResumePoint::store(
-                t,
-                &StoredPoint {
-                    genesis: genesis.members(),
-                    committee: &next,
-                    end: d.seq + rules.epoch_length,
-                    handover: &resumed_at,
-                    state: &self.state,
-                },
-            );
+            ResumePoint {
+                genesis: genesis.members().to_vec(),
+                committee: next.clone(),
+                end: d.seq + rules.epoch_length,
+                handover: resumed_at,
+                state: self.state.clone(),
+            }
+            .store(t);
         }
         self.committee = next;
         self.view_dirty = true;
@@ -2745,6 +2720,7 @@ mod tests {
         assert_eq!(a, Applied::Penalised(voter));
         assert_eq!(s.reputation.score_units(&voter), 9_000);
 
+        use dwcp_reputation::PARTICIPATION_EVERY;
         let on_grid = record(PARTICIPATION_EVERY, &[0, 1, 2]);
         let a = s.apply(t, 12, &committee, keys[2].node_id(), &on_grid);
         assert_eq!(a, Applied::Rewarded(PARTICIPATION_EVERY));
@@ -3085,17 +3061,14 @@ mod tests {
         let handover: dwcp_consensus::Handover = ciborium::from_reader(&hb[..]).unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
         let t = db.open_tree("consensus_resume").unwrap();
-        let state = AcpState::new();
-        ResumePoint::store(
-            &t,
-            &StoredPoint {
-                genesis: genesis.members(),
-                committee: &epoch1,
-                end: 40,
-                handover: &handover,
-                state: &state,
-            },
-        );
+        ResumePoint {
+            genesis: genesis.members().to_vec(),
+            committee: epoch1.clone(),
+            end: 40,
+            handover,
+            state: AcpState::new(),
+        }
+        .store(&t);
         let p = ResumePoint::load(&t).expect("stored point loads");
         assert_eq!(p.committee, epoch1);
         let cfg = dwcp_consensus::Config {
@@ -3158,10 +3131,10 @@ mod tests {
         let mut s = AcpState::new();
         // Another node's join or readiness is refused; malformed bodies too.
         for (client, op) in [
-            (a, membership_op(&MembershipOp::Join(b))),
-            (a, membership_op(&MembershipOp::Ready(b, true))),
-            (a, vec![MEMBERSHIP_TAG, 0xff]),
-            (a, [membership_op(&MembershipOp::Join(a)), vec![0]].concat()),
+            (a, MembershipOp::Join(b).encode()),
+            (a, MembershipOp::Ready(b, true).encode()),
+            (a, vec![MEMBERSHIP_OP_TAG, 0xff]),
+            (a, [MembershipOp::Join(a).encode(), vec![0]].concat()),
         ] {
             let out = s.apply(Timestamp(1), 1, &committee, client, &op);
             assert!(matches!(out, Applied::Nothing(_)), "{out:?}");
@@ -3172,7 +3145,7 @@ mod tests {
             2,
             &committee,
             b,
-            &membership_op(&MembershipOp::Ready(b, true)),
+            &MembershipOp::Ready(b, true).encode(),
         );
         assert_eq!(out, Applied::Membership(MembershipOp::Ready(b, true)));
         assert_eq!(s.membership().nodes().collect::<Vec<_>>(), vec![(&b, true)]);
@@ -3181,7 +3154,7 @@ mod tests {
             3,
             &committee,
             b,
-            &membership_op(&MembershipOp::Leave(b)),
+            &MembershipOp::Leave(b).encode(),
         );
         assert!(s.membership().is_empty());
     }

@@ -9,6 +9,10 @@ use dwcp_protocol::{
 };
 use proptest::prelude::*;
 
+mod common;
+
+use common::heartbeat;
+
 fn key(b: u8) -> NodeKey {
     NodeKey::from_secret_bytes([b; 32])
 }
@@ -36,23 +40,6 @@ fn announcement() -> NodeAnnouncement {
             uplink_mbps: 100,
         },
         listen_addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
-    }
-}
-
-fn heartbeat(seq: u64) -> Heartbeat {
-    Heartbeat {
-        cluster_id: "test".into(),
-        seq,
-        issued_at: Timestamp::from_millis(5),
-        uptime_s: 10,
-        health: Health {
-            status: HealthStatus::Healthy,
-            cpu_load_permille: 120,
-            memory_used_mib: 512,
-            vms_running: 0,
-            peers_connected: 3,
-            allocated: None,
-        },
     }
 }
 

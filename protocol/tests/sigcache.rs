@@ -4,27 +4,10 @@
 // Tests may unwrap: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use dwcp_protocol::{
-    DecodeError, Health, HealthStatus, Heartbeat, NodeKey, SignedEnvelope, Timestamp,
-    signature_cache_stats,
-};
+mod common;
 
-fn heartbeat(seq: u64) -> Heartbeat {
-    Heartbeat {
-        cluster_id: "test".into(),
-        seq,
-        issued_at: Timestamp::from_millis(5),
-        uptime_s: 10,
-        health: Health {
-            status: HealthStatus::Healthy,
-            cpu_load_permille: 120,
-            memory_used_mib: 512,
-            vms_running: 0,
-            peers_connected: 3,
-            allocated: None,
-        },
-    }
-}
+use common::heartbeat;
+use dwcp_protocol::{DecodeError, Heartbeat, NodeKey, SignedEnvelope, signature_cache_stats};
 
 #[test]
 fn a_memoised_signature_never_vouches_for_other_bytes() {

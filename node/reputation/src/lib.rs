@@ -156,6 +156,9 @@ pub enum EvidenceError {
     /// A claim or measurement does not verify or does not contradict.
     #[error("claim not contradicted: {0}")]
     Claim(&'static str),
+    /// A participation record for a slot off the reward grid ([`PARTICIPATION_EVERY`]).
+    #[error("participation record for slot {0}, off the reward grid")]
+    OffGrid(u64),
     /// A participation record for a slot older than [`PARTICIPATION_WINDOW`].
     #[error("participation record for slot {0} is older than the reward window")]
     Stale(u64),
@@ -357,7 +360,7 @@ struct Score {
 
 /// The reputation state machine. It serializes (without undelivered outputs) so that a node
 /// can keep a snapshot of its committed state on disk.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Engine {
     cfg: Config,
     scores: BTreeMap<NodeId, Score>,
@@ -426,7 +429,8 @@ impl Engine {
 
     /// A committed [`Participation`] record at batch time `time`, in the decision `at_seq`:
     /// checks the certificate against `committee` and rewards its voters, once per sequence
-    /// number, for slots within [`PARTICIPATION_WINDOW`] of `at_seq`. Returns the certified
+    /// number, for slots on the reward grid ([`PARTICIPATION_EVERY`]) within
+    /// [`PARTICIPATION_WINDOW`] of `at_seq`. Returns the certified
     /// sequence number if it was applied.
     pub fn on_participation(
         &mut self,
@@ -436,6 +440,9 @@ impl Engine {
         at_seq: u64,
     ) -> Result<Option<u64>, EvidenceError> {
         let (slot, voters) = record.proof.verify(committee)?;
+        if !slot.seq.is_multiple_of(PARTICIPATION_EVERY) {
+            return Err(EvidenceError::OffGrid(slot.seq));
+        }
         // Slots older than the window are forgotten, so their records are refused: a record
         // replayed after its slot left the window cannot reward twice.
         let floor = at_seq.saturating_sub(PARTICIPATION_WINDOW);
@@ -717,28 +724,32 @@ mod tests {
 
     #[test]
     fn participation_records_reward_their_voters_once() {
-        // The header of slot (0, 7, d) from the primary of view 0 (member 1), three commits.
-        let slot = Slot {
-            view: 0,
-            seq: 7,
-            digest: Digest([3; 32]),
+        // The header of slot (0, seq, d) from the primary of view 0 (member 1), three commits.
+        let record_of = |seq: u64| {
+            let slot = Slot {
+                view: 0,
+                seq,
+                digest: Digest([3; 32]),
+            };
+            let header = Verified::sign(
+                &key(1),
+                ConsensusMsg::PrePrepare(dwcp_consensus::PrePrepare {
+                    slot,
+                    time: Timestamp(0),
+                }),
+            )
+            .unwrap()
+            .envelope()
+            .clone();
+            Participation {
+                proof: CommitProof {
+                    pre_prepare: header,
+                    commits: (1..=3).map(|i| vote(i, seq, 3)).collect(),
+                },
+            }
         };
-        let header = Verified::sign(
-            &key(1),
-            ConsensusMsg::PrePrepare(dwcp_consensus::PrePrepare {
-                slot,
-                time: Timestamp(0),
-            }),
-        )
-        .unwrap()
-        .envelope()
-        .clone();
-        let record = Participation {
-            proof: CommitProof {
-                pre_prepare: header,
-                commits: (1..=3).map(|i| vote(i, 7, 3)).collect(),
-            },
-        };
+        const S: u64 = PARTICIPATION_EVERY;
+        let record = record_of(S);
         assert_eq!(Participation::decode(&record.encode()).unwrap(), record);
         let mut e = Engine::new(Config::default());
         let voter = key(2).node_id();
@@ -749,9 +760,9 @@ mod tests {
         let mut q = Engine::new(Config::default());
         let other = key(4).node_id();
         assert_eq!(
-            e.on_participation(Timestamp(1), &committee(), &record, 8)
+            e.on_participation(Timestamp(1), &committee(), &record, S + 1)
                 .unwrap(),
-            Some(7)
+            Some(S)
         );
         // A quarantined node earns nothing; key 3 voted and is at the cap.
         assert_eq!(e.score_units(&voter), before);
@@ -759,21 +770,21 @@ mod tests {
             Timestamp(0),
             &committee(),
             &Evidence::ContradictsCertificate {
-                vote: vote(2, 7, 9),
+                vote: vote(2, S, 9),
                 proof: record.proof.clone(),
             },
         )
         .unwrap();
         assert_eq!(q.score_units(&voter), 9_000);
         assert_eq!(
-            q.on_participation(Timestamp(1), &committee(), &record, 8)
+            q.on_participation(Timestamp(1), &committee(), &record, S + 1)
                 .unwrap(),
-            Some(7)
+            Some(S)
         );
         assert_eq!(q.score_units(&voter), 9_100, "+0.01 for the correct vote");
         // The same slot recorded again (by another submitter) counts once.
         assert_eq!(
-            q.on_participation(Timestamp(2), &committee(), &record, 9)
+            q.on_participation(Timestamp(2), &committee(), &record, S + 2)
                 .unwrap(),
             None
         );
@@ -783,16 +794,22 @@ mod tests {
         let mut short = record.clone();
         short.proof.commits.truncate(2);
         assert!(
-            q.on_participation(Timestamp(3), &committee(), &short, 10)
+            q.on_participation(Timestamp(3), &committee(), &short, S + 3)
                 .is_err()
         );
         assert!(Participation::decode(&[EVIDENCE_OP_TAG, 0]).is_err());
+        // Off the reward grid: refused, whoever submits it (a member cannot reward voters
+        // more often by recording every slot).
+        assert_eq!(
+            q.on_participation(Timestamp(3), &committee(), &record_of(S + 1), S + 3),
+            Err(EvidenceError::OffGrid(S + 1))
+        );
         // Past the window the slot is forgotten and its record refused, so the memory of
         // rewarded slots stays bounded and a late replay rewards nothing.
-        let late = 7 + PARTICIPATION_WINDOW + 1;
+        let late = S + PARTICIPATION_WINDOW + 1;
         assert_eq!(
             q.on_participation(Timestamp(4), &committee(), &record, late),
-            Err(EvidenceError::Stale(7))
+            Err(EvidenceError::Stale(S))
         );
         assert_eq!(q.score_units(&voter), 9_100);
         assert!(q.rewarded.len() <= 1);

@@ -24,6 +24,26 @@ fn data(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Runs the future `make` builds on a current-thread runtime in host `host`'s namespace.
+fn run_in<T, F>(
+    emu: &Emulator,
+    host: usize,
+    make: impl FnOnce() -> F + Send + 'static,
+) -> std::thread::JoinHandle<T>
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    in_namespace(emu.namespace(host), move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(make())
+    })
+    .unwrap()
+}
+
 /// Starts a receiver in host 1's namespace listening on `addr`; returns once it listens. The
 /// handle yields the bytes received and what was written to the sink.
 fn spawn_receiver(
@@ -32,20 +52,13 @@ fn spawn_receiver(
     cfg: Config,
 ) -> std::thread::JoinHandle<(Result<u64, io::IoError>, Vec<u8>)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let receiver = in_namespace(emu.namespace(1), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-            ready_tx.send(()).unwrap();
-            let mut sink = Vec::new();
-            let r = io::receive(TcpAcceptor(l), cfg, None, |_| true, &mut sink).await;
-            (r.map(|r| r.bytes), sink)
-        })
-    })
-    .unwrap();
+    let receiver = run_in(emu, 1, move || async move {
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        ready_tx.send(()).unwrap();
+        let mut sink = Vec::new();
+        let r = io::receive(TcpAcceptor(l), cfg, None, |_| true, &mut sink).await;
+        (r.map(|r| r.bytes), sink)
+    });
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     receiver
 }
@@ -68,25 +81,18 @@ fn survives_a_killed_connection_and_a_link_outage_on_an_emulated_wan() {
     let addr = std::net::SocketAddr::from((host_addr(1), 7300));
     let receiver = spawn_receiver(&emu, addr, cfg.clone());
     let s2 = Arc::clone(&src);
-    let sender = in_namespace(emu.namespace(0), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let conn = Arc::new(KillFirstConnection::new(
-                TcpConnector {
-                    addr,
-                    congestion: Some("bbr".into()),
-                },
-                1 << 20,
-            ));
-            io::send(conn, cfg, [5; 16], &s2[..], None)
-                .await
-                .map(|r| r.progress)
-        })
-    })
-    .unwrap();
+    let sender = run_in(&emu, 0, move || async move {
+        let conn = Arc::new(KillFirstConnection::new(
+            TcpConnector {
+                addr,
+                congestion: Some("bbr".into()),
+            },
+            1 << 20,
+        ));
+        io::send(conn, cfg, [5; 16], &s2[..], None)
+            .await
+            .map(|r| r.progress)
+    });
     std::thread::sleep(Duration::from_millis(800));
     emu.set_partitioned(0, 1, true).unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -119,34 +125,27 @@ fn path_statistics_measure_the_emulated_loss_and_delay() {
     let addr = std::net::SocketAddr::from((host_addr(1), 7301));
     let receiver = spawn_receiver(&emu, addr, cfg.clone());
     let s2 = Arc::clone(&src);
-    let sender = in_namespace(emu.namespace(0), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (tx, mut rx) = tokio::sync::watch::channel(dwcp_transport::Progress::default());
-            let seen = tokio::spawn(async move {
-                // (loss, rtt_us) of every stream snapshot that carries path statistics.
-                let mut seen = Vec::new();
-                while rx.changed().await.is_ok() {
-                    for s in &rx.borrow().streams {
-                        if let (Some(l), Some(r)) = (s.path_loss, s.path_rtt_us) {
-                            seen.push((l, r));
-                        }
+    let sender = run_in(&emu, 0, move || async move {
+        let (tx, mut rx) = tokio::sync::watch::channel(dwcp_transport::Progress::default());
+        let seen = tokio::spawn(async move {
+            // (loss, rtt_us) of every stream snapshot that carries path statistics.
+            let mut seen = Vec::new();
+            while rx.changed().await.is_ok() {
+                for s in &rx.borrow().streams {
+                    if let (Some(l), Some(r)) = (s.path_loss, s.path_rtt_us) {
+                        seen.push((l, r));
                     }
                 }
-                seen
-            });
-            let conn = Arc::new(TcpConnector {
-                addr,
-                congestion: Some("cubic".into()),
-            });
-            let r = io::send(conn, cfg, [6; 16], &s2[..], Some(tx)).await;
-            (r.map(|r| r.bytes), seen.await.unwrap())
-        })
-    })
-    .unwrap();
+            }
+            seen
+        });
+        let conn = Arc::new(TcpConnector {
+            addr,
+            congestion: Some("cubic".into()),
+        });
+        let r = io::send(conn, cfg, [6; 16], &s2[..], Some(tx)).await;
+        (r.map(|r| r.bytes), seen.await.unwrap())
+    });
     let (sent, seen) = sender.join().unwrap();
     assert_eq!(sent.expect("sender completes"), src.len() as u64);
     let (received, sink) = receiver.join().unwrap();

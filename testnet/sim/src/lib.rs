@@ -56,11 +56,6 @@ use invariants::{
     reputation_agreement::ReputationAgreement, validity::Validity, view_monotonic::ViewMonotonic,
 };
 
-/// A participation record (the commit certificate of one slot, for rewards) is submitted for
-/// every this many sequence numbers, by the committee member whose turn it is (the node's
-/// policy, [`reputation::participation_turn`]).
-pub const REWARD_EVERY: u64 = reputation::PARTICIPATION_EVERY;
-
 /// Most ended epochs whose engines a node keeps (as the node does).
 pub const MAX_OLD_EPOCHS: usize = 8;
 
