@@ -43,6 +43,13 @@ pub struct Config {
     pub retained_certificate_bytes: usize,
     /// Largest difference between a batch's time and the local clock a backup accepts.
     pub max_clock_skew_ms: u64,
+    /// Whether checkpoints certify the application's state: after delivering a checkpoint's
+    /// decision the engine waits for [`Engine::on_app_state`] and signs a digest covering the
+    /// log, the executed-request windows and that application digest
+    /// ([`checkpoint_digest`]), so that 2f+1 checkpoint signatures certify a state snapshot
+    /// a node can verify without the log (state transfer). Off: the application digest is
+    /// all zeros and nothing waits.
+    pub app_digests: bool,
 }
 
 impl Default for Config {
@@ -62,6 +69,7 @@ impl Default for Config {
             retained_certificates: 65_536,
             retained_certificate_bytes: 64 * 1024 * 1024,
             max_clock_skew_ms: 60_000,
+            app_digests: false,
         }
     }
 }
@@ -143,7 +151,9 @@ pub struct Decision {
     pub requests: Vec<Verified<Request>>,
     /// 2f+1 signed commits, checkable by anyone with [`CommitCertificate::verify`].
     pub certificate: CommitCertificate,
-    /// Digest of the replicated log after this batch (what checkpoints sign).
+    /// Digest of the replicated log after this batch. At a checkpoint the engine then folds
+    /// in the executed-request windows and the application digest ([`checkpoint_digest`]),
+    /// and that is what the checkpoint signs and the log continues from.
     pub state: Digest,
 }
 
@@ -310,6 +320,60 @@ struct ClientWindow {
 }
 
 const MAX_CLIENT_WINDOW: usize = 1024;
+
+/// The digest a checkpoint signs: the log digest after its decision (`log`, a hash chain over
+/// batch digests, as [`Decision::state`] reports it), the executed-request windows
+/// (`clients`) and the application's state (`app`; zeros without [`Config::app_digests`]).
+pub fn checkpoint_digest(log: &Digest, clients: &Digest, app: &Digest) -> Digest {
+    Digest::of("dwcp/v3/pbft-checkpoint", &[&log.0, &clients.0, &app.0])
+}
+
+/// The digest that `proof` makes stable at `seq`: checkpoint messages for `seq` all signing
+/// one digest, from 2f+1 distinct members of `committee` (section 4.3). None if any
+/// envelope is not such a message, digests differ, or the signers are too few.
+pub fn stable_proof_digest(
+    committee: &Committee,
+    seq: u64,
+    proof: &[SignedEnvelope],
+) -> Option<Digest> {
+    let mut signers = BTreeSet::new();
+    let mut state = None;
+    for c in proof {
+        let v = open(c)?;
+        match v.message() {
+            ConsensusMsg::Checkpoint { seq: s, state: d } if *s == seq => {
+                if *state.get_or_insert(*d) != *d || !committee.contains(&v.signer()) {
+                    return None;
+                }
+                signers.insert(v.signer());
+            }
+            _ => return None,
+        }
+    }
+    if signers.len() >= committee.quorum() {
+        state
+    } else {
+        None
+    }
+}
+
+/// Digest of executed-request windows: per client (in key order) its id, floor and the
+/// nonces above the floor.
+fn clients_digest(executed: &BTreeMap<NodeId, ClientWindow>) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"dwcp/v3/pbft-clients");
+    h.update((executed.len() as u64).to_be_bytes());
+    for (client, w) in executed {
+        h.update(client.as_bytes());
+        h.update(w.floor.to_be_bytes());
+        h.update((w.above.len() as u64).to_be_bytes());
+        for n in &w.above {
+            h.update(n.to_be_bytes());
+        }
+    }
+    Digest(h.finalize().into())
+}
 /// Views of one epoch: epoch `e` uses views `e * 2^32 ..`, so no vote of one epoch can be
 /// taken for a vote of another.
 pub const VIEWS_PER_EPOCH: u64 = 1 << 32;
@@ -342,6 +406,14 @@ pub struct Handover {
     pub pending: Vec<Verified<Request>>,
     clients: BTreeMap<NodeId, ClientWindow>,
 }
+impl Handover {
+    /// Digest of the executed-request windows it carries (see [`Engine::clients_digest`]):
+    /// what a transferred hand-over is checked against.
+    pub fn clients_digest(&self) -> Digest {
+        clients_digest(&self.clients)
+    }
+}
+
 const MAX_FUTURE_VIEWS: u64 = 4;
 const KIND_HEADER: u8 = 0;
 const KIND_PREPARE: u8 = 1;
@@ -410,6 +482,9 @@ pub struct Engine {
     start_state: Digest,
     /// The epoch's last sequence number (`u64::MAX`: open-ended).
     end: u64,
+    /// A checkpoint's decision delivered whose application digest has not come yet
+    /// ([`Config::app_digests`]): execution waits at it.
+    awaiting_app: Option<u64>,
 }
 
 impl Engine {
@@ -462,6 +537,7 @@ impl Engine {
             start: 0,
             start_state: Digest::default(),
             end: u64::MAX,
+            awaiting_app: None,
         })
     }
 
@@ -529,9 +605,41 @@ impl Engine {
         self.start
     }
 
-    /// Whether the epoch's last sequence number is executed.
+    /// Whether the epoch's last sequence number is executed (and, with
+    /// [`Config::app_digests`], its checkpoint digest is complete).
     pub fn is_ended(&self) -> bool {
-        self.last_exec >= self.end
+        self.last_exec >= self.end && self.awaiting_app.is_none()
+    }
+
+    /// The checkpoint whose application digest the engine waits for, if any.
+    pub fn awaiting_app_state(&self) -> Option<u64> {
+        self.awaiting_app
+    }
+
+    /// The application's state digest after the checkpoint decision `seq` (with
+    /// [`Config::app_digests`]): completes the checkpoint's digest, signs and sends the
+    /// checkpoint, and resumes execution. False (nothing done) when the engine does not wait
+    /// for `seq`.
+    pub fn on_app_state(&mut self, seq: u64, app: Digest) -> bool {
+        if self.awaiting_app != Some(seq) {
+            return false;
+        }
+        self.awaiting_app = None;
+        self.checkpoint_executed(seq, app);
+        self.execute_ready();
+        true
+    }
+
+    /// The stable checkpoint: its sequence number, digest and the 2f+1 signed checkpoint
+    /// messages proving it (none for the epoch's start, which needs no proof).
+    pub fn stable_checkpoint(&self) -> (u64, Digest, &[SignedEnvelope]) {
+        (self.low, self.stable_state, &self.stable_proof)
+    }
+
+    /// Digest of the executed-request windows (which requests already ran), part of every
+    /// checkpoint digest and of [`Handover`].
+    pub fn clients_digest(&self) -> Digest {
+        clients_digest(&self.executed)
     }
 
     /// What the next epoch's engine starts from, once this one has ended.
@@ -1284,6 +1392,9 @@ impl Engine {
     /// Executes committed batches in sequence order (section 4.2, last paragraph).
     fn execute_ready(&mut self) {
         loop {
+            if self.awaiting_app.is_some() {
+                break;
+            }
             let seq = self.last_exec + 1;
             let Some((cert, batch, pp)) = self.log.get(&seq).and_then(|e| e.committed.clone())
             else {
@@ -1318,8 +1429,12 @@ impl Engine {
                 state: self.state,
             })));
             if seq.is_multiple_of(self.cfg.checkpoint_interval) {
-                self.exec_states.insert(seq, self.state);
-                self.send_checkpoint(seq);
+                if self.cfg.app_digests {
+                    // The application applies the decision, then calls `on_app_state`.
+                    self.awaiting_app = Some(seq);
+                    break;
+                }
+                self.checkpoint_executed(seq, Digest::default());
             }
         }
         let keep: BTreeSet<(NodeId, u64)> = self.pending.keys().copied().collect();
@@ -1332,6 +1447,14 @@ impl Engine {
     }
 
     // ----- checkpoints (section 4.3) ------------------------------------------------------
+
+    /// Folds the executed-request windows and the application digest into the log digest at
+    /// checkpoint `seq` (the log continues from the folded digest), then signs it.
+    fn checkpoint_executed(&mut self, seq: u64, app: Digest) {
+        self.state = checkpoint_digest(&self.state, &self.clients_digest(), &app);
+        self.exec_states.insert(seq, self.state);
+        self.send_checkpoint(seq);
+    }
 
     fn send_checkpoint(&mut self, seq: u64) {
         if !self.is_member() {
@@ -1755,25 +1878,7 @@ impl Engine {
 
     /// Checks a stable checkpoint proof: 2f+1 members signed one state for `seq`.
     fn check_stable_proof(&self, seq: u64, proof: &[SignedEnvelope]) -> Option<Digest> {
-        let mut signers = BTreeSet::new();
-        let mut state = None;
-        for c in proof {
-            let v = open(c)?;
-            match v.message() {
-                ConsensusMsg::Checkpoint { seq: s, state: d } if *s == seq => {
-                    if *state.get_or_insert(*d) != *d || !self.committee.contains(&v.signer()) {
-                        return None;
-                    }
-                    signers.insert(v.signer());
-                }
-                _ => return None,
-            }
-        }
-        if signers.len() >= self.committee.quorum() {
-            state
-        } else {
-            None
-        }
+        stable_proof_digest(&self.committee, seq, proof)
     }
 
     /// Checks a compact prepared certificate for `claim` in a view change to `new_view`: the

@@ -216,6 +216,10 @@ struct Net {
     down: Vec<bool>,
     /// (sender, message name) of every message sent.
     sent: Vec<(usize, &'static str)>,
+    /// Log digests delivered: (replica, seq) -> `Decision::state`.
+    logs: std::collections::BTreeMap<(usize, u64), Digest>,
+    /// With `Config::app_digests`: the application digest replica i reports at seq.
+    app: fn(usize, u64) -> Digest,
 }
 
 impl Net {
@@ -229,6 +233,8 @@ impl Net {
             reports: Vec::new(),
             down: vec![false; n],
             sent: Vec::new(),
+            logs: Default::default(),
+            app: |_, _| Digest::default(),
         }
     }
 
@@ -257,7 +263,14 @@ impl Net {
                             }
                         }
                         Command::Send { to, envelope } => msgs.push((self.index(to), envelope)),
-                        Command::Deliver(d) => self.delivered[i].push((d.seq, d.digest)),
+                        Command::Deliver(d) => {
+                            self.delivered[i].push((d.seq, d.digest));
+                            self.logs.insert((i, d.seq), d.state);
+                            if self.engines[i].awaiting_app_state() == Some(d.seq) {
+                                let app = (self.app)(i, d.seq);
+                                assert!(self.engines[i].on_app_state(d.seq, app));
+                            }
+                        }
                         Command::ReportPeer { peer, offence } => self.reports.push((peer, offence)),
                         _ => {}
                     }
@@ -343,7 +356,9 @@ fn stable_checkpoint_command_is_emitted_once_a_quorum_matches_section_4_3() {
             }
         }
         if seq == 2 {
-            // The last command is our checkpoint message.
+            // The last command is our checkpoint message. It signs the log digest with the
+            // executed-request windows and the (here absent) application digest folded in.
+            state = crate::checkpoint_digest(&state, &b.clients_digest(), &Digest::default());
             assert_eq!(
                 broadcast(cmds.last().unwrap()),
                 ConsensusMsg::Checkpoint { seq: 2, state }
@@ -1058,6 +1073,8 @@ fn epoch_net(committee: &Committee, end: u64) -> Net {
         reports: Vec::new(),
         down: vec![false; 5],
         sent: Vec::new(),
+        logs: Default::default(),
+        app: |_, _| Digest::default(),
     }
 }
 
@@ -1146,4 +1163,163 @@ fn epochs_refuse_ends_and_starts_off_the_checkpoint_grid() {
     e.set_end(4).unwrap();
     assert_eq!(e.end(), Some(4));
     assert!(e.handover().is_none(), "not ended yet");
+}
+
+fn app_cfg() -> Config {
+    Config {
+        app_digests: true,
+        ..cfg()
+    }
+}
+
+#[test]
+fn with_app_digests_a_checkpoint_waits_for_the_application_and_signs_its_state() {
+    let mut b = Engine::new(app_cfg(), key(1), committee(4)).unwrap();
+    b.set_end(2).unwrap();
+    let mut log = Digest::default();
+    for seq in [1u64, 2] {
+        let r = request(9, seq);
+        let (prop, h, slot) = proposal(0, 0, seq, std::slice::from_ref(&r), 0);
+        b.handle(t(0), Input::Message(prop));
+        b.handle(
+            t(0),
+            Input::Message(signed(2, ConsensusMsg::Prepare { slot, header: h })),
+        );
+        b.handle(t(0), Input::Message(signed(2, ConsensusMsg::Commit(slot))));
+        b.handle(t(0), Input::Message(signed(3, ConsensusMsg::Commit(slot))));
+        for c in drain(&mut b) {
+            assert!(
+                !matches!(&c, Command::Broadcast(env) if open(env).message().name() == "checkpoint"),
+                "no checkpoint before the application's digest: {c:?}"
+            );
+            if let Command::Deliver(d) = c {
+                log = d.state;
+            }
+        }
+    }
+    assert_eq!(b.last_executed(), 2);
+    assert_eq!(b.awaiting_app_state(), Some(2));
+    assert!(!b.is_ended(), "the end's checkpoint digest is not complete");
+    assert!(b.handover().is_none());
+    assert!(
+        !b.on_app_state(1, Digest::default()),
+        "not a waiting checkpoint"
+    );
+    let app = Digest::of("test-app", &[b"state after 2"]);
+    assert!(b.on_app_state(2, app));
+    assert!(!b.on_app_state(2, app), "only once");
+    let signed_state = crate::checkpoint_digest(&log, &b.clients_digest(), &app);
+    let cmds = drain(&mut b);
+    assert!(
+        matches!(&cmds[..], [c] if broadcast(c) == ConsensusMsg::Checkpoint { seq: 2, state: signed_state }),
+        "{cmds:?}"
+    );
+    assert!(b.is_ended());
+    let h = b.handover().unwrap();
+    assert_eq!(
+        h.state, signed_state,
+        "the next epoch continues from the signed digest"
+    );
+    assert_eq!(h.clients_digest(), b.clients_digest());
+}
+
+#[test]
+fn a_replica_whose_application_state_diverges_never_sees_its_checkpoint_stable() {
+    let mut net = Net::new(4, app_cfg());
+    net.app = |i, seq| {
+        let who: &[u8] = if i == 3 { b"diverged" } else { b"honest" };
+        Digest::of("test-app", &[who, &seq.to_be_bytes()])
+    };
+    net.request_all(t(0), &request(9, 1));
+    net.request_all(t(10), &request(9, 2));
+    for i in 0..3 {
+        assert_eq!(net.engines[i].low_watermark(), 2, "replica {i}");
+    }
+    assert_eq!(net.engines[3].last_executed(), 2);
+    assert_eq!(
+        net.engines[3].low_watermark(),
+        0,
+        "2f+1 checkpoints certify another state than replica 3's"
+    );
+}
+
+#[test]
+fn an_epoch_link_certifies_the_next_committee_and_the_state_it_starts_from() {
+    use crate::transfer::{EpochLink, TransferError, app_digest, verify_chain};
+    let c0 = committee(4);
+    let c1 = Committee::new(1, (1..5).map(|i| key(i).node_id()).collect()).unwrap();
+    let mut net = epoch_net(&c0, 4);
+    for (i, e) in net.engines.iter_mut().enumerate() {
+        *e = Engine::new(app_cfg(), key(i), c0.clone()).unwrap();
+        e.set_end(4).unwrap();
+    }
+    // Every replica's application state digest; at the epoch's end it names the next
+    // committee (c1 = replicas 1-4, fixed by the test as `next_committee` would compute it).
+    fn app(_: usize, seq: u64) -> Digest {
+        let c1 = Committee::new(1, (1..5).map(|i| key(i).node_id()).collect()).unwrap();
+        let state = Digest::of("test-app", &[&seq.to_be_bytes()]);
+        app_digest(&state, (seq == 4).then_some(&c1))
+    }
+    net.app = app;
+    for nonce in 1..=4 {
+        net.request_all(t(nonce * 10), &request(9, nonce));
+    }
+    let e0 = &net.engines[0];
+    assert!(e0.is_ended());
+    let (seq, digest, proof) = e0.stable_checkpoint();
+    assert_eq!(seq, 4);
+    assert!(proof.len() >= 3);
+    let link = EpochLink {
+        seq: 4,
+        log: net.logs[&(0, 4)],
+        clients: e0.clients_digest(),
+        app_state: Digest::of("test-app", &[&4u64.to_be_bytes()]),
+        next: c1.clone(),
+        proof: proof.to_vec(),
+    };
+    assert_eq!(link.digest(), digest);
+    assert_eq!(link.verify(&c0, 4), Ok(c1.clone()));
+    assert_eq!(
+        verify_chain(&c0, std::slice::from_ref(&link), 4),
+        Ok(c1.clone())
+    );
+    let h = e0.handover().unwrap();
+    assert_eq!((h.state, h.clients_digest()), (link.digest(), link.clients));
+
+    // Every lie is refused.
+    let mut lie = link.clone();
+    lie.app_state = Digest::of("test-app", &[b"another state"]);
+    assert_eq!(lie.verify(&c0, 4), Err(TransferError::BadProof(4)));
+    let mut lie = link.clone();
+    lie.next = Committee::new(1, (0..4).map(|i| key(i).node_id()).collect()).unwrap();
+    assert_eq!(lie.verify(&c0, 4), Err(TransferError::BadProof(4)));
+    let mut lie = link.clone();
+    lie.clients = Digest::default();
+    assert_eq!(lie.verify(&c0, 4), Err(TransferError::BadProof(4)));
+    let mut lie = link.clone();
+    lie.proof.truncate(2);
+    assert_eq!(
+        lie.verify(&c0, 4),
+        Err(TransferError::BadProof(4)),
+        "2 < 2f+1"
+    );
+    let mut lie = link.clone();
+    lie.proof.push(lie.proof[0].clone());
+    lie.proof.remove(1);
+    lie.proof.remove(1);
+    assert_eq!(
+        lie.verify(&c0, 4),
+        Err(TransferError::BadProof(4)),
+        "a signer twice"
+    );
+    assert!(matches!(
+        link.verify(&c1, 4),
+        Err(TransferError::WrongBoundary { .. })
+    ));
+    assert_eq!(link.verify(&c0, 0), Err(TransferError::NoEpochs));
+    assert!(matches!(
+        link.verify(&c0, 2),
+        Err(TransferError::WrongBoundary { .. })
+    ));
+    assert!(verify_chain(&c0, &[], 4).is_err());
 }

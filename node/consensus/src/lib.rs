@@ -27,8 +27,11 @@
 //! * Batching (the sliding window of the TOCS'02 version): the primary keeps at most
 //!   `max_inflight` batches in flight; requests arriving meanwhile go out together.
 //! * Checkpoints [4.3] every `K` = 100 sequence numbers sign a digest of the replicated log
-//!   (a hash chain over batch digests); 2f+1 matching make it stable, the log below is
-//!   discarded and the watermarks move (`H = h + L`, `L = 2K`).
+//!   (a hash chain over batch digests), the executed-request windows and, with
+//!   [`Config::app_digests`], the application's state ([`checkpoint_digest`]); 2f+1 matching
+//!   make it stable, the log below is discarded and the watermarks move (`H = h + L`,
+//!   `L = 2K`). Certified checkpoints at epoch ends chain committees for state transfer
+//!   ([`transfer`]).
 //! * View change [4.4]: a backup whose request timer (10 s, doubling per failed attempt) expires
 //!   multicasts a view change: a head with its stable checkpoint proof and the *claims*
 //!   `(v, n, d)` of its prepared slots, then [`ViewChangeProofs`] parts with the prepared
@@ -172,6 +175,7 @@ mod certificate;
 pub mod committee;
 mod engine;
 pub mod messages;
+pub mod transfer;
 
 pub use certificate::{
     CastVote, CertificateError, CertifiedBatch, CommitProof, CommittedRequest, CompactRequestProof,
@@ -181,7 +185,7 @@ pub use certificate::{
 pub use committee::Committee;
 pub use engine::{
     Command, Config, ConfigError, Decision, Engine, Handover, Input, Offence, VIEWS_PER_EPOCH,
-    epoch_of_view, first_view,
+    checkpoint_digest, epoch_of_view, first_view, stable_proof_digest,
 };
 pub use messages::{
     CommitCertificate, ConsensusMsg, Digest, MAX_PROOF_PART_BYTES, NewView, PrePrepare,
