@@ -124,7 +124,7 @@ fn run_seeds(
                     // (and its finished part read) while it runs.
                     if let Ok((r, secs)) = &r {
                         eprintln!(
-                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} membership_ops={} quarantine_exclusions={} {secs:.1} s",
+                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} membership_ops={} quarantine_exclusions={} epoch_links={} {secs:.1} s",
                             r.seed,
                             r.strategy,
                             r.passed(),
@@ -134,7 +134,8 @@ fn run_seeds(
                             r.max_epoch,
                             r.membership_changes,
                             r.membership_ops,
-                            r.quarantine_exclusions
+                            r.quarantine_exclusions,
+                            r.epoch_links_verified
                         );
                     }
                     if let Ok(mut m) = results.lock() {
@@ -257,6 +258,7 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         "membership_changes": reports.iter().map(|r| r.membership_changes).sum::<usize>(),
         "membership_ops": reports.iter().map(|r| r.membership_ops).sum::<u64>(),
         "quarantine_exclusions": reports.iter().map(|r| r.quarantine_exclusions).sum::<u64>(),
+        "epoch_links_verified": reports.iter().map(|r| r.epoch_links_verified).sum::<u64>(),
         "determinism_self_check": determinism,
         "wall_seconds": wall,
         "jobs": a.jobs,

@@ -41,6 +41,7 @@ use std::{
 use dwcp_consensus::{
     Command, Committee, ConsensusMsg, Digest, Engine, Input, Offence, Request,
     committee::{self, Candidate, Eligibility, EpochRules, Membership, MembershipOp},
+    transfer::{self, EpochLink},
 };
 use dwcp_protocol::{MessageKind, NodeId, NodeKey, SignedEnvelope, Timestamp, Verified};
 use dwcp_reputation::{self as reputation, Evidence};
@@ -114,7 +115,10 @@ impl Scenario {
             liveness_phase_ms: 600_000,
             drain_ms: 540_000,
             link: LinkModel::Regions,
-            consensus: dwcp_consensus::Config::default(),
+            consensus: dwcp_consensus::Config {
+                app_digests: true,
+                ..dwcp_consensus::Config::default()
+            },
             client_window: 1,
             client_retry_ms: 5_000,
             quarantine_k_views: 4,
@@ -141,7 +145,10 @@ impl Scenario {
             liveness_phase_ms: duration_ms,
             drain_ms: duration_ms / 5,
             link: LinkModel::Uniform { one_way_ms },
-            consensus: dwcp_consensus::Config::default(),
+            consensus: dwcp_consensus::Config {
+                app_digests: true,
+                ..dwcp_consensus::Config::default()
+            },
             client_window,
             client_retry_ms: 5_000,
             quarantine_k_views: 4,
@@ -194,6 +201,10 @@ pub struct Report {
     pub membership_ops: u64,
     /// Epochs whose committee left out a quarantined member of the one before.
     pub quarantine_exclusions: u64,
+    /// Epoch links (the certified checkpoint ending an epoch, naming the next committee and
+    /// the state it starts from) that honest nodes checked as a joiner would: all verified,
+    /// or the run records an `epoch_links` violation.
+    pub epoch_links_verified: u64,
     /// Byzantine nodes that committed a provable offence.
     pub offenders: usize,
     /// Byzantine nodes quarantined by every honest node.
@@ -302,6 +313,9 @@ struct Node {
     rep: reputation::Engine,
     /// Committed joins, readiness and leaves (every node applies them, as a node does).
     membership: Membership,
+    /// The link ending this node's last epoch, waiting for its checkpoint to become stable
+    /// (its proof), with the committee that signs it.
+    pending_link: Option<(EpochLink, Committee)>,
     byz: bool,
     crashed: bool,
     timer_at: Option<u64>,
@@ -356,6 +370,7 @@ struct Sim {
     /// Epochs whose committee left out a member of the previous one because it was
     /// quarantined.
     quarantine_exclusions: u64,
+    epoch_links_verified: u64,
 }
 
 /// A scenario that cannot run.
@@ -460,6 +475,7 @@ impl Sim {
                 nudged_at: None,
                 rep: reputation::Engine::new(reputation::Config::default()),
                 membership: membership.clone(),
+                pending_link: None,
                 byz: byz_idx.contains(&i),
                 crashed: false,
                 timer_at: None,
@@ -515,6 +531,7 @@ impl Sim {
             penalised: BTreeSet::new(),
             membership_ops: 0,
             quarantine_exclusions: 0,
+            epoch_links_verified: 0,
             s,
         };
         sim.schedule_start();
@@ -915,14 +932,27 @@ impl Sim {
         self.nodes[i].view_offset + self.nodes[i].engine.view_in_epoch()
     }
 
-    /// Node `i` executed its epoch's last decision: it computes the next committee with the
-    /// node's own rule (`committee::next_committee`: eligible members of the committed
-    /// membership, not quarantined and at or above the reputation threshold in its committed
-    /// reputation table, ordered by a seed from the log digest) and continues the log with a
-    /// new engine; the ended one stays to serve catch-up.
-    fn next_epoch(&mut self, i: usize, d: &dwcp_consensus::Decision) {
+    /// The digest of node `i`'s replicated state (committed reputation table and
+    /// membership) that its checkpoints sign ([`dwcp_consensus::Config::app_digests`]).
+    fn app_state(&self, i: usize) -> Digest {
+        let nd = &self.nodes[i];
+        let table = invariants::reputation_agreement::table_digest(
+            nd.rep.scores(),
+            nd.rep.quarantined().iter().copied(),
+        );
+        let mut membership = Vec::new();
+        if ciborium::into_writer(&nd.membership, &mut membership).is_err() {
+            membership.clear();
+        }
+        Digest::of("dwcp/sim/app-state", &[&table.0, &membership])
+    }
+
+    /// Node `i` executed its epoch's last decision `d`: the next committee, by the node's
+    /// own rule (`committee::next_committee`: eligible members of the committed membership,
+    /// not quarantined and at or above the reputation threshold in its committed reputation
+    /// table, ordered by a seed from the log digest). Checks it for honest nodes.
+    fn next_committee(&mut self, i: usize, d: &dwcp_consensus::Decision) -> Committee {
         let len = self.s.epoch_length;
-        let epoch = d.seq / len;
         let rules = EpochRules {
             epoch_length: len,
             size: self.s.nodes,
@@ -964,6 +994,14 @@ impl Sim {
                 Err(v) => self.violation(v),
             }
         }
+        next
+    }
+
+    /// Node `i` continues the log with `next`'s engine after its epoch's last decision `d`;
+    /// the ended engine stays to serve catch-up.
+    fn next_epoch(&mut self, i: usize, d: &dwcp_consensus::Decision, next: Committee) {
+        let len = self.s.epoch_length;
+        let epoch = d.seq / len;
         let nd = &mut self.nodes[i];
         let Some(mut handover) = nd.engine.handover() else {
             return;
@@ -984,6 +1022,71 @@ impl Sim {
         self.trace.update(b"epoch");
         self.trace.update((i as u64).to_be_bytes());
         self.trace.update(epoch.to_be_bytes());
+    }
+
+    /// Node `i` applied decision `d`: at an epoch's end it computes the next committee; at a
+    /// checkpoint it gives the engine its state digest (naming the next committee at an
+    /// epoch's end, and keeping the link to check once the checkpoint is stable); then it
+    /// switches epochs.
+    fn after_decision(&mut self, i: usize, d: &dwcp_consensus::Decision) {
+        let boundary = self.s.epoch_length > 0 && self.nodes[i].engine.end() == Some(d.seq);
+        let next = boundary.then(|| self.next_committee(i, d));
+        if self.nodes[i].engine.awaiting_app_state() == Some(d.seq) {
+            let state = self.app_state(i);
+            let nd = &mut self.nodes[i];
+            nd.engine
+                .on_app_state(d.seq, transfer::app_digest(&state, next.as_ref()));
+            if let Some(next) = &next
+                && !nd.byz
+            {
+                let link = EpochLink {
+                    seq: d.seq,
+                    log: d.state,
+                    clients: nd.engine.clients_digest(),
+                    app_state: state,
+                    next: next.clone(),
+                    proof: Vec::new(),
+                };
+                nd.pending_link = Some((link, nd.engine.committee().clone()));
+            }
+        }
+        if let Some(next) = next {
+            self.next_epoch(i, d, next);
+        }
+    }
+
+    /// A checkpoint of node `i` became stable at `seq`: if it ends the epoch of its pending
+    /// link, the link gets the checkpoint's proof and is checked as a joiner would.
+    fn on_stable(&mut self, i: usize, seq: u64) {
+        let nd = &mut self.nodes[i];
+        if nd.pending_link.as_ref().is_none_or(|(l, _)| l.seq != seq) {
+            return;
+        }
+        let Some(proof) = nd
+            .old
+            .iter()
+            .map(Engine::stable_checkpoint)
+            .find(|(s, _, _)| *s == seq)
+            .map(|(_, _, p)| p.to_vec())
+        else {
+            return;
+        };
+        let Some((mut link, ending)) = nd.pending_link.take() else {
+            return;
+        };
+        link.proof = proof;
+        let expected = self.committees.get(link.next.epoch());
+        match invariants::epoch_links::check(
+            self.now,
+            i,
+            &link,
+            &ending,
+            self.s.epoch_length,
+            expected,
+        ) {
+            Ok(()) => self.epoch_links_verified += 1,
+            Err(v) => self.violation(v),
+        }
     }
 
     fn drain(&mut self, i: usize) {
@@ -1018,18 +1121,15 @@ impl Sim {
                     // state (reputation, membership) and so compute the same committees;
                     // no invariant is checked for them.
                     self.on_decision(i, &d);
-                    if self.s.epoch_length > 0 && self.nodes[i].engine.end() == Some(d.seq) {
-                        self.next_epoch(i, &d);
-                    }
+                    self.after_decision(i, &d);
                 }
                 Command::ReportPeer { peer, offence } => {
                     if !self.nodes[i].byz {
                         self.on_report(i, peer, offence);
                     }
                 }
-                Command::ViewChangeStarted { .. }
-                | Command::NewViewInstalled { .. }
-                | Command::StableCheckpoint { .. } => {}
+                Command::StableCheckpoint { seq, .. } => self.on_stable(i, seq),
+                Command::ViewChangeStarted { .. } | Command::NewViewInstalled { .. } => {}
             }
         }
         let view = self.view_rank(i);
@@ -1294,6 +1394,7 @@ impl Sim {
             },
             membership_ops: self.membership_ops,
             quarantine_exclusions: self.quarantine_exclusions,
+            epoch_links_verified: self.epoch_links_verified,
             offenders: self.quarantine.offenders(),
             quarantined_byzantine,
             penalised_byzantine,

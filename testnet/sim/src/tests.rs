@@ -157,6 +157,15 @@ fn ci_seeds_with_committees_drawn_from_a_larger_pool_hand_over_safely() {
             r.max_epoch
         );
         churned += r.membership_ops;
+        // Every honest node checked the link ending each epoch it finished, as a node
+        // joining later would (2f+1 checkpoint signatures of the ending committee on the
+        // next committee and the state it starts from).
+        assert!(
+            r.epoch_links_verified >= 4 * (r.max_epoch.saturating_sub(1)),
+            "{strategy:?}: {} links verified in {} epochs",
+            r.epoch_links_verified,
+            r.max_epoch
+        );
         eprintln!(
             "pool {strategy:?}: membership ops {}, quarantine exclusions {}",
             r.membership_ops, r.quarantine_exclusions

@@ -2,6 +2,7 @@
 
 pub mod agreement;
 pub mod committees;
+pub mod epoch_links;
 pub mod quarantine;
 pub mod reputation_agreement;
 pub mod validity;
