@@ -456,7 +456,8 @@ pub struct PbftSection {
     #[serde(with = "humantime_serde")]
     pub view_change_timeout: Duration,
     /// MiB of commit certificates a replica keeps to catch up others: a replica that missed
-    /// more decisions than its peers keep cannot catch up (there is no state transfer yet).
+    /// more decisions than its peers keep cannot replay them; with epochs it installs a
+    /// certified snapshot instead (state transfer), without epochs it stays behind.
     pub catch_up_mib: usize,
 }
 

@@ -86,12 +86,18 @@
 //!   per slot, on every node alike. Records off the grid or older than the reward window
 //!   are refused (the reputation engine's rules).
 //!
-//! **Not done yet:** certified records for quarantines
-//! from lesser offences and for releases; a node more than [`MAX_OLD_EPOCHS`] epochs (or
-//! `catch_up_mib` of certificates) behind cannot replay the log: no state transfer between
-//! nodes yet, so a node that joins late, or restarts without epochs, replays from genesis
-//! as far as peers retain certificates. The committees a node computed are kept in sled
-//! (tree `consensus_committees`) so certificates of later epochs verify meanwhile.
+//! **State transfer** ([`crate::transfer`], with epochs): checkpoints sign the replicated
+//! state ([`AcpState::digest`]) and, at an epoch's end, the next committee; each node keeps
+//! the certified link ending every epoch (sled tree `consensus_links`). A node that sees
+//! traffic two or more epochs ahead, or whose peers no longer hold the decisions it needs
+//! next, asks a peer for its last epoch-start snapshot, checks the chain of links from the
+//! committee it trusts, installs it and fetches only the decisions after it.
+//!
+//! **Not done yet:** certified records for quarantines from lesser offences and for
+//! releases; without epochs (`acp.epochs.length: 0`) there are no links, so a node behind
+//! more than `catch_up_mib` of certificates still cannot catch up. The committees a node
+//! computed are kept in sled (tree `consensus_committees`) so certificates of later epochs
+//! verify meanwhile.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -298,6 +304,18 @@ pub enum Applied {
 }
 
 impl AcpState {
+    /// Digest of the replicated state (its CBOR encoding; maps in key order, the reputation
+    /// engine's output queue left out): what checkpoints certify, and what a transferred
+    /// snapshot must hash to. Equal on every honest replica after the same decisions.
+    pub fn digest(&self) -> dwcp_consensus::Digest {
+        let mut bytes = Vec::new();
+        if let Err(e) = ciborium::into_writer(self, &mut bytes) {
+            warn!(error = %e, "the replicated state does not encode");
+            bytes.clear();
+        }
+        dwcp_consensus::Digest::of("dwcp/v3/acp-state", &[&bytes])
+    }
+
     /// Fresh state with the manual's reputation rules.
     pub fn new() -> Self {
         Self {
@@ -556,6 +574,13 @@ pub enum DriverInput {
     Decide(Vec<u8>, oneshot::Sender<anyhow::Result<Vec<u8>>>),
     /// Submit a probe and answer once it committed here, with the time it took.
     Probe(oneshot::Sender<anyhow::Result<Duration>>),
+    /// A peer's reply to this node's state-transfer request.
+    Transfer {
+        /// The peer asked.
+        peer: NodeId,
+        /// Its reply (encoded [`crate::transfer::TransferReply`]).
+        reply: Vec<u8>,
+    },
     /// This member measured what transfers from a node achieved: its signed
     /// `BandwidthMeasurement` and the node's signed announcement (its capacity claim). Kept,
     /// sent to the other members, and turned into evidence once f+1 members' measurements
@@ -658,10 +683,14 @@ pub struct QuorumStatus {
     #[serde(default)]
     pub resumed_from: Option<u64>,
     /// The last catch-up reply offered only decisions above the next one this node needs:
-    /// `(needed, first offered)`. Peers no longer hold the certificates in between, and
-    /// there is no state transfer between nodes yet: this node cannot replay the log.
+    /// `(needed, first offered)`. Peers no longer hold the certificates in between: this
+    /// node cannot replay the log, and asks peers for a certified snapshot.
     #[serde(default)]
     pub catch_up_gap: Option<(u64, u64)>,
+    /// The last certified snapshot this node installed (state transfer): its sequence
+    /// number, epoch and the peer it came from.
+    #[serde(default)]
+    pub transferred: Option<(u64, u64, NodeId)>,
     /// Primary of the view.
     pub primary: Option<NodeId>,
     /// Whether the view is active (not changing).
@@ -718,12 +747,31 @@ pub struct AcpView {
 #[derive(Debug, Clone)]
 pub struct Consensus {
     tx: mpsc::Sender<DriverInput>,
+    transfer: Option<crate::transfer::TransferStore>,
     verifier: CommitteeVerifier,
     quarantined: watch::Receiver<BTreeSet<NodeId>>,
     view: watch::Receiver<Arc<AcpView>>,
 }
 
 impl Consensus {
+    /// The answer to a state-transfer request from a peer ([`crate::transfer`]): this node's
+    /// last epoch-start snapshot with the links proving it, or why not. Reads sled: call it
+    /// off the async threads.
+    pub fn serve_transfer(&self, request: &[u8]) -> Vec<u8> {
+        match &self.transfer {
+            Some(t) => t.serve(request, dwcp_net::MAX_STATE_TRANSFER_FRAME),
+            None => {
+                let mut bytes = Vec::new();
+                let no =
+                    crate::transfer::TransferReply::Refused("this node keeps no snapshots".into());
+                if ciborium::into_writer(&no, &mut bytes).is_err() {
+                    bytes.clear();
+                }
+                bytes
+            }
+        }
+    }
+
     /// Nodes quarantined by committed decisions (excluded from placement, disconnected).
     pub fn quarantined(&self) -> BTreeSet<NodeId> {
         self.quarantined.borrow().clone()
@@ -800,6 +848,7 @@ struct AcpMetrics {
     withheld: IntCounter,
     participation_records: IntCounter,
     catch_up_gap: IntGauge,
+    state_transfers: IntCounter,
 }
 
 impl AcpMetrics {
@@ -857,7 +906,11 @@ impl AcpMetrics {
             )?,
             catch_up_gap: reg.g(
                 "dwcp_pbft_catch_up_gap",
-                "Decisions this node cannot replay because its peers no longer hold them (0: none; no state transfer between nodes yet)",
+                "Decisions this node cannot replay because its peers no longer hold them (0: none); it then asks peers for a certified snapshot",
+            )?,
+            state_transfers: reg.c(
+                "dwcp_pbft_state_transfers_total",
+                "Certified snapshots (state transfer) this node verified and installed",
             )?,
             participation_records: reg.c(
                 "dwcp_reputation_participation_records_total",
@@ -897,6 +950,9 @@ pub struct AcpSetup<'a> {
     /// continues from the start of the last epoch it reached instead of replaying from
     /// genesis.
     pub resume: Option<sled::Tree>,
+    /// Where the links ending each epoch are kept (with `resume`: what this node serves to
+    /// nodes asking for state transfer, [`crate::transfer`]).
+    pub links: Option<sled::Tree>,
 }
 
 /// The genesis committee of a configuration, or `None` when none is configured.
@@ -986,6 +1042,16 @@ struct Driver {
     waiting: BTreeMap<u64, Waiter>,
     /// Opens the certificates members reply with.
     verifier: CommitteeVerifier,
+    /// Epoch links and the resume point, served to nodes asking for state transfer.
+    transfer: Option<crate::transfer::TransferStore>,
+    /// The link ending the current epoch, waiting for its checkpoint's proof.
+    pending_link: Option<dwcp_consensus::transfer::EpochLink>,
+    /// When this node last asked a peer for a snapshot.
+    transfer_asked: Option<Instant>,
+    /// The last snapshot installed: (seq, epoch, peer).
+    transferred: Option<(u64, u64, NodeId)>,
+    /// The driver's own input queue (transfer replies come back through it).
+    self_tx: mpsc::Sender<DriverInput>,
 }
 
 /// Where a node's consensus stood at the start of an epoch: the epoch's committee and last
@@ -1016,7 +1082,7 @@ const RESUME_KEY: &[u8] = b"latest";
 impl ResumePoint {
     /// Writes a point (replacing the previous one); a failure is logged, not fatal: the node
     /// then resumes from an older point, or replays from genesis, after a restart.
-    fn store(&self, t: &sled::Tree) {
+    pub(crate) fn store(&self, t: &sled::Tree) {
         let mut bytes = Vec::new();
         let r = ciborium::into_writer(self, &mut bytes)
             .map_err(|e| e.to_string())
@@ -1061,6 +1127,25 @@ impl ResumePoint {
         let mut e = Engine::resume(cfg.clone(), key.clone(), committee, self.handover.clone())?;
         e.set_end(self.end)?;
         Ok(e)
+    }
+}
+
+/// Least time between two state-transfer requests of a node.
+pub const TRANSFER_EVERY: Duration = Duration::from_secs(5);
+
+/// The epoch a consensus message belongs to, for a node that has not reached it (by view, or
+/// by sequence number with epochs of `epoch_length`).
+fn message_epoch(m: &ConsensusMsg, epoch_length: u64) -> Option<u64> {
+    let by_seq = |seq: u64| (epoch_length > 0).then(|| seq.saturating_sub(1) / epoch_length);
+    match m {
+        ConsensusMsg::PrePrepare(pp) => Some(dwcp_consensus::epoch_of_view(pp.slot.view)),
+        ConsensusMsg::Prepare { slot, .. } | ConsensusMsg::Commit(slot) => {
+            Some(dwcp_consensus::epoch_of_view(slot.view))
+        }
+        ConsensusMsg::ViewChange(vc) => Some(dwcp_consensus::epoch_of_view(vc.new_view)),
+        ConsensusMsg::NewView(nv) => Some(dwcp_consensus::epoch_of_view(nv.view)),
+        ConsensusMsg::Checkpoint { seq, .. } => by_seq(*seq),
+        _ => None,
     }
 }
 
@@ -1149,6 +1234,7 @@ pub fn spawn(
         verifier,
         committees,
         resume,
+        links,
     } = setup;
     let metrics = AcpMetrics::new(registry)?;
     let Some(committee) = genesis_committee(cfg)? else {
@@ -1162,6 +1248,8 @@ pub fn spawn(
         log_window: 2 * cfg.pbft.checkpoint_interval,
         view_change_timeout_ms: cfg.pbft.view_change_timeout.as_millis() as u64,
         retained_certificate_bytes: cfg.pbft.catch_up_mib.saturating_mul(1024 * 1024),
+        // Checkpoints certify the replicated state (`AcpState::digest`): state transfer.
+        app_digests: true,
         ..dwcp_consensus::Config::default()
     }
     .validate()?;
@@ -1225,9 +1313,18 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(1024);
     let (q_tx, q_rx) = watch::channel(BTreeSet::new());
     let (v_tx, v_rx) = watch::channel(Arc::new(AcpView::default()));
+    let transfer = match (&links, &resume) {
+        (Some(l), Some(r)) => Some(crate::transfer::TransferStore::new(l.clone(), r.clone())),
+        _ => None,
+    };
     let d = Driver {
         me,
         key,
+        transfer: transfer.clone(),
+        pending_link: None,
+        transfer_asked: None,
+        transferred: None,
+        self_tx: tx.clone(),
         engine,
         old: std::collections::VecDeque::new(),
         ecfg,
@@ -1277,6 +1374,7 @@ pub fn spawn(
     Ok(Some((
         Consensus {
             tx,
+            transfer,
             verifier: d_verifier,
             quarantined: q_rx,
             view: v_rx,
@@ -1405,8 +1503,21 @@ impl Driver {
                         warn!(
                             needed,
                             offered,
-                            "cannot catch up: peers no longer hold the decisions this node needs next (no state transfer between nodes yet)"
+                            "cannot catch up: peers no longer hold the decisions this node needs next; asking for a certified snapshot"
                         );
+                    }
+                }
+                if gap.is_some() {
+                    let members: Vec<NodeId> = self
+                        .committee
+                        .members()
+                        .iter()
+                        .copied()
+                        .filter(|m| *m != self.me)
+                        .collect();
+                    if !members.is_empty() {
+                        let pick = (self.decisions as usize + wall_ms() as usize) % members.len();
+                        self.ask_transfer(members[pick]);
                     }
                 }
             }
@@ -1441,6 +1552,14 @@ impl Driver {
                         .map(|i| i + 1)
                 };
                 let Some(target) = target else {
+                    // Traffic two or more epochs ahead: a certified snapshot is quicker than
+                    // replaying (and the log may no longer be held).
+                    if let Some(len) = self.rules.as_ref().map(|r| r.epoch_length)
+                        && message_epoch(m.message(), len)
+                            .is_some_and(|e| e >= self.committee.epoch() + 2)
+                    {
+                        self.ask_transfer(m.signer());
+                    }
                     // Traffic of an epoch this node has not reached: it is behind, so it
                     // asks for decisions (at most once a second).
                     if self
@@ -1520,11 +1639,27 @@ impl Driver {
         self.old.iter_mut().find_map(Engine::poll_command)
     }
 
-    /// At the end of an epoch (its last decision applied): computes the next committee from
-    /// committed state (membership, reputation, the log digest and batch time of the last
-    /// decision), starts its engine where this one ended, and keeps the ended engine to
-    /// serve catch-up. Every honest node computes the same committee.
-    fn next_epoch(&mut self, d: &dwcp_consensus::Decision) {
+    /// The next epoch's committee, from committed state (membership, reputation, the log
+    /// digest and batch time of the epoch's last decision `d`). Every honest node computes
+    /// the same committee.
+    fn next_committee(&self, d: &dwcp_consensus::Decision) -> Option<Committee> {
+        let rules = self.rules.as_ref()?;
+        let state = &self.state;
+        let reputation = |n: &NodeId| (state.score(n), state.is_quarantined(n));
+        Some(dwcp_consensus::committee::next_committee(
+            &self.committee,
+            d.seq,
+            &d.state,
+            d.time,
+            &state.membership,
+            &reputation,
+            rules,
+        ))
+    }
+
+    /// At the end of an epoch (its last decision applied and its checkpoint signed): starts
+    /// `next`'s engine where this one ended, and keeps the ended engine to serve catch-up.
+    fn next_epoch(&mut self, d: &dwcp_consensus::Decision, next: Committee) {
         let Some(rules) = self.rules.clone() else {
             return;
         };
@@ -1539,17 +1674,6 @@ impl Driver {
         // What a restart resumes from (the waiting requests are not kept: clients resend).
         let mut resumed_at = handover.clone();
         resumed_at.pending.clear();
-        let state = &self.state;
-        let reputation = |n: &NodeId| (state.score(n), state.is_quarantined(n));
-        let next = dwcp_consensus::committee::next_committee(
-            &self.committee,
-            d.seq,
-            &d.state,
-            d.time,
-            &state.membership,
-            &reputation,
-            &rules,
-        );
         let started = Engine::resume(self.ecfg.clone(), self.key.clone(), next.clone(), handover)
             .and_then(|mut e| {
                 e.set_end(d.seq + rules.epoch_length)?;
@@ -1592,14 +1716,7 @@ impl Driver {
         self.old.truncate(keep);
         self.engine = Some(engine);
         self.verifier.insert(next.clone());
-        if let Some(t) = &self.committees {
-            let mut bytes = Vec::new();
-            if ciborium::into_writer(&next, &mut bytes).is_ok()
-                && let Err(e) = t.insert(next.epoch().to_be_bytes(), bytes)
-            {
-                warn!(error = %e, "could not store the epoch's committee");
-            }
-        }
+        self.store_committee(&next);
         self.metrics.committee.set(next.n() as i64);
         self.metrics.epoch.set(next.epoch() as i64);
         if let (Some(t), Some(genesis)) = (&self.resume, self.verifier.committee(0)) {
@@ -1873,6 +1990,136 @@ impl Driver {
                     }
                 }
             }
+            DriverInput::Transfer { peer, reply } => self.on_transfer(peer, &reply),
+        }
+    }
+
+    /// Asks `peer` for a certified snapshot (at most every [`TRANSFER_EVERY`]); the reply
+    /// comes back as [`DriverInput::Transfer`].
+    fn ask_transfer(&mut self, peer: NodeId) {
+        if self.rules.is_none()
+            || self.transfer.is_none()
+            || peer == self.me
+            || self
+                .transfer_asked
+                .is_some_and(|t| t.elapsed() < TRANSFER_EVERY)
+        {
+            return;
+        }
+        let Ok(pid) = peer.to_peer_id() else { return };
+        self.transfer_asked = Some(Instant::now());
+        let req = crate::transfer::TransferRequest {
+            known_epoch: self.committee.epoch(),
+        };
+        let mut bytes = Vec::new();
+        if ciborium::into_writer(&req, &mut bytes).is_err() {
+            return;
+        }
+        info!(peer = %peer.short(), known_epoch = req.known_epoch, "asking a peer for a certified snapshot (state transfer)");
+        let client = self.client.clone();
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            match client.request(pid, Service::StateTransfer, bytes).await {
+                Ok(reply) => {
+                    let _ = tx.send(DriverInput::Transfer { peer, reply }).await;
+                }
+                Err(e) => debug!(error = %e, "state-transfer request failed"),
+            }
+        });
+    }
+
+    /// A peer's snapshot: verified from the current committee through its chain of epoch
+    /// links, then installed if it is ahead of this node.
+    fn on_transfer(&mut self, peer: NodeId, reply: &[u8]) {
+        let Some(rules) = self.rules.clone() else {
+            return;
+        };
+        let v = match crate::transfer::verify(&self.committee, rules.epoch_length, reply) {
+            Ok(v) => v,
+            Err(crate::transfer::TransferFailed::Refused(why)) => {
+                info!(peer = %peer.short(), why, "the peer has no snapshot for this node");
+                return;
+            }
+            Err(e) => {
+                warn!(peer = %peer.short(), error = %e, "refused a snapshot");
+                return;
+            }
+        };
+        let seq = v.handover.seq;
+        let here = self.engine.as_ref().map_or(0, Engine::last_executed);
+        if seq <= here {
+            debug!(seq, here, "a snapshot not ahead of this node; ignored");
+            return;
+        }
+        let started = Engine::resume(
+            self.ecfg.clone(),
+            self.key.clone(),
+            v.committee.clone(),
+            v.handover.clone(),
+        )
+        .and_then(|mut e| {
+            e.set_end(seq + rules.epoch_length)?;
+            Ok(e)
+        });
+        let mut engine = match started {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "a verified snapshot does not start an engine");
+                return;
+            }
+        };
+        engine.handle_timeout(Timestamp(wall_ms()));
+        let epoch = v.committee.epoch();
+        if let Some(t) = &self.transfer {
+            for link in &v.links {
+                t.store_link(link.next.epoch() - 1, link);
+            }
+        }
+        for link in &v.links {
+            self.verifier.insert(link.next.clone());
+            self.store_committee(&link.next);
+        }
+        if let (Some(t), Some(genesis)) = (&self.resume, self.verifier.committee(0)) {
+            ResumePoint {
+                genesis: genesis.members().to_vec(),
+                committee: v.committee.clone(),
+                end: seq + rules.epoch_length,
+                handover: v.handover,
+                state: v.state.clone(),
+            }
+            .store(t);
+        }
+        self.engine = Some(engine);
+        self.old.clear();
+        self.pending_link = None;
+        self.state = v.state;
+        self.committee = v.committee;
+        self.transferred = Some((seq, epoch, peer));
+        self.metrics.state_transfers.inc();
+        self.metrics.epoch.set(epoch as i64);
+        self.metrics.committee.set(self.committee.n() as i64);
+        self.refresh_reputation_metrics();
+        self.publish_quarantine();
+        self.view_dirty = true;
+        info!(
+            seq,
+            epoch,
+            links = v.links.len(),
+            peer = %peer.short(),
+            "installed a certified snapshot (state transfer); fetching the decisions after it"
+        );
+    }
+
+    /// Keeps a later epoch's committee on disk (certificates of that epoch then verify
+    /// after a restart).
+    fn store_committee(&self, c: &Committee) {
+        if let Some(t) = &self.committees {
+            let mut bytes = Vec::new();
+            if ciborium::into_writer(c, &mut bytes).is_ok()
+                && let Err(e) = t.insert(c.epoch().to_be_bytes(), bytes)
+            {
+                warn!(error = %e, "could not store the epoch's committee");
+            }
         }
     }
 
@@ -1962,11 +2209,51 @@ impl Driver {
                 }
                 Command::StableCheckpoint { seq, .. } => {
                     debug!(seq, "stable checkpoint");
+                    self.complete_link(seq);
                     if let Some(v) = &self.votes {
                         v.prune(seq);
                     }
                 }
             }
+        }
+    }
+
+    /// The checkpoint ending the last epoch became stable at `seq`: its proof completes the
+    /// epoch's link, which is kept to serve state transfer.
+    fn complete_link(&mut self, seq: u64) {
+        if self.pending_link.as_ref().is_none_or(|l| l.seq != seq) {
+            return;
+        }
+        let Some(proof) = self
+            .old
+            .iter()
+            .map(Engine::stable_checkpoint)
+            .find(|(s, _, _)| *s == seq)
+            .map(|(_, _, p)| p.to_vec())
+        else {
+            return;
+        };
+        let Some(mut link) = self.pending_link.take() else {
+            return;
+        };
+        link.proof = proof;
+        let ended = link.next.epoch().saturating_sub(1);
+        let Some(len) = self.rules.as_ref().map(|r| r.epoch_length) else {
+            return;
+        };
+        match self.verifier.committee(ended) {
+            Some(c) => match link.verify(&c, len) {
+                Ok(_) => {
+                    if let Some(t) = &self.transfer {
+                        t.store_link(ended, &link);
+                    }
+                }
+                Err(e) => warn!(error = %e, ended, "this node's own epoch link does not verify"),
+            },
+            None => debug!(
+                ended,
+                "the ended epoch's committee is not known; link not kept"
+            ),
         }
     }
 
@@ -2135,8 +2422,34 @@ impl Driver {
         }
         // The epoch's last decision (an engine catching up executes many decisions before
         // the driver applies them: switch at the last one, not as soon as the engine ended).
-        if self.engine.as_ref().and_then(Engine::end) == Some(d.seq) {
-            self.next_epoch(&d);
+        let next = if self.engine.as_ref().and_then(Engine::end) == Some(d.seq) {
+            self.next_committee(&d)
+        } else {
+            None
+        };
+        // A checkpoint signs the replicated state (and, at an epoch's end, the next
+        // committee): the engine waits for it before signing and executing further.
+        if let Some(e) = self.engine.as_mut()
+            && e.awaiting_app_state() == Some(d.seq)
+        {
+            let state = self.state.digest();
+            e.on_app_state(
+                d.seq,
+                dwcp_consensus::transfer::app_digest(&state, next.as_ref()),
+            );
+            if let Some(next) = &next {
+                self.pending_link = Some(dwcp_consensus::transfer::EpochLink {
+                    seq: d.seq,
+                    log: d.state,
+                    clients: e.clients_digest(),
+                    app_state: state,
+                    next: next.clone(),
+                    proof: Vec::new(),
+                });
+            }
+        }
+        if let Some(next) = next {
+            self.next_epoch(&d, next);
         }
     }
 
@@ -2481,6 +2794,7 @@ impl Driver {
             ready: self.state.membership.nodes().filter(|(_, r)| *r).count(),
             resumed_from: self.resumed_from,
             catch_up_gap: e.and_then(Engine::catch_up_gap),
+            transferred: self.transferred,
             primary: e.map(|e| e.primary()),
             view_active: e.is_some_and(|e| e.is_view_active()),
             last_executed: e.map(|e| e.last_executed()).unwrap_or(0),

@@ -639,6 +639,22 @@ impl Daemon {
                 });
             }
             Service::Control => crate::control::on_request(self.shared.clone(), r),
+            Service::StateTransfer => {
+                // A certified snapshot from sled, off the event loop; anyone may ask (the
+                // reply proves itself), the request-response layer bounds the frames.
+                let client = self.client.clone();
+                let c = self.shared.consensus().cloned();
+                let dwcp_net::InboundRequest { data, reply, .. } = r;
+                tokio::spawn(async move {
+                    let bytes = match c {
+                        Some(c) => tokio::task::spawn_blocking(move || c.serve_transfer(&data))
+                            .await
+                            .unwrap_or_default(),
+                        None => Vec::new(),
+                    };
+                    let _ = client.respond(reply, bytes).await;
+                });
+            }
             Service::Consensus => {
                 // One-way: acknowledge at once (empty), then hand the envelope to the driver,
                 // which verifies it. Nodes without a replica drop it.
@@ -837,6 +853,7 @@ pub async fn run(setup: NodeSetup, shutdown: impl Future<Output = ()>) -> anyhow
         verifier,
         committees: Some(committees),
         resume: Some(store.tree("consensus_resume")?),
+        links: Some(store.tree("consensus_links")?),
     })?;
     let (pba, pba_task) = match crate::pba::spawn(crate::pba::PbaSetup {
         cfg: &config.pba,

@@ -33,6 +33,7 @@ pub mod pba;
 pub mod placement;
 pub mod statesync;
 pub mod store;
+pub mod transfer;
 pub mod vms;
 pub mod votelog;
 

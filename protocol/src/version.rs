@@ -38,6 +38,8 @@ pub const SYNC_PROTOCOL: &str = "/dwcp/sync/3.0.0";
 pub const CONSENSUS_PROTOCOL: &str = "/dwcp/consensus/3.0.0";
 /// Request-response protocol for node-to-node control (forwarded VM operations).
 pub const CONTROL_PROTOCOL: &str = "/dwcp/control/3.0.0";
+/// Request-response protocol for consensus state transfer (certified snapshots).
+pub const STATE_TRANSFER_PROTOCOL: &str = "/dwcp/state-transfer/3.0.0";
 /// Bulk transfer streams (AMST).
 pub const TRANSFER_PROTOCOL: &str = "/dwcp/amst/3.0.0";
 

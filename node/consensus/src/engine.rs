@@ -38,8 +38,9 @@ pub struct Config {
     /// Most commit certificates kept to serve catch-up (the newest ones).
     pub retained_certificates: usize,
     /// Most bytes of commit certificates kept to serve catch-up (encoded size; the oldest go
-    /// first). A replica that missed more decisions than its peers retain can never catch up
-    /// (there is no state transfer), so this bounds how long it may be down, not only memory.
+    /// first). A replica that missed more decisions than its peers retain cannot replay them
+    /// (it needs state transfer: [`crate::transfer`], driven by the application), so this
+    /// bounds how long it may be down, not only memory.
     pub retained_certificate_bytes: usize,
     /// Largest difference between a batch's time and the local clock a backup accepts.
     pub max_clock_skew_ms: u64,

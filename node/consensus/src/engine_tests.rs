@@ -985,8 +985,8 @@ fn replica_down_for_more_than_400_decisions_catches_up_section_4_3() {
 #[test]
 fn a_replica_behind_the_peers_retention_reports_the_gap_it_cannot_replay() {
     // Peers keep 8 KiB of certificates; replica 3 misses 40 decisions, so no peer holds
-    // slot 1 any more: it cannot replay the log (no state transfer), and says where the gap
-    // is instead of silently fetching for ever.
+    // slot 1 any more: it cannot replay the log (the driver must transfer state), and says
+    // where the gap is instead of silently fetching for ever.
     let cfg = Config {
         retained_certificate_bytes: 8 * 1024,
         max_batch: 1,

@@ -24,4 +24,5 @@ pub(crate) struct Behaviour {
     pub(crate) sync: Rpc,
     pub(crate) consensus: Rpc,
     pub(crate) control: Rpc,
+    pub(crate) state_transfer: Rpc,
 }

@@ -422,6 +422,7 @@ fn make_behaviour(
         sync: rpc(Service::Sync),
         consensus: rpc(Service::Consensus),
         control: rpc(Service::Control),
+        state_transfer: rpc(Service::StateTransfer),
     })
 }
 
@@ -686,6 +687,7 @@ impl EventLoop {
             Service::Sync => &mut b.sync,
             Service::Consensus => &mut b.consensus,
             Service::Control => &mut b.control,
+            Service::StateTransfer => &mut b.state_transfer,
         }
     }
 
@@ -846,6 +848,9 @@ impl EventLoop {
                 self.on_rpc(Service::Consensus, e)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Control(e)) => self.on_rpc(Service::Control, e),
+            SwarmEvent::Behaviour(BehaviourEvent::StateTransfer(e)) => {
+                self.on_rpc(Service::StateTransfer, e)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),

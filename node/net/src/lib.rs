@@ -39,7 +39,7 @@ pub use event_loop::{
     Client, Event, EventLoop, GossipMessage, InboundRequest, NetStats, ReplyHandle, Validation,
 };
 pub use libp2p::{Multiaddr, PeerId};
-pub use rpc::Service;
+pub use rpc::{MAX_STATE_TRANSFER_FRAME, Service};
 
 /// Why the network could not be started or a command failed.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use std::io;
 
 use dwcp_protocol::{
     envelope::MessageKind,
-    version::{CONSENSUS_PROTOCOL, CONTROL_PROTOCOL, SYNC_PROTOCOL},
+    version::{CONSENSUS_PROTOCOL, CONTROL_PROTOCOL, STATE_TRANSFER_PROTOCOL, SYNC_PROTOCOL},
 };
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -32,11 +32,22 @@ pub enum Service {
     Consensus,
     /// Node-to-node control: forwarded VM operations (`/dwcp/control/3.0.0`).
     Control,
+    /// Consensus state transfer: a certified snapshot for a node too far behind to replay
+    /// the log (`/dwcp/state-transfer/3.0.0`).
+    StateTransfer,
 }
+
+/// The largest state-transfer frame (a snapshot with its chain of epoch links).
+pub const MAX_STATE_TRANSFER_FRAME: usize = 8 * 1024 * 1024;
 
 impl Service {
     /// Every service.
-    pub const ALL: [Service; 3] = [Service::Sync, Service::Consensus, Service::Control];
+    pub const ALL: [Service; 4] = [
+        Service::Sync,
+        Service::Consensus,
+        Service::Control,
+        Service::StateTransfer,
+    ];
 
     /// Its protocol name.
     pub const fn protocol_name(self) -> &'static str {
@@ -44,6 +55,7 @@ impl Service {
             Service::Sync => SYNC_PROTOCOL,
             Service::Consensus => CONSENSUS_PROTOCOL,
             Service::Control => CONTROL_PROTOCOL,
+            Service::StateTransfer => STATE_TRANSFER_PROTOCOL,
         }
     }
 
@@ -53,6 +65,7 @@ impl Service {
             Service::Sync => MessageKind::StateSync.max_envelope() + FRAME_SLACK,
             Service::Consensus => MessageKind::Consensus.max_envelope() + FRAME_SLACK,
             Service::Control => 64 * 1024,
+            Service::StateTransfer => MAX_STATE_TRANSFER_FRAME,
         }
     }
 
@@ -62,6 +75,7 @@ impl Service {
             Service::Sync => "sync",
             Service::Consensus => "consensus",
             Service::Control => "control",
+            Service::StateTransfer => "state-transfer",
         }
     }
 }

@@ -156,12 +156,15 @@ async fn the_committee_of_the_next_epoch_comes_from_committed_membership() {
 /// A member that restarts after two epochs resumes from the start of the last epoch it
 /// reached (its resume point on disk: committee, log hand-over, replicated state), fetches
 /// only the decisions after it, and commits again with the same membership as the others.
+/// Then a new node, which never saw the first epochs, installs a certified snapshot from a
+/// peer (state transfer) instead of replaying the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_member_resumes_from_its_last_epoch_not_from_genesis() {
-    let (dirs, ids) = fresh_dirs(4);
-    let configs: Vec<_> = (0..4).map(|_| config(&ids, true)).collect();
+async fn a_restarted_member_resumes_from_its_last_epoch_and_a_new_node_installs_a_snapshot() {
+    let (dirs, all_ids) = fresh_dirs(5);
+    let ids = &all_ids[..4];
+    let configs: Vec<_> = (0..4).map(|_| config(ids, true)).collect();
     let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
-    let mut nodes = start_group(configs.clone(), &dir_paths).await;
+    let mut nodes = start_group(configs.clone(), &dir_paths[..4]).await;
     let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
     let all: Vec<&str> = apis.iter().map(|s| s.as_str()).collect();
     let before = drive_until(Some(all[0]), &all, 120, "epoch 2 reached", |s| s.epoch >= 2).await;
@@ -171,11 +174,7 @@ async fn a_restarted_member_resumes_from_its_last_epoch_not_from_genesis() {
     let third = nodes.remove(3);
     third.stop().await;
     let mut cfg = configs[3].clone();
-    cfg.cluster.bootstrap = vec![format!(
-        "{}/p2p/{}",
-        configs[0].network.listen[0],
-        ids[0].to_peer_id().unwrap()
-    )];
+    cfg.cluster.bootstrap = bootstrap_via_node0(&configs, ids);
     let third = RunningNode::start(cfg, dir_paths[3]).await;
     let s = status(&third.api).await;
     let from = s.resumed_from.expect("resumed from its resume point");
@@ -197,8 +196,43 @@ async fn a_restarted_member_resumes_from_its_last_epoch_not_from_genesis() {
     while let Err(e) = probe(&third.api).await {
         assert!(t.elapsed() < Duration::from_secs(60), "{e}");
     }
+
+    // A new node (fresh data, genesis committee only) sees traffic two or more epochs
+    // ahead, asks a peer for its snapshot, checks the chain of epoch links from genesis
+    // (2f+1 checkpoint signatures of each committee on the next one and the state it
+    // starts from), installs it and fetches only the decisions after it.
+    let mut new = config(ids, false);
+    new.cluster.bootstrap = bootstrap_via_node0(&configs, ids);
+    let new = RunningNode::start(new, dir_paths[4]).await;
+    let target = status(all[0]).await;
+    let s = drive_until(
+        Some(all[0]),
+        &[new.api.as_str()],
+        90,
+        "the new node installs a snapshot and catches up",
+        |s| s.transferred.is_some() && s.last_executed >= target.last_executed && s.joined == 5,
+    )
+    .await;
+    let (seq, epoch, _) = s[0].transferred.expect("a snapshot was installed");
+    assert!(seq >= 40 && seq % 20 == 0 && epoch >= 2, "{:?}", s[0]);
+    assert!(s[0].resumed_from.is_none(), "it started from nothing");
+    assert!(metric(&new.metrics, "dwcp_pbft_state_transfers_total").await >= 1.0);
+    let member = status(all[0]).await;
+    if member.epoch == s[0].epoch {
+        assert_eq!(member.members, s[0].members);
+    }
+    new.stop().await;
     third.stop().await;
     for n in nodes {
         n.stop().await;
     }
+}
+
+/// Node 0 as the bootstrap peer.
+fn bootstrap_via_node0(configs: &[dwcp_node::config::NodeConfig], ids: &[NodeId]) -> Vec<String> {
+    vec![format!(
+        "{}/p2p/{}",
+        configs[0].network.listen[0],
+        ids[0].to_peer_id().unwrap()
+    )]
 }

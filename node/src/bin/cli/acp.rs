@@ -127,10 +127,18 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
             if let Some(seq) = s.resumed_from {
                 println!("Resumed at start from seq {seq} (its epoch's resume point on disk)");
             }
+            if let Some((seq, epoch, peer)) = s.transferred {
+                println!(
+                    "Installed a certified snapshot at seq {seq} (epoch {epoch}) from {} \
+                     (state transfer)",
+                    peer.short()
+                );
+            }
             if let Some((needed, offered)) = s.catch_up_gap {
                 println!(
                     "CANNOT CATCH UP: needs seq {needed}, peers hold decisions from {offered} on \
-                     (they keep acp.pbft.catch_up_mib of certificates; no state transfer yet)"
+                     (they keep acp.pbft.catch_up_mib of certificates); asking peers for a \
+                     certified snapshot"
                 );
             }
             table(

@@ -1,0 +1,397 @@
+//! Consensus state transfer: a node too far behind to replay the log (a new volunteer, or
+//! one that was away longer than its peers retain certificates) installs a certified
+//! snapshot instead.
+//!
+//! Every node keeps, per ended epoch, the [`EpochLink`] that ended it: 2f+1 checkpoint
+//! signatures of that epoch's committee on the log digest, the executed-request windows,
+//! the replicated state's digest ([`AcpState::digest`]) and the next committee
+//! (`dwcp_consensus::transfer`). With its resume point (the engine hand-over and the
+//! replicated state at the start of its current epoch) that is a snapshot anyone can check
+//! from a committee they already trust:
+//!
+//! ```text
+//!  joiner                                   any peer (/dwcp/state-transfer/3.0.0)
+//!  TransferRequest { known_epoch } ------->  links known_epoch .. E-1, hand-over, state at E
+//!  verify_chain(known committee, links)  <--  TransferReply::Snapshot
+//!  state.digest() == last link's app_state, hand-over == last link's digests
+//!  -> start epoch E's engine there, fetch the decisions after it
+//! ```
+//!
+//! The reply is not signed: a peer that lies fails the checks (it would need 2f+1
+//! signatures of a committee the joiner trusts), and the joiner asks another peer later.
+
+use dwcp_consensus::{
+    Committee, Handover,
+    transfer::{EpochLink, MAX_LINKS, verify_chain},
+};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::consensus::{AcpState, ResumePoint};
+
+/// What a node asks a peer for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRequest {
+    /// The newest epoch whose committee the asking node trusts (links start there).
+    pub known_epoch: u64,
+}
+
+/// A peer's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum TransferReply {
+    /// A snapshot at the start of an epoch, with the links from the asked epoch to it.
+    Snapshot {
+        /// Links ending epochs `known_epoch ..` up to the snapshot's epoch, in order.
+        links: Vec<EpochLink>,
+        /// The engine hand-over at the snapshot's epoch start.
+        handover: Handover,
+        /// The replicated state there.
+        state: Box<AcpState>,
+    },
+    /// The peer cannot serve (why).
+    Refused(String),
+}
+
+/// A verified snapshot, ready to install.
+#[derive(Debug)]
+pub struct Verified {
+    /// The committee of the epoch the snapshot starts (checked through the chain).
+    pub committee: Committee,
+    /// The engine hand-over (its log digest and windows match the last link).
+    pub handover: Handover,
+    /// The replicated state (its digest matches the last link).
+    pub state: AcpState,
+    /// The links checked, to keep (and serve) in turn.
+    pub links: Vec<EpochLink>,
+}
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferFailed {
+    /// The reply does not decode.
+    #[error("the reply does not decode: {0}")]
+    Decode(String),
+    /// The peer refused.
+    #[error("the peer refused: {0}")]
+    Refused(String),
+    /// The chain of links does not verify.
+    #[error("the chain of epoch links does not verify: {0}")]
+    Chain(#[from] dwcp_consensus::transfer::TransferError),
+    /// The snapshot does not match what the last link certifies.
+    #[error("the snapshot does not match its certificate: {0}")]
+    Mismatch(&'static str),
+}
+
+/// Checks a reply against `known` (a committee the node trusts) and the epoch length.
+pub fn verify(
+    known: &Committee,
+    epoch_length: u64,
+    reply: &[u8],
+) -> Result<Verified, TransferFailed> {
+    let reply: TransferReply =
+        ciborium::from_reader(reply).map_err(|e| TransferFailed::Decode(e.to_string()))?;
+    let (links, handover, state) = match reply {
+        TransferReply::Snapshot {
+            links,
+            handover,
+            state,
+        } => (links, handover, *state),
+        TransferReply::Refused(why) => return Err(TransferFailed::Refused(why)),
+    };
+    let committee = verify_chain(known, &links, epoch_length)?;
+    let last = links.last().ok_or(TransferFailed::Mismatch("no links"))?;
+    if handover.seq != last.seq {
+        return Err(TransferFailed::Mismatch(
+            "the hand-over is at another sequence number",
+        ));
+    }
+    if handover.state != last.digest() {
+        return Err(TransferFailed::Mismatch(
+            "the hand-over's log digest differs",
+        ));
+    }
+    if handover.clients_digest() != last.clients {
+        return Err(TransferFailed::Mismatch(
+            "the hand-over's executed-request windows differ",
+        ));
+    }
+    if state.digest() != last.app_state {
+        return Err(TransferFailed::Mismatch(
+            "the replicated state's digest differs",
+        ));
+    }
+    Ok(Verified {
+        committee,
+        handover,
+        state,
+        links,
+    })
+}
+
+/// Where a node keeps its epoch links (one per ended epoch, keyed by that epoch) and its
+/// resume point, and serves transfers from them.
+#[derive(Debug, Clone)]
+pub struct TransferStore {
+    links: sled::Tree,
+    resume: sled::Tree,
+}
+
+impl TransferStore {
+    /// Over the `links` and `resume` trees.
+    pub fn new(links: sled::Tree, resume: sled::Tree) -> Self {
+        Self { links, resume }
+    }
+
+    /// Keeps the link ending epoch `ended` (replacing one kept before); a failure is logged.
+    pub fn store_link(&self, ended: u64, link: &EpochLink) {
+        let mut bytes = Vec::new();
+        let r = ciborium::into_writer(link, &mut bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.links
+                    .insert(ended.to_be_bytes(), bytes)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = r {
+            warn!(error = %e, ended, "could not store an epoch link");
+        }
+    }
+
+    /// The link ending epoch `ended`, if kept and decodable.
+    pub fn link(&self, ended: u64) -> Option<EpochLink> {
+        let bytes = self.links.get(ended.to_be_bytes()).ok().flatten()?;
+        ciborium::from_reader(bytes.as_ref()).ok()
+    }
+
+    /// Epoch links kept.
+    pub fn links_kept(&self) -> usize {
+        self.links.len()
+    }
+
+    /// The reply to `request` (encoded): the resume point's snapshot with the links from the
+    /// asked epoch, or why not. Never larger than `max_bytes`.
+    pub fn serve(&self, request: &[u8], max_bytes: usize) -> Vec<u8> {
+        let reply = match self.snapshot(request) {
+            Ok(r) => r,
+            Err(why) => TransferReply::Refused(why),
+        };
+        let mut bytes = Vec::new();
+        if ciborium::into_writer(&reply, &mut bytes).is_err() || bytes.len() > max_bytes {
+            bytes.clear();
+            let why = TransferReply::Refused("the snapshot is too large to send".into());
+            if ciborium::into_writer(&why, &mut bytes).is_err() {
+                bytes.clear();
+            }
+        }
+        bytes
+    }
+
+    fn snapshot(&self, request: &[u8]) -> Result<TransferReply, String> {
+        let req: TransferRequest =
+            ciborium::from_reader(request).map_err(|e| format!("bad request: {e}"))?;
+        let point = ResumePoint::load(&self.resume).ok_or("no snapshot kept (epochs off?)")?;
+        let epoch = point.committee.epoch();
+        if req.known_epoch >= epoch {
+            return Err(format!("nothing newer than epoch {}", req.known_epoch));
+        }
+        if (epoch - req.known_epoch) as usize > MAX_LINKS {
+            return Err(format!(
+                "epoch {} is more than {MAX_LINKS} epochs behind",
+                req.known_epoch
+            ));
+        }
+        let links = (req.known_epoch..epoch)
+            .map(|e| {
+                self.link(e)
+                    .ok_or(format!("the link ending epoch {e} is not kept"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TransferReply::Snapshot {
+            links,
+            handover: point.handover,
+            state: Box::new(point.state),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use dwcp_consensus::{
+        Command, Config, Engine, Input, Request,
+        committee::{MembershipOp, next_committee},
+        transfer::app_digest,
+    };
+    use dwcp_protocol::{NodeKey, Timestamp};
+
+    /// A one-member cluster (quorum 1) run through its first epoch of 2 decisions: the link
+    /// ending it and the resume point of epoch 1, as a node stores them.
+    fn epoch_one() -> (Committee, EpochLink, ResumePoint) {
+        let key = NodeKey::from_secret_bytes([7; 32]);
+        let genesis = Committee::new(0, vec![key.node_id()]).unwrap();
+        let cfg = Config {
+            checkpoint_interval: 2,
+            log_window: 4,
+            app_digests: true,
+            ..Config::default()
+        };
+        let mut e = Engine::new(cfg, key.clone(), genesis.clone()).unwrap();
+        e.set_end(2).unwrap();
+        let mut state = AcpState::new();
+        let rules = dwcp_consensus::committee::EpochRules {
+            epoch_length: 2,
+            size: 1,
+            eligibility: Default::default(),
+        };
+        let mut link = None;
+        for nonce in 1..=2u64 {
+            let op = MembershipOp::Join(key.node_id()).encode();
+            let r = dwcp_protocol::Verified::sign(&key, Request { nonce, op }).unwrap();
+            e.handle(Timestamp(nonce), Input::Request(r));
+            while let Some(c) = e.poll_command() {
+                let Command::Deliver(d) = c else { continue };
+                for r in &d.requests {
+                    state.apply(d.time, d.seq, &genesis, r.signer(), &r.op);
+                }
+                if e.awaiting_app_state() == Some(d.seq) {
+                    let reputation = |n: &dwcp_protocol::NodeId| (state.score(n), false);
+                    let next = next_committee(
+                        &genesis,
+                        d.seq,
+                        &d.state,
+                        d.time,
+                        state.membership(),
+                        &reputation,
+                        &rules,
+                    );
+                    let s = state.digest();
+                    assert!(e.on_app_state(d.seq, app_digest(&s, Some(&next))));
+                    link = Some(EpochLink {
+                        seq: d.seq,
+                        log: d.state,
+                        clients: e.clients_digest(),
+                        app_state: s,
+                        next,
+                        proof: Vec::new(),
+                    });
+                }
+            }
+        }
+        let mut link = link.unwrap();
+        let (seq, _, proof) = e.stable_checkpoint();
+        assert_eq!(seq, 2);
+        link.proof = proof.to_vec();
+        let point = ResumePoint {
+            genesis: genesis.members().to_vec(),
+            committee: link.next.clone(),
+            end: 4,
+            handover: e.handover().unwrap(),
+            state,
+        };
+        (genesis, link, point)
+    }
+
+    fn store() -> (sled::Db, TransferStore) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = TransferStore::new(
+            db.open_tree("consensus_links").unwrap(),
+            db.open_tree("consensus_resume").unwrap(),
+        );
+        (db, t)
+    }
+
+    fn request(known_epoch: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        ciborium::into_writer(&TransferRequest { known_epoch }, &mut b).unwrap();
+        b
+    }
+
+    fn encode(r: &TransferReply) -> Vec<u8> {
+        let mut b = Vec::new();
+        ciborium::into_writer(r, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_served_snapshot_verifies_from_genesis_and_every_lie_is_refused() {
+        let (genesis, link, point) = epoch_one();
+        let (_db, t) = store();
+        // Nothing kept yet: refused, with the reason.
+        let no = verify(&genesis, 2, &t.serve(&request(0), 1 << 20)).unwrap_err();
+        assert!(matches!(no, TransferFailed::Refused(_)), "{no}");
+        point.store(&t.resume);
+        let missing = verify(&genesis, 2, &t.serve(&request(0), 1 << 20)).unwrap_err();
+        assert!(
+            missing.to_string().contains("link ending epoch 0"),
+            "{missing}"
+        );
+        t.store_link(0, &link);
+        assert_eq!(t.links_kept(), 1);
+
+        let v = verify(&genesis, 2, &t.serve(&request(0), 1 << 20)).unwrap();
+        assert_eq!(v.committee, point.committee);
+        assert_eq!(v.handover.seq, 2);
+        assert_eq!(v.state.digest(), point.state.digest());
+        assert_eq!(v.state.membership().len(), 1);
+
+        // A node already at epoch 1 gets nothing newer; a reply too large is refused.
+        assert!(matches!(
+            verify(&genesis, 2, &t.serve(&request(1), 1 << 20)),
+            Err(TransferFailed::Refused(_))
+        ));
+        assert!(
+            verify(&genesis, 2, &t.serve(&request(0), 64))
+                .unwrap_err()
+                .to_string()
+                .contains("too large")
+        );
+        assert!(matches!(
+            verify(&genesis, 2, b"garbage"),
+            Err(TransferFailed::Decode(_))
+        ));
+        assert!(matches!(
+            verify(&genesis, 2, &t.serve(b"garbage", 1 << 20)),
+            Err(TransferFailed::Refused(_))
+        ));
+
+        // Another replicated state than the certified one.
+        let mut other = point.state.clone();
+        other.apply(
+            Timestamp(9),
+            3,
+            &genesis,
+            genesis.members()[0],
+            &MembershipOp::Leave(genesis.members()[0]).encode(),
+        );
+        let lie = encode(&TransferReply::Snapshot {
+            links: vec![link.clone()],
+            handover: point.handover.clone(),
+            state: Box::new(other),
+        });
+        assert!(matches!(
+            verify(&genesis, 2, &lie),
+            Err(TransferFailed::Mismatch(_))
+        ));
+        // A link altered to name another committee: its proof no longer verifies.
+        let mut forged = link.clone();
+        forged.next =
+            Committee::new(1, vec![NodeKey::from_secret_bytes([8; 32]).node_id()]).unwrap();
+        let lie = encode(&TransferReply::Snapshot {
+            links: vec![forged],
+            handover: point.handover.clone(),
+            state: Box::new(point.state.clone()),
+        });
+        assert!(matches!(
+            verify(&genesis, 2, &lie),
+            Err(TransferFailed::Chain(_))
+        ));
+        // Checked from a committee that did not sign it.
+        let stranger =
+            Committee::new(0, vec![NodeKey::from_secret_bytes([9; 32]).node_id()]).unwrap();
+        assert!(matches!(
+            verify(&stranger, 2, &t.serve(&request(0), 1 << 20)),
+            Err(TransferFailed::Chain(_))
+        ));
+    }
+}
