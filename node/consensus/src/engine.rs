@@ -2126,7 +2126,14 @@ impl Engine {
         }
         let view = self.view;
         let quorum = self.committee.quorum();
-        let count = self.vcs.values().filter(|(v, _)| *v == view).count();
+        // Section 4.4 starts the timer once 2f+1 replicas are changing to this view. A
+        // replica that already asks for a later view counts too: its view change for this
+        // one is replaced by the later one (the latest per signer is kept), and it will not
+        // come back. Counting only exact matches left replicas stuck with no timer when some
+        // honest ones had moved on after receiving the 2f+1 this one never completed, and too
+        // few (<= f, the Byzantine silent) asked for the later view to pull it along (n = 16
+        // sweep, seed 475).
+        let count = self.vcs.values().filter(|(v, _)| *v >= view).count();
         if count >= quorum && self.vc_deadline.is_none() {
             self.vc_deadline = Some(Timestamp(now.0 + self.vc_timeout()));
         }

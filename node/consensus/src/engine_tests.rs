@@ -527,6 +527,52 @@ fn f_plus_one_view_changes_make_a_replica_join_section_4_5_2() {
 }
 
 #[test]
+fn view_changes_for_later_views_count_towards_the_view_change_timer_section_4_4() {
+    // n = 7 (f = 2, 2f+1 = 5). Replica 6 joins view 1 after f+1 view changes for it (4.5.2),
+    // then replica 4, which gathered 2f+1 view changes for view 1 (its own lost on the way
+    // to replica 6), moves on to view 2. Replica 6 holds 4 view changes for view 1 (its own
+    // included) and 1 for view 2: 5 replicas have left view 0, so its timer must run and
+    // take it to view 2 on expiry.
+    // Counting only exact matches left it without a timer for ever when the Byzantine
+    // replicas stayed silent (n = 16 sweep, seed 475).
+    let mut b = Engine::new(cfg(), key(6), committee(7)).unwrap();
+    let vc = |i: usize, new_view: u64| {
+        signed(
+            i,
+            ConsensusMsg::ViewChange(crate::ViewChange {
+                new_view,
+                stable_seq: 0,
+                stable_proof: vec![],
+                prepared: vec![],
+                proof_parts: 0,
+            }),
+        )
+    };
+    for i in 1..=3 {
+        b.handle(t(0), Input::Message(vc(i, 1)));
+    }
+    let cmds = drain(&mut b);
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::ViewChangeStarted { view: 1 })),
+        "{cmds:?}"
+    );
+    assert!(
+        b.poll_timeout().is_none_or(|d| d.0 < 10_000),
+        "no view-change timer yet: only 4 replicas left view 0"
+    );
+    b.handle(t(100), Input::Message(vc(4, 2)));
+    let _ = drain(&mut b);
+    b.handle_timeout(t(30_000));
+    let cmds = drain(&mut b);
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::ViewChangeStarted { view: 2 })),
+        "the timer ran out and the replica moved to view 2: {cmds:?}"
+    );
+}
+
+#[test]
 fn equivocating_primary_is_reported_with_checkable_evidence() {
     let mut b = engine(1, 4);
     let (prop, h1, slot1) = proposal(0, 0, 1, &[request(9, 1)], 0);

@@ -192,3 +192,19 @@ fn ci_seed_a_quarantined_equivocator_is_left_out_of_the_next_committee() {
         r.max_epoch
     );
 }
+
+#[test]
+fn ci_seed_475_at_n16_silent_byzantine_nodes_cannot_strand_honest_ones_between_views() {
+    // Found by the n = 16 sweep: with the 5 Byzantine replicas silent, 3 honest replicas
+    // gathered 2f+1 view changes for view 1 and moved on to view 2, while the 8 others,
+    // missing some of those view changes, never started their view-change timer (fewer than
+    // f+1 asked for view 2 to pull them along): no view had a quorum again. A view change
+    // for a later view now counts towards the timer (section 4.4).
+    let r = run(&Scenario::chaos(16, 5, Strategy::Silence, 475)).unwrap();
+    assert!(r.passed(), "{:?} {}", r.violations, r.liveness_detail);
+    assert!(
+        r.max_view >= 2,
+        "the split happened (max view {})",
+        r.max_view
+    );
+}
