@@ -97,6 +97,24 @@ echo; echo "== the cluster document compacted at a cut the committee commits (f+
 "$BIN/dwcp-cli" --api "$API" state-sync lag-status | sed -n 1p
 "$BIN/dwcp-cli" --api "$API" state-sync compact || true
 sleep 3; "$BIN/dwcp-cli" --api "$API" state-sync lag-status | sed -n 1p
+echo; echo "== a volunteer installs later: decisions until epoch 2, then a new node joins. It sees traffic"
+echo "   two or more epochs ahead, asks a peer for its certified snapshot (state transfer), checks the"
+echo "   chain of committee-signed epoch links from the genesis committee, installs it and fetches"
+echo "   only the decisions after it:"
+for _ in $(seq 60); do
+  E=$("$BIN/dwcp-cli" --api "$API" --format json consensus quorum-status | python3 -c "import json,sys;print(json.load(sys.stdin)['epoch'])")
+  [ "$E" -ge 2 ] && break
+  "$BIN/dwcp-cli" --api "$API" --format json consensus probe --count 2 >/dev/null || true
+done
+"$BIN/dwcp-testnet" join --dir "$DIR"
+NEW_API=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1]['api'])" "$DIR/testnet.json")
+for _ in $(seq 60); do
+  T=$("$BIN/dwcp-cli" --api "$NEW_API" --format json consensus quorum-status 2>/dev/null | python3 -c "import json,sys;print(json.load(sys.stdin).get('transferred') is not None)" 2>/dev/null || echo False)
+  [ "$T" = True ] && break
+  "$BIN/dwcp-cli" --api "$API" --format json consensus probe --count 1 >/dev/null || true
+  sleep 0.5
+done
+"$BIN/dwcp-cli" --api "$NEW_API" consensus quorum-status || true
 if "$BIN/dwcp-testnet" sim --help >/dev/null 2>&1; then
   echo; echo "== deterministic simulator: PBFT with one Byzantine replica of 4, 5 seeds, committee epochs of 100 decisions"
   "$BIN/dwcp-testnet" sim consensus --nodes 4 --byzantine 1 --strategy equivocate --seeds 5 --epoch-length 100 || true

@@ -2034,7 +2034,8 @@ impl Driver {
         let Some(rules) = self.rules.clone() else {
             return;
         };
-        let v = match crate::transfer::verify(&self.committee, rules.epoch_length, reply) {
+        let known = |e: u64| self.verifier.committee(e);
+        let v = match crate::transfer::verify(&known, rules.epoch_length, reply) {
             Ok(v) => v,
             Err(crate::transfer::TransferFailed::Refused(why)) => {
                 info!(peer = %peer.short(), why, "the peer has no snapshot for this node");

@@ -82,9 +82,10 @@ pub enum TransferFailed {
     Mismatch(&'static str),
 }
 
-/// Checks a reply against `known` (a committee the node trusts) and the epoch length.
+/// Checks a reply with the epoch length; `known` gives the committees the node trusts by
+/// epoch (the chain must start at one of them: the node may have moved on while it waited).
 pub fn verify(
-    known: &Committee,
+    known: &dyn Fn(u64) -> Option<Committee>,
     epoch_length: u64,
     reply: &[u8],
 ) -> Result<Verified, TransferFailed> {
@@ -98,7 +99,14 @@ pub fn verify(
         } => (links, handover, *state),
         TransferReply::Refused(why) => return Err(TransferFailed::Refused(why)),
     };
-    let committee = verify_chain(known, &links, epoch_length)?;
+    let first = links
+        .first()
+        .map(|l| l.next.epoch().saturating_sub(1))
+        .ok_or(TransferFailed::Mismatch("no links"))?;
+    let start = known(first).ok_or(TransferFailed::Mismatch(
+        "the chain starts at an epoch whose committee this node does not know",
+    ))?;
+    let committee = verify_chain(&start, &links, epoch_length)?;
     let last = links.last().ok_or(TransferFailed::Mismatch("no links"))?;
     if handover.seq != last.seq {
         return Err(TransferFailed::Mismatch(
@@ -292,6 +300,11 @@ mod tests {
         (genesis, link, point)
     }
 
+    /// Trusts `c` only.
+    fn only(c: &Committee) -> impl Fn(u64) -> Option<Committee> + '_ {
+        move |e| (e == c.epoch()).then(|| c.clone())
+    }
+
     fn store() -> (sled::Db, TransferStore) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let t = TransferStore::new(
@@ -318,10 +331,10 @@ mod tests {
         let (genesis, link, point) = epoch_one();
         let (_db, t) = store();
         // Nothing kept yet: refused, with the reason.
-        let no = verify(&genesis, 2, &t.serve(&request(0), 1 << 20)).unwrap_err();
+        let no = verify(&only(&genesis), 2, &t.serve(&request(0), 1 << 20)).unwrap_err();
         assert!(matches!(no, TransferFailed::Refused(_)), "{no}");
         point.store(&t.resume);
-        let missing = verify(&genesis, 2, &t.serve(&request(0), 1 << 20)).unwrap_err();
+        let missing = verify(&only(&genesis), 2, &t.serve(&request(0), 1 << 20)).unwrap_err();
         assert!(
             missing.to_string().contains("link ending epoch 0"),
             "{missing}"
@@ -329,7 +342,7 @@ mod tests {
         t.store_link(0, &link);
         assert_eq!(t.links_kept(), 1);
 
-        let v = verify(&genesis, 2, &t.serve(&request(0), 1 << 20)).unwrap();
+        let v = verify(&only(&genesis), 2, &t.serve(&request(0), 1 << 20)).unwrap();
         assert_eq!(v.committee, point.committee);
         assert_eq!(v.handover.seq, 2);
         assert_eq!(v.state.digest(), point.state.digest());
@@ -337,21 +350,21 @@ mod tests {
 
         // A node already at epoch 1 gets nothing newer; a reply too large is refused.
         assert!(matches!(
-            verify(&genesis, 2, &t.serve(&request(1), 1 << 20)),
+            verify(&only(&genesis), 2, &t.serve(&request(1), 1 << 20)),
             Err(TransferFailed::Refused(_))
         ));
         assert!(
-            verify(&genesis, 2, &t.serve(&request(0), 64))
+            verify(&only(&genesis), 2, &t.serve(&request(0), 64))
                 .unwrap_err()
                 .to_string()
                 .contains("too large")
         );
         assert!(matches!(
-            verify(&genesis, 2, b"garbage"),
+            verify(&only(&genesis), 2, b"garbage"),
             Err(TransferFailed::Decode(_))
         ));
         assert!(matches!(
-            verify(&genesis, 2, &t.serve(b"garbage", 1 << 20)),
+            verify(&only(&genesis), 2, &t.serve(b"garbage", 1 << 20)),
             Err(TransferFailed::Refused(_))
         ));
 
@@ -370,7 +383,7 @@ mod tests {
             state: Box::new(other),
         });
         assert!(matches!(
-            verify(&genesis, 2, &lie),
+            verify(&only(&genesis), 2, &lie),
             Err(TransferFailed::Mismatch(_))
         ));
         // A link altered to name another committee: its proof no longer verifies.
@@ -383,14 +396,14 @@ mod tests {
             state: Box::new(point.state.clone()),
         });
         assert!(matches!(
-            verify(&genesis, 2, &lie),
+            verify(&only(&genesis), 2, &lie),
             Err(TransferFailed::Chain(_))
         ));
         // Checked from a committee that did not sign it.
         let stranger =
             Committee::new(0, vec![NodeKey::from_secret_bytes([9; 32]).node_id()]).unwrap();
         assert!(matches!(
-            verify(&stranger, 2, &t.serve(&request(0), 1 << 20)),
+            verify(&only(&stranger), 2, &t.serve(&request(0), 1 << 20)),
             Err(TransferFailed::Chain(_))
         ));
     }

@@ -49,6 +49,50 @@ pub(crate) struct UpArgs {
     wan: Option<String>,
 }
 
+/// `join`.
+#[derive(Debug, Args)]
+pub(crate) struct JoinArgs {
+    /// The testnet directory.
+    #[arg(long, default_value = "./dwcp-testnet")]
+    dir: PathBuf,
+    /// Where dwcp-node is (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Node heartbeat interval.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Silence after which a peer is unreachable.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    unreachable_after: Duration,
+    /// How long to wait for the node to listen.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+pub(crate) fn join(a: JoinArgs) -> anyhow::Result<()> {
+    let o = local::JoinOptions {
+        dir: a.dir.clone(),
+        bin_dir: match a.bin_dir {
+            Some(b) => b,
+            None => local::default_bin_dir()?,
+        },
+        heartbeat_interval: a.heartbeat_interval,
+        unreachable_after: a.unreachable_after,
+        timeout: a.timeout,
+    };
+    let (t, i) = runtime()?.block_on(local::join(&o))?;
+    let n = &t.nodes[i];
+    println!(
+        "node {i:<3}  {}  api {}  metrics {}/metrics  pid {}  joined",
+        &n.id[..8],
+        n.api,
+        n.metrics,
+        n.pid
+    );
+    println!("try:   dwcp-cli --api {} consensus quorum-status", n.api);
+    Ok(())
+}
+
 /// `status` and `down`.
 #[derive(Debug, Args)]
 pub(crate) struct DirArgs {

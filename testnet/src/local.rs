@@ -357,8 +357,6 @@ async fn up_inner(opts: &UpOptions, started: &mut Started) -> anyhow::Result<Tes
         wan: wan.clone(),
     };
     for i in 0..opts.nodes {
-        let ndir = opts.dir.join(format!("node-{i:03}"));
-        let config = ndir.join("node.yaml");
         // With --wan, node i is host i + 1: libp2p on its TUN address, API and metrics on its
         // management address. Each namespace has its own ports, so the p2p port is fixed.
         let (ip, p2p, mgmt) = match &wan {
@@ -373,62 +371,22 @@ async fn up_inner(opts: &UpOptions, started: &mut Started) -> anyhow::Result<Tes
                 (ip, p2p, "127.0.0.1".to_owned())
             }
         };
-        let mut listen = vec![format!("/ip4/{ip}/udp/{p2p}/quic-v1")];
-        if !opts.quic_only {
-            listen.insert(0, format!("/ip4/{ip}/tcp/{p2p}"));
-        }
-        // API and metrics bind port 0; the node reports what it got (endpoints.json), so no
-        // port is chosen here and lost to another process before the node binds it.
-        let out = Command::new(&node_bin)
-            .arg("init")
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&ndir)
-            .args(["--cluster-id", &opts.cluster_id])
-            .args(["--region", &format!("local-{}", i % 3)])
-            .args(["--bootstrap", &tcp_boot])
-            .args(listen.iter().flat_map(|l| ["--listen", l.as_str()]))
-            .args(["--api-bind", &format!("{mgmt}:0")])
-            .args(["--metrics-bind", &format!("{mgmt}:0")])
-            // No KVM probe per node: the probe boots a tiny guest, ten at once load the host.
-            .args(["--hypervisor-accel", "tcg"])
-            .args([
-                "--heartbeat-interval",
-                &humantime::format_duration(opts.heartbeat_interval).to_string(),
-            ])
-            .args([
-                "--unreachable-after",
-                &humantime::format_duration(opts.unreachable_after).to_string(),
-            ])
-            .args(&opts.node_args)
-            .output()
-            .context("running dwcp-node init")?;
-        if !out.status.success() {
-            bail!(
-                "dwcp-node init failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let id = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("node id:").map(|s| s.trim().to_owned()))
-            .ok_or_else(|| anyhow!("dwcp-node init printed no node id"))?;
-        let log = opts.dir.join(format!("node-{i:03}.log"));
-        // Started below, once every node's id is known and the committee is written.
-        let pid = 0;
-        nodes.push(NodeEntry {
-            id,
-            api: String::new(),
-            metrics: String::new(),
-            pid,
-            data_dir: ndir,
-            config,
-            log,
-            ip,
-            p2p_port: p2p,
-            netns: netns(i + 1),
-        });
+        let mut n = init_node(
+            &node_bin,
+            &NodeInit {
+                dir: &opts.dir,
+                cluster_id: &opts.cluster_id,
+                bootstrap: &tcp_boot,
+                heartbeat_interval: opts.heartbeat_interval,
+                unreachable_after: opts.unreachable_after,
+                node_args: &opts.node_args,
+                quic_only: opts.quic_only,
+            },
+            i,
+            (ip, p2p, mgmt),
+        )?;
+        n.netns = netns(i + 1);
+        nodes.push(n);
     }
     let committee = genesis_committee(&nodes);
     let byzantine: Vec<String> = match &opts.byzantine {
@@ -465,6 +423,192 @@ async fn up_inner(opts: &UpOptions, started: &mut Started) -> anyhow::Result<Tes
     write(&opts.dir, &testnet)?;
     wait_ready(&testnet, opts.nodes, opts.timeout).await?;
     Ok(testnet)
+}
+
+/// What [`init_node`] needs besides the node's index and addresses.
+struct NodeInit<'a> {
+    dir: &'a Path,
+    cluster_id: &'a str,
+    bootstrap: &'a str,
+    heartbeat_interval: Duration,
+    unreachable_after: Duration,
+    node_args: &'a [String],
+    quic_only: bool,
+}
+
+/// Runs `dwcp-node init` for node `i` (data in `dir/node-iii`), listening on `(ip, p2p)`
+/// with API and metrics on `mgmt` (port 0: the node reports what it bound). Not started.
+fn init_node(
+    node_bin: &Path,
+    o: &NodeInit<'_>,
+    i: usize,
+    (ip, p2p, mgmt): (String, u16, String),
+) -> anyhow::Result<NodeEntry> {
+    let ndir = o.dir.join(format!("node-{i:03}"));
+    let config = ndir.join("node.yaml");
+    let mut listen = vec![format!("/ip4/{ip}/udp/{p2p}/quic-v1")];
+    if !o.quic_only {
+        listen.insert(0, format!("/ip4/{ip}/tcp/{p2p}"));
+    }
+    // API and metrics bind port 0; the node reports what it got (endpoints.json), so no
+    // port is chosen here and lost to another process before the node binds it.
+    let out = Command::new(node_bin)
+        .arg("init")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&ndir)
+        .args(["--cluster-id", o.cluster_id])
+        .args(["--region", &format!("local-{}", i % 3)])
+        .args(["--bootstrap", o.bootstrap])
+        .args(listen.iter().flat_map(|l| ["--listen", l.as_str()]))
+        .args(["--api-bind", &format!("{mgmt}:0")])
+        .args(["--metrics-bind", &format!("{mgmt}:0")])
+        // No KVM probe per node: the probe boots a tiny guest, ten at once load the host.
+        .args(["--hypervisor-accel", "tcg"])
+        .args([
+            "--heartbeat-interval",
+            &humantime::format_duration(o.heartbeat_interval).to_string(),
+        ])
+        .args([
+            "--unreachable-after",
+            &humantime::format_duration(o.unreachable_after).to_string(),
+        ])
+        .args(o.node_args)
+        .output()
+        .context("running dwcp-node init")?;
+    if !out.status.success() {
+        bail!(
+            "dwcp-node init failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("node id:").map(|s| s.trim().to_owned()))
+        .ok_or_else(|| anyhow!("dwcp-node init printed no node id"))?;
+    Ok(NodeEntry {
+        id,
+        api: String::new(),
+        metrics: String::new(),
+        // Started once its configuration is complete.
+        pid: 0,
+        data_dir: ndir,
+        config,
+        log: o.dir.join(format!("node-{i:03}.log")),
+        ip,
+        p2p_port: p2p,
+        netns: None,
+    })
+}
+
+/// Options of [`join`].
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The testnet directory.
+    pub dir: PathBuf,
+    /// Where `dwcp-node` is.
+    pub bin_dir: PathBuf,
+    /// Heartbeat interval of the new node.
+    pub heartbeat_interval: Duration,
+    /// Silence after which it calls peers unreachable.
+    pub unreachable_after: Duration,
+    /// How long to wait for it to listen.
+    pub timeout: Duration,
+}
+
+/// Adds one node to a running loopback testnet, as a volunteer who installs later: same
+/// cluster and bootstrap peer, the consensus settings of node 0 (genesis committee, epochs;
+/// never its Byzantine mode). It starts from nothing: with epochs it catches up from the
+/// committee's certified snapshots (state transfer) or by replaying decisions.
+pub async fn join(opts: &JoinOptions) -> anyhow::Result<(Testnet, usize)> {
+    let mut t = read(&opts.dir)?;
+    if t.wan.is_some() {
+        bail!("join works on loopback testnets (not --wan) for now");
+    }
+    let first = t
+        .nodes
+        .first()
+        .ok_or_else(|| anyhow!("the testnet has no nodes"))?;
+    // Like the others: QUIC only if node 0 listens on QUIC only (`up --quic-only`).
+    let quic_only = !listens_tcp(&first.config)?;
+    let want = if quic_only { "/quic-v1" } else { "/tcp/" };
+    let boot = t
+        .bootstrap
+        .addrs
+        .iter()
+        .find(|a| a.contains(want))
+        .cloned()
+        .ok_or_else(|| anyhow!("the bootstrap peer has no {want} address"))?;
+    let acp = read_acp(&first.config)?;
+    let node_bin = bin(&opts.bin_dir, "dwcp-node")?;
+    let i = t.nodes.len();
+    let ip = node_ip(i);
+    let p2p = free_port_on(&ip)?;
+    let mut n = init_node(
+        &node_bin,
+        &NodeInit {
+            dir: &opts.dir,
+            cluster_id: &t.cluster_id,
+            bootstrap: &boot,
+            heartbeat_interval: opts.heartbeat_interval,
+            unreachable_after: opts.unreachable_after,
+            node_args: &[],
+            quic_only,
+        },
+        i,
+        (ip, p2p, "127.0.0.1".to_owned()),
+    )?;
+    set_acp(&n.config, acp)?;
+    n.pid = start_node(&node_bin, &n, &n.log)?;
+    let endpoints = wait_endpoints(&n, opts.timeout).await;
+    let (api, metrics) = match endpoints {
+        Ok(e) => e,
+        Err(e) => {
+            signal(n.pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(e);
+        }
+    };
+    n.api = format!("http://{api}");
+    n.metrics = format!("http://{metrics}");
+    pin_endpoints(&n.config, &api, &metrics)?;
+    t.nodes.push(n);
+    write(&opts.dir, &t)?;
+    Ok((t, i))
+}
+
+/// Whether a node's configuration listens on TCP.
+fn listens_tcp(config: &Path) -> anyhow::Result<bool> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    Ok(text.contains("/tcp/"))
+}
+
+/// A node's `acp` section without its Byzantine mode.
+fn read_acp(config: &Path) -> anyhow::Result<serde_yaml_ng::Value> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let v: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let mut acp = v
+        .get("acp")
+        .cloned()
+        .ok_or_else(|| anyhow!("{} has no `acp` section", config.display()))?;
+    if let Some(m) = acp.as_mapping_mut() {
+        m.remove("byzantine");
+    }
+    Ok(acp)
+}
+
+/// Replaces a node configuration's `acp` section.
+fn set_acp(config: &Path, acp: serde_yaml_ng::Value) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut v: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    v["acp"] = acp;
+    std::fs::write(config, serde_yaml_ng::to_string(&v)?)
+        .with_context(|| format!("writing {}", config.display()))
 }
 
 /// The testnet's genesis consensus committee: the first 3f+1 nodes, for the largest f the

@@ -25,6 +25,9 @@ enum Cmd {
     /// Start a bootstrap peer and N nodes on 127.0.0.1 (or, with --wan, in network
     /// namespaces joined by the WAN emulator) and wait until they form a mesh.
     Up(cmd_local::UpArgs),
+    /// Add one node to a running loopback testnet, as a volunteer who installs later (same
+    /// cluster, bootstrap peer and consensus settings; it starts from nothing).
+    Join(cmd_local::JoinArgs),
     /// Show the testnet's processes and what each node reports.
     Status(cmd_local::DirArgs),
     /// Stop every process of the testnet (by pid).
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Up(a) => cmd_local::up(a),
+        Cmd::Join(a) => cmd_local::join(a),
         Cmd::Status(a) => cmd_local::status(a),
         Cmd::Down(a) => cmd_local::down(a),
         Cmd::Partition(a) => cmd_local::partition(a),
