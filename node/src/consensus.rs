@@ -748,6 +748,8 @@ pub struct AcpView {
 pub struct Consensus {
     tx: mpsc::Sender<DriverInput>,
     transfer: Option<crate::transfer::TransferStore>,
+    /// Snapshots being served at once (each reads sled and encodes up to 8 MiB).
+    serving: Arc<Semaphore>,
     verifier: CommitteeVerifier,
     quarantined: watch::Receiver<BTreeSet<NodeId>>,
     view: watch::Receiver<Arc<AcpView>>,
@@ -758,18 +760,23 @@ impl Consensus {
     /// last epoch-start snapshot with the links proving it, or why not. Reads sled: call it
     /// off the async threads.
     pub fn serve_transfer(&self, request: &[u8]) -> Vec<u8> {
-        match &self.transfer {
-            Some(t) => t.serve(request, dwcp_net::MAX_STATE_TRANSFER_FRAME),
-            None => {
-                let mut bytes = Vec::new();
-                let no =
-                    crate::transfer::TransferReply::Refused("this node keeps no snapshots".into());
-                if ciborium::into_writer(&no, &mut bytes).is_err() {
-                    bytes.clear();
-                }
-                bytes
+        let refuse = |why: &str| {
+            let mut bytes = Vec::new();
+            let no = crate::transfer::TransferReply::Refused(why.into());
+            if ciborium::into_writer(&no, &mut bytes).is_err() {
+                bytes.clear();
             }
-        }
+            bytes
+        };
+        let Some(t) = &self.transfer else {
+            return refuse("this node keeps no snapshots");
+        };
+        // Anyone may ask: at most MAX_SERVING snapshots are built at once, the rest are
+        // told to ask again (the asker asks again after TRANSFER_EVERY).
+        let Ok(_permit) = self.serving.try_acquire() else {
+            return refuse("busy serving other snapshots; ask again later");
+        };
+        t.serve(request, dwcp_net::MAX_STATE_TRANSFER_FRAME)
     }
 
     /// Nodes quarantined by committed decisions (excluded from placement, disconnected).
@@ -1130,6 +1137,9 @@ impl ResumePoint {
     }
 }
 
+/// Most state-transfer requests a node serves at once.
+pub const MAX_SERVING: usize = 2;
+
 /// Least time between two state-transfer requests of a node.
 pub const TRANSFER_EVERY: Duration = Duration::from_secs(5);
 
@@ -1375,6 +1385,7 @@ pub fn spawn(
         Consensus {
             tx,
             transfer,
+            serving: Arc::new(Semaphore::new(MAX_SERVING)),
             verifier: d_verifier,
             quarantined: q_rx,
             view: v_rx,
