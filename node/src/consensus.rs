@@ -1519,13 +1519,7 @@ impl Driver {
                     }
                 }
                 if gap.is_some() {
-                    let members: Vec<NodeId> = self
-                        .committee
-                        .members()
-                        .iter()
-                        .copied()
-                        .filter(|m| *m != self.me)
-                        .collect();
+                    let members = self.other_members();
                     if !members.is_empty() {
                         let pick = (self.decisions as usize + wall_ms() as usize) % members.len();
                         self.ask_transfer(members[pick]);
@@ -1775,18 +1769,23 @@ impl Driver {
             requests = due.len(),
             "retransmitting requests not committed yet"
         );
-        let members: Vec<NodeId> = self
-            .committee
-            .members()
-            .iter()
-            .copied()
-            .filter(|m| *m != self.me)
-            .collect();
+        let members = self.other_members();
         for bytes in due {
             for m in &members {
                 self.send(*m, bytes.clone());
             }
         }
+    }
+
+    /// The current committee's members other than this node.
+    fn other_members(&self) -> Vec<NodeId> {
+        let me = self.me;
+        self.committee
+            .members()
+            .iter()
+            .copied()
+            .filter(|m| *m != me)
+            .collect()
     }
 
     /// Whether an observer's fetch may be served now (per-observer rate limit).
@@ -1989,11 +1988,9 @@ impl Driver {
             }
             DriverInput::Measured { claim, measurement } => {
                 // Both go to the other members, which check them as they check any input.
-                for m in self.committee.members().to_vec() {
-                    if m != self.me {
-                        self.send(m, claim.encode());
-                        self.send(m, measurement.encode());
-                    }
+                for m in self.other_members() {
+                    self.send(m, claim.encode());
+                    self.send(m, measurement.encode());
                 }
                 for env in [claim, measurement] {
                     if let Ok(d) = decode(&env.encode()) {
@@ -2197,10 +2194,8 @@ impl Driver {
                     if let Err(e) = self.client.publish(&self.topic, env.encode()).await {
                         debug!(error = %e, "publishing a consensus message failed");
                         // Gossip needs mesh peers; fall back to direct sends.
-                        for m in self.committee.members().to_vec() {
-                            if m != self.me {
-                                self.send(m, env.encode());
-                            }
+                        for m in self.other_members() {
+                            self.send(m, env.encode());
                         }
                     }
                 }
@@ -2239,9 +2234,8 @@ impl Driver {
         let Some(proof) = self
             .old
             .iter()
-            .map(Engine::stable_checkpoint)
-            .find(|(s, _, _)| *s == seq)
-            .map(|(_, _, p)| p.to_vec())
+            .find_map(|e| e.stable_proof_at(seq))
+            .map(<[_]>::to_vec)
         else {
             return;
         };

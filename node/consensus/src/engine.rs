@@ -637,6 +637,12 @@ impl Engine {
         (self.low, self.stable_state, &self.stable_proof)
     }
 
+    /// The 2f+1 signed checkpoint messages proving `seq` stable, if `seq` is this engine's
+    /// stable checkpoint (and not its epoch's start, which has no proof).
+    pub fn stable_proof_at(&self, seq: u64) -> Option<&[SignedEnvelope]> {
+        (self.low == seq && !self.stable_proof.is_empty()).then_some(&self.stable_proof[..])
+    }
+
     /// Digest of the executed-request windows (which requests already ran), part of every
     /// checkpoint digest and of [`Handover`].
     pub fn clients_digest(&self) -> Digest {

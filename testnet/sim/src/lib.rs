@@ -1065,9 +1065,8 @@ impl Sim {
         let Some(proof) = nd
             .old
             .iter()
-            .map(Engine::stable_checkpoint)
-            .find(|(s, _, _)| *s == seq)
-            .map(|(_, _, p)| p.to_vec())
+            .find_map(|e| e.stable_proof_at(seq))
+            .map(<[_]>::to_vec)
         else {
             return;
         };
