@@ -74,6 +74,10 @@ pub(crate) struct ConsensusArgs {
     /// committee (Byzantine nodes are drawn from all nodes).
     #[arg(long, default_value_t = 0)]
     observers: usize,
+    /// With epochs and observers: the last honest observer starts 120 s after the faults
+    /// stop, many epochs behind, and catches up by state transfer (or replay).
+    #[arg(long)]
+    late_joiner: bool,
     /// Measure latency and throughput: no faults, no Byzantine nodes, uniform links.
     #[arg(long)]
     measure: bool,
@@ -124,7 +128,7 @@ fn run_seeds(
                     // (and its finished part read) while it runs.
                     if let Ok((r, secs)) = &r {
                         eprintln!(
-                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} membership_ops={} quarantine_exclusions={} epoch_links={} {secs:.1} s",
+                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} membership_ops={} quarantine_exclusions={} epoch_links={} transfers={}/{} {secs:.1} s",
                             r.seed,
                             r.strategy,
                             r.passed(),
@@ -135,7 +139,9 @@ fn run_seeds(
                             r.membership_changes,
                             r.membership_ops,
                             r.quarantine_exclusions,
-                            r.epoch_links_verified
+                            r.epoch_links_verified,
+                            r.transfers_installed,
+                            r.transfers_refused
                         );
                     }
                     if let Ok(mut m) = results.lock() {
@@ -199,6 +205,7 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         s.drain_ms = s.liveness_phase_ms.saturating_sub(60_000);
         s.epoch_length = a.epoch_length;
         s.observers = a.observers;
+        s.late_joiner = a.late_joiner;
         s
     };
     let started = Instant::now();
@@ -214,8 +221,8 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         e.3 += secs;
         if !r.passed() {
             failures.push(format!(
-                "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --epoch-length {} --observers {} --reproduce {seed}",
-                r.strategy, r.violations, r.live, r.liveness_detail, a.nodes, r.strategy, a.epoch_length, a.observers
+                "seed {seed} ({}): violations {:?}; live: {} {}\n  reproduce: dwcp-testnet sim consensus --nodes {} --byzantine {byzantine} --strategy {} --epoch-length {} --observers {}{} --reproduce {seed}",
+                r.strategy, r.violations, r.live, r.liveness_detail, a.nodes, r.strategy, a.epoch_length, a.observers, if a.late_joiner { " --late-joiner" } else { "" }
             ));
         }
         reports.push(r);
@@ -259,6 +266,8 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         "membership_ops": reports.iter().map(|r| r.membership_ops).sum::<u64>(),
         "quarantine_exclusions": reports.iter().map(|r| r.quarantine_exclusions).sum::<u64>(),
         "epoch_links_verified": reports.iter().map(|r| r.epoch_links_verified).sum::<u64>(),
+        "transfers_installed": reports.iter().map(|r| r.transfers_installed).sum::<u64>(),
+        "transfers_refused": reports.iter().map(|r| r.transfers_refused).sum::<u64>(),
         "determinism_self_check": determinism,
         "wall_seconds": wall,
         "jobs": a.jobs,

@@ -31,6 +31,7 @@
 
 pub mod invariants;
 mod link;
+mod state_transfer;
 mod strategy;
 
 use std::{
@@ -56,6 +57,38 @@ use invariants::{
     Violation, agreement::Agreement, committees::Committees, quarantine::Quarantine,
     reputation_agreement::ReputationAgreement, validity::Validity, view_monotonic::ViewMonotonic,
 };
+
+/// The epoch of a consensus message for a node that has not reached it (by view, or by
+/// sequence number with epochs of `epoch_length`), as the node reads it.
+fn message_epoch(m: &ConsensusMsg, epoch_length: u64) -> Option<u64> {
+    let by_seq = |seq: u64| (epoch_length > 0).then(|| seq.saturating_sub(1) / epoch_length);
+    match m {
+        ConsensusMsg::PrePrepare(pp) => Some(dwcp_consensus::epoch_of_view(pp.slot.view)),
+        ConsensusMsg::Prepare { slot, .. } | ConsensusMsg::Commit(slot) => {
+            Some(dwcp_consensus::epoch_of_view(slot.view))
+        }
+        ConsensusMsg::ViewChange(vc) => Some(dwcp_consensus::epoch_of_view(vc.new_view)),
+        ConsensusMsg::NewView(nv) => Some(dwcp_consensus::epoch_of_view(nv.view)),
+        ConsensusMsg::Checkpoint { seq, .. } => by_seq(*seq),
+        _ => None,
+    }
+}
+
+/// The digest of a node's replicated state (committed reputation table and membership).
+fn app_state_of(rep: &reputation::Engine, membership: &Membership) -> Digest {
+    let table = invariants::reputation_agreement::table_digest(
+        rep.scores(),
+        rep.quarantined().iter().copied(),
+    );
+    let mut bytes = Vec::new();
+    if ciborium::into_writer(membership, &mut bytes).is_err() {
+        bytes.clear();
+    }
+    Digest::of("dwcp/sim/app-state", &[&table.0, &bytes])
+}
+
+/// How long after the faults stop the late joiner starts, ms.
+const LATE_JOIN_AFTER_MS: u64 = 120_000;
 
 /// Most ended epochs whose engines a node keeps (as the node does).
 pub const MAX_OLD_EPOCHS: usize = 8;
@@ -99,6 +132,11 @@ pub struct Scenario {
     /// members hand over to nodes that were observers. Byzantine nodes are drawn from all
     /// of them (at most `byzantine` in any committee).
     pub observers: usize,
+    /// With epochs and observers: the last honest observer is not started until 120 s after
+    /// the faults stop, and is not in the genesis membership. It joins then, many epochs
+    /// behind, and catches up by state transfer (a certified snapshot from the node that sent
+    /// it later-epoch traffic; Byzantine senders lie and are refused) or by replaying.
+    pub late_joiner: bool,
 }
 
 impl Scenario {
@@ -124,6 +162,7 @@ impl Scenario {
             quarantine_k_views: 4,
             epoch_length: 0,
             observers: 0,
+            late_joiner: false,
         }
     }
 
@@ -154,6 +193,7 @@ impl Scenario {
             quarantine_k_views: 4,
             epoch_length: 0,
             observers: 0,
+            late_joiner: false,
         }
     }
 }
@@ -205,6 +245,11 @@ pub struct Report {
     /// the state it starts from) that honest nodes checked as a joiner would: all verified,
     /// or the run records an `epoch_links` violation.
     pub epoch_links_verified: u64,
+    /// Certified snapshots honest nodes installed (state transfer from a peer, when two or
+    /// more epochs behind).
+    pub transfers_installed: u64,
+    /// Snapshots refused: every one a Byzantine peer served (it changes the membership).
+    pub transfers_refused: u64,
     /// Byzantine nodes that committed a provable offence.
     pub offenders: usize,
     /// Byzantine nodes quarantined by every honest node.
@@ -263,6 +308,15 @@ enum Event {
         node: usize,
         change: Churn,
     },
+    /// `from`'s reply to `to`'s state-transfer request arrives.
+    Transfer {
+        from: usize,
+        to: usize,
+    },
+    /// The late joiner starts and commits its join.
+    LateJoin {
+        node: usize,
+    },
 }
 
 /// A membership change an honest node makes during the fault phase (with epochs and
@@ -316,6 +370,16 @@ struct Node {
     /// The link ending this node's last epoch, waiting for its checkpoint to become stable
     /// (its proof), with the committee that signs it.
     pending_link: Option<(EpochLink, Committee)>,
+    /// Completed links by the epoch they end (what this node serves with its snapshot).
+    links: BTreeMap<u64, EpochLink>,
+    /// Its last epoch start (served to nodes asking for state transfer).
+    snapshot: Option<state_transfer::Snapshot>,
+    /// When it last asked for a snapshot (virtual ms).
+    transfer_asked_at: Option<u64>,
+    /// The peer whose last snapshot was refused or missing (not asked again next).
+    transfer_refused_by: Option<usize>,
+    /// Peers seen two or more epochs ahead (asked in turn).
+    transfer_peers: BTreeSet<usize>,
     byz: bool,
     crashed: bool,
     timer_at: Option<u64>,
@@ -371,6 +435,10 @@ struct Sim {
     /// quarantined.
     quarantine_exclusions: u64,
     epoch_links_verified: u64,
+    transfers_installed: u64,
+    transfers_refused: u64,
+    /// The node that joins late (`Scenario::late_joiner`), until it has started.
+    late: Option<usize>,
 }
 
 /// A scenario that cannot run.
@@ -456,10 +524,16 @@ impl Sim {
             byz_idx.insert(rng.random_range(0..n));
         }
         let cfg = s.consensus.clone().validate()?;
-        // Genesis membership: every node joined and ready at time 0.
+        // The late joiner: the last honest observer (it must not be needed by a committee).
+        let late = (s.late_joiner && s.epoch_length > 0 && s.observers > 0)
+            .then(|| (committee_size..n).rev().find(|i| !byz_idx.contains(i)))
+            .flatten();
+        // Genesis membership: every node joined and ready at time 0 (but the late joiner).
         let mut membership = Membership::default();
-        for k in &keys {
-            membership.apply(Timestamp(0), &MembershipOp::Ready(k.node_id(), true));
+        for (i, k) in keys.iter().enumerate() {
+            if Some(i) != late {
+                membership.apply(Timestamp(0), &MembershipOp::Ready(k.node_id(), true));
+            }
         }
         let mut nodes: Vec<Node> = Vec::with_capacity(n);
         for (i, k) in keys.iter().enumerate() {
@@ -476,8 +550,14 @@ impl Sim {
                 rep: reputation::Engine::new(reputation::Config::default()),
                 membership: membership.clone(),
                 pending_link: None,
+                links: BTreeMap::new(),
+                snapshot: None,
+                transfer_asked_at: None,
+                transfer_refused_by: None,
+                transfer_peers: BTreeSet::new(),
                 byz: byz_idx.contains(&i),
-                crashed: false,
+                // The late joiner is "down" (not started) until it joins.
+                crashed: Some(i) == late,
                 timer_at: None,
                 next_nonce: 1,
                 outstanding: BTreeMap::new(),
@@ -532,6 +612,9 @@ impl Sim {
             membership_ops: 0,
             quarantine_exclusions: 0,
             epoch_links_verified: 0,
+            transfers_installed: 0,
+            transfers_refused: 0,
+            late,
             s,
         };
         sim.schedule_start();
@@ -558,6 +641,10 @@ impl Sim {
         }
         if self.s.fault_phase_ms > 0 {
             self.push(self.s.fault_phase_ms, Event::FaultsEnd);
+        }
+        if let Some(node) = self.late {
+            let at = self.s.fault_phase_ms + LATE_JOIN_AFTER_MS;
+            self.push(at, Event::LateJoin { node });
         }
         if self.s.network_faults && self.s.fault_phase_ms > 0 {
             self.loss = self.rng.random_range(0.0..0.03);
@@ -692,6 +779,15 @@ impl Sim {
                 }
             }
             Event::Heal | Event::FaultsEnd => self.trace.update([4]),
+            Event::LateJoin { node } => {
+                self.trace.update([7]);
+                self.trace.update((*node as u64).to_be_bytes());
+            }
+            Event::Transfer { from, to } => {
+                self.trace.update([6]);
+                self.trace.update((*from as u64).to_be_bytes());
+                self.trace.update((*to as u64).to_be_bytes());
+            }
             Event::Churn { node, change } => {
                 self.trace.update([5, change.code()]);
                 self.trace.update((*node as u64).to_be_bytes());
@@ -746,12 +842,20 @@ impl Sim {
             Event::Partition { group } => self.partition = Some(group.into_iter().collect()),
             Event::Heal => self.partition = None,
             Event::Churn { node, change } => self.churn(node, change),
+            Event::Transfer { from, to } => self.transfer(from, to),
+            Event::LateJoin { node } => {
+                self.late = None;
+                self.nodes[node].crashed = false;
+                self.nodes[node].timer_at = None;
+                self.push(self.now, Event::Timer { node });
+                self.churn(node, Churn::Rejoin);
+            }
             Event::FaultsEnd => {
                 self.faults_over = true;
                 self.loss = 0.0;
                 self.partition = None;
                 for i in 0..self.nodes.len() {
-                    if self.nodes[i].crashed {
+                    if self.nodes[i].crashed && self.late != Some(i) {
                         self.nodes[i].crashed = false;
                         self.nodes[i].timer_at = None;
                         self.push(self.now, Event::Timer { node: i });
@@ -866,6 +970,10 @@ impl Sim {
                             nd.nudged_at = Some(self.now);
                             nd.engine.catch_up();
                         }
+                        let epoch = message_epoch(m.message(), self.s.epoch_length);
+                        if let (Some(epoch), Some(&from)) = (epoch, self.ids.get(&m.signer())) {
+                            self.maybe_ask_transfer(to, from, epoch);
+                        }
                     }
                 }
             }
@@ -874,7 +982,9 @@ impl Sim {
     }
 
     fn submit(&mut self, node: usize) {
-        if self.now >= self.clients_stop_at || self.nodes[node].crashed && !self.faults_over {
+        if self.now >= self.clients_stop_at
+            || self.nodes[node].crashed && (!self.faults_over || self.late == Some(node))
+        {
             if self.now < self.clients_stop_at {
                 let at = self.now + 1_000;
                 self.push(at, Event::Submit { node });
@@ -935,16 +1045,7 @@ impl Sim {
     /// The digest of node `i`'s replicated state (committed reputation table and
     /// membership) that its checkpoints sign ([`dwcp_consensus::Config::app_digests`]).
     fn app_state(&self, i: usize) -> Digest {
-        let nd = &self.nodes[i];
-        let table = invariants::reputation_agreement::table_digest(
-            nd.rep.scores(),
-            nd.rep.quarantined().iter().copied(),
-        );
-        let mut membership = Vec::new();
-        if ciborium::into_writer(&nd.membership, &mut membership).is_err() {
-            membership.clear();
-        }
-        Digest::of("dwcp/sim/app-state", &[&table.0, &membership])
+        app_state_of(&self.nodes[i].rep, &self.nodes[i].membership)
     }
 
     /// Node `i` executed its epoch's last decision `d`: the next committee, by the node's
@@ -1006,6 +1107,13 @@ impl Sim {
         let Some(mut handover) = nd.engine.handover() else {
             return;
         };
+        nd.snapshot = Some(state_transfer::Snapshot {
+            committee: next.clone(),
+            end: d.seq + len,
+            handover: handover.clone(),
+            rep: nd.rep.clone(),
+            membership: nd.membership.clone(),
+        });
         handover.pending = nd.engine.take_pending();
         let cfg = self.s.consensus.clone();
         let Ok(mut engine) = Engine::resume(cfg, nd.key.clone(), next, handover) else {
@@ -1036,9 +1144,7 @@ impl Sim {
             let nd = &mut self.nodes[i];
             nd.engine
                 .on_app_state(d.seq, transfer::app_digest(&state, next.as_ref()));
-            if let Some(next) = &next
-                && !nd.byz
-            {
+            if let Some(next) = &next {
                 let link = EpochLink {
                     seq: d.seq,
                     log: d.state,
@@ -1074,6 +1180,11 @@ impl Sim {
             return;
         };
         link.proof = proof;
+        if self.nodes[i].byz {
+            // Byzantine nodes serve their links too (and lie about the snapshot).
+            self.nodes[i].links.insert(ending.epoch(), link);
+            return;
+        }
         let expected = self.committees.get(link.next.epoch());
         match invariants::epoch_links::check(
             self.now,
@@ -1083,7 +1194,10 @@ impl Sim {
             self.s.epoch_length,
             expected,
         ) {
-            Ok(()) => self.epoch_links_verified += 1,
+            Ok(()) => {
+                self.epoch_links_verified += 1;
+                self.nodes[i].links.insert(ending.epoch(), link);
+            }
             Err(v) => self.violation(v),
         }
     }
@@ -1394,6 +1508,8 @@ impl Sim {
             membership_ops: self.membership_ops,
             quarantine_exclusions: self.quarantine_exclusions,
             epoch_links_verified: self.epoch_links_verified,
+            transfers_installed: self.transfers_installed,
+            transfers_refused: self.transfers_refused,
             offenders: self.quarantine.offenders(),
             quarantined_byzantine,
             penalised_byzantine,
