@@ -1057,6 +1057,13 @@ struct Driver {
     transfer_asked: Option<Instant>,
     /// The last snapshot installed: (seq, epoch, peer).
     transferred: Option<(u64, u64, NodeId)>,
+    /// Whether this node wants a snapshot (it saw peers two or more epochs ahead, or
+    /// cannot replay what it needs).
+    transfer_wanted: bool,
+    /// Peers known to be ahead, oldest first (at most [`MAX_TRANSFER_PEERS`]).
+    transfer_peers: std::collections::VecDeque<NodeId>,
+    /// Peers whose snapshot failed or was refused since the last start over.
+    transfer_failed: BTreeSet<NodeId>,
     /// The driver's own input queue (transfer replies come back through it).
     self_tx: mpsc::Sender<DriverInput>,
 }
@@ -1136,6 +1143,9 @@ impl ResumePoint {
         Ok(e)
     }
 }
+
+/// Most peers a node remembers as ahead of it (to ask for a snapshot in turn).
+pub const MAX_TRANSFER_PEERS: usize = 16;
 
 /// Most state-transfer requests a node serves at once.
 pub const MAX_SERVING: usize = 2;
@@ -1334,6 +1344,9 @@ pub fn spawn(
         pending_link: None,
         transfer_asked: None,
         transferred: None,
+        transfer_wanted: false,
+        transfer_peers: std::collections::VecDeque::new(),
+        transfer_failed: BTreeSet::new(),
         self_tx: tx.clone(),
         engine,
         old: std::collections::VecDeque::new(),
@@ -1489,7 +1502,11 @@ impl Driver {
                         }
                     }
                 }
-                _ = resend.tick() => self.retransmit(),
+                _ = resend.tick() => {
+                    self.retransmit();
+                    // A snapshot still wanted is asked of the next peer, traffic or not.
+                    self.try_transfer();
+                }
                 _ = ready.tick(), if self.rules.is_some() => {
                     let mut ops = Vec::new();
                     if !std::mem::replace(&mut joined, true) {
@@ -1519,11 +1536,10 @@ impl Driver {
                     }
                 }
                 if gap.is_some() {
-                    let members = self.other_members();
-                    if !members.is_empty() {
-                        let pick = (self.decisions as usize + wall_ms() as usize) % members.len();
-                        self.ask_transfer(members[pick]);
+                    for m in self.other_members() {
+                        self.want_transfer(m);
                     }
+                    self.try_transfer();
                 }
             }
             if self.view_dirty || self.view_at.elapsed() >= Duration::from_millis(200) {
@@ -1563,7 +1579,8 @@ impl Driver {
                         && message_epoch(m.message(), len)
                             .is_some_and(|e| e >= self.committee.epoch() + 2)
                     {
-                        self.ask_transfer(m.signer());
+                        self.want_transfer(m.signer());
+                        self.try_transfer();
                     }
                     // Traffic of an epoch this node has not reached: it is behind, so it
                     // asks for decisions (at most once a second).
@@ -2002,18 +2019,54 @@ impl Driver {
         }
     }
 
-    /// Asks `peer` for a certified snapshot (at most every [`TRANSFER_EVERY`]); the reply
-    /// comes back as [`DriverInput::Transfer`].
-    fn ask_transfer(&mut self, peer: NodeId) {
-        if self.rules.is_none()
-            || self.transfer.is_none()
-            || peer == self.me
+    /// `peer` is known to be ahead of this node (two or more epochs, or it holds decisions
+    /// this node cannot replay): a snapshot is wanted, and `peer` may serve it.
+    fn want_transfer(&mut self, peer: NodeId) {
+        if self.rules.is_none() || self.transfer.is_none() || peer == self.me {
+            return;
+        }
+        self.transfer_wanted = true;
+        if !self.transfer_peers.contains(&peer) {
+            if self.transfer_peers.len() >= MAX_TRANSFER_PEERS {
+                self.transfer_peers.pop_front();
+            }
+            self.transfer_peers.push_back(peer);
+        }
+    }
+
+    /// Asks the first peer known to be ahead that has not failed this node yet (all failed:
+    /// start over), at most every [`TRANSFER_EVERY`]. A peer that lies, or cannot serve,
+    /// is not asked again before the others, so a Byzantine peer that always speaks first
+    /// cannot keep a node from its snapshot.
+    fn try_transfer(&mut self) {
+        if !self.transfer_wanted
             || self
                 .transfer_asked
                 .is_some_and(|t| t.elapsed() < TRANSFER_EVERY)
         {
             return;
         }
+        if self
+            .transfer_peers
+            .iter()
+            .all(|p| self.transfer_failed.contains(p))
+        {
+            self.transfer_failed.clear();
+        }
+        let Some(peer) = self
+            .transfer_peers
+            .iter()
+            .find(|p| !self.transfer_failed.contains(*p))
+            .copied()
+        else {
+            return;
+        };
+        self.ask_transfer(peer);
+    }
+
+    /// Asks `peer` for a certified snapshot; the reply comes back as
+    /// [`DriverInput::Transfer`].
+    fn ask_transfer(&mut self, peer: NodeId) {
         let Ok(pid) = peer.to_peer_id() else { return };
         self.transfer_asked = Some(Instant::now());
         let req = crate::transfer::TransferRequest {
@@ -2031,7 +2084,16 @@ impl Driver {
                 Ok(reply) => {
                     let _ = tx.send(DriverInput::Transfer { peer, reply }).await;
                 }
-                Err(e) => debug!(error = %e, "state-transfer request failed"),
+                Err(e) => {
+                    debug!(error = %e, "state-transfer request failed");
+                    // An empty reply does not decode: the peer counts as failed.
+                    let _ = tx
+                        .send(DriverInput::Transfer {
+                            peer,
+                            reply: Vec::new(),
+                        })
+                        .await;
+                }
             }
         });
     }
@@ -2045,12 +2107,28 @@ impl Driver {
         let known = |e: u64| self.verifier.committee(e);
         let v = match crate::transfer::verify(&known, rules.epoch_length, reply) {
             Ok(v) => v,
+            Err(crate::transfer::TransferFailed::NotBehind(epoch)) => {
+                debug!(peer = %peer.short(), epoch, "the peer is not ahead of this node");
+                // Caught up with it (a lie at worst delays this node until the next traffic
+                // from ahead): wanted no more once no known peer is ahead.
+                self.transfer_failed.insert(peer);
+                if self
+                    .transfer_peers
+                    .iter()
+                    .all(|p| self.transfer_failed.contains(p))
+                {
+                    self.transfer_wanted = false;
+                }
+                return;
+            }
             Err(crate::transfer::TransferFailed::Refused(why)) => {
                 info!(peer = %peer.short(), why, "the peer has no snapshot for this node");
+                self.transfer_failed.insert(peer);
                 return;
             }
             Err(e) => {
                 warn!(peer = %peer.short(), error = %e, "refused a snapshot");
+                self.transfer_failed.insert(peer);
                 return;
             }
         };
@@ -2058,6 +2136,8 @@ impl Driver {
         let here = self.engine.as_ref().map_or(0, Engine::last_executed);
         if seq <= here {
             debug!(seq, here, "a snapshot not ahead of this node; ignored");
+            // Caught up meanwhile (by replay): nothing more wanted.
+            self.transfer_wanted = false;
             return;
         }
         let started = Engine::resume(
@@ -2104,6 +2184,9 @@ impl Driver {
         self.state = v.state;
         self.committee = v.committee;
         self.transferred = Some((seq, epoch, peer));
+        self.transfer_wanted = false;
+        self.transfer_failed.clear();
+        self.transfer_peers.clear();
         self.metrics.state_transfers.inc();
         self.metrics.epoch.set(epoch as i64);
         self.metrics.committee.set(self.committee.n() as i64);

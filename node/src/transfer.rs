@@ -50,6 +50,11 @@ pub enum TransferReply {
     },
     /// The peer cannot serve (why).
     Refused(String),
+    /// The peer's snapshot is not newer than the epoch asked from: the asker is not behind.
+    NotBehind {
+        /// The peer's snapshot epoch.
+        epoch: u64,
+    },
 }
 
 /// A verified snapshot, ready to install.
@@ -74,6 +79,9 @@ pub enum TransferFailed {
     /// The peer refused.
     #[error("the peer refused: {0}")]
     Refused(String),
+    /// The peer is not ahead of the asker.
+    #[error("the peer's snapshot (epoch {0}) is not newer")]
+    NotBehind(u64),
     /// The chain of links does not verify.
     #[error("the chain of epoch links does not verify: {0}")]
     Chain(#[from] dwcp_consensus::transfer::TransferError),
@@ -98,6 +106,7 @@ pub fn verify(
             state,
         } => (links, handover, *state),
         TransferReply::Refused(why) => return Err(TransferFailed::Refused(why)),
+        TransferReply::NotBehind { epoch } => return Err(TransferFailed::NotBehind(epoch)),
     };
     let first = links
         .first()
@@ -200,7 +209,7 @@ impl TransferStore {
         let point = ResumePoint::load(&self.resume).ok_or("no snapshot kept (epochs off?)")?;
         let epoch = point.committee.epoch();
         if req.known_epoch >= epoch {
-            return Err(format!("nothing newer than epoch {}", req.known_epoch));
+            return Ok(TransferReply::NotBehind { epoch });
         }
         if (epoch - req.known_epoch) as usize > MAX_LINKS {
             return Err(format!(
@@ -348,10 +357,10 @@ mod tests {
         assert_eq!(v.state.digest(), point.state.digest());
         assert_eq!(v.state.membership().len(), 1);
 
-        // A node already at epoch 1 gets nothing newer; a reply too large is refused.
+        // A node already at epoch 1 is not behind; a reply too large is refused.
         assert!(matches!(
             verify(&only(&genesis), 2, &t.serve(&request(1), 1 << 20)),
-            Err(TransferFailed::Refused(_))
+            Err(TransferFailed::NotBehind(1))
         ));
         assert!(
             verify(&only(&genesis), 2, &t.serve(&request(0), 64))
