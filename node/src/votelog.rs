@@ -209,8 +209,20 @@ mod tests {
                 .unwrap();
             assert_eq!(log.len(), 2);
         }
-        // After a restart (the database reopened), the votes are still known.
-        let db = sled::open(dir.path()).unwrap();
+        // After a restart (the database reopened), the votes are still known. sled's
+        // flusher thread may hold the file lock a moment after the first handle is dropped
+        // (it failed once with WouldBlock on the loaded machine): retry for up to 5 s.
+        let t0 = std::time::Instant::now();
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if t0.elapsed() < std::time::Duration::from_secs(5) => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopening the database: {e}"),
+            }
+        };
         let log = VoteLog::new(db.open_tree("votes").unwrap(), k.node_id());
         let conflicting = signed(&k, ConsensusMsg::Commit(slot(0, 1, 0xd2)));
         assert_eq!(

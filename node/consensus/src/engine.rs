@@ -1559,12 +1559,14 @@ impl Engine {
     fn on_fetch(&mut self, from: NodeId, from_seq: u64) {
         let mut certs = Vec::new();
         let mut bytes = 0usize;
-        for (c, size) in self.certs.range(from_seq..).map(|(_, c)| c) {
+        let mut last = from_seq;
+        for (seq, (c, size)) in self.certs.range(from_seq..) {
             let size = *size;
             if certs.len() >= MAX_CERTS_PER_REPLY || bytes + size > 192 * 1024 {
                 break;
             }
             bytes += size;
+            last = *seq;
             certs.push(c.clone());
         }
         if certs.is_empty() {
@@ -1575,6 +1577,19 @@ impl Engine {
                 to: from,
                 envelope: d,
             });
+        }
+        // The stable checkpoint's proof travels with the decisions it covers (section 4.3:
+        // its 2f+1 signed checkpoint messages, forwarded as they are): a replica that
+        // catches up across it, an epoch's end in particular, then holds the proof too,
+        // which state transfer serves (`transfer::EpochLink`). It was broadcast while the
+        // replica was away.
+        if (from_seq..=last).contains(&self.low) {
+            for env in &self.stable_proof {
+                self.out.push_back(Command::Send {
+                    to: from,
+                    envelope: env.clone(),
+                });
+            }
         }
     }
 

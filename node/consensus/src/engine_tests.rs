@@ -656,6 +656,32 @@ fn lagging_replica_catches_up_from_commit_certificates() {
 }
 
 #[test]
+fn a_replica_that_catches_up_across_a_checkpoint_gets_its_proof_too_section_4_3() {
+    // Replica 3 misses slots 1-4 and the checkpoint messages for 2 and 4 (K = 2). Its fetch
+    // is answered with the commit certificates and, since they cover the peer's stable
+    // checkpoint 4, with the 2f+1 signed checkpoint messages proving it: replica 3 makes 4
+    // stable without any new checkpoint broadcast, and holds the proof (what an epoch link
+    // needs).
+    let mut net = Net::new(4, cfg());
+    net.down[3] = true;
+    for nonce in 1..=4 {
+        net.request_all(t(nonce * 10), &request(9, nonce));
+    }
+    assert_eq!(net.engines[0].low_watermark(), 4);
+    net.down[3] = false;
+    net.engines[3].catch_up();
+    net.run(t(100));
+    let e3 = &net.engines[3];
+    assert_eq!(e3.last_executed(), 4);
+    assert_eq!(e3.low_watermark(), 4, "stable from the forwarded proof");
+    let proof = e3.stable_proof_at(4).expect("the proof of 4");
+    assert_eq!(
+        crate::stable_proof_digest(e3.committee(), 4, proof),
+        Some(net.engines[0].stable_checkpoint().1)
+    );
+}
+
+#[test]
 fn forged_certificate_is_rejected() {
     let mut net = Net::new(4, cfg());
     net.request_all(t(0), &request(9, 1));
@@ -1072,10 +1098,21 @@ fn retained_certificates_are_bounded_by_bytes_and_the_oldest_go_first() {
         Input::Message(signed(3, ConsensusMsg::Fetch { from_seq: 1 })),
     );
     let cmds = drain(&mut net.engines[0]);
-    let [Command::Send { to, envelope }] = &cmds[..] else {
+    // The decisions, then the proof of the stable checkpoint they cover (20).
+    let [Command::Send { to, envelope }, proof @ ..] = &cmds[..] else {
         panic!("{cmds:?}")
     };
     assert_eq!(*to, key(3).node_id());
+    assert_eq!(proof.len(), 3, "2f+1 checkpoint messages: {proof:?}");
+    for c in proof {
+        let Command::Send { envelope, .. } = c else {
+            panic!("{c:?}")
+        };
+        assert!(matches!(
+            open(envelope).into_message(),
+            ConsensusMsg::Checkpoint { seq: 20, .. }
+        ));
+    }
     let ConsensusMsg::Decided(certs) = open(envelope).into_message() else {
         panic!("not a decided reply")
     };
