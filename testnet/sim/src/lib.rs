@@ -524,9 +524,14 @@ impl Sim {
             byz_idx.insert(rng.random_range(0..n));
         }
         let cfg = s.consensus.clone().validate()?;
-        // The late joiner: the last honest observer (it must not be needed by a committee).
+        // The late joiner: the last honest node outside the genesis committee (it must not be
+        // needed by a committee before it starts).
         let late = (s.late_joiner && s.epoch_length > 0 && s.observers > 0)
-            .then(|| (committee_size..n).rev().find(|i| !byz_idx.contains(i)))
+            .then(|| {
+                (0..n)
+                    .rev()
+                    .find(|i| !byz_idx.contains(i) && !committee.contains(&keys[*i].node_id()))
+            })
             .flatten();
         // Genesis membership: every node joined and ready at time 0 (but the late joiner).
         let mut membership = Membership::default();
@@ -1035,6 +1040,11 @@ impl Sim {
             return Some(c);
         }
         nd.old.iter_mut().find_map(Engine::poll_command)
+    }
+
+    /// Every node's view count ([`Sim::view_rank`]).
+    pub(crate) fn view_ranks(&self) -> Vec<u64> {
+        (0..self.nodes.len()).map(|j| self.view_rank(j)).collect()
     }
 
     /// Views node `i` went through, counting an epoch change as one.

@@ -186,7 +186,8 @@ impl Sim {
                         self.sign_as(i, ConsensusMsg::Prepare { slot, header })
                     }
                     Some(ConsensusMsg::Commit(slot)) => {
-                        self.quarantine.offence(i, self.view_rank(i));
+                        let views = self.view_ranks();
+                        self.quarantine.offence(i, &views);
                         let slot = Slot {
                             digest: Digest(self.rng.random()),
                             ..slot
@@ -278,7 +279,8 @@ impl Sim {
                 time: pp.time,
             }),
         )?;
-        self.quarantine.offence(i, self.view_rank(i));
+        let views = self.view_ranks();
+        self.quarantine.offence(i, &views);
         self.sign_as(
             i,
             ConsensusMsg::Proposal {
