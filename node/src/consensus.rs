@@ -2184,6 +2184,33 @@ impl Driver {
         self.state = v.state;
         self.committee = v.committee;
         self.transferred = Some((seq, epoch, peer));
+        // This node's own requests that committed within the skipped decisions are done;
+        // their certificates are not here (a waiting caller is told so).
+        let me = self.me;
+        let done: Vec<u64> = self
+            .unanswered
+            .keys()
+            .copied()
+            .filter(|n| {
+                self.engine
+                    .as_ref()
+                    .is_some_and(|e| e.has_executed(&me, *n))
+            })
+            .collect();
+        for n in done {
+            self.unanswered.remove(&n);
+            self.submitted.remove(&n);
+            if let Some(w) = self.waiting.remove(&n) {
+                let _ = w.reply.send(Err(anyhow::anyhow!(
+                    "committed within the decisions a snapshot skipped; no certificate here"
+                )));
+            }
+            if let Some(p) = self.probes.remove(&n) {
+                let _ = p.send(Err(anyhow::anyhow!(
+                    "committed within the decisions a snapshot skipped"
+                )));
+            }
+        }
         self.transfer_wanted = false;
         self.transfer_failed.clear();
         self.transfer_peers.clear();

@@ -637,6 +637,12 @@ impl Engine {
         (self.low, self.stable_state, &self.stable_proof)
     }
 
+    /// Whether `client`'s request `nonce` has been executed (in this engine's log or before
+    /// its start, as its executed-request windows say).
+    pub fn has_executed(&self, client: &NodeId, nonce: u64) -> bool {
+        self.is_executed(client, nonce)
+    }
+
     /// The 2f+1 signed checkpoint messages proving `seq` stable, if `seq` is this engine's
     /// stable checkpoint (and not its epoch's start, which has no proof).
     pub fn stable_proof_at(&self, seq: u64) -> Option<&[SignedEnvelope]> {

@@ -142,6 +142,12 @@ impl Sim {
         nd.membership = snap.membership;
         nd.pending_link = None;
         nd.transfer_refused_by = None;
+        // Its own requests that committed within the decisions it skipped are done (the
+        // snapshot's executed-request windows say so).
+        let me = nd.key.node_id();
+        let engine = &nd.engine;
+        nd.outstanding
+            .retain(|nonce, _| !engine.has_executed(&me, *nonce));
         if !nd.byz {
             self.transfers_installed += 1;
             // The quarantines the snapshot carries are this node's now (the `quarantine`
