@@ -27,6 +27,15 @@ rm -rf "$DIR"
 cleanup() { "$BIN/dwcp-testnet" down --dir "$DIR" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
+# Probes (no-op decisions) until node 0's consensus reaches epoch $1 (at most 60 rounds).
+drive_to_epoch() {
+  for _ in $(seq 60); do
+    E=$("$BIN/dwcp-cli" --api "$API" --format json consensus quorum-status | python3 -c "import json,sys;print(json.load(sys.stdin)['epoch'])")
+    [ "$E" -ge "$1" ] && break
+    "$BIN/dwcp-cli" --api "$API" --format json consensus probe --count 2 >/dev/null || true
+  done
+}
+
 echo "== dwcp-testnet up --nodes $NODES --dir $DIR --epoch-length 20 (the committee is recomputed every 20 decisions)"
 "$BIN/dwcp-testnet" up --nodes "$NODES" --dir "$DIR" --epoch-length 20
 API=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][0]['api'])" "$DIR/testnet.json")
@@ -53,11 +62,7 @@ sleep 3
 echo; echo "== committee epochs: no fixed controllers. Every node committed its join and readiness;"
 echo "   at the end of epoch 0 every node computes the next committee from committed state:"
 echo "   ready, not quarantined, reputation >= 0.5. Decisions (probes) until epoch 1:"
-for _ in $(seq 60); do
-  E=$("$BIN/dwcp-cli" --api "$API" --format json consensus quorum-status | python3 -c "import json,sys;print(json.load(sys.stdin)['epoch'])")
-  [ "$E" -ge 1 ] && break
-  "$BIN/dwcp-cli" --api "$API" --format json consensus probe --count 2 >/dev/null || true
-done
+drive_to_epoch 1
 "$BIN/dwcp-cli" --api "$API" consensus quorum-status || true
 echo; echo "== Prometheus: $METRICS/metrics (excerpt)"
 curl -s "$METRICS/metrics" | grep -E '^dwcp_(cluster_workers|gossip_messages_received|net_peers|state_sync_max_lag|consensus_decisions|reputation_quarantined|pbft_view|pbft_epoch)' || true
@@ -101,11 +106,7 @@ echo; echo "== a volunteer installs later: decisions until epoch 2, then a new n
 echo "   two or more epochs ahead, asks a peer for its certified snapshot (state transfer), checks the"
 echo "   chain of committee-signed epoch links from the genesis committee, installs it and fetches"
 echo "   only the decisions after it:"
-for _ in $(seq 60); do
-  E=$("$BIN/dwcp-cli" --api "$API" --format json consensus quorum-status | python3 -c "import json,sys;print(json.load(sys.stdin)['epoch'])")
-  [ "$E" -ge 2 ] && break
-  "$BIN/dwcp-cli" --api "$API" --format json consensus probe --count 2 >/dev/null || true
-done
+drive_to_epoch 2
 "$BIN/dwcp-testnet" join --dir "$DIR"
 NEW_API=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1]['api'])" "$DIR/testnet.json")
 for _ in $(seq 60); do

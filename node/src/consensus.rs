@@ -1153,22 +1153,6 @@ pub const MAX_SERVING: usize = 2;
 /// Least time between two state-transfer requests of a node.
 pub const TRANSFER_EVERY: Duration = Duration::from_secs(5);
 
-/// The epoch a consensus message belongs to, for a node that has not reached it (by view, or
-/// by sequence number with epochs of `epoch_length`).
-fn message_epoch(m: &ConsensusMsg, epoch_length: u64) -> Option<u64> {
-    let by_seq = |seq: u64| (epoch_length > 0).then(|| seq.saturating_sub(1) / epoch_length);
-    match m {
-        ConsensusMsg::PrePrepare(pp) => Some(dwcp_consensus::epoch_of_view(pp.slot.view)),
-        ConsensusMsg::Prepare { slot, .. } | ConsensusMsg::Commit(slot) => {
-            Some(dwcp_consensus::epoch_of_view(slot.view))
-        }
-        ConsensusMsg::ViewChange(vc) => Some(dwcp_consensus::epoch_of_view(vc.new_view)),
-        ConsensusMsg::NewView(nv) => Some(dwcp_consensus::epoch_of_view(nv.view)),
-        ConsensusMsg::Checkpoint { seq, .. } => by_seq(*seq),
-        _ => None,
-    }
-}
-
 /// How long a stopping node waits for its leave request to be sent.
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
 
@@ -1576,7 +1560,7 @@ impl Driver {
                     // Traffic two or more epochs ahead: a certified snapshot is quicker than
                     // replaying (and the log may no longer be held).
                     if let Some(len) = self.rules.as_ref().map(|r| r.epoch_length)
-                        && message_epoch(m.message(), len)
+                        && dwcp_consensus::transfer::message_epoch(m.message(), len)
                             .is_some_and(|e| e >= self.committee.epoch() + 2)
                     {
                         self.want_transfer(m.signer());
@@ -2027,8 +2011,11 @@ impl Driver {
         }
         self.transfer_wanted = true;
         if !self.transfer_peers.contains(&peer) {
-            if self.transfer_peers.len() >= MAX_TRANSFER_PEERS {
-                self.transfer_peers.pop_front();
+            if self.transfer_peers.len() >= MAX_TRANSFER_PEERS
+                && let Some(gone) = self.transfer_peers.pop_front()
+            {
+                // The failed set stays a subset of the known peers (bounded with them).
+                self.transfer_failed.remove(&gone);
             }
             self.transfer_peers.push_back(peer);
         }

@@ -22,7 +22,7 @@
 
 use dwcp_consensus::{
     Committee, Handover,
-    transfer::{EpochLink, MAX_LINKS, verify_chain},
+    transfer::{EpochLink, MAX_LINKS, TransferError, verify_chain},
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -117,26 +117,11 @@ pub fn verify(
     ))?;
     let committee = verify_chain(&start, &links, epoch_length)?;
     let last = links.last().ok_or(TransferFailed::Mismatch("no links"))?;
-    if handover.seq != last.seq {
-        return Err(TransferFailed::Mismatch(
-            "the hand-over is at another sequence number",
-        ));
-    }
-    if handover.state != last.digest() {
-        return Err(TransferFailed::Mismatch(
-            "the hand-over's log digest differs",
-        ));
-    }
-    if handover.clients_digest() != last.clients {
-        return Err(TransferFailed::Mismatch(
-            "the hand-over's executed-request windows differ",
-        ));
-    }
-    if state.digest() != last.app_state {
-        return Err(TransferFailed::Mismatch(
-            "the replicated state's digest differs",
-        ));
-    }
+    last.check_snapshot(&handover, &state.digest())
+        .map_err(|e| match e {
+            TransferError::SnapshotMismatch(why) => TransferFailed::Mismatch(why),
+            other => TransferFailed::Chain(other),
+        })?;
     Ok(Verified {
         committee,
         handover,

@@ -16,8 +16,8 @@
 //! need 2f+1 signatures of a committee the node already trusts.
 
 use crate::committee::Committee;
-use crate::engine::{checkpoint_digest, stable_proof_digest};
-use crate::messages::Digest;
+use crate::engine::{Handover, checkpoint_digest, epoch_of_view, stable_proof_digest};
+use crate::messages::{ConsensusMsg, Digest};
 use dwcp_protocol::SignedEnvelope;
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,25 @@ pub enum TransferError {
     /// The chain is empty, too long, or has a gap.
     #[error("the chain is broken: {0}")]
     BrokenChain(&'static str),
+    /// A snapshot does not match what the link certifies.
+    #[error("{0}")]
+    SnapshotMismatch(&'static str),
+}
+
+/// The epoch a consensus message belongs to, for a node that has not reached it: by view, or
+/// by sequence number with epochs of `epoch_length` (None for messages that name neither).
+pub fn message_epoch(m: &ConsensusMsg, epoch_length: u64) -> Option<u64> {
+    let by_seq = |seq: u64| (epoch_length > 0).then(|| seq.saturating_sub(1) / epoch_length);
+    match m {
+        ConsensusMsg::PrePrepare(pp) => Some(epoch_of_view(pp.slot.view)),
+        ConsensusMsg::Prepare { slot, .. } | ConsensusMsg::Commit(slot) => {
+            Some(epoch_of_view(slot.view))
+        }
+        ConsensusMsg::ViewChange(vc) => Some(epoch_of_view(vc.new_view)),
+        ConsensusMsg::NewView(nv) => Some(epoch_of_view(nv.view)),
+        ConsensusMsg::Checkpoint { seq, .. } => by_seq(*seq),
+        _ => None,
+    }
 }
 
 /// The application part of a checkpoint digest: the application's own state digest, and at
@@ -129,6 +148,31 @@ impl EpochLink {
             Some(d) if d == self.digest() => Ok(next),
             _ => Err(TransferError::BadProof(self.seq)),
         }
+    }
+}
+
+impl EpochLink {
+    /// Whether a snapshot of the epoch this link starts (the engine hand-over and the
+    /// application's state digest) is what the link certifies.
+    pub fn check_snapshot(
+        &self,
+        handover: &Handover,
+        app_state: &Digest,
+    ) -> Result<(), TransferError> {
+        let mismatch = |why| Err(TransferError::SnapshotMismatch(why));
+        if handover.seq != self.seq {
+            return mismatch("the hand-over is at another sequence number");
+        }
+        if handover.state != self.digest() {
+            return mismatch("the hand-over's log digest differs");
+        }
+        if handover.clients_digest() != self.clients {
+            return mismatch("the hand-over's executed-request windows differ");
+        }
+        if *app_state != self.app_state {
+            return mismatch("the replicated state's digest differs");
+        }
+        Ok(())
     }
 }
 

@@ -58,22 +58,6 @@ use invariants::{
     reputation_agreement::ReputationAgreement, validity::Validity, view_monotonic::ViewMonotonic,
 };
 
-/// The epoch of a consensus message for a node that has not reached it (by view, or by
-/// sequence number with epochs of `epoch_length`), as the node reads it.
-fn message_epoch(m: &ConsensusMsg, epoch_length: u64) -> Option<u64> {
-    let by_seq = |seq: u64| (epoch_length > 0).then(|| seq.saturating_sub(1) / epoch_length);
-    match m {
-        ConsensusMsg::PrePrepare(pp) => Some(dwcp_consensus::epoch_of_view(pp.slot.view)),
-        ConsensusMsg::Prepare { slot, .. } | ConsensusMsg::Commit(slot) => {
-            Some(dwcp_consensus::epoch_of_view(slot.view))
-        }
-        ConsensusMsg::ViewChange(vc) => Some(dwcp_consensus::epoch_of_view(vc.new_view)),
-        ConsensusMsg::NewView(nv) => Some(dwcp_consensus::epoch_of_view(nv.view)),
-        ConsensusMsg::Checkpoint { seq, .. } => by_seq(*seq),
-        _ => None,
-    }
-}
-
 /// The digest of a node's replicated state (committed reputation table and membership).
 fn app_state_of(rep: &reputation::Engine, membership: &Membership) -> Digest {
     let table = invariants::reputation_agreement::table_digest(
@@ -975,7 +959,7 @@ impl Sim {
                             nd.nudged_at = Some(self.now);
                             nd.engine.catch_up();
                         }
-                        let epoch = message_epoch(m.message(), self.s.epoch_length);
+                        let epoch = transfer::message_epoch(m.message(), self.s.epoch_length);
                         if let (Some(epoch), Some(&from)) = (epoch, self.ids.get(&m.signer())) {
                             self.maybe_ask_transfer(to, from, epoch);
                         }

@@ -110,10 +110,9 @@ impl Sim {
             .zip(links.last())
             .filter(|(c, last)| {
                 *c == snap.committee
-                    && snap.handover.seq == last.seq
-                    && snap.handover.state == last.digest()
-                    && snap.handover.clients_digest() == last.clients
-                    && app_state_of(&snap.rep, &snap.membership) == last.app_state
+                    && last
+                        .check_snapshot(&snap.handover, &app_state_of(&snap.rep, &snap.membership))
+                        .is_ok()
             })
             .is_some();
         if !checked {
