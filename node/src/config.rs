@@ -399,11 +399,19 @@ pub struct AcpSection {
     pub epochs: EpochsSection,
     /// Testnet fault injection, only in builds with the `byzantine` feature: `equivocate`
     /// makes this replica sign a second, conflicting vote for every vote it casts and send it
-    /// to the other members (so honest replicas hold proof of its equivocation).
+    /// to the other members (so honest replicas hold proof of its equivocation);
+    /// `forge-snapshot` makes this node answer state-transfer requests with a snapshot whose
+    /// replicated state quarantines all but one member of its committee (the links and the
+    /// hand-over stay true, so only the state digest check catches it), and serve no commit
+    /// certificates to nodes outside the committee, so that they cannot replay around it.
     #[cfg(feature = "byzantine")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<String>,
 }
+
+/// The values `acp.byzantine` accepts (feature `byzantine`).
+#[cfg(feature = "byzantine")]
+pub const BYZANTINE_STRATEGIES: [&str; 2] = ["equivocate", "forge-snapshot"];
 
 /// `acp.epochs:` when and from whom the committee is chosen again. Every node must have the
 /// same values (like `acp.committee`): they decide which committee a decision needs.
@@ -1016,9 +1024,12 @@ impl NodeConfig {
         }
         #[cfg(feature = "byzantine")]
         if let Some(b) = &self.acp.byzantine
-            && b != "equivocate"
+            && !BYZANTINE_STRATEGIES.contains(&b.as_str())
         {
-            bail!("acp.byzantine: unknown strategy `{b}` (known: equivocate)");
+            bail!(
+                "acp.byzantine: unknown strategy `{b}` (known: {})",
+                BYZANTINE_STRATEGIES.join(", ")
+            );
         }
         for id in &self.acp.committee {
             id.parse::<dwcp_protocol::NodeId>()

@@ -691,6 +691,11 @@ pub struct QuorumStatus {
     /// number, epoch and the peer it came from.
     #[serde(default)]
     pub transferred: Option<(u64, u64, NodeId)>,
+    /// Snapshots this node refused since it started: replies that did not verify (a chain
+    /// of epoch links without 2f+1 valid checkpoint signatures, or a state or hand-over
+    /// that is not the one the last link certifies).
+    #[serde(default)]
+    pub transfers_refused: u64,
     /// Primary of the view.
     pub primary: Option<NodeId>,
     /// Whether the view is active (not changing).
@@ -750,6 +755,9 @@ pub struct Consensus {
     transfer: Option<crate::transfer::TransferStore>,
     /// Snapshots being served at once (each reads sled and encodes up to 8 MiB).
     serving: Arc<Semaphore>,
+    /// Fault injection (feature `byzantine`, `acp.byzantine: forge-snapshot`): serve forged
+    /// snapshots.
+    forge_snapshots: bool,
     verifier: CommitteeVerifier,
     quarantined: watch::Receiver<BTreeSet<NodeId>>,
     view: watch::Receiver<Arc<AcpView>>,
@@ -776,7 +784,11 @@ impl Consensus {
         let Ok(_permit) = self.serving.try_acquire() else {
             return refuse("busy serving other snapshots; ask again later");
         };
-        t.serve(request, dwcp_net::MAX_STATE_TRANSFER_FRAME)
+        let reply = t.serve(request, dwcp_net::MAX_STATE_TRANSFER_FRAME);
+        if self.forge_snapshots {
+            return forge_snapshot(&reply).unwrap_or(reply);
+        }
+        reply
     }
 
     /// Nodes quarantined by committed decisions (excluded from placement, disconnected).
@@ -856,6 +868,7 @@ struct AcpMetrics {
     participation_records: IntCounter,
     catch_up_gap: IntGauge,
     state_transfers: IntCounter,
+    transfers_refused: IntCounter,
 }
 
 impl AcpMetrics {
@@ -918,6 +931,10 @@ impl AcpMetrics {
             state_transfers: reg.c(
                 "dwcp_pbft_state_transfers_total",
                 "Certified snapshots (state transfer) this node verified and installed",
+            )?,
+            transfers_refused: reg.c(
+                "dwcp_pbft_state_transfers_refused_total",
+                "Snapshots (state transfer) this node refused because they did not verify: a peer lied or sent garbage",
             )?,
             participation_records: reg.c(
                 "dwcp_reputation_participation_records_total",
@@ -1027,6 +1044,9 @@ struct Driver {
     probes: BTreeMap<u64, oneshot::Sender<anyhow::Result<Duration>>>,
     /// Fault injection (feature `byzantine`): equivocate on every vote.
     equivocate: bool,
+    /// Fault injection (feature `byzantine`, `forge-snapshot`): serve observers no
+    /// certificates, so that they need a snapshot (which the handle forges).
+    withhold_log: bool,
     /// Where certified decisions go (the cluster document).
     sync: Option<crate::statesync::StateSync>,
     /// Overdue placements this member submitted `failed` for (bounded by [`MAX_EXPIRING`]).
@@ -1209,17 +1229,50 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
-/// Whether the configuration asks this replica to equivocate (feature `byzantine` only).
-fn equivocates(cfg: &AcpSection) -> bool {
+/// Whether the configuration asks this node for the fault `strategy` (`acp.byzantine`,
+/// feature `byzantine` only).
+fn byzantine_is(cfg: &AcpSection, strategy: &str) -> bool {
     #[cfg(feature = "byzantine")]
     {
-        cfg.byzantine.as_deref() == Some("equivocate")
+        cfg.byzantine.as_deref() == Some(strategy)
     }
     #[cfg(not(feature = "byzantine"))]
     {
-        let _ = cfg;
+        let _ = (cfg, strategy);
         false
     }
+}
+
+/// Fault injection (`acp.byzantine: forge-snapshot`): the honest snapshot reply with a
+/// replicated state that quarantines every member of the snapshot's committee but this one.
+/// The epoch links and the hand-over stay true, so only the check of the state's digest
+/// against the last link refuses it. `None` when the reply is not a snapshot.
+fn forge_snapshot(reply: &[u8]) -> Option<Vec<u8>> {
+    use crate::transfer::TransferReply;
+    let TransferReply::Snapshot {
+        links,
+        handover,
+        mut state,
+    } = ciborium::from_reader(reply).ok()?
+    else {
+        return None;
+    };
+    let members = links.last()?.next.members().to_vec();
+    // The first member stays in: a liar quarantines the others.
+    for m in members.iter().skip(1) {
+        state.voted_out.insert(*m);
+    }
+    let mut bytes = Vec::new();
+    ciborium::into_writer(
+        &TransferReply::Snapshot {
+            links,
+            handover,
+            state,
+        },
+        &mut bytes,
+    )
+    .ok()?;
+    Some(bytes)
 }
 
 /// Starts the driver when a committee is configured; `Ok(None)` otherwise.
@@ -1361,7 +1414,8 @@ pub fn spawn(
         view_at: Instant::now(),
         view_dirty: true,
         probes: BTreeMap::new(),
-        equivocate: equivocates(cfg),
+        equivocate: byzantine_is(cfg, "equivocate"),
+        withhold_log: byzantine_is(cfg, "forge-snapshot"),
         sync: statesync,
         vote_envs: BTreeMap::new(),
         decisions_proposed: BTreeSet::new(),
@@ -1377,12 +1431,18 @@ pub fn spawn(
     if d.equivocate {
         warn!("BYZANTINE TEST MODE: this replica equivocates on every vote (acp.byzantine)");
     }
+    if d.withhold_log {
+        warn!(
+            "BYZANTINE TEST MODE: this node serves forged snapshots and no certificates to observers (acp.byzantine)"
+        );
+    }
     let task = tokio::spawn(d.run(rx, stop));
     Ok(Some((
         Consensus {
             tx,
             transfer,
             serving: Arc::new(Semaphore::new(MAX_SERVING)),
+            forge_snapshots: byzantine_is(cfg, "forge-snapshot"),
             verifier: d_verifier,
             quarantined: q_rx,
             view: v_rx,
@@ -1590,6 +1650,9 @@ impl Driver {
                         || !self.admit_fetch(m.signer())
                     {
                         return Err("not_member");
+                    }
+                    if self.withhold_log {
+                        return Err("byzantine_withheld");
                     }
                 }
                 // A quarantined member is treated as silent: PBFT tolerates f of those.
@@ -2114,7 +2177,11 @@ impl Driver {
                 return;
             }
             Err(e) => {
-                warn!(peer = %peer.short(), error = %e, "refused a snapshot");
+                // An empty reply is a failed request (the peer was unreachable), not a lie.
+                if !reply.is_empty() {
+                    warn!(peer = %peer.short(), error = %e, "refused a snapshot");
+                    self.metrics.transfers_refused.inc();
+                }
                 self.transfer_failed.insert(peer);
                 return;
             }
@@ -2898,6 +2965,7 @@ impl Driver {
             resumed_from: self.resumed_from,
             catch_up_gap: e.and_then(Engine::catch_up_gap),
             transferred: self.transferred,
+            transfers_refused: self.metrics.transfers_refused.get(),
             primary: e.map(|e| e.primary()),
             view_active: e.is_some_and(|e| e.is_view_active()),
             last_executed: e.map(|e| e.last_executed()).unwrap_or(0),

@@ -33,7 +33,8 @@ pub(crate) struct UpArgs {
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Make K committee members Byzantine with a strategy, e.g. `1:equivocate` (the last K
-    /// members of the genesis committee). Needs dwcp-node built with its `byzantine`
+    /// members of the genesis committee): `equivocate` (conflicting votes) or
+    /// `forge-snapshot` (lies to nodes asking for a state transfer). Needs dwcp-node built with its `byzantine`
     /// feature (`cargo build --workspace --bins --all-features`).
     #[arg(long, value_parser = local::parse_byzantine)]
     byzantine: Option<(usize, String)>,

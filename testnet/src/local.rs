@@ -127,8 +127,13 @@ pub fn parse_byzantine(s: &str) -> Result<(usize, String), String> {
     let k: usize = k
         .parse()
         .map_err(|_| format!("`{k}` is not a number of nodes"))?;
-    if strat != "equivocate" {
-        return Err(format!("unknown strategy `{strat}` (known: equivocate)"));
+    // dwcp-node's `acp.byzantine` values (its feature `byzantine`).
+    const KNOWN: [&str; 2] = ["equivocate", "forge-snapshot"];
+    if !KNOWN.contains(&strat) {
+        return Err(format!(
+            "unknown strategy `{strat}` (known: {})",
+            KNOWN.join(", ")
+        ));
     }
     Ok((k, strat.to_owned()))
 }

@@ -228,11 +228,108 @@ async fn a_restarted_member_resumes_from_its_last_epoch_and_a_new_node_installs_
     }
 }
 
+/// Every member lies to nodes asking for a snapshot (`acp.byzantine: forge-snapshot`: true
+/// epoch links and hand-over, a state that quarantines three of the four members) and
+/// serves them no certificates, so they cannot replay the log. A new node must refuse each
+/// lie and install nothing; once one member is restarted honest (it holds no certificates
+/// from before its resume point, so the joiner still needs a snapshot), the new node installs
+/// that member's snapshot, with the true membership and no one quarantined.
+/// Serving is not a consensus vote: here more than f (all) of the servers lie, and the
+/// joiner still installs only what 2f+1 checkpoint signatures certify.
+#[cfg(feature = "byzantine")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_node_refuses_forged_snapshots_and_installs_a_true_one() {
+    let (dirs, all_ids) = fresh_dirs(5);
+    let ids = &all_ids[..4];
+    let honest: Vec<_> = (0..4).map(|_| config(ids, true)).collect();
+    let lying: Vec<_> = honest
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.acp.byzantine = Some("forge-snapshot".into());
+            c
+        })
+        .collect();
+    let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let mut nodes = start_group(lying.clone(), &dir_paths[..4]).await;
+    let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
+    let all: Vec<&str> = apis.iter().map(|s| s.as_str()).collect();
+    drive_until(Some(all[1]), &all, 120, "epoch 2 reached", |s| s.epoch >= 2).await;
+
+    // Only lies on offer: each is refused, nothing is installed.
+    let mut new = config(ids, false);
+    new.cluster.bootstrap = bootstrap_via(&honest, ids, 1);
+    let new = RunningNode::start(new, dir_paths[4]).await;
+    let refused = drive_until(
+        Some(all[1]),
+        &[new.api.as_str()],
+        60,
+        "the new node refuses forged snapshots",
+        |s| s.transfers_refused >= 2,
+    )
+    .await;
+    assert!(refused[0].transferred.is_none(), "{:?}", refused[0]);
+    assert!(refused[0].epoch < 2, "{:?}", refused[0]);
+    assert!(metric(&new.metrics, "dwcp_pbft_state_transfers_refused_total").await >= 2.0);
+    assert_eq!(
+        metric(&new.metrics, "dwcp_pbft_state_transfers_total").await,
+        0.0
+    );
+
+    // Member 0 comes back honest (same identity, data and ports): its snapshot verifies.
+    let first = nodes.remove(0);
+    first.stop().await;
+    let mut cfg = honest[0].clone();
+    cfg.cluster.bootstrap = bootstrap_via(&honest, ids, 1);
+    let first = RunningNode::start(cfg, dir_paths[0]).await;
+    let target = status(all[1]).await;
+    let s = drive_until(
+        Some(all[1]),
+        &[new.api.as_str()],
+        120,
+        "the new node installs the honest member's snapshot",
+        |s| s.transferred.is_some() && s.last_executed >= target.last_executed,
+    )
+    .await;
+    let (seq, epoch, from) = s[0].transferred.expect("a snapshot was installed");
+    assert_eq!(from, ids[0], "only the honest member's snapshot verifies");
+    assert!(seq >= 40 && seq % 20 == 0 && epoch >= 2, "{:?}", s[0]);
+    let rows: Vec<dwcp_node::consensus::ReputationRow> =
+        reqwest::get(format!("{}/v1/reputation", new.api))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert!(
+        rows.iter().all(|r| !r.quarantined),
+        "a forged quarantine was installed: {rows:?}"
+    );
+    let member = status(all[1]).await;
+    if member.epoch == s[0].epoch {
+        assert_eq!(member.members, s[0].members);
+    }
+    new.stop().await;
+    first.stop().await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
 /// Node 0 as the bootstrap peer.
 fn bootstrap_via_node0(configs: &[dwcp_node::config::NodeConfig], ids: &[NodeId]) -> Vec<String> {
+    bootstrap_via(configs, ids, 0)
+}
+
+/// Node `i` as the bootstrap peer.
+fn bootstrap_via(
+    configs: &[dwcp_node::config::NodeConfig],
+    ids: &[NodeId],
+    i: usize,
+) -> Vec<String> {
     vec![format!(
         "{}/p2p/{}",
-        configs[0].network.listen[0],
-        ids[0].to_peer_id().unwrap()
+        configs[i].network.listen[0],
+        ids[i].to_peer_id().unwrap()
     )]
 }

@@ -134,6 +134,12 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                     peer.short()
                 );
             }
+            if s.transfers_refused > 0 {
+                println!(
+                    "Refused {} snapshot(s) that did not verify (a peer lied or sent garbage)",
+                    s.transfers_refused
+                );
+            }
             if let Some((needed, offered)) = s.catch_up_gap {
                 println!(
                     "CANNOT CATCH UP: needs seq {needed}, peers hold decisions from {offered} on \
