@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from . import multiscale
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC_PATH = os.path.join(os.path.dirname(_HERE), "features.json")
 
@@ -25,9 +27,20 @@ FLOOR = SPEC["floor_mbps"]
 CLIP = SPEC["log_ratio_clip"]
 LEVEL_SCALE = SPEC["log_level_scale"]
 USE_TIME = SPEC["use_time_features"]
-CHANNELS = len(SPEC["channels"])
+V1_CHANNELS = len(SPEC["channels"])
+# Optional multi-scale channels (pba/multiscale.py): experimental, off by default, so the
+# committed model, the golden vectors and the Rust side stay spec v1.
+EXTRA_CHANNELS = os.environ.get("PBA_EXTRA_CHANNELS", "") in ("1", "true")
+CHANNELS = V1_CHANNELS + (multiscale.N_CHANNELS if EXTRA_CHANNELS else 0)
 OUT_CLIP = SPEC["output_clip"]
 N_OUT = 2 * len(HORIZONS_S)
+
+
+def configure(extra_channels):
+    """Switch the experimental multi-scale channels on or off (sets CHANNELS)."""
+    global EXTRA_CHANNELS, CHANNELS
+    EXTRA_CHANNELS = bool(extra_channels)
+    CHANNELS = V1_CHANNELS + (multiscale.N_CHANNELS if EXTRA_CHANNELS else 0)
 
 
 def level(x):
@@ -72,6 +85,8 @@ def features(history, t_last_unix_s=None):
             t = t_last_unix_s - (w - 1 - j) * STEP_S
             out[WINDOW - w + j, 3:7] = time_features(t)
             out[WINDOW - w + j, 7] = 1.0
+    if EXTRA_CHANNELS:
+        out[rows, V1_CHANNELS:] = multiscale.channels(x, math.log(lvl), CLIP)
     return out.astype(np.float32), lvl
 
 

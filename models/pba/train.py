@@ -58,6 +58,9 @@ def train(args, Xtr, Ltr, Ttr, Mtr, Str):
         print("source weights", {s: round(w, 3) for s, w in wmap.items()})
     Wt = np.array([wmap[s] for s in Str], np.float32)
     Mtr = Mtr.astype(np.float32)
+    hw = np.asarray(args.horizon_weights, np.float32)
+    if hw.shape != (len(spec.HORIZONS_S),):
+        raise SystemExit(f"--horizon-weights needs {len(spec.HORIZONS_S)} values")
 
     key = jax.random.PRNGKey(args.seed)
     params = lstm.init_params(key, spec.CHANNELS, args.hidden, spec.N_OUT)
@@ -70,8 +73,14 @@ def train(args, Xtr, Ltr, Ttr, Mtr, Str):
         y = lstm.forward(p, x)
         mu = y[:, 0::2]
         q = mu - jax.nn.softplus(y[:, 1::2])
-        l = pinball(z - mu, tau_m) + pinball(z - q, tau_q)
-        return jnp.sum(l * m * w[:, None]) / jnp.sum(m * w[:, None])
+        if args.mean_loss == "ape":
+            # relative error of the mean forecast, |L e^mu - T| / T (the evaluation metric)
+            lm = 2.0 * jnp.abs(jnp.exp(jnp.clip(mu, -spec.OUT_CLIP, spec.OUT_CLIP) - z) - 1.0)
+        else:
+            lm = pinball(z - mu, tau_m)
+        l = lm + pinball(z - q, tau_q)
+        mw = m * w[:, None] * hw[None, :]
+        return jnp.sum(l * mw) / jnp.sum(mw)
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))
     # Adam
@@ -207,9 +216,27 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--tau-mean", type=float, default=0.5)
+    ap.add_argument(
+        "--mean-loss", choices=["pinball", "ape"], default="pinball", help="loss of the mean head (pinball on the log ratio, or APE)"
+    )
     ap.add_argument("--level-aug", type=float, default=1.0)
     ap.add_argument("--rel-weight", type=int, default=1, help="weight sources by 1/typical error")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--horizon-weights", type=float, nargs="+", default=[1.0, 1.0, 1.0, 1.0], help="loss weight per horizon"
+    )
+    ap.add_argument(
+        "--extra-channels",
+        action="store_true",
+        default=spec.EXTRA_CHANNELS,
+        help="append the experimental multi-scale channels (pba/multiscale.py; not spec v1, not in Rust)",
+    )
+    ap.add_argument(
+        "--eval-calib",
+        action="store_true",
+        help="model selection: after training, evaluate on the calibration traces only, write that to "
+        "--metrics and stop (no validation evaluation, no export)",
+    )
     ap.add_argument(
         "--ensemble", type=int, default=1, help="members trained with seeds seed.. (one-layer: exported as one LSTM)"
     )
@@ -230,6 +257,9 @@ def main():
         help="where the validation split is written (a node's retrain writes beside its job)",
     )
     args = ap.parse_args()
+    spec.configure(args.extra_channels)
+    if args.eval_calib and (args.calib_fold <= 0 or args.load_params):
+        raise SystemExit("--eval-calib needs --calib-fold > 0 and training (no --load-params)")
 
     traces = data.load_derived(args.traces)
     for path in args.samples:
@@ -249,12 +279,25 @@ def main():
     calib_info = None
     if args.load_params:
         params = load_params(args.load_params)  # as saved: ensemble and calibration included
+        if params["layers"][0]["W"].shape[1] != spec.CHANNELS:
+            raise SystemExit(f"{args.load_params}: input size differs from {spec.CHANNELS} channels (--extra-channels?)")
     else:
         members = []
         for i in range(max(1, args.ensemble)):
             run = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
             members.append(train(run, Xtr, Ltr, Ttr, Mtr, Str))
         params = ensemble.combine(members)
+        if args.eval_calib:
+            # median APE (the mean outputs) is what selection looks at; the p10 map is not
+            # fitted here, so the printed p10 coverage is the raw model's
+            res = evaluate_all(params, cal)
+            print(f"calibration traces {len(cal)} (model selection only)")
+            print_table(res)
+            save_params(params, args.save_params)
+            with open(args.metrics, "w", encoding="utf-8") as f:
+                json.dump({"args": vars(args), "calibration_traces": sorted(cal), "train_windows": int(len(Xtr)),
+                           "results_calibration": res}, f, indent=1)
+            return
         if cal and any(spec.trace_windows(v) is not None for v in cal.values()):
             Xc, Lc, Tc, Mc, Sc = build_set(cal)
             before = evaluate_all(params, cal)
