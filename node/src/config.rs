@@ -1160,6 +1160,19 @@ mod tests {
                 .to_string();
             assert!(err.contains(named), "{yaml}: {err}");
         }
+        #[cfg(feature = "byzantine")]
+        {
+            let err = NodeConfig::from_yaml("acp:\n  byzantine: lie-loudly\n")
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("forge-snapshot"), "{err}");
+            for s in BYZANTINE_STRATEGIES {
+                let c = NodeConfig::from_yaml(&format!("acp:\n  byzantine: {s}\n")).unwrap();
+                assert!(c.validate().is_ok(), "{s}");
+            }
+        }
         let c = NodeConfig::from_yaml(
             "acp:\n  pbft:\n    catch_up_mib: 16\nass:\n  compaction:\n    after_changes: 0\n    departed_after: 1h\n",
         )

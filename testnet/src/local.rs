@@ -914,3 +914,24 @@ pub async fn status(dir: &Path) -> anyhow::Result<(Testnet, Vec<StatusRow>)> {
     }
     Ok((t, rows))
 }
+
+#[cfg(test)]
+mod byzantine_option_tests {
+    use super::parse_byzantine;
+
+    #[test]
+    fn byzantine_strategies_parse_and_unknown_ones_are_named() {
+        assert_eq!(
+            parse_byzantine("2:equivocate"),
+            Ok((2, "equivocate".into()))
+        );
+        assert_eq!(
+            parse_byzantine("1:forge-snapshot"),
+            Ok((1, "forge-snapshot".into()))
+        );
+        let err = parse_byzantine("1:lie").unwrap_err();
+        assert!(err.contains("equivocate, forge-snapshot"), "{err}");
+        assert!(parse_byzantine("x:equivocate").is_err());
+        assert!(parse_byzantine("equivocate").is_err());
+    }
+}
