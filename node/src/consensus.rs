@@ -578,8 +578,9 @@ pub enum DriverInput {
     Transfer {
         /// The peer asked.
         peer: NodeId,
-        /// Its reply (encoded [`crate::transfer::TransferReply`]).
-        reply: Vec<u8>,
+        /// Its reply (encoded [`crate::transfer::TransferReply`]); `None` when the request
+        /// failed (the peer was unreachable or did not answer).
+        reply: Option<Vec<u8>>,
     },
     /// This member measured what transfers from a node achieved: its signed
     /// `BandwidthMeasurement` and the node's signed announcement (its capacity claim). Kept,
@@ -1244,7 +1245,7 @@ fn byzantine_is(cfg: &AcpSection, strategy: &str) -> bool {
 }
 
 /// Fault injection (`acp.byzantine: forge-snapshot`): the honest snapshot reply with a
-/// replicated state that quarantines every member of the snapshot's committee but this one.
+/// replicated state that quarantines every member of the snapshot's committee but the first.
 /// The epoch links and the hand-over stay true, so only the check of the state's digest
 /// against the last link refuses it. `None` when the reply is not a snapshot.
 fn forge_snapshot(reply: &[u8]) -> Option<Vec<u8>> {
@@ -1436,13 +1437,15 @@ pub fn spawn(
             "BYZANTINE TEST MODE: this node serves forged snapshots and no certificates to observers (acp.byzantine)"
         );
     }
+    // The same fault serves forged snapshots (the handle) and withholds the log (the driver).
+    let forge_snapshots = d.withhold_log;
     let task = tokio::spawn(d.run(rx, stop));
     Ok(Some((
         Consensus {
             tx,
             transfer,
             serving: Arc::new(Semaphore::new(MAX_SERVING)),
-            forge_snapshots: byzantine_is(cfg, "forge-snapshot"),
+            forge_snapshots,
             verifier: d_verifier,
             quarantined: q_rx,
             view: v_rx,
@@ -2062,7 +2065,14 @@ impl Driver {
                     }
                 }
             }
-            DriverInput::Transfer { peer, reply } => self.on_transfer(peer, &reply),
+            DriverInput::Transfer {
+                peer,
+                reply: Some(reply),
+            } => self.on_transfer(peer, &reply),
+            DriverInput::Transfer { peer, reply: None } => {
+                // Not a lie: the peer is tried again after the others.
+                self.transfer_failed.insert(peer);
+            }
         }
     }
 
@@ -2130,21 +2140,12 @@ impl Driver {
         let client = self.client.clone();
         let tx = self.self_tx.clone();
         tokio::spawn(async move {
-            match client.request(pid, Service::StateTransfer, bytes).await {
-                Ok(reply) => {
-                    let _ = tx.send(DriverInput::Transfer { peer, reply }).await;
-                }
-                Err(e) => {
-                    debug!(error = %e, "state-transfer request failed");
-                    // An empty reply does not decode: the peer counts as failed.
-                    let _ = tx
-                        .send(DriverInput::Transfer {
-                            peer,
-                            reply: Vec::new(),
-                        })
-                        .await;
-                }
-            }
+            let reply = client
+                .request(pid, Service::StateTransfer, bytes)
+                .await
+                .map_err(|e| debug!(error = %e, "state-transfer request failed"))
+                .ok();
+            let _ = tx.send(DriverInput::Transfer { peer, reply }).await;
         });
     }
 
@@ -2177,11 +2178,8 @@ impl Driver {
                 return;
             }
             Err(e) => {
-                // An empty reply is a failed request (the peer was unreachable), not a lie.
-                if !reply.is_empty() {
-                    warn!(peer = %peer.short(), error = %e, "refused a snapshot");
-                    self.metrics.transfers_refused.inc();
-                }
+                warn!(peer = %peer.short(), error = %e, "refused a snapshot");
+                self.metrics.transfers_refused.inc();
                 self.transfer_failed.insert(peer);
                 return;
             }
