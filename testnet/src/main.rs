@@ -9,6 +9,10 @@ mod sim_statesync;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "sim")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "dwcp-testnet",
