@@ -713,6 +713,25 @@ pub struct QuorumStatus {
     pub view_changes: u64,
     /// Recent decisions: (seq, view, requests, primary-assigned time ms).
     pub recent: Vec<(u64, u64, usize, u64)>,
+    /// Milliseconds since this node last executed a decision (or started).
+    #[serde(default)]
+    pub quiet_ms: u64,
+    /// Per member (in `members` order): milliseconds since this node last received a
+    /// verified consensus message from it (0 for this node itself); `None`: never since
+    /// this node started.
+    #[serde(default)]
+    pub heard_ms: Vec<Option<u64>>,
+    /// Members heard from within `stall_after_ms` (this node included when a member).
+    #[serde(default)]
+    pub heard: usize,
+    /// How long without a decision, while work waits, counts as a stall (three view-change
+    /// timeouts); also the window for `heard`.
+    #[serde(default)]
+    pub stall_after_ms: u64,
+    /// Set when decisions have stopped while work waits: for how long, and the likely
+    /// cause ([`crate::stall`]).
+    #[serde(default)]
+    pub stall: Option<crate::stall::Stall>,
 }
 
 /// One row of `GET /v1/reputation`.
@@ -868,6 +887,8 @@ struct AcpMetrics {
     withheld: IntCounter,
     participation_records: IntCounter,
     catch_up_gap: IntGauge,
+    stalled: IntGauge,
+    members_heard: IntGauge,
     state_transfers: IntCounter,
     transfers_refused: IntCounter,
 }
@@ -928,6 +949,14 @@ impl AcpMetrics {
             catch_up_gap: reg.g(
                 "dwcp_pbft_catch_up_gap",
                 "Decisions this node cannot replay because its peers no longer hold them (0: none); it then asks peers for a certified snapshot",
+            )?,
+            stalled: reg.g(
+                "dwcp_pbft_stalled",
+                "1 while decisions have stopped with work waiting for three view-change timeouts or more (dwcp-cli consensus quorum-status says why), else 0",
+            )?,
+            members_heard: reg.g(
+                "dwcp_pbft_members_heard",
+                "Members of the current committee this node heard a verified consensus message from within the stall window (itself included when a member); below the quorum 2f+1, decisions cannot complete",
             )?,
             state_transfers: reg.c(
                 "dwcp_pbft_state_transfers_total",
@@ -1087,6 +1116,15 @@ struct Driver {
     transfer_failed: BTreeSet<NodeId>,
     /// The driver's own input queue (transfer replies come back through it).
     self_tx: mpsc::Sender<DriverInput>,
+    /// When this node last executed a decision (or started).
+    last_decision: Instant,
+    /// When each member of the current committee was last heard from (a verified
+    /// consensus message); only members are kept.
+    heard: BTreeMap<NodeId, Instant>,
+    /// [`crate::stall::stall_after_ms`] of the configured view-change timeout.
+    stall_after: Duration,
+    /// Whether a stall was reported (logged once per stall).
+    stalled: bool,
 }
 
 /// Where a node's consensus stood at the start of an epoch: the epoch's committee and last
@@ -1386,6 +1424,12 @@ pub fn spawn(
         transfer_peers: std::collections::VecDeque::new(),
         transfer_failed: BTreeSet::new(),
         self_tx: tx.clone(),
+        last_decision: Instant::now(),
+        heard: BTreeMap::new(),
+        stall_after: Duration::from_millis(crate::stall::stall_after_ms(
+            cfg.pbft.view_change_timeout.as_millis() as u64,
+        )),
+        stalled: false,
         engine,
         old: std::collections::VecDeque::new(),
         ecfg,
@@ -1589,6 +1633,7 @@ impl Driver {
                     self.try_transfer();
                 }
             }
+            self.check_stall();
             if self.view_dirty || self.view_at.elapsed() >= Duration::from_millis(200) {
                 self.publish_view();
             }
@@ -1661,6 +1706,9 @@ impl Driver {
                 // A quarantined member is treated as silent: PBFT tolerates f of those.
                 if self.state.is_quarantined(&m.signer()) {
                     return Err("quarantined");
+                }
+                if target == 0 && member {
+                    self.heard.insert(m.signer(), Instant::now());
                 }
                 let e = match target {
                     0 => self.engine.as_mut(),
@@ -1802,6 +1850,8 @@ impl Driver {
             .store(t);
         }
         self.committee = next;
+        let committee = &self.committee;
+        self.heard.retain(|m, _| committee.contains(m));
         self.view_dirty = true;
         // Our requests still waiting go to the new members at once.
         if let Some(due) = Instant::now().checked_sub(RESEND_AFTER) {
@@ -2235,6 +2285,8 @@ impl Driver {
         self.pending_link = None;
         self.state = v.state;
         self.committee = v.committee;
+        let committee = &self.committee;
+        self.heard.retain(|m, _| committee.contains(m));
         self.transferred = Some((seq, epoch, peer));
         // This node's own requests that committed within the skipped decisions are done;
         // their certificates are not here (a waiting caller is told so).
@@ -2499,6 +2551,7 @@ impl Driver {
 
     fn apply(&mut self, d: dwcp_consensus::Decision) {
         self.view_dirty = true;
+        self.last_decision = Instant::now();
         self.decisions += 1;
         self.metrics.decisions.inc();
         for r in &d.requests {
@@ -2946,6 +2999,7 @@ impl Driver {
     }
 
     fn status(&self) -> QuorumStatus {
+        let (heard_ms, obs) = self.observe();
         let c = &self.committee;
         let e = self.engine.as_ref();
         QuorumStatus {
@@ -2972,6 +3026,72 @@ impl Driver {
             decisions: self.decisions,
             view_changes: self.view_changes,
             recent: self.recent.iter().copied().collect(),
+            quiet_ms: obs.quiet_ms,
+            heard_ms,
+            heard: obs.heard,
+            stall_after_ms: self.stall_after.as_millis() as u64,
+            stall: crate::stall::diagnose(&obs, self.stall_after.as_millis() as u64),
+        }
+    }
+
+    /// Per member of the current committee, milliseconds since it was last heard from (0
+    /// for this node), and what the stall diagnosis reads.
+    fn observe(&self) -> (Vec<Option<u64>>, crate::stall::Observed) {
+        let now = Instant::now();
+        let heard_ms: Vec<Option<u64>> = self
+            .committee
+            .members()
+            .iter()
+            .map(|m| {
+                if *m == self.me {
+                    Some(0)
+                } else {
+                    self.heard
+                        .get(m)
+                        .map(|t| now.duration_since(*t).as_millis() as u64)
+                }
+            })
+            .collect();
+        let window = self.stall_after.as_millis() as u64;
+        let e = self.engine.as_ref();
+        let view_active = e.is_some_and(|e| e.is_view_active());
+        let obs = crate::stall::Observed {
+            waiting: !self.unanswered.is_empty()
+                || e.is_some_and(|e| e.pending_requests() > 0)
+                || (self.committee.contains(&self.me) && !view_active),
+            quiet_ms: now.duration_since(self.last_decision).as_millis() as u64,
+            heard: heard_ms
+                .iter()
+                .filter(|a| a.is_some_and(|a| a <= window))
+                .count(),
+            quorum: self.committee.quorum(),
+            view_active,
+        };
+        (heard_ms, obs)
+    }
+
+    /// Updates the stall gauges, and logs a stall once when it starts and when it ends.
+    fn check_stall(&mut self) {
+        let (_, obs) = self.observe();
+        self.metrics.members_heard.set(obs.heard as i64);
+        let stall = crate::stall::diagnose(&obs, self.stall_after.as_millis() as u64);
+        self.metrics.stalled.set(i64::from(stall.is_some()));
+        match (stall, self.stalled) {
+            (Some(s), false) => {
+                warn!(
+                    quiet_s = s.quiet_ms / 1000,
+                    cause = %s.cause,
+                    "consensus stalled: no decision while work waits (dwcp-cli consensus quorum-status)"
+                );
+                self.stalled = true;
+                self.view_dirty = true;
+            }
+            (None, true) => {
+                info!("consensus resumed: decisions flow again, or nothing waits");
+                self.stalled = false;
+                self.view_dirty = true;
+            }
+            _ => {}
         }
     }
 

@@ -31,6 +31,7 @@ pub mod membership;
 pub mod metrics;
 pub mod pba;
 pub mod placement;
+pub mod stall;
 pub mod statesync;
 pub mod store;
 pub mod transfer;

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    RunningNode, consensus_status as status, fresh_dirs, loopback_config, probe, start_group,
-    wait_in_documents,
+    RunningNode, consensus_status as status, fresh_dirs, loopback_config, metric, probe,
+    start_group, wait_in_documents,
 };
 use dwcp_consensus::Committee;
 use dwcp_node::cert::CommitteeVerifier;
@@ -320,6 +320,123 @@ async fn a_restarted_primary_never_equivocates_and_decisions_go_on() {
         .unwrap_or("none");
     println!("restarted primary: {withheld}");
 
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// Manual 5.2.2 ("Consensus Stall") on a committee of peers: two of four members stop, so
+/// only 2 of the 3 a decision needs are left. A request waits; after three view-change
+/// timeouts the remaining nodes report the stall and its cause (`quorum-status`, the
+/// `dwcp_pbft_stalled` and `dwcp_pbft_members_heard` gauges, `dwcp-cli`). One member comes
+/// back: the waiting request commits and the stall clears, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_silent_members_are_reported_as_lost_quorum_and_decisions_resume_when_one_returns() {
+    let (dirs, ids, mut nodes, apis, configs) = committee(false, 0).await;
+    probe(&apis[0]).await.unwrap();
+    let before = status(&apis[0]).await;
+    assert!(before.stall.is_none(), "{before:?}");
+    assert!(before.last_executed >= 1);
+    assert_eq!(
+        before.stall_after_ms, 9_000,
+        "three 3 s view-change timeouts"
+    );
+
+    let fourth = nodes.pop().unwrap();
+    let third = nodes.pop().unwrap();
+    third.stop().await;
+    fourth.stop().await;
+
+    // A request that cannot commit while two members are away.
+    let waiting = tokio::spawn({
+        let api = apis[0].clone();
+        async move { probe(&api).await }
+    });
+    let start = Instant::now();
+    let stalled = loop {
+        let s = status(&apis[0]).await;
+        if s.stall.is_some() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no stall reported: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let stall = stalled.stall.unwrap();
+    assert!(stall.quiet_ms >= 9_000, "{stall:?}");
+    match stall.cause {
+        dwcp_node::stall::StallCause::LostQuorum { heard, quorum } => {
+            assert_eq!(quorum, 3);
+            assert!(heard < 3, "{stalled:?}");
+        }
+        other => panic!("expected lost quorum, got {other:?}: {stalled:?}"),
+    }
+    // The stopped members are not among those heard from within the window.
+    for (m, heard) in stalled.members.iter().zip(&stalled.heard_ms) {
+        if *m == ids[2] || *m == ids[3] {
+            assert!(
+                heard.is_none_or(|ms| ms > stalled.stall_after_ms),
+                "{m}: {heard:?}"
+            );
+        }
+    }
+    assert_eq!(metric(&nodes[0].metrics, "dwcp_pbft_stalled").await, 1.0);
+    assert!(metric(&nodes[0].metrics, "dwcp_pbft_members_heard").await < 3.0);
+    let out = tokio::task::spawn_blocking({
+        let api = apis[0].clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_dwcp-cli"))
+                .args(["--api", &api, "consensus", "quorum-status"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("CONSENSUS STALLED"), "{text}");
+    assert!(text.contains("lost quorum"), "{text}");
+    assert!(text.contains("a decision needs 3"), "{text}");
+    println!("{text}");
+
+    // One member returns with its data: 3 of 4 again.
+    let mut cfg = configs[2].clone();
+    cfg.cluster.bootstrap = vec![format!(
+        "{}/p2p/{}",
+        configs[0].network.listen[0],
+        ids[0].to_peer_id().unwrap()
+    )];
+    nodes.push(RunningNode::start(cfg, dirs[2].path()).await);
+    let start = Instant::now();
+    loop {
+        let s = status(&apis[0]).await;
+        if s.stall.is_none() && s.last_executed > before.last_executed {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "decisions did not resume: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(metric(&nodes[0].metrics, "dwcp_pbft_stalled").await, 0.0);
+    // The probe that waited through the stall committed, unless its caller's 30 s gave up
+    // first (the request itself stays queued and is resent); new requests commit.
+    let r = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the probe call returns within its 30 s")
+        .unwrap();
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.contains("did not commit within 30 s")),
+        "{r:?}"
+    );
+    println!("probe sent during the stall: {r:?}");
+    probe(&apis[1]).await.unwrap();
     for n in nodes {
         n.stop().await;
     }

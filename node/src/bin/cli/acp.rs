@@ -2,7 +2,10 @@
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
-use dwcp_node::consensus::{QuarantineRequest, QuorumStatus, ReputationRow};
+use dwcp_node::{
+    consensus::{QuarantineRequest, QuorumStatus, ReputationRow},
+    stall::StallCause,
+};
 use dwcp_protocol::{NodeId, api::NodeInfo};
 
 use super::{Api, Output, print_json, table};
@@ -77,6 +80,42 @@ pub(crate) async fn resolve(api: &Api, node: &str) -> anyhow::Result<NodeId> {
     Ok(info.id)
 }
 
+/// "850 ms", "12 s", "5 min 3 s".
+fn ago(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..120_000 => format!("{} s", ms / 1000),
+        _ => format!("{} min {} s", ms / 60_000, ms / 1000 % 60),
+    }
+}
+
+fn heard_cell(me: bool, ms: Option<u64>) -> String {
+    match (me, ms) {
+        (true, _) => "(this node)".into(),
+        (false, Some(ms)) => format!("{} ago", ago(ms)),
+        (false, None) => "never since start".into(),
+    }
+}
+
+/// What to do about a stall (manual 5.2.2, for a committee of peers).
+fn stall_hint(cause: &StallCause) -> &'static str {
+    match cause {
+        StallCause::LostQuorum { .. } => {
+            "Start the silent members again, or reconnect them (dwcp-cli node list shows who is unreachable); \
+             decisions resume once 2f+1 are back, with nothing lost. Quarantine cannot help: \
+             it needs a decision too."
+        }
+        StallCause::ViewChange => {
+            "Members disagree on the view; they converge once messages flow (check \
+             dwcp_pbft_view_changes_total and the members' clocks and links)."
+        }
+        StallCause::NoProgress => {
+            "The primary may be withholding proposals (its backups replace it after the \
+             view-change timeout), or this node receives no decisions: check its peers."
+        }
+    }
+}
+
 fn status_word(r: &ReputationRow) -> &'static str {
     if r.quarantined {
         "quarantined"
@@ -140,6 +179,21 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                     s.transfers_refused
                 );
             }
+            if let Some(st) = s.stall {
+                println!(
+                    "CONSENSUS STALLED: last decision {} ago, {} requests pending, view {} ({})",
+                    ago(st.quiet_ms),
+                    s.pending_requests,
+                    s.view,
+                    if s.view_active {
+                        "active"
+                    } else {
+                        "stuck changing"
+                    }
+                );
+                println!("  Cause: {}", st.cause);
+                println!("  {}", stall_hint(&st.cause));
+            }
             if let Some((needed, offered)) = s.catch_up_gap {
                 println!(
                     "CANNOT CATCH UP: needs seq {needed}, peers hold decisions from {offered} on \
@@ -148,10 +202,11 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                 );
             }
             table(
-                &["MEMBER", "ROLE"],
+                &["MEMBER", "ROLE", "LAST HEARD"],
                 s.members
                     .iter()
-                    .map(|m| {
+                    .enumerate()
+                    .map(|(i, m)| {
                         vec![
                             format!("{}{}", m.short(), if *m == s.node { "*" } else { "" }),
                             if Some(*m) == s.primary {
@@ -159,9 +214,17 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                             } else {
                                 "backup".into()
                             },
+                            heard_cell(*m == s.node, s.heard_ms.get(i).copied().flatten()),
                         ]
                     })
                     .collect(),
+            );
+            println!(
+                "{} of {} members heard from in the last {} (a decision needs {})",
+                s.heard,
+                s.n,
+                ago(s.stall_after_ms),
+                s.quorum
             );
         }
         ConsensusCmd::Probe { count } => {
