@@ -18,3 +18,20 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# promtool checks and unit-tests docs/monitoring/alerts.yaml. It is taken out of Debian's
+# prometheus package without installing the package (that would set up a Prometheus server).
+if [ "${1:-test}" = test ]; then
+  tool="${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/promtool"
+  if [ ! -x "$tool" ]; then
+    echo "fetching promtool (Debian package prometheus, extracted to $tool)" >&2
+    tmp=$(mktemp -d)
+    if ! (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null); then
+      SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+      $SUDO apt-get update -qq
+      (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null)
+    fi
+    dpkg -x "$tmp"/prometheus_*.deb "$tmp/x"
+    install -D -m 0755 "$tmp/x/usr/bin/promtool" "$tool"
+    rm -rf "$tmp"
+  fi
+fi

@@ -33,6 +33,11 @@ done
 # AMST keeps its tokio driver in the same crate behind the `io` feature; the core alone is pure.
 check_pure dwcp-transport --no-default-features
 
+step "Prometheus alerting rules: promtool check and unit tests (docs/monitoring)"
+PROMTOOL="${XDG_CACHE_HOME:-$HOME/.cache}/dwcp/promtool"
+"$PROMTOOL" check rules docs/monitoring/alerts.yaml
+(cd docs/monitoring && "$PROMTOOL" test rules alerts_test.yaml)
+
 step "guest image for the VM tests"
 if [ -x scripts/build-guest.sh ]; then scripts/build-guest.sh; fi
 

@@ -12,6 +12,7 @@ mod cli;
 mod compaction;
 mod consensus;
 mod epochs;
+mod monitoring;
 mod pba;
 mod placement;
 mod statesync;
