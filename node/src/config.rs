@@ -41,7 +41,8 @@
 //!   committee: [<node id>, ...]    # genesis committee, 3f+1 ids, same on every node; empty: off
 //!   pbft: { checkpoint_interval: 100, view_change_timeout: 10s, catch_up_mib: 64 }
 //!   epochs:                        # committee reconfiguration; a consensus rule: same everywhere
-//!     { length: 1000, size: 0, min_uptime: 10m, min_reputation: 0.5, ready_ttl: 5m, serve: true }
+//!     { length: 1000, size: 0, min_uptime: 10m, min_reputation: 0.5, ready_ttl: 5m, serve: true,
+//!       transfer_page_links: 1024 }
 //! transport:
 //!   amst:                          # multi-stream bulk transfers (manual 2.2.1)
 //!     listen: 0.0.0.0:0            # port 0: any free port; behind NAT pick one and open it
@@ -439,6 +440,10 @@ pub struct EpochsSection {
     /// Whether this node offers to serve on committees (a volunteer may lend capacity
     /// without voting). Local: it decides what this node declares, not a consensus rule.
     pub serve: bool,
+    /// Most epoch links this node puts in one state-transfer reply (also bounded by the
+    /// 8 MiB frame). A node further behind gets the chain in pages, verifies each and asks
+    /// again from the committee it reached. 1 to 4096.
+    pub transfer_page_links: usize,
 }
 
 impl Default for EpochsSection {
@@ -450,6 +455,7 @@ impl Default for EpochsSection {
             min_reputation: 0.5,
             ready_ttl: Duration::from_secs(300),
             serve: true,
+            transfer_page_links: 1024,
         }
     }
 }
@@ -1022,6 +1028,12 @@ impl NodeConfig {
         if e.ready_ttl < Duration::from_secs(3) {
             bail!("acp.epochs.ready_ttl must be at least 3s");
         }
+        if !(1..=dwcp_consensus::transfer::MAX_LINKS).contains(&e.transfer_page_links) {
+            bail!(
+                "acp.epochs.transfer_page_links must be 1 to {}",
+                dwcp_consensus::transfer::MAX_LINKS
+            );
+        }
         #[cfg(feature = "byzantine")]
         if let Some(b) = &self.acp.byzantine
             && !BYZANTINE_STRATEGIES.contains(&b.as_str())
@@ -1146,6 +1158,10 @@ mod tests {
         for (yaml, named) in [
             ("acp:\n  pbft:\n    catch_up_mib: 0\n", "catch_up_mib"),
             ("acp:\n  epochs:\n    length: 150\n", "acp.epochs.length"),
+            (
+                "acp:\n  epochs:\n    transfer_page_links: 0\n",
+                "acp.epochs.transfer_page_links",
+            ),
             ("acp:\n  epochs:\n    min_reputation: 2\n", "min_reputation"),
             ("acp:\n  epochs:\n    ready_ttl: 1s\n", "ready_ttl"),
             (

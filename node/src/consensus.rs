@@ -891,6 +891,7 @@ struct AcpMetrics {
     members_heard: IntGauge,
     state_transfers: IntCounter,
     transfers_refused: IntCounter,
+    transfer_pages: IntCounter,
 }
 
 impl AcpMetrics {
@@ -965,6 +966,10 @@ impl AcpMetrics {
             transfers_refused: reg.c(
                 "dwcp_pbft_state_transfers_refused_total",
                 "Snapshots (state transfer) this node refused because they did not verify: a peer lied or sent garbage",
+            )?,
+            transfer_pages: reg.c(
+                "dwcp_pbft_state_transfer_pages_total",
+                "Pages of epoch links (a chain too long for one state-transfer reply) this node verified on its way to a snapshot",
             )?,
             participation_records: reg.c(
                 "dwcp_reputation_participation_records_total",
@@ -1114,6 +1119,9 @@ struct Driver {
     transfer_peers: std::collections::VecDeque<NodeId>,
     /// Peers whose snapshot failed or was refused since the last start over.
     transfer_failed: BTreeSet<NodeId>,
+    /// The newest epoch whose committee this node verified through pages of epoch links
+    /// (state transfer of a long chain); it asks from there.
+    transfer_trusted: u64,
     /// The driver's own input queue (transfer replies come back through it).
     self_tx: mpsc::Sender<DriverInput>,
     /// When this node last executed a decision (or started).
@@ -1410,7 +1418,11 @@ pub fn spawn(
     let (q_tx, q_rx) = watch::channel(BTreeSet::new());
     let (v_tx, v_rx) = watch::channel(Arc::new(AcpView::default()));
     let transfer = match (&links, &resume) {
-        (Some(l), Some(r)) => Some(crate::transfer::TransferStore::new(l.clone(), r.clone())),
+        (Some(l), Some(r)) => Some(crate::transfer::TransferStore::new(
+            l.clone(),
+            r.clone(),
+            cfg.epochs.transfer_page_links,
+        )),
         _ => None,
     };
     let d = Driver {
@@ -1423,6 +1435,7 @@ pub fn spawn(
         transfer_wanted: false,
         transfer_peers: std::collections::VecDeque::new(),
         transfer_failed: BTreeSet::new(),
+        transfer_trusted: 0,
         self_tx: tx.clone(),
         last_decision: Instant::now(),
         heard: BTreeMap::new(),
@@ -2174,13 +2187,27 @@ impl Driver {
         self.ask_transfer(peer);
     }
 
+    /// Keeps verified epoch links (served to others in turn) and trusts the committees
+    /// they name.
+    fn keep_links(&mut self, links: &[dwcp_consensus::transfer::EpochLink]) {
+        if let Some(t) = &self.transfer {
+            for link in links {
+                t.store_link(link.next.epoch().saturating_sub(1), link);
+            }
+        }
+        for link in links {
+            self.verifier.insert(link.next.clone());
+            self.store_committee(&link.next);
+        }
+    }
+
     /// Asks `peer` for a certified snapshot; the reply comes back as
     /// [`DriverInput::Transfer`].
     fn ask_transfer(&mut self, peer: NodeId) {
         let Ok(pid) = peer.to_peer_id() else { return };
         self.transfer_asked = Some(Instant::now());
         let req = crate::transfer::TransferRequest {
-            known_epoch: self.committee.epoch(),
+            known_epoch: self.committee.epoch().max(self.transfer_trusted),
         };
         let mut bytes = Vec::new();
         if ciborium::into_writer(&req, &mut bytes).is_err() {
@@ -2207,7 +2234,22 @@ impl Driver {
         };
         let known = |e: u64| self.verifier.committee(e);
         let v = match crate::transfer::verify(&known, rules.epoch_length, reply) {
-            Ok(v) => v,
+            Ok(crate::transfer::Checked::Snapshot(v)) => *v,
+            Ok(crate::transfer::Checked::Page { committee, links }) => {
+                // Verified links: keep them (and serve them in turn), trust the committee
+                // the last one names, and ask the same peer for the rest at once.
+                info!(
+                    peer = %peer.short(),
+                    links = links.len(),
+                    epoch = committee.epoch(),
+                    "verified a page of epoch links; asking for the rest"
+                );
+                self.keep_links(&links);
+                self.transfer_trusted = self.transfer_trusted.max(committee.epoch());
+                self.metrics.transfer_pages.inc();
+                self.ask_transfer(peer);
+                return;
+            }
             Err(crate::transfer::TransferFailed::NotBehind(epoch)) => {
                 debug!(peer = %peer.short(), epoch, "the peer is not ahead of this node");
                 // Caught up with it (a lie at worst delays this node until the next traffic
@@ -2261,15 +2303,7 @@ impl Driver {
         };
         engine.handle_timeout(Timestamp(wall_ms()));
         let epoch = v.committee.epoch();
-        if let Some(t) = &self.transfer {
-            for link in &v.links {
-                t.store_link(link.next.epoch() - 1, link);
-            }
-        }
-        for link in &v.links {
-            self.verifier.insert(link.next.clone());
-            self.store_committee(&link.next);
-        }
+        self.keep_links(&v.links);
         if let (Some(t), Some(genesis)) = (&self.resume, self.verifier.committee(0)) {
             ResumePoint {
                 genesis: genesis.members().to_vec(),

@@ -19,6 +19,13 @@
 //!
 //! The reply is not signed: a peer that lies fails the checks (it would need 2f+1
 //! signatures of a committee the joiner trusts), and the joiner asks another peer later.
+//!
+//! A chain too long for one reply (more than `acp.epochs.transfer_page_links` links, or more
+//! than fits in a frame with the snapshot) comes in pages: the peer answers
+//! [`TransferReply::Links`] with the first links only, the joiner verifies them, trusts the
+//! committee the last one names and asks again from there. A page never reaches the
+//! snapshot's epoch, so the last request always gets the snapshot itself. Without pages a
+//! cluster that had run more epochs than one frame of links holds could take no new node.
 
 use dwcp_consensus::{
     Committee, Handover,
@@ -48,12 +55,34 @@ pub enum TransferReply {
         /// The replicated state there.
         state: Box<AcpState>,
     },
+    /// A page of the chain, for an asker further behind than one reply carries: links
+    /// ending epochs `known_epoch ..`, in order, never up to the snapshot's epoch. The asker
+    /// verifies them and asks again from the committee the last one names.
+    Links {
+        /// The links.
+        links: Vec<EpochLink>,
+    },
     /// The peer cannot serve (why).
     Refused(String),
     /// The peer's snapshot is not newer than the epoch asked from: the asker is not behind.
     NotBehind {
         /// The peer's snapshot epoch.
         epoch: u64,
+    },
+}
+
+/// A verified reply.
+#[derive(Debug)]
+pub enum Checked {
+    /// A snapshot, ready to install.
+    Snapshot(Box<Verified>),
+    /// A page of the chain: the committee its last link names is now trusted, and the
+    /// asker asks again from that committee's epoch.
+    Page {
+        /// The committee the last link names.
+        committee: Committee,
+        /// The links checked, to keep (and serve) in turn.
+        links: Vec<EpochLink>,
     },
 }
 
@@ -96,7 +125,7 @@ pub fn verify(
     known: &dyn Fn(u64) -> Option<Committee>,
     epoch_length: u64,
     reply: &[u8],
-) -> Result<Verified, TransferFailed> {
+) -> Result<Checked, TransferFailed> {
     let reply: TransferReply =
         ciborium::from_reader(reply).map_err(|e| TransferFailed::Decode(e.to_string()))?;
     let (links, handover, state) = match reply {
@@ -105,9 +134,35 @@ pub fn verify(
             handover,
             state,
         } => (links, handover, *state),
+        TransferReply::Links { links } => {
+            let committee = verify_links(known, epoch_length, &links)?;
+            return Ok(Checked::Page { committee, links });
+        }
         TransferReply::Refused(why) => return Err(TransferFailed::Refused(why)),
         TransferReply::NotBehind { epoch } => return Err(TransferFailed::NotBehind(epoch)),
     };
+    let committee = verify_links(known, epoch_length, &links)?;
+    let last = links.last().ok_or(TransferFailed::Mismatch("no links"))?;
+    last.check_snapshot(&handover, &state.digest())
+        .map_err(|e| match e {
+            TransferError::SnapshotMismatch(why) => TransferFailed::Mismatch(why),
+            other => TransferFailed::Chain(other),
+        })?;
+    Ok(Checked::Snapshot(Box::new(Verified {
+        committee,
+        handover,
+        state,
+        links,
+    })))
+}
+
+/// Checks a chain from the committee `known` gives for its first link's epoch; returns the
+/// committee the last link names.
+fn verify_links(
+    known: &dyn Fn(u64) -> Option<Committee>,
+    epoch_length: u64,
+    links: &[EpochLink],
+) -> Result<Committee, TransferFailed> {
     let first = links
         .first()
         .map(|l| l.next.epoch().saturating_sub(1))
@@ -115,19 +170,7 @@ pub fn verify(
     let start = known(first).ok_or(TransferFailed::Mismatch(
         "the chain starts at an epoch whose committee this node does not know",
     ))?;
-    let committee = verify_chain(&start, &links, epoch_length)?;
-    let last = links.last().ok_or(TransferFailed::Mismatch("no links"))?;
-    last.check_snapshot(&handover, &state.digest())
-        .map_err(|e| match e {
-            TransferError::SnapshotMismatch(why) => TransferFailed::Mismatch(why),
-            other => TransferFailed::Chain(other),
-        })?;
-    Ok(Verified {
-        committee,
-        handover,
-        state,
-        links,
-    })
+    Ok(verify_chain(&start, links, epoch_length)?)
 }
 
 /// Where a node keeps its epoch links (one per ended epoch, keyed by that epoch) and its
@@ -136,12 +179,21 @@ pub fn verify(
 pub struct TransferStore {
     links: sled::Tree,
     resume: sled::Tree,
+    page_links: usize,
 }
 
+/// Room a reply keeps, beyond its links and snapshot, for its own encoding.
+const REPLY_SLACK: usize = 64 * 1024;
+
 impl TransferStore {
-    /// Over the `links` and `resume` trees.
-    pub fn new(links: sled::Tree, resume: sled::Tree) -> Self {
-        Self { links, resume }
+    /// Over the `links` and `resume` trees; a reply carries at most `page_links` links
+    /// (clamped to 1 ..= [`MAX_LINKS`]).
+    pub fn new(links: sled::Tree, resume: sled::Tree, page_links: usize) -> Self {
+        Self {
+            links,
+            resume,
+            page_links: page_links.clamp(1, MAX_LINKS),
+        }
     }
 
     /// Keeps the link ending epoch `ended` (replacing one kept before); a failure is logged.
@@ -171,9 +223,10 @@ impl TransferStore {
     }
 
     /// The reply to `request` (encoded): the resume point's snapshot with the links from the
-    /// asked epoch, or why not. Never larger than `max_bytes`.
+    /// asked epoch, a page of those links when they are too many for one reply, or why not.
+    /// Never larger than `max_bytes`.
     pub fn serve(&self, request: &[u8], max_bytes: usize) -> Vec<u8> {
-        let reply = match self.snapshot(request) {
+        let reply = match self.snapshot(request, max_bytes) {
             Ok(r) => r,
             Err(why) => TransferReply::Refused(why),
         };
@@ -188,7 +241,7 @@ impl TransferStore {
         bytes
     }
 
-    fn snapshot(&self, request: &[u8]) -> Result<TransferReply, String> {
+    fn snapshot(&self, request: &[u8], max_bytes: usize) -> Result<TransferReply, String> {
         let req: TransferRequest =
             ciborium::from_reader(request).map_err(|e| format!("bad request: {e}"))?;
         let point = ResumePoint::load(&self.resume).ok_or("no snapshot kept (epochs off?)")?;
@@ -196,23 +249,45 @@ impl TransferStore {
         if req.known_epoch >= epoch {
             return Ok(TransferReply::NotBehind { epoch });
         }
-        if (epoch - req.known_epoch) as usize > MAX_LINKS {
-            return Err(format!(
-                "epoch {} is more than {MAX_LINKS} epochs behind",
-                req.known_epoch
-            ));
+        let mut snapshot_bytes = Vec::new();
+        ciborium::into_writer(&(&point.handover, &point.state), &mut snapshot_bytes)
+            .map_err(|e| format!("cannot encode the snapshot: {e}"))?;
+        let budget = max_bytes.saturating_sub(REPLY_SLACK);
+        // The links from the asked epoch while they fit (one page), then the snapshot if
+        // every link up to it fit too.
+        let mut links = Vec::new();
+        let mut used = 0usize;
+        for e in req.known_epoch..epoch {
+            if links.len() == self.page_links {
+                break;
+            }
+            let link = self
+                .link(e)
+                .ok_or(format!("the link ending epoch {e} is not kept"))?;
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&link, &mut bytes).map_err(|e| e.to_string())?;
+            if used + bytes.len() > budget {
+                break;
+            }
+            used += bytes.len();
+            links.push(link);
         }
-        let links = (req.known_epoch..epoch)
-            .map(|e| {
-                self.link(e)
-                    .ok_or(format!("the link ending epoch {e} is not kept"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(TransferReply::Snapshot {
-            links,
-            handover: point.handover,
-            state: Box::new(point.state),
-        })
+        let all = links.len() as u64 == epoch - req.known_epoch;
+        if all && used + snapshot_bytes.len() <= budget {
+            return Ok(TransferReply::Snapshot {
+                links,
+                handover: point.handover,
+                state: Box::new(point.state),
+            });
+        }
+        // A page stops short of the snapshot's epoch: the last request gets the snapshot.
+        if all {
+            links.pop();
+        }
+        if links.is_empty() {
+            return Err("the snapshot is too large to send".into());
+        }
+        Ok(TransferReply::Links { links })
     }
 }
 
@@ -227,9 +302,9 @@ mod tests {
     };
     use dwcp_protocol::{NodeKey, Timestamp};
 
-    /// A one-member cluster (quorum 1) run through its first epoch of 2 decisions: the link
-    /// ending it and the resume point of epoch 1, as a node stores them.
-    fn epoch_one() -> (Committee, EpochLink, ResumePoint) {
+    /// A one-member cluster (quorum 1) run through `n` epochs of 2 decisions: the links
+    /// ending them and the resume point of epoch `n`, as a node stores them.
+    fn epochs(n: u64) -> (Committee, Vec<EpochLink>, ResumePoint) {
         let key = NodeKey::from_secret_bytes([7; 32]);
         let genesis = Committee::new(0, vec![key.node_id()]).unwrap();
         let cfg = Config {
@@ -238,60 +313,91 @@ mod tests {
             app_digests: true,
             ..Config::default()
         };
-        let mut e = Engine::new(cfg, key.clone(), genesis.clone()).unwrap();
+        let mut e = Engine::new(cfg.clone(), key.clone(), genesis.clone()).unwrap();
         e.set_end(2).unwrap();
+        let mut committee = genesis.clone();
         let mut state = AcpState::new();
         let rules = dwcp_consensus::committee::EpochRules {
             epoch_length: 2,
             size: 1,
             eligibility: Default::default(),
         };
-        let mut link = None;
-        for nonce in 1..=2u64 {
-            let op = MembershipOp::Join(key.node_id()).encode();
-            let r = dwcp_protocol::Verified::sign(&key, Request { nonce, op }).unwrap();
-            e.handle(Timestamp(nonce), Input::Request(r));
-            while let Some(c) = e.poll_command() {
-                let Command::Deliver(d) = c else { continue };
-                for r in &d.requests {
-                    state.apply(d.time, d.seq, &genesis, r.signer(), &r.op);
-                }
-                if e.awaiting_app_state() == Some(d.seq) {
-                    let reputation = |n: &dwcp_protocol::NodeId| (state.score(n), false);
-                    let next = next_committee(
-                        &genesis,
-                        d.seq,
-                        &d.state,
-                        d.time,
-                        state.membership(),
-                        &reputation,
-                        &rules,
-                    );
-                    let s = state.digest();
-                    assert!(e.on_app_state(d.seq, app_digest(&s, Some(&next))));
-                    link = Some(EpochLink {
-                        seq: d.seq,
-                        log: d.state,
-                        clients: e.clients_digest(),
-                        app_state: s,
-                        next,
-                        proof: Vec::new(),
-                    });
+        let mut links = Vec::new();
+        let mut last = None;
+        let mut nonce = 0u64;
+        for epoch in 0..n {
+            let mut link = None;
+            for _ in 0..2 {
+                nonce += 1;
+                let op = MembershipOp::Join(key.node_id()).encode();
+                let r = dwcp_protocol::Verified::sign(&key, Request { nonce, op }).unwrap();
+                e.handle(Timestamp(nonce), Input::Request(r));
+                while let Some(c) = e.poll_command() {
+                    let Command::Deliver(d) = c else { continue };
+                    for r in &d.requests {
+                        state.apply(d.time, d.seq, &committee, r.signer(), &r.op);
+                    }
+                    if e.awaiting_app_state() == Some(d.seq) {
+                        let reputation = |n: &dwcp_protocol::NodeId| (state.score(n), false);
+                        let next = next_committee(
+                            &committee,
+                            d.seq,
+                            &d.state,
+                            d.time,
+                            state.membership(),
+                            &reputation,
+                            &rules,
+                        );
+                        let s = state.digest();
+                        assert!(e.on_app_state(d.seq, app_digest(&s, Some(&next))));
+                        link = Some(EpochLink {
+                            seq: d.seq,
+                            log: d.state,
+                            clients: e.clients_digest(),
+                            app_state: s,
+                            next,
+                            proof: Vec::new(),
+                        });
+                    }
                 }
             }
+            let mut link = link.unwrap();
+            let (seq, _, proof) = e.stable_checkpoint();
+            assert_eq!(seq, 2 * (epoch + 1));
+            link.proof = proof.to_vec();
+            let handover = e.handover().unwrap();
+            committee = link.next.clone();
+            links.push(link);
+            e = Engine::resume(
+                cfg.clone(),
+                key.clone(),
+                committee.clone(),
+                handover.clone(),
+            )
+            .unwrap();
+            e.set_end(2 * (epoch + 2)).unwrap();
+            last = Some(handover);
         }
-        let mut link = link.unwrap();
-        let (seq, _, proof) = e.stable_checkpoint();
-        assert_eq!(seq, 2);
-        link.proof = proof.to_vec();
         let point = ResumePoint {
             genesis: genesis.members().to_vec(),
-            committee: link.next.clone(),
-            end: 4,
-            handover: e.handover().unwrap(),
+            committee: committee.clone(),
+            end: 2 * (n + 1),
+            handover: last.unwrap(),
             state,
         };
-        (genesis, link, point)
+        (genesis, links, point)
+    }
+
+    fn epoch_one() -> (Committee, EpochLink, ResumePoint) {
+        let (genesis, mut links, point) = epochs(1);
+        (genesis, links.remove(0), point)
+    }
+
+    fn snapshot(c: Checked) -> Verified {
+        match c {
+            Checked::Snapshot(v) => *v,
+            Checked::Page { committee, .. } => panic!("a page up to epoch {}", committee.epoch()),
+        }
     }
 
     /// Trusts `c` only.
@@ -300,10 +406,15 @@ mod tests {
     }
 
     fn store() -> (sled::Db, TransferStore) {
+        store_paged(MAX_LINKS)
+    }
+
+    fn store_paged(page_links: usize) -> (sled::Db, TransferStore) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let t = TransferStore::new(
             db.open_tree("consensus_links").unwrap(),
             db.open_tree("consensus_resume").unwrap(),
+            page_links,
         );
         (db, t)
     }
@@ -336,7 +447,7 @@ mod tests {
         t.store_link(0, &link);
         assert_eq!(t.links_kept(), 1);
 
-        let v = verify(&only(&genesis), 2, &t.serve(&request(0), 1 << 20)).unwrap();
+        let v = snapshot(verify(&only(&genesis), 2, &t.serve(&request(0), 1 << 20)).unwrap());
         assert_eq!(v.committee, point.committee);
         assert_eq!(v.handover.seq, 2);
         assert_eq!(v.state.digest(), point.state.digest());
@@ -348,7 +459,7 @@ mod tests {
             Err(TransferFailed::NotBehind(1))
         ));
         assert!(
-            verify(&only(&genesis), 2, &t.serve(&request(0), 64))
+            verify(&only(&genesis), 2, &t.serve(&request(0), REPLY_SLACK + 64))
                 .unwrap_err()
                 .to_string()
                 .contains("too large")
@@ -400,5 +511,100 @@ mod tests {
             verify(&only(&stranger), 2, &t.serve(&request(0), 1 << 20)),
             Err(TransferFailed::Chain(_))
         ));
+    }
+
+    /// Follows a peer's pages from genesis as the driver does: trusts each page's last
+    /// committee and asks again from there. Returns the pages and the snapshot.
+    fn walk(t: &TransferStore, genesis: &Committee, max_bytes: usize) -> (usize, Verified) {
+        let mut trusted = std::collections::BTreeMap::from([(0u64, genesis.clone())]);
+        let mut pages = 0;
+        loop {
+            let known = *trusted.keys().last().unwrap();
+            let reply = t.serve(&request(known), max_bytes);
+            assert!(reply.len() <= max_bytes, "{} > {max_bytes}", reply.len());
+            let lookup = |e: u64| trusted.get(&e).cloned();
+            match verify(&lookup, 2, &reply).unwrap() {
+                Checked::Snapshot(v) => return (pages, *v),
+                Checked::Page { committee, links } => {
+                    assert!(!links.is_empty());
+                    assert!(committee.epoch() > known, "a page moves the asker on");
+                    trusted.insert(committee.epoch(), committee);
+                    pages += 1;
+                    assert!(pages < 10, "pages do not end");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_chain_longer_than_a_page_comes_in_pages_that_each_verify() {
+        let (genesis, links, point) = epochs(5);
+        // At most 2 links a reply: epochs 0-1, 2-3, then the snapshot with link 4.
+        let (_db, t) = store_paged(2);
+        point.store(&t.resume);
+        for (e, l) in links.iter().enumerate() {
+            t.store_link(e as u64, l);
+        }
+        let (pages, v) = walk(&t, &genesis, 1 << 20);
+        assert_eq!(pages, 2);
+        assert_eq!(v.committee, point.committee);
+        assert_eq!(v.links.len(), 1);
+        assert_eq!(v.state.digest(), point.state.digest());
+
+        // A page is never the whole chain: with room for every link but not the snapshot,
+        // the last link is kept for the reply that carries the snapshot.
+        let mut one = Vec::new();
+        ciborium::into_writer(&links[0], &mut one).unwrap();
+        let mut snap = Vec::new();
+        ciborium::into_writer(&(&point.handover, &point.state), &mut snap).unwrap();
+        let (_db2, t) = store();
+        point.store(&t.resume);
+        for (e, l) in links.iter().enumerate() {
+            t.store_link(e as u64, l);
+        }
+        let tight = REPLY_SLACK + 2 * one.len() + snap.len() / 2;
+        let (pages, v) = walk(&t, &genesis, tight);
+        assert!(pages >= 2, "{pages} pages");
+        assert_eq!(v.committee, point.committee);
+        // Bytes for the snapshot but no link: refused.
+        let none = t.serve(&request(0), REPLY_SLACK + one.len() / 2);
+        assert!(matches!(
+            verify(&only(&genesis), 2, &none),
+            Err(TransferFailed::Refused(why)) if why.contains("too large")
+        ));
+    }
+
+    #[test]
+    fn a_forged_page_is_refused_and_a_page_from_an_unknown_epoch_too() {
+        let (genesis, links, _) = epochs(3);
+        let mut forged = links[..2].to_vec();
+        forged[1].next =
+            Committee::new(2, vec![NodeKey::from_secret_bytes([8; 32]).node_id()]).unwrap();
+        let lie = encode(&TransferReply::Links { links: forged });
+        assert!(matches!(
+            verify(&only(&genesis), 2, &lie),
+            Err(TransferFailed::Chain(_))
+        ));
+        // A true page, but starting at epoch 1 while only genesis is trusted.
+        let skip = encode(&TransferReply::Links {
+            links: links[1..].to_vec(),
+        });
+        assert!(matches!(
+            verify(&only(&genesis), 2, &skip),
+            Err(TransferFailed::Mismatch(_))
+        ));
+        let empty = encode(&TransferReply::Links { links: Vec::new() });
+        assert!(verify(&only(&genesis), 2, &empty).is_err());
+        // The true page verifies and names epoch 2's committee.
+        let page = encode(&TransferReply::Links {
+            links: links[..2].to_vec(),
+        });
+        match verify(&only(&genesis), 2, &page).unwrap() {
+            Checked::Page { committee, links } => {
+                assert_eq!(committee.epoch(), 2);
+                assert_eq!(links.len(), 2);
+            }
+            Checked::Snapshot(_) => panic!("a page, not a snapshot"),
+        }
     }
 }

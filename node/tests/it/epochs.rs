@@ -157,12 +157,20 @@ async fn the_committee_of_the_next_epoch_comes_from_committed_membership() {
 /// reached (its resume point on disk: committee, log hand-over, replicated state), fetches
 /// only the decisions after it, and commits again with the same membership as the others.
 /// Then a new node, which never saw the first epochs, installs a certified snapshot from a
-/// peer (state transfer) instead of replaying the log.
+/// peer (state transfer) instead of replaying the log. The members put one epoch link in a
+/// reply (`acp.epochs.transfer_page_links: 1`), so the new node gets the chain in pages,
+/// verifies each and asks again, as it would from a cluster with thousands of epochs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_member_resumes_from_its_last_epoch_and_a_new_node_installs_a_snapshot() {
     let (dirs, all_ids) = fresh_dirs(5);
     let ids = &all_ids[..4];
-    let configs: Vec<_> = (0..4).map(|_| config(ids, true)).collect();
+    let configs: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = config(ids, true);
+            c.acp.epochs.transfer_page_links = 1;
+            c
+        })
+        .collect();
     let dir_paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
     let mut nodes = start_group(configs.clone(), &dir_paths[..4]).await;
     let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
@@ -217,6 +225,12 @@ async fn a_restarted_member_resumes_from_its_last_epoch_and_a_new_node_installs_
     assert!(seq >= 40 && seq % 20 == 0 && epoch >= 2, "{:?}", s[0]);
     assert!(s[0].resumed_from.is_none(), "it started from nothing");
     assert!(metric(&new.metrics, "dwcp_pbft_state_transfers_total").await >= 1.0);
+    // Epochs 0 .. epoch-1 ended: epoch links, one a reply; the last comes with the snapshot.
+    let pages = metric(&new.metrics, "dwcp_pbft_state_transfer_pages_total").await;
+    assert!(
+        pages >= (epoch - 1) as f64,
+        "{pages} pages for {epoch} links"
+    );
     let member = status(all[0]).await;
     if member.epoch == s[0].epoch {
         assert_eq!(member.members, s[0].members);
