@@ -1667,6 +1667,12 @@ impl Driver {
         let now = Timestamp(wall_ms());
         match d {
             Decoded::Msg(m) => {
+                // Any verified message from a member of the current committee shows it is
+                // up, whatever epoch it is about (a quarantined member counts as silent).
+                let signer = m.signer();
+                if self.committee.contains(&signer) && !self.state.is_quarantined(&signer) {
+                    self.heard.insert(signer, Instant::now());
+                }
                 // The engine of the message's epoch: the current one, or an ended one that
                 // serves nodes still catching up in it.
                 let target = if self.engine.as_ref().is_some_and(|e| e.covers(m.message())) {
@@ -1719,9 +1725,6 @@ impl Driver {
                 // A quarantined member is treated as silent: PBFT tolerates f of those.
                 if self.state.is_quarantined(&m.signer()) {
                     return Err("quarantined");
-                }
-                if target == 0 && member {
-                    self.heard.insert(m.signer(), Instant::now());
                 }
                 let e = match target {
                     0 => self.engine.as_mut(),

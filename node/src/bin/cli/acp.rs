@@ -220,11 +220,11 @@ pub(crate) async fn run_consensus(api: &Api, out: Output, cmd: ConsensusCmd) -> 
                     .collect(),
             );
             println!(
-                "{} of {} members heard from in the last {} (a decision needs {})",
-                s.heard,
-                s.n,
+                "Members heard from in the last {}: {} of {} (a committee with nothing to \
+                 decide sends few messages)",
                 ago(s.stall_after_ms),
-                s.quorum
+                s.heard,
+                s.n
             );
         }
         ConsensusCmd::Probe { count } => {
