@@ -3,7 +3,10 @@
 # dwcp-node processes on loopback), shows the mesh, the replicated cluster document (ASS) and
 # PBFT agreement with reputation (ACP) through dwcp-cli and the Prometheus endpoint, an AMST
 # speed test between two nodes, places and
-# boots a real guest (ITP + QEMU), runs the deterministic PBFT simulator, then keeps the
+# boots a real guest (ITP + QEMU), cuts node 0 off with iptables (the majority decides, node
+# 0 reports a lost-quorum stall, then catches up after the heal), a SIGKILLed node, document
+# compaction, a late volunteer installing a certified snapshot, runs the deterministic PBFT
+# simulator, then keeps the
 # testnet up until Ctrl-C (or exits at once with --no-wait) and stops every process it started.
 #
 #   scripts/demo.sh [--nodes N] [--dir DIR] [--no-wait]
@@ -94,6 +97,33 @@ echo "-- a VM larger than any node's donated share is refused, with the reasons:
 "$BIN/dwcp-cli" --api "$HOST_API" vm delete --vm "$VM"
 "$BIN/dwcp-cli" --api "$API" placement solver-stats || true
 
+echo; echo "== a partition (iptables): node 0 alone on one side, everyone else on the other. The majority"
+echo "   keeps deciding; node 0 cannot (PBFT gives up liveness, never safety, without 2f+1) and its"
+echo "   quorum-status says so and why. After the heal it catches up."
+stall_is() { # node API, "set" or "clear"; polls quorum-status for at most $3 seconds
+  for _ in $(seq "$3"); do
+    S=$("$BIN/dwcp-cli" --api "$1" --format json consensus quorum-status 2>/dev/null | python3 -c "import json,sys;print('set' if json.load(sys.stdin).get('stall') else 'clear')" 2>/dev/null || echo unknown)
+    [ "$S" = "$2" ] && return 0
+    sleep 1
+  done
+  return 1
+}
+LAST=$(python3 -c "import json,sys;print(len(json.load(open(sys.argv[1]))['nodes'])-1)" "$DIR/testnet.json")
+"$BIN/dwcp-testnet" partition --dir "$DIR" --groups "0/1-$LAST"
+"$BIN/dwcp-cli" --api "$API" --format json consensus probe --count 1 >/dev/null 2>&1 &
+echo "-- the majority side commits (probes through node 1):"
+"$BIN/dwcp-cli" --api "${APIS[1]}" consensus probe --count 2 || true
+stall_is "$API" set 90 || echo "(no stall reported on node 0 within 90 s)"
+"$BIN/dwcp-cli" --api "$API" consensus quorum-status | grep -E 'STALLED|Cause|Start the|MEMBER|ago|this node|since start|Members heard' || true
+"$BIN/dwcp-testnet" heal --dir "$DIR"
+for _ in $(seq 3); do "$BIN/dwcp-cli" --api "${APIS[1]}" --format json consensus probe --count 1 >/dev/null 2>&1 || true; done
+if stall_is "$API" clear 120; then
+  echo "-- healed: node 0 decides again"
+  "$BIN/dwcp-cli" --api "$API" consensus quorum-status | sed -n 3p
+else
+  echo "(node 0 still stalled 120 s after the heal)"
+fi
+wait
 echo; echo "== one node killed with SIGKILL; the others notice"
 PID=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['nodes'][-1]['pid'])" "$DIR/testnet.json")
 kill -9 "$PID"; sleep 7

@@ -5,7 +5,7 @@ set -euo pipefail
 want=(pkg-config libvirt-dev)                     # build: the libvirt backend links libvirt
 case "${1:-test}" in
   test) want+=(qemu-system-x86 qemu-utils busybox-static cpio iperf3 zstd lz4 iproute2 iputils-ping) ;;
-  demo) want+=(qemu-system-x86 qemu-utils busybox-static cpio) ;;
+  demo) want+=(qemu-system-x86 qemu-utils busybox-static cpio iptables) ;;
   build) ;;
 esac
 missing=()
