@@ -1130,7 +1130,7 @@ struct Driver {
     /// consensus message); only members are kept.
     heard: BTreeMap<NodeId, Instant>,
     /// [`crate::stall::stall_after_ms`] of the configured view-change timeout.
-    stall_after: Duration,
+    stall_after_ms: u64,
     /// Whether a stall was reported (logged once per stall).
     stalled: bool,
 }
@@ -1439,9 +1439,9 @@ pub fn spawn(
         self_tx: tx.clone(),
         last_decision: Instant::now(),
         heard: BTreeMap::new(),
-        stall_after: Duration::from_millis(crate::stall::stall_after_ms(
-            cfg.pbft.view_change_timeout.as_millis() as u64,
-        )),
+        stall_after_ms: crate::stall::stall_after_ms(
+            cfg.pbft.view_change_timeout.as_millis() as u64
+        ),
         stalled: false,
         engine,
         old: std::collections::VecDeque::new(),
@@ -1866,8 +1866,7 @@ impl Driver {
             .store(t);
         }
         self.committee = next;
-        let committee = &self.committee;
-        self.heard.retain(|m, _| committee.contains(m));
+        self.forget_former_members();
         self.view_dirty = true;
         // Our requests still waiting go to the new members at once.
         if let Some(due) = Instant::now().checked_sub(RESEND_AFTER) {
@@ -2322,8 +2321,7 @@ impl Driver {
         self.pending_link = None;
         self.state = v.state;
         self.committee = v.committee;
-        let committee = &self.committee;
-        self.heard.retain(|m, _| committee.contains(m));
+        self.forget_former_members();
         self.transferred = Some((seq, epoch, peer));
         // This node's own requests that committed within the skipped decisions are done;
         // their certificates are not here (a waiting caller is told so).
@@ -3066,8 +3064,8 @@ impl Driver {
             quiet_ms: obs.quiet_ms,
             heard_ms,
             heard: obs.heard,
-            stall_after_ms: self.stall_after.as_millis() as u64,
-            stall: crate::stall::diagnose(&obs, self.stall_after.as_millis() as u64),
+            stall_after_ms: self.stall_after_ms,
+            stall: crate::stall::diagnose(&obs, self.stall_after_ms),
         }
     }
 
@@ -3089,7 +3087,6 @@ impl Driver {
                 }
             })
             .collect();
-        let window = self.stall_after.as_millis() as u64;
         let e = self.engine.as_ref();
         let view_active = e.is_some_and(|e| e.is_view_active());
         let obs = crate::stall::Observed {
@@ -3099,7 +3096,7 @@ impl Driver {
             quiet_ms: now.duration_since(self.last_decision).as_millis() as u64,
             heard: heard_ms
                 .iter()
-                .filter(|a| a.is_some_and(|a| a <= window))
+                .filter(|a| a.is_some_and(|a| a <= self.stall_after_ms))
                 .count(),
             quorum: self.committee.quorum(),
             view_active,
@@ -3107,11 +3104,17 @@ impl Driver {
         (heard_ms, obs)
     }
 
+    /// After a committee change: last-heard times are kept for members only.
+    fn forget_former_members(&mut self) {
+        let committee = &self.committee;
+        self.heard.retain(|m, _| committee.contains(m));
+    }
+
     /// Updates the stall gauges, and logs a stall once when it starts and when it ends.
     fn check_stall(&mut self) {
         let (_, obs) = self.observe();
         self.metrics.members_heard.set(obs.heard as i64);
-        let stall = crate::stall::diagnose(&obs, self.stall_after.as_millis() as u64);
+        let stall = crate::stall::diagnose(&obs, self.stall_after_ms);
         self.metrics.stalled.set(i64::from(stall.is_some()));
         match (stall, self.stalled) {
             (Some(s), false) => {
