@@ -128,7 +128,7 @@ fn run_seeds(
                     // (and its finished part read) while it runs.
                     if let Ok((r, secs)) = &r {
                         eprintln!(
-                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} membership_ops={} quarantine_exclusions={} epoch_links={} transfers={}/{} {secs:.1} s",
+                            "seed {} {} passed={} live={} violations={} max_view={} max_epoch={} membership_changes={} membership_ops={} quarantine_exclusions={} epoch_links={} transfers={}/{} trace={} {secs:.1} s",
                             r.seed,
                             r.strategy,
                             r.passed(),
@@ -141,7 +141,8 @@ fn run_seeds(
                             r.quarantine_exclusions,
                             r.epoch_links_verified,
                             r.transfers_installed,
-                            r.transfers_refused
+                            r.transfers_refused,
+                            r.trace_hash
                         );
                     }
                     if let Ok(mut m) = results.lock() {
@@ -269,6 +270,11 @@ fn consensus(a: ConsensusArgs) -> anyhow::Result<()> {
         "transfers_installed": reports.iter().map(|r| r.transfers_installed).sum::<u64>(),
         "transfers_refused": reports.iter().map(|r| r.transfers_refused).sum::<u64>(),
         "determinism_self_check": determinism,
+        // Per seed: equal hashes mean equal runs (event for event), across builds too.
+        "trace_hashes": reports
+            .iter()
+            .map(|r| (r.seed.to_string(), serde_json::Value::from(r.trace_hash.clone())))
+            .collect::<serde_json::Map<String, serde_json::Value>>(),
         "wall_seconds": wall,
         "jobs": a.jobs,
         "per_strategy": per_strategy

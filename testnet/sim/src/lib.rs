@@ -9,11 +9,11 @@
 //!
 //! Messages cross the simulated network as the bytes of real [`SignedEnvelope`]s and are
 //! decoded and signature-checked on arrival with `decode_verified`, exactly as a node does;
-//! a forged or corrupted message is dropped there and never reaches an engine. (Checks of the
-//! same bytes are cached per message id: every receiver would compute the same result. Inside
-//! the engines, `dwcp-protocol`'s signature memo answers a signature another simulated node
-//! already verified; it remembers only checks that succeeded, so forgeries are still checked
-//! in full, and it changes no result.)
+//! a forged or corrupted message is dropped there and never reaches an engine. (A message is
+//! decoded and checked once, not once per receiver: every receiver would compute the same
+//! result from the same bytes. Inside the engines, `dwcp-protocol`'s signature memo answers a
+//! signature another simulated node already verified; it remembers only checks that
+//! succeeded, and it changes no result.)
 //!
 //! # Phases
 //!
@@ -35,7 +35,7 @@ mod state_transfer;
 mod strategy;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     rc::Rc,
 };
 
@@ -254,7 +254,32 @@ impl Report {
     }
 }
 
-type Bytes = Rc<(u64, Vec<u8>)>;
+/// One message on the simulated wire, shared (`Rc`) by every delivery of it.
+///
+/// Its SHA-256 (for the trace) and its decoded, signature-checked form are computed once per
+/// message, not once per receiver: every receiver would get the same answer from the same
+/// bytes (decoding and verifying are pure functions of them), so this changes no result.
+#[derive(Debug)]
+struct Wire {
+    bytes: Vec<u8>,
+    digest: [u8; 32],
+    decoded: std::cell::OnceCell<Option<Decoded>>,
+}
+
+impl Wire {
+    fn new(bytes: Vec<u8>) -> Rc<Self> {
+        Rc::new(Self {
+            digest: Sha256::digest(&bytes).into(),
+            bytes,
+            decoded: std::cell::OnceCell::new(),
+        })
+    }
+}
+
+type Bytes = Rc<Wire>;
+
+/// Most message bytes whose decoded form the content cache keeps (`Sim::decode`).
+const CONTENT_CACHE_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone)]
 enum Event {
@@ -385,19 +410,23 @@ struct Sim {
     now: u64,
     queue: BTreeMap<(u64, u64), Event>,
     order: u64,
-    next_msg_id: u64,
     nodes: Vec<Node>,
     ids: BTreeMap<NodeId, usize>,
     committee: Committee,
     /// The committee of each epoch, as the first honest node to reach it computed it.
     committees: Committees,
-    cache: BTreeMap<u64, Option<Decoded>>,
     loss: f64,
     partition: Option<BTreeSet<usize>>,
     faults_over: bool,
     clients_stop_at: u64,
     end_at: u64,
     trace: Sha256,
+    /// Decoded messages by the SHA-256 of their bytes, oldest first in `content_order`, at
+    /// most `CONTENT_CACHE_BYTES` of accepted messages (`content_bytes`; a refused one
+    /// counts 64 bytes).
+    content: BTreeMap<[u8; 32], Option<Decoded>>,
+    content_order: VecDeque<([u8; 32], usize)>,
+    content_bytes: usize,
     agreement: Agreement,
     validity: Validity,
     views: ViewMonotonic,
@@ -571,7 +600,6 @@ impl Sim {
             now: 0,
             queue: BTreeMap::new(),
             order: 0,
-            next_msg_id: 0,
             views: ViewMonotonic::new(n),
             quarantine: Quarantine::new(honest, k),
             reputation: ReputationAgreement::default(),
@@ -579,13 +607,15 @@ impl Sim {
             ids,
             committees: Committees::new(committee.clone()),
             committee,
-            cache: BTreeMap::new(),
             loss: 0.0,
             partition: None,
             faults_over: s.fault_phase_ms == 0,
             clients_stop_at,
             end_at,
             trace: Sha256::new(),
+            content: BTreeMap::new(),
+            content_order: VecDeque::new(),
+            content_bytes: 0,
             agreement: Agreement::default(),
             validity: Validity::default(),
             violations: Vec::new(),
@@ -746,7 +776,7 @@ impl Sim {
                 self.trace.update([0]);
                 self.trace.update((*from as u64).to_be_bytes());
                 self.trace.update((*to as u64).to_be_bytes());
-                self.trace.update(Sha256::digest(&msg.1));
+                self.trace.update(msg.digest);
             }
             Event::Timer { node }
             | Event::Submit { node }
@@ -862,8 +892,7 @@ impl Sim {
     }
 
     fn encode(&mut self, env: &SignedEnvelope) -> Bytes {
-        self.next_msg_id += 1;
-        Rc::new((self.next_msg_id, env.encode()))
+        Wire::new(env.encode())
     }
 
     fn send_bytes(&mut self, from: usize, to: usize, msg: Bytes, extra_delay: u64) {
@@ -894,32 +923,33 @@ impl Sim {
         }
     }
 
-    fn decode(&mut self, msg: &Bytes) -> Option<Decoded> {
-        if let Some(d) = self.cache.get(&msg.0) {
+    /// The message decoded and checked: once per message, and once per distinct bytes while
+    /// they stay in the content cache (a retransmission or a repeated forgery is new bytes
+    /// equal to old ones).
+    fn decode(&mut self, msg: &Wire) -> Option<Decoded> {
+        if let Some(d) = msg.decoded.get() {
             return d.clone();
         }
-        // The kind is the envelope's first field: `{"k": code, ...}`.
-        let d = match kind_of(&msg.1) {
-            Some(k) if k == MessageKind::Consensus.code() => {
-                SignedEnvelope::decode_verified::<ConsensusMsg>(&msg.1)
-                    .ok()
-                    .map(Decoded::Consensus)
+        let d = match self.content.get(&msg.digest) {
+            Some(d) => d.clone(),
+            None => {
+                let d = decode_checked(&msg.bytes);
+                // A refused message is remembered as its digest alone.
+                let kept = if d.is_some() { msg.bytes.len() } else { 64 };
+                self.content.insert(msg.digest, d.clone());
+                self.content_order.push_back((msg.digest, kept));
+                self.content_bytes += kept;
+                while self.content_bytes > CONTENT_CACHE_BYTES {
+                    let Some((old, len)) = self.content_order.pop_front() else {
+                        break;
+                    };
+                    self.content.remove(&old);
+                    self.content_bytes -= len;
+                }
+                d
             }
-            Some(k) if k == MessageKind::ConsensusRequest.code() => {
-                SignedEnvelope::decode_verified::<Request>(&msg.1)
-                    .ok()
-                    .map(Decoded::Request)
-            }
-            _ => None,
         };
-        if self.cache.len() > 20_000 {
-            // Messages are delivered within seconds of being sent; older entries are cold.
-            let keep = self
-                .cache
-                .split_off(&(self.next_msg_id.saturating_sub(5_000)));
-            self.cache = keep;
-        }
-        self.cache.insert(msg.0, d.clone());
+        let _ = msg.decoded.set(d.clone());
         d
     }
 
@@ -1514,6 +1544,24 @@ impl Sim {
 }
 
 /// The kind code of an encoded envelope (CBOR map whose first entry is `"k": code`).
+/// Decodes and signature-checks bytes from the simulated wire, as a node does on receipt.
+fn decode_checked(bytes: &[u8]) -> Option<Decoded> {
+    // The kind is the envelope's first field: `{"k": code, ...}`.
+    match kind_of(bytes) {
+        Some(k) if k == MessageKind::Consensus.code() => {
+            SignedEnvelope::decode_verified::<ConsensusMsg>(bytes)
+                .ok()
+                .map(Decoded::Consensus)
+        }
+        Some(k) if k == MessageKind::ConsensusRequest.code() => {
+            SignedEnvelope::decode_verified::<Request>(bytes)
+                .ok()
+                .map(Decoded::Request)
+        }
+        _ => None,
+    }
+}
+
 fn kind_of(bytes: &[u8]) -> Option<u16> {
     // map header, text "k" (0x61 0x6b), then an unsigned integer < 24 (one byte).
     match bytes {

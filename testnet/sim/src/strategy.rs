@@ -6,7 +6,8 @@ use std::str::FromStr;
 
 use dwcp_consensus::{ConsensusMsg, Digest, PrePrepare, Request, Slot, ViewChange};
 use dwcp_protocol::{
-    DonatedShare, NodeAnnouncement, NodeId, Resources, SignedEnvelope, Timestamp, Verified,
+    DonatedShare, MessageKind, NodeAnnouncement, NodeId, Resources, SignedEnvelope, Timestamp,
+    Verified,
 };
 use dwcp_reputation::{BandwidthMeasurement, Evidence};
 use rand::RngExt;
@@ -85,7 +86,7 @@ impl FromStr for Strategy {
 }
 
 /// The wire layout of an envelope, to build forged ones (see `dwcp_protocol::envelope`).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct RawEnvelope {
     k: u16,
     s: NodeId,
@@ -142,11 +143,7 @@ impl Sim {
     /// Sends `env` from Byzantine node `i` (to `to`, or to everyone) the way its strategy says.
     pub(crate) fn byz_send(&mut self, i: usize, env: SignedEnvelope, to: Option<usize>) {
         let targets = self.targets(i, to);
-        let msg = env
-            .clone()
-            .verify::<ConsensusMsg>()
-            .ok()
-            .map(Verified::into_message);
+        let msg = own_message(&env);
         match self.s.strategy {
             crate::Strategy::Silence => {}
             crate::Strategy::Delay => {
@@ -157,11 +154,31 @@ impl Sim {
                 }
             }
             crate::Strategy::Forge => {
+                // Each receiver gets its own forgery (a claimed honest signer or a corrupted
+                // signature). Receivers of the same forgery share one message, and so one
+                // failed check, as they share a verified one.
+                let bytes = env.encode();
+                let raw = ciborium::from_reader::<RawEnvelope, _>(bytes.as_slice()).ok();
+                let mut made: Vec<(Forgery, crate::Bytes)> = Vec::new();
                 for j in targets {
-                    let forged = self.forge(i, &env);
-                    self.next_msg_id += 1;
-                    let id = self.next_msg_id;
-                    self.send_bytes(i, j, std::rc::Rc::new((id, forged)), 0);
+                    let msg = match &raw {
+                        Some(raw) => {
+                            let how = self.forgery(i);
+                            match made.iter().find(|(h, _)| *h == how) {
+                                Some((_, m)) => m.clone(),
+                                None => {
+                                    let forged =
+                                        forge(raw.clone(), how, |h| self.nodes[h].key.node_id())
+                                            .unwrap_or_else(|| bytes.clone());
+                                    let m = crate::Wire::new(forged);
+                                    made.push((how, m.clone()));
+                                    m
+                                }
+                            }
+                        }
+                        None => crate::Wire::new(bytes.clone()),
+                    };
+                    self.send_bytes(i, j, msg, 0);
                 }
             }
             crate::Strategy::VoteAgainst => {
@@ -290,27 +307,19 @@ impl Sim {
         )
     }
 
-    /// A forged copy of `env`: either claims an honest signer or has a corrupted signature.
-    fn forge(&mut self, i: usize, env: &SignedEnvelope) -> Vec<u8> {
-        let bytes = env.encode();
-        let Ok(mut raw) = ciborium::from_reader::<RawEnvelope, _>(bytes.as_slice()) else {
-            return bytes;
-        };
+    /// How Byzantine node `i` forges its next message.
+    fn forgery(&mut self, i: usize) -> Forgery {
         if self.rng.random_bool(0.5) {
             let honest: Vec<usize> = (0..self.nodes.len())
                 .filter(|j| !self.nodes[*j].byz && *j != i)
                 .collect();
-            if let Some(&h) = honest.get(self.rng.random_range(0..honest.len().max(1))) {
-                raw.s = self.nodes[h].key.node_id();
+            match honest.get(self.rng.random_range(0..honest.len().max(1))) {
+                Some(&h) => Forgery::Signer(h),
+                None => Forgery::Unchanged,
             }
-        } else if let Some(b) = raw.g.first_mut() {
-            *b ^= 0x01;
+        } else {
+            Forgery::CorruptSignature
         }
-        let mut out = Vec::new();
-        if ciborium::into_writer(&raw, &mut out).is_err() {
-            return bytes;
-        }
-        out
     }
 
     /// Vote-against: ask for a view change to the next view at every tick.
@@ -387,5 +396,119 @@ impl Sim {
                 self.drain(j);
             }
         }
+    }
+}
+
+/// What a forger changes in an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forgery {
+    /// Claims this (honest) node signed it.
+    Signer(usize),
+    /// Flips a bit of the signature.
+    CorruptSignature,
+    /// Nothing (no honest node to impersonate).
+    Unchanged,
+}
+
+/// The bytes of envelope `raw` forged `how`; `None` if they cannot be encoded.
+fn forge(
+    mut raw: RawEnvelope,
+    how: Forgery,
+    id_of: impl FnOnce(usize) -> NodeId,
+) -> Option<Vec<u8>> {
+    match how {
+        Forgery::Signer(h) => raw.s = id_of(h),
+        Forgery::CorruptSignature => {
+            if let Some(b) = raw.g.first_mut() {
+                *b ^= 0x01;
+            }
+        }
+        Forgery::Unchanged => {}
+    }
+    let mut out = Vec::new();
+    ciborium::into_writer(&raw, &mut out).ok()?;
+    Some(out)
+}
+
+/// The consensus message inside an envelope a Byzantine node's own engine just signed, read
+/// without checking the signature again (it is the node's own; the receivers check it).
+fn own_message(env: &SignedEnvelope) -> Option<ConsensusMsg> {
+    if env.kind() != MessageKind::Consensus {
+        return None;
+    }
+    let raw = ciborium::from_reader::<RawEnvelope, _>(env.encode().as_slice()).ok()?;
+    ciborium::from_reader::<ConsensusMsg, _>(raw.p.as_slice()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use dwcp_protocol::{DecodeError, NodeKey};
+
+    fn slot() -> Slot {
+        Slot {
+            view: 1,
+            seq: 2,
+            digest: Digest([3; 32]),
+        }
+    }
+
+    fn signed() -> SignedEnvelope {
+        let key = NodeKey::from_secret_bytes([7; 32]);
+        Verified::sign(&key, ConsensusMsg::Commit(slot()))
+            .unwrap()
+            .envelope()
+            .clone()
+    }
+
+    fn raw(env: &SignedEnvelope) -> RawEnvelope {
+        ciborium::from_reader(env.encode().as_slice()).unwrap()
+    }
+
+    #[test]
+    fn forgeries_are_refused_for_their_signature_and_an_unchanged_copy_is_not() {
+        let env = signed();
+        let honest = NodeKey::from_secret_bytes([8; 32]).node_id();
+        let claimed = forge(raw(&env), Forgery::Signer(3), |_| honest).unwrap();
+        assert!(matches!(
+            SignedEnvelope::decode_verified::<ConsensusMsg>(&claimed),
+            Err(DecodeError::BadSignature)
+        ));
+        assert_eq!(
+            SignedEnvelope::decode(&claimed).unwrap().claimed_signer(),
+            honest
+        );
+        let corrupt = forge(raw(&env), Forgery::CorruptSignature, |_| honest).unwrap();
+        assert!(matches!(
+            SignedEnvelope::decode_verified::<ConsensusMsg>(&corrupt),
+            Err(DecodeError::BadSignature)
+        ));
+        // Unchanged re-encodes to the very bytes that were signed.
+        let same = forge(raw(&env), Forgery::Unchanged, |_| honest).unwrap();
+        assert_eq!(same, env.encode());
+        assert!(SignedEnvelope::decode_verified::<ConsensusMsg>(&same).is_ok());
+        // Equal forgeries are equal bytes (so receivers can share one failed check).
+        assert_eq!(
+            forge(raw(&env), Forgery::CorruptSignature, |_| honest).unwrap(),
+            corrupt
+        );
+    }
+
+    #[test]
+    fn own_message_reads_consensus_payloads_only() {
+        let env = signed();
+        assert_eq!(own_message(&env), Some(ConsensusMsg::Commit(slot())));
+        let key = NodeKey::from_secret_bytes([7; 32]);
+        let req = Verified::sign(
+            &key,
+            Request {
+                nonce: 1,
+                op: vec![1],
+            },
+        )
+        .unwrap();
+        assert_eq!(own_message(req.envelope()), None);
     }
 }

@@ -10,10 +10,30 @@ fn short(mut s: Scenario) -> Scenario {
     s
 }
 
+/// Trace hashes of the n = 4 CI seeds (one per strategy, in `Strategy::ALL` order), as the
+/// build that the long safety sweeps ran on computes them (testnet/sim/README.md). A change
+/// that only makes the simulator faster must leave them as they are. If a deliberate change
+/// to an engine or the simulator moves them, the recorded sweeps no longer describe the code:
+/// update these and the README, and run the sweeps again.
+const SWEPT_ENGINE_FINGERPRINT: [&str; 8] = [
+    "744e7d01fa29a4a95bdd0f0c8271efd2bc74ec7c9fff26c8c5bcedbd38876dcc",
+    "18c3c118084eb9a5ccc3230fb75422059cc5bbd3533f0d211479cc98b7c8b496",
+    "418669f4885b6ccff4f94f4dc068439a8befe4d10a1932bbb1839128e9c6c12b",
+    "834ce8537f296a903d23d58e02e30ab0ba02643f274a483127be2f26d0de23c4",
+    "58343eb1814795e6280d5b81ee6210f619cba25b49db1ff2a7f8209785aae3ee",
+    "c2e4d527eb96595380cc592be82d10392bbcce1ae85086c40a11e685c187bba3",
+    "bd44fda72350d9e83e551b281f055624d305c53835125ac4a0e460c4012841e4",
+    "e55636eac8ee80ce564c8a84cc578ff764c9e4e4bda6fbc9e290de2dd5fd6cd4",
+];
+
 #[test]
 fn ci_seeds_n4_every_strategy_are_safe_and_live() {
     for (k, strategy) in Strategy::ALL.into_iter().enumerate() {
         let r = run(&short(Scenario::chaos(4, 1, strategy, 100 + k as u64))).unwrap();
+        assert_eq!(
+            r.trace_hash, SWEPT_ENGINE_FINGERPRINT[k],
+            "n=4 {strategy:?}: the run differs from the swept build's"
+        );
         assert!(
             r.passed(),
             "n=4 {strategy:?} seed {}: {:?} {}",
