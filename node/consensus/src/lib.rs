@@ -136,7 +136,10 @@
 //! **Persistence.** A replica must not sign two different votes for one slot across a
 //! restart: persist the engine's outgoing votes (or at least the highest view and the last
 //! vote per slot) before sending, or restart as a fresh observer that catches up with `Fetch`
-//! and only votes from the next view on. The engine offers no snapshot API yet.
+//! and only votes from the next view on. The node does the first (`node/src/votelog.rs`:
+//! votes are made durable before they are sent, and a message whose vote conflicts with one
+//! cast before the restart is held back). The engine itself keeps nothing on disk; state
+//! transfer between nodes uses the epoch-start snapshots of [`transfer`].
 //!
 //! # What is measured (dwcp-sim, which runs this engine unchanged; details in its README)
 //!
@@ -166,8 +169,15 @@
 //!   above): [`Engine::set_end`] bounds an epoch, [`Engine::handover`] and
 //!   [`Engine::take_pending`] give the next epoch's [`Engine::resume`] the log digest, the
 //!   executed-request windows and the waiting requests, and [`Engine::covers`] routes
-//!   messages between epochs. The simulator runs a single epoch.
-//! * No persistence/snapshot API (see the driver contract).
+//!   messages between epochs. The simulator drives epochs the same way (`--epoch-length`).
+//! * No snapshot of the engine's own state (its log, views, vote counts); a restarted
+//!   replica starts a fresh engine and catches up (see the driver contract). Replicated
+//!   state is snapshotted only at epoch starts ([`transfer`]).
+//! * A replica whose view change does not complete re-sends all of it (head and every
+//!   proof part) every resend interval (1 s) until it does; with many prepared slots that
+//!   is several 144 KiB parts a second. Backing off, or re-sending the head alone and
+//!   letting peers fetch the parts they lack (`FetchViewChanges`), would cost less; not
+//!   done, since it changes every recorded simulator run.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 

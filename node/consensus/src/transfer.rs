@@ -2,7 +2,7 @@
 //! before, and a snapshot certified by the last.
 //!
 //! With [`Config::app_digests`](crate::Config::app_digests) every checkpoint signs
-//! [`checkpoint_digest`](crate::engine::checkpoint_digest)`(log, clients, app)`, where `app`
+//! [`checkpoint_digest`]`(log, clients, app)`, where `app`
 //! is [`app_digest`] of the application's state digest and, at an epoch's last checkpoint,
 //! of the next epoch's committee. The next committee is computed from the state and the
 //! pre-fold log digest ([`crate::committee::next_committee`] over [`crate::Decision::state`]),
