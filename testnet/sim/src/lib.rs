@@ -1543,7 +1543,6 @@ impl Sim {
     }
 }
 
-/// The kind code of an encoded envelope (CBOR map whose first entry is `"k": code`).
 /// Decodes and signature-checks bytes from the simulated wire, as a node does on receipt.
 fn decode_checked(bytes: &[u8]) -> Option<Decoded> {
     // The kind is the envelope's first field: `{"k": code, ...}`.
@@ -1562,6 +1561,7 @@ fn decode_checked(bytes: &[u8]) -> Option<Decoded> {
     }
 }
 
+/// The kind code of an encoded envelope (CBOR map whose first entry is `"k": code`).
 fn kind_of(bytes: &[u8]) -> Option<u16> {
     // map header, text "k" (0x61 0x6b), then an unsigned integer < 24 (one byte).
     match bytes {
