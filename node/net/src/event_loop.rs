@@ -868,7 +868,24 @@ impl EventLoop {
                 self.swarm.close_connection(connection);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                // A node with no connection at all depends on its bootstrap peers: say why
+                // it cannot reach them (once a discovery interval, when it dials them again),
+                // or it only ever reports "no peers".
+                let bootstrap = peer_id.and_then(|p| {
+                    self.bootstrap_peers
+                        .iter()
+                        .find(|(b, _)| *b == p)
+                        .map(|(_, addr)| addr.clone())
+                });
+                match bootstrap {
+                    Some(addr) if self.swarm.connected_peers().next().is_none() => warn!(
+                        %addr,
+                        %error,
+                        retry_in_s = self.config.discovery_interval.as_secs(),
+                        "cannot reach a bootstrap peer and no other peer is connected"
+                    ),
+                    _ => debug!(peer = ?peer_id, %error, "outgoing connection failed"),
+                }
             }
             _ => {}
         }
